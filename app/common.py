@@ -1,0 +1,74 @@
+"""Shared look (colours, empty figures) and the figure + CSV download block used by every view."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, State, dcc, html, no_update
+
+from entropylens.errors import UserError
+
+# One colour per site (single-run views) and per model family (compare view); stable everywhere.
+SITE_COLORS = {"layer": "#222222", "attn_in": "#9ecae1", "attn": "#1f77b4", "ffn_in": "#fdae6b", "ffn": "#e6550d"}
+SITE_LABELS = {"layer": "layer H^l", "attn_in": "attention input", "attn": "attention A^l",
+               "ffn_in": "FFN input", "ffn": "FFN F^l"}
+FAMILY_COLORS = {"llama": "#1f77b4", "qwen3": "#d62728", "qwen2": "#ff7f0e", "qwen": "#d62728",
+                 "mistral": "#9467bd", "gemma": "#2ca02c", "gemma2": "#2ca02c", "gpt2": "#7f7f7f"}
+_FALLBACK = ["#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
+TEMPLATE = "plotly_white"
+
+
+def family_color(family: str) -> str:
+    """Fixed colour for a model family, so Llama is the same blue in every figure."""
+    return FAMILY_COLORS.get(family, _FALLBACK[sum(map(ord, family)) % len(_FALLBACK)])
+
+
+def message_figure(text: str) -> go.Figure:
+    """An empty figure that says why there is nothing to plot."""
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, font={"size": 15}, xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_layout(template=TEMPLATE, xaxis={"visible": False}, yaxis={"visible": False}, height=300)
+    return fig
+
+
+def figure_block(view: str, title: str, controls: list, height: int = 520) -> html.Div:
+    """A view: its controls, a Graph `<view>-graph` and a CSV button `<view>-csv` with its Download."""
+    return html.Div(className="view", children=[
+        html.Div(className="controls", children=controls + [
+            html.Button("Download CSV", id=f"{view}-csv", className="csv-button"),
+            dcc.Download(id=f"{view}-download"),
+        ]),
+        dcc.Loading(dcc.Graph(id=f"{view}-graph", style={"height": f"{height}px"},
+                              config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": view}}),
+                    type="circle"),
+    ], **{"data-title": title})
+
+
+def register_view(app: Dash, view: str, build: Callable[..., tuple[go.Figure, pd.DataFrame]],
+                  inputs: list[tuple[str, str]]) -> None:
+    """Wire `build(*values) -> (figure, data)` to the view's graph and its CSV download.
+
+    The CSV callback rebuilds the same data from the same inputs, so what you download is
+    exactly what is plotted; user mistakes (UserError) are shown in the figure.
+    """
+
+    def safe(*values):
+        try:
+            return build(*values)
+        except UserError as e:
+            return message_figure(str(e)), pd.DataFrame()
+
+    @app.callback(Output(f"{view}-graph", "figure"), [Input(c, p) for c, p in inputs])
+    def _figure(*values):
+        return safe(*values)[0]
+
+    @app.callback(Output(f"{view}-download", "data"), Input(f"{view}-csv", "n_clicks"),
+                  [State(c, p) for c, p in inputs], prevent_initial_call=True)
+    def _csv(n_clicks, *values):
+        df = safe(*values)[1]
+        if df.empty:
+            return no_update
+        return dcc.send_data_frame(df.to_csv, f"entropylens-{view}.csv", index=False)

@@ -1,0 +1,204 @@
+"""Summary-based views: entropy flow (paper Fig. 2), entropy change (Fig. 3), family comparison.
+
+They read only summary.parquet (a few hundred rows per run), so they are the first thing
+the page draws.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, State, dcc, html
+from plotly.subplots import make_subplots
+
+from app.common import (DASHES, SITE_COLORS, SITE_LABELS, TEMPLATE, family_color, figure_block,
+                        register_view)
+from app.data import load_summary, read_manifest, resolve_run
+from entropylens.errors import UserError
+
+ROLE_OPTIONS = [{"label": "response tokens", "value": "response"}, {"label": "prompt tokens", "value": "prompt"},
+                {"label": "all tokens", "value": "all"}]
+DH_COLORS = {"exploration": "#e6550d", "integration": "#9e9e9e", "convergence": "#3182bd"}
+
+
+def _run_summary(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[dict, pd.DataFrame]:
+    """Manifest and the summary rows of one lens and role; UserError when there are none."""
+    if not run_id:
+        raise UserError("select a run in the table above")
+    run = resolve_run(cache, run_id)
+    m = read_manifest(run)
+    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
+        raise UserError(f"{run_id} is not a complete trace run (status {m.get('status')}, kind {m.get('kind')})")
+    s = load_summary(run)
+    s = s[(s["lens"] == lens) & (s["role"] == role)]
+    if s.empty:
+        raise UserError(f"{run_id} has no '{lens}' summary for {role} tokens")
+    return m, s
+
+
+def boundary_layer(dh: pd.DataFrame) -> int | None:
+    """The paper's boundary layer: the last layer whose mean FFN entropy change is positive."""
+    pos = dh[(dh["quantity"] == "dH_ffn") & (dh["mean"] > 0)]
+    return int(pos["layer"].max()) if not pos.empty else None
+
+
+def build_flow(cache: Path, run_id: str | None, lens: str, role: str, spread: str,
+               sites: list[str]) -> tuple[go.Figure, pd.DataFrame]:
+    """Mean entropy per layer of each chosen site with a std or IQR band."""
+    m, s = _run_summary(cache, run_id, lens, role)
+    s = s[s["quantity"].isin([f"H_{x}" for x in sites])].sort_values("layer")
+    fig = go.Figure()
+    for site in sites:
+        d = s[s["quantity"] == f"H_{site}"]
+        if d.empty:
+            continue
+        lo, hi = (d["mean"] - d["std"], d["mean"] + d["std"]) if spread == "std" else (d["q25"], d["q75"])
+        color = SITE_COLORS[site]
+        fig.add_trace(go.Scatter(x=pd.concat([d["layer"], d["layer"][::-1]]), y=pd.concat([hi, lo[::-1]]),
+                                 fill="toself", fillcolor=color, opacity=0.15, line={"width": 0},
+                                 hoverinfo="skip", showlegend=False, name=f"{site} band"))
+        fig.add_trace(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=SITE_LABELS[site],
+                                 line={"color": color, "width": 2.5}, marker={"size": 5},
+                                 hovertemplate="layer %{x}<br>H = %{y:.3f} nats<extra>" + site + "</extra>"))
+    band = "± 1 std" if spread == "std" else "IQR band"
+    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
+                      title=f"Entropy flow — {m['model']['id']} · lens {lens} · {role} tokens (mean, {band})",
+                      xaxis_title="layer l (0 = embedding)", yaxis_title="entropy H (nats)")
+    fig.update_xaxes(dtick=1 if m["model"]["n_layers"] <= 40 else None)
+    return fig, s.drop(columns=["rel_depth"], errors="ignore").assign(run_id=run_id)
+
+
+def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float) -> tuple[go.Figure, pd.DataFrame]:
+    """dH_attn and dH_ffn per layer, coloured exploration / integration / convergence; boundary marked."""
+    m, s = _run_summary(cache, run_id, lens, role)
+    s = s[s["quantity"].isin(["dH_attn", "dH_ffn"])].sort_values("layer").copy()
+    band = float(band or 0.0)
+    s["reading"] = pd.cut(s["mean"], [-float("inf"), -band, band, float("inf")],
+                          labels=["convergence", "integration", "exploration"]).astype(str)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("attention: ΔH_attn = H(A^l) − H(attn input)",
+                                        "FFN: ΔH_ffn = H(F^l) − H(FFN input)"))
+    for row, q in ((1, "dH_attn"), (2, "dH_ffn")):
+        for reading, color in DH_COLORS.items():
+            d = s[(s["quantity"] == q) & (s["reading"] == reading)]
+            fig.add_trace(go.Bar(x=d["layer"], y=d["mean"], name=reading, marker_color=color, legendgroup=reading,
+                                 showlegend=row == 1, error_y={"type": "data", "array": d["std"], "thickness": 1,
+                                                               "color": "#555", "visible": True},
+                                 hovertemplate="layer %{x}<br>ΔH = %{y:.3f} nats<extra>" + reading + "</extra>"),
+                          row=row, col=1)
+        fig.add_hrect(y0=-band, y1=band, fillcolor="#9e9e9e", opacity=0.12, line_width=0, row=row, col=1)
+    k = boundary_layer(s)
+    if k is not None:
+        fig.add_vline(x=k + 0.5, line={"dash": "dash", "color": "#000"})
+        fig.add_annotation(text=f"boundary layer l={k} (last FFN ΔH > 0)", x=k + 0.5, y=1.06, xref="x",
+                           yref="paper", showarrow=False, xanchor="left", font={"size": 12})
+    else:
+        fig.add_annotation(text="no layer with FFN ΔH > 0", x=0.5, y=1.06, xref="paper", yref="paper",
+                           showarrow=False)
+    fig.update_layout(template=TEMPLATE, barmode="overlay", legend={"orientation": "h", "y": -0.12},
+                      title=f"Entropy change — {m['model']['id']} · lens {lens} · {role} tokens "
+                            f"(|ΔH| ≤ {band:g} nats reads as integration)")
+    fig.update_yaxes(title_text="ΔH (nats)")
+    fig.update_xaxes(title_text="layer l", dtick=1 if m["model"]["n_layers"] <= 40 else None, row=2, col=1)
+    out = s.pivot_table(index="layer", columns="quantity", values="mean").reset_index()
+    return fig, out.assign(run_id=run_id, boundary_layer=k)
+
+
+def build_compare(cache: Path, run_ids: list[str] | None, quantity: str, role: str, lenses: list[str],
+                  normalise: bool) -> tuple[go.Figure, pd.DataFrame]:
+    """Several runs overlaid on relative depth l/L, optionally entropy / log V; colour = family."""
+    if not run_ids:
+        raise UserError("select one or more runs in the table above")
+    fig, frames, per_family = go.Figure(), [], {}
+    y_col = "mean_norm" if normalise else "mean"
+    runs = [(run_id, read_manifest(resolve_run(cache, run_id)), resolve_run(cache, run_id)) for run_id in run_ids]
+    runs = [r for r in runs if r[1].get("status") == "complete" and r[1].get("kind", "trace") == "trace"]
+    model_ids = [m["model"]["id"] for _, m, _ in runs]
+    for run_id, m, run in runs:
+        fam = m["model"].get("family", "?")
+        i = per_family.setdefault(fam, 0)  # runs of one family share its colour, differ by dash
+        per_family[fam] += 1
+        s = load_summary(run)
+        for lens in lenses:
+            d = s[(s["lens"] == lens) & (s["role"] == role) & (s["quantity"] == quantity)].sort_values("layer")
+            if d.empty:
+                continue
+            name = f"{m['model']['id']} · {lens}" + (f" · {run_id}" if model_ids.count(m["model"]["id"]) > 1 else "")
+            fig.add_trace(go.Scatter(
+                x=d["rel_depth"], y=d[y_col], mode="lines+markers", name=name,
+                line={"color": family_color(fam), "dash": DASHES[i % len(DASHES)], "width": 2.5},
+                marker={"symbol": "circle" if lens == "bupo" else "x", "size": 7}, opacity=1.0 if lens == "bupo" else 0.6,
+                customdata=d["layer"], hovertemplate="l/L %{x:.2f} (layer %{customdata})<br>%{y:.3f}"))
+            frames.append(d.assign(run_id=run_id, model=m["model"]["id"], family=fam))
+    if not frames:
+        raise UserError(f"no complete trace run among the selection has {quantity} for {role} tokens")
+    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
+                      title=f"Compare families — {quantity} · {role} tokens",
+                      xaxis_title="relative depth l / L",
+                      yaxis_title="normalised entropy H / log V" if normalise else "entropy H (nats)")
+    return fig, pd.concat(frames, ignore_index=True)
+
+
+def _radio(id_: str, options, value) -> dcc.RadioItems:
+    return dcc.RadioItems(id=id_, options=options, value=value, inline=True, className="radio")
+
+
+def layout() -> list:
+    """The three summary views as tab contents."""
+    flow = figure_block("flow", "Entropy flow", [
+        html.Label("lens"), _radio("flow-lens", ["bupo"], "bupo"),
+        html.Label("tokens"), _radio("flow-role", ROLE_OPTIONS, "response"),
+        html.Label("spread"), _radio("flow-spread", [{"label": "± std", "value": "std"},
+                                                     {"label": "IQR", "value": "iqr"}], "std"),
+        html.Label("sites"), dcc.Checklist(id="flow-sites", inline=True, className="radio",
+                                           options=[{"label": SITE_LABELS[s], "value": s} for s in SITE_LABELS],
+                                           value=["layer", "attn", "ffn"]),
+    ])
+    dh = figure_block("dh", "Entropy change", [
+        html.Label("lens"), _radio("dh-lens", ["bupo"], "bupo"),
+        html.Label("tokens"), _radio("dh-role", ROLE_OPTIONS, "response"),
+        html.Label("integration band |ΔH| ≤"),
+        dcc.Input(id="dh-band", type="number", value=0.05, min=0, step=0.01, debounce=True, style={"width": "5em"}),
+        html.Span("nats"),
+    ], height=620)
+    compare = figure_block("compare", "Compare families", [
+        html.Label("quantity"),
+        dcc.Dropdown(id="compare-quantity", clearable=False, value="H_layer", style={"width": "11em"},
+                     options=["H_layer", "H_attn", "H_ffn", "H_attn_in", "H_ffn_in", "dH_attn", "dH_ffn", "dH_layer"]),
+        html.Label("tokens"), _radio("compare-role", ROLE_OPTIONS, "response"),
+        html.Label("lens"), dcc.Checklist(id="compare-lens", options=["bupo", "logit"], value=["bupo"],
+                                          inline=True, className="radio"),
+        dcc.Checklist(id="compare-norm", options=[{"label": "normalise by log V", "value": "norm"}],
+                      value=["norm"], inline=True, className="radio"),
+    ])
+    return [flow, dh, compare]
+
+
+def register(app: Dash, cache: Path) -> None:
+    """Callbacks of the summary views (lens options follow the focus run's manifest)."""
+
+    @app.callback(Output("flow-lens", "options"), Output("flow-lens", "value"),
+                  Output("dh-lens", "options"), Output("dh-lens", "value"),
+                  Input("focus-run", "value"), State("flow-lens", "value"))
+    def _lenses(run_id, current):
+        lenses = ["bupo"]
+        if run_id:
+            try:
+                lenses = read_manifest(resolve_run(cache, run_id)).get("lens") or lenses
+            except (UserError, OSError, ValueError):
+                pass  # the figure callbacks show the reason
+        value = current if current in lenses else lenses[0]
+        return lenses, value, lenses, value
+
+    register_view(app, "flow", lambda *a: build_flow(cache, *a),
+                  [("focus-run", "value"), ("flow-lens", "value"), ("flow-role", "value"),
+                   ("flow-spread", "value"), ("flow-sites", "value")])
+    register_view(app, "dh", lambda *a: build_dh(cache, *a),
+                  [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value")])
+    register_view(app, "compare", lambda ids, q, role, lenses, norm: build_compare(cache, ids, q, role, lenses,
+                                                                                   bool(norm)),
+                  [("runs-table", "selected_row_ids"), ("compare-quantity", "value"), ("compare-role", "value"),
+                   ("compare-lens", "value"), ("compare-norm", "value")])
+

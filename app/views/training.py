@@ -1,0 +1,123 @@
+"""BuPO views: before/after differences of a child run against its parent, and training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from dash import Dash, dcc, html
+from plotly.subplots import make_subplots
+
+from app.common import SITE_COLORS, SITE_LABELS, TEMPLATE, figure_block, register_view
+from app.data import load_metrics, load_summary, read_manifest, resolve_run
+from app.views.flows import ROLE_OPTIONS
+from entropylens.errors import UserError
+
+FLOW_Q = ["H_layer", "H_attn", "H_ffn"]
+DH_Q = ["dH_attn", "dH_ffn"]
+
+
+def _trace_run(cache: Path, run_id: str) -> tuple[dict, Path]:
+    run = resolve_run(cache, run_id)
+    m = read_manifest(run)
+    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
+        raise UserError(f"{run_id} is not a complete trace run")
+    return m, run
+
+
+def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[go.Figure, pd.DataFrame]:
+    """Per-layer child − parent difference of the entropy flow and of ΔH (BuPO before/after)."""
+    if not run_id:
+        raise UserError("select a run in the table above")
+    m, run = _trace_run(cache, run_id)
+    parent_id = m.get("parent_run")
+    if not parent_id:
+        raise UserError(f"{run_id} has no parent_run: pick a run traced after training (its manifest names its parent)")
+    pm, prun = _trace_run(cache, parent_id)
+
+    def means(r: Path) -> pd.DataFrame:
+        s = load_summary(r)
+        s = s[(s["lens"] == lens) & (s["role"] == role) & s["quantity"].isin(FLOW_Q + DH_Q)]
+        return s.pivot_table(index="layer", columns="quantity", values="mean")
+
+    child, parent = means(run), means(prun)
+    if child.empty or parent.empty:
+        raise UserError(f"both runs need a '{lens}' summary for {role} tokens")
+    diff = (child - parent).dropna(how="all")
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        subplot_titles=("entropy flow: after − before", "entropy change ΔH: after − before"))
+    for q in FLOW_Q:
+        site = q.split("_", 1)[1]
+        fig.add_trace(go.Scatter(x=diff.index, y=diff[q], mode="lines+markers", name=f"Δ {SITE_LABELS[site]}",
+                                 line={"color": SITE_COLORS[site]}), row=1, col=1)
+    for q in DH_Q:
+        site = q.split("_", 1)[1]
+        fig.add_trace(go.Bar(x=diff.index, y=diff[q], name=f"Δ ΔH {site}", marker_color=SITE_COLORS[site]),
+                      row=2, col=1)
+    fig.add_hline(y=0, line={"color": "#888", "width": 1})
+    fig.update_layout(template=TEMPLATE, barmode="group", legend={"orientation": "h", "y": -0.12},
+                      title=f"Before / after — {run_id} minus parent {parent_id} · lens {lens} · {role} tokens")
+    fig.update_yaxes(title_text="difference (nats)")
+    fig.update_xaxes(title_text="layer l", row=2, col=1)
+    out = diff.reset_index().assign(run_id=run_id, parent_run=parent_id, lens=lens, role=role)
+    return fig, out
+
+
+def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataFrame]:
+    """Reward, entropies of the trained layer and output policy, clip fraction and grad norm per step."""
+    if not run_id:
+        raise UserError("select a BuPO trainer run in the table above")
+    run = resolve_run(cache, run_id)
+    m = read_manifest(run)
+    if m.get("kind") != "bupo":
+        raise UserError(f"{run_id} is a '{m.get('kind', 'trace')}' run; training curves need a BuPO trainer run")
+    df = load_metrics(run).sort_values("step")
+    k = (m.get("bupo") or {}).get("layer", "k")
+    fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=("reward (mean ± std over samples)", f"entropy (nats): layer {k} vs output",
+                                        "clip fraction", "gradient norm"))
+    x = df["step"]
+    if "reward/std" in df:
+        lo, hi = df["reward/mean"] - df["reward/std"], df["reward/mean"] + df["reward/std"]
+        fig.add_trace(go.Scatter(x=pd.concat([x, x[::-1]]), y=pd.concat([hi, lo[::-1]]), fill="toself",
+                                 fillcolor="#2ca02c", opacity=0.15, line={"width": 0}, showlegend=False,
+                                 hoverinfo="skip", name="reward band"), row=1, col=1)
+    curves = [(1, "reward/mean", "reward", "#2ca02c"), (2, "entropy/layer_k", f"π^{k} (layer {k})", "#e6550d"),
+              (2, "entropy/output", "output policy", "#222222"), (3, "clip/frac", "clip fraction", "#9467bd"),
+              (4, "optim/grad_norm", "grad norm", "#1f77b4")]
+    for row, col, name, color in curves:
+        if col in df:
+            fig.add_trace(go.Scatter(x=x, y=df[col], mode="lines", name=name, line={"color": color}), row=row, col=1)
+    switch = df.loc[df["phase"] == "output", "step"] if "phase" in df else pd.Series(dtype=float)
+    if not switch.empty and (df["phase"] == "internal").any():
+        s0 = float(switch.min()) - 0.5
+        fig.add_vline(x=s0, line={"dash": "dash", "color": "#000"})
+        fig.add_annotation(text=f"phase switch: internal (layer {k}) → output at step {int(switch.min())}",
+                           x=s0, y=1.05, xref="x", yref="paper", showarrow=False, xanchor="left")
+    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.08},
+                      title=f"Training — {run_id} · {m['model'].get('id', '?')}")
+    fig.update_xaxes(title_text="step", row=4, col=1)
+    return fig, df
+
+
+def layout() -> list:
+    """Before/after and training tab contents."""
+    diff = figure_block("diff", "Before / after", [
+        html.Label("run after training"), dcc.Dropdown(id="diff-run", style={"width": "18em"}),
+        html.Label("lens"), dcc.RadioItems(id="diff-lens", options=["bupo", "logit"], value="bupo", inline=True,
+                                           className="radio"),
+        html.Label("tokens"), dcc.RadioItems(id="diff-role", options=ROLE_OPTIONS, value="response", inline=True,
+                                             className="radio"),
+        html.Span("compared with the parent_run its manifest names", className="hint"),
+    ], height=620)
+    train = figure_block("train", "Training", [
+        html.Label("trainer run"), dcc.Dropdown(id="train-run", style={"width": "18em"})], height=820)
+    return [diff, train]
+
+
+def register(app: Dash, cache: Path) -> None:
+    """Callbacks of the two BuPO views."""
+    register_view(app, "diff", lambda *a: build_diff(cache, *a),
+                  [("diff-run", "value"), ("diff-lens", "value"), ("diff-role", "value")])
+    register_view(app, "train", lambda *a: build_training(cache, *a), [("train-run", "value")])
