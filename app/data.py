@@ -2,100 +2,70 @@
 
 Why a thin layer: callbacks must stay fast on runs with tens of millions of entropy rows,
 so everything token-level goes through column + row filters (pyarrow dataset with
-row-group pruning), and the small things (manifest, summary, vocabulary) are cached
-per file modification time. A run id from the browser only ever reaches the disk through
-`run_dir`, which resolves it inside the cache or raises UserError.
+row-group pruning, via entropylens.store), and the small things (summary, prompt list,
+vocabulary) are cached per file modification time. A run id from the browser only ever reaches the disk through
+`entropylens.store.resolve_run`, which resolves it inside the cache or raises UserError.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import unquote
 
 import pandas as pd
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from entropylens import store
 from entropylens.errors import UserError
+from entropylens.store import read_manifest, resolve_run
 
-RUN_COLUMNS = ["run_id", "model", "family", "architecture", "layers", "prompts", "tokens", "lens",
-               "date", "status", "kind", "parent_run"]
-_RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def resolve_run(cache: Path, run_id: str) -> Path:
-    """The folder of `run_id` under cache/runs; UserError for anything that could escape it.
-
-    Same contract as entropylens.store.resolve_run (rejects `..`, absolute paths, encoded
-    separators, leading dots and symlinks that point outside the cache).
-    """
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or run_id.startswith(".") \
-            or unquote(run_id) != run_id:
-        raise UserError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' or '-'")
-    root = (Path(cache) / "runs").resolve()
-    path = (root / run_id).resolve()
-    if path.parent != root or not path.is_dir():
-        raise UserError(f"no run {run_id!r} in {root}")
-    return path
+RUN_COLUMNS = ["run_id", "model", "architecture", "layers", "prompts", "tokens", "lens", "date", "status",
+               "kind", "parent_run"]
+_NEEDED = {"trace": ["summary.parquet", "entropy.parquet", "tokens.parquet"], "bupo": ["metrics.jsonl"]}
 
 
-def _mtime(path: Path) -> float:
+def _mtime(path: Path) -> int:
     try:
         return path.stat().st_mtime_ns
     except FileNotFoundError:
         return -1
 
 
-@lru_cache(maxsize=256)
-def _manifest_cached(path: str, mtime: float) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def read_manifest(run_dir: Path) -> dict:
-    """manifest.json as a dict (cached per modification time)."""
-    path = run_dir / "manifest.json"
-    return _manifest_cached(str(path), _mtime(path))
-
-
-def _table_row(run_dir: Path) -> dict:
-    row = dict.fromkeys(RUN_COLUMNS, "")
-    row.update(run_id=run_dir.name, status="corrupt: manifest.json missing or unreadable")
-    try:
-        m = read_manifest(run_dir)
-        model = m.get("model") or {}
-        row.update(model=model.get("id", "?"), family=model.get("family", "?"),
-                   architecture=model.get("architecture", "?"), layers=model.get("n_layers", ""),
-                   prompts=(m.get("prompts") or {}).get("n", ""), tokens=m.get("n_tokens", ""),
-                   lens=" + ".join(m.get("lens") or []), date=str(m.get("created", ""))[:19].replace("T", " "),
-                   status=str(m.get("status", "?")), kind=m.get("kind", "trace"),
-                   parent_run=m.get("parent_run") or "")
-    except (OSError, ValueError, AttributeError):
-        return row
-    if row["status"] == "failed":
-        row["status"] = f"failed: {m.get('error') or 'unknown error'}"[:120]
-    elif row["status"] == "complete":
-        needed = ["metrics.jsonl"] if row["kind"] == "bupo" else ["summary.parquet", "entropy.parquet", "tokens.parquet"]
-        for name in needed:
-            try:
-                if name.endswith(".parquet"):
-                    pq.read_metadata(run_dir / name)
-                elif not (run_dir / name).is_file():
-                    raise OSError(name)
-            except (OSError, ValueError):
-                row["status"] = f"corrupt: {name} missing or unreadable"
-                break
-    return row
+def _status(run_dir: Path, status: str, kind: str) -> str:
+    """The table's status: store status, with the reason for failed runs and damaged complete runs."""
+    if status == "failed":
+        try:
+            return f"failed: {read_manifest(run_dir).get('error') or 'unknown error'}"[:120]
+        except UserError:
+            return "corrupt: manifest.json unreadable"
+    if status == "corrupt":
+        return "corrupt: manifest.json missing or unreadable"
+    if status != "complete":
+        return status
+    for name in _NEEDED.get(kind, _NEEDED["trace"]):
+        try:
+            if name.endswith(".parquet"):
+                pq.read_metadata(run_dir / name)
+            elif not (run_dir / name).is_file():
+                raise OSError(name)
+        except (OSError, ValueError):
+            return f"corrupt: {name} missing or unreadable"
+    return status
 
 
 def list_runs(cache: Path) -> pd.DataFrame:
-    """One row per run folder, newest first; broken folders appear with a `corrupt: ...` status."""
+    """One row per run folder, newest first; broken folders show a `corrupt: ...` status, never an error."""
+    df = store.list_runs(cache)
     root = Path(cache) / "runs"
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-    df = pd.DataFrame([_table_row(d) for d in dirs], columns=RUN_COLUMNS)
-    return df.sort_values(["date", "run_id"], ascending=False, kind="stable").reset_index(drop=True)
+    out = pd.DataFrame({
+        "run_id": df["run_id"], "model": df["model"], "architecture": df["architecture"], "layers": df["n_layers"],
+        "prompts": df["n_prompts"], "tokens": df["n_tokens"], "lens": df["lens"],
+        "date": df["created"].fillna("").str.slice(0, 19).str.replace("T", " "),
+        "kind": df["kind"].fillna("trace"), "parent_run": df["parent_run"].fillna("")})
+    out["status"] = [_status(root / r, s, k) for r, s, k in zip(df["run_id"], df["status"], out["kind"])]
+    for col in ("layers", "prompts", "tokens"):
+        out[col] = [int(x) if pd.notna(x) else "" for x in out[col]]
+    return out[RUN_COLUMNS].astype(object).where(out[RUN_COLUMNS].notna(), "")
 
 
 def usable(status: str) -> bool:
@@ -104,57 +74,53 @@ def usable(status: str) -> bool:
 
 
 @lru_cache(maxsize=64)
-def _summary_cached(path: str, mtime: float) -> pd.DataFrame:
-    return pd.read_parquet(path)
+def _summary_cached(run_dir: str, mtime: int) -> pd.DataFrame:
+    return store.load_summary(run_dir)
 
 
 def load_summary(run_dir: Path) -> pd.DataFrame:
     """summary.parquet (small: per lens, layer, quantity, role), cached per modification time."""
-    path = run_dir / "summary.parquet"
-    return _summary_cached(str(path), _mtime(path))
+    return _summary_cached(str(run_dir), _mtime(run_dir / "summary.parquet"))
 
 
 def read_entropy(run_dir: Path, columns: list[str], lens: str, prompt_idx: int,
                  position: int | None = None, layer: int | None = None) -> pd.DataFrame:
     """Entropy rows of one prompt (optionally one cell) for one lens: only the named columns are read."""
-    expr = (ds.field("lens") == lens) & (ds.field("prompt_idx") == prompt_idx)
+    filters = [("lens", "==", lens), ("prompt_idx", "==", int(prompt_idx))]
     if position is not None:
-        expr &= ds.field("position") == position
+        filters.append(("position", "==", int(position)))
     if layer is not None:
-        expr &= ds.field("layer") == layer
-    table = ds.dataset(run_dir / "entropy.parquet").to_table(columns=columns, filter=expr)
-    return table.to_pandas()
+        filters.append(("layer", "==", int(layer)))
+    return store.load_entropy(run_dir, columns=columns, filters=filters)
 
 
 def read_tokens(run_dir: Path, prompt_idx: int) -> pd.DataFrame:
     """tokens.parquet rows of one prompt, ordered by position."""
-    table = ds.dataset(run_dir / "tokens.parquet").to_table(
-        columns=["position", "token_id", "token_text", "role"], filter=ds.field("prompt_idx") == prompt_idx)
-    return table.to_pandas().sort_values("position").reset_index(drop=True)
+    df = store.load_tokens(run_dir, columns=["position", "token_id", "token_text", "role"],
+                           filters=[("prompt_idx", "==", int(prompt_idx))])
+    return df.sort_values("position").reset_index(drop=True)
 
 
 @lru_cache(maxsize=16)
-def _prompt_ids_cached(path: str, mtime: float) -> list[int]:
-    col = pq.read_table(path, columns=["prompt_idx"]).column(0)
-    return sorted(set(col.unique().to_pylist()))
+def _prompt_ids_cached(run_dir: str, mtime: int) -> list[int]:
+    col = store.load_tokens(run_dir, columns=["prompt_idx"])["prompt_idx"]
+    return sorted(int(x) for x in col.unique())
 
 
 def prompt_ids(run_dir: Path) -> list[int]:
     """The prompt indices present in a run (one column read, cached)."""
-    path = run_dir / "tokens.parquet"
-    return _prompt_ids_cached(str(path), _mtime(path))
+    return _prompt_ids_cached(str(run_dir), _mtime(run_dir / "tokens.parquet"))
 
 
 @lru_cache(maxsize=16)
-def _vocab_cached(path: str, mtime: float) -> dict[int, str]:
-    df = pq.read_table(path, columns=["token_id", "token_text"]).to_pandas().drop_duplicates("token_id")
+def _vocab_cached(run_dir: str, mtime: int) -> dict[int, str]:
+    df = store.load_tokens(run_dir, columns=["token_id", "token_text"]).drop_duplicates("token_id")
     return dict(zip(df["token_id"].tolist(), df["token_text"].tolist()))
 
 
 def sequence_vocab(run_dir: Path) -> dict[int, str]:
     """token id -> text for every token that occurs in the run's sequences (no tokenizer needed)."""
-    path = run_dir / "tokens.parquet"
-    return _vocab_cached(str(path), _mtime(path))
+    return _vocab_cached(str(run_dir), _mtime(run_dir / "tokens.parquet"))
 
 
 def load_metrics(run_dir: Path) -> pd.DataFrame:

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SITES = ("attn_in", "attn", "ffn_in", "ffn", "layer")
-QUANTITIES = ("H_attn_in", "H_attn", "H_ffn_in", "H_ffn", "H_layer", "dH_attn", "dH_ffn", "dH_layer")
+from entropylens.store import ENTROPY_SCHEMA, QUANTITIES, SITES, SUMMARY_SCHEMA, TOKENS_SCHEMA
+
 _WORDS = ("the cat sat on a mat and then it ran to see what was in box red blue two three "
           "four five plus minus equals answer is so we get boxed { } . , ? ! : = + - 0 1 2 3 "
           "4 5 6 7 8 9 hello world model token layer step").split()
@@ -111,11 +111,11 @@ def _entropy_chunk(spec: SyntheticRun, lens: str, prompt_ids: np.ndarray, token_
             top1[:, :, 0], p1[:, :, 0] = -1, nan
         cols[f"top1_{name}"] = pa.array(top1.reshape(-1))
         cols[f"p1_{name}"] = pa.array(p1.reshape(-1))
-    return pa.table(cols)
+    return pa.table({name: cols[name] for name in ENTROPY_SCHEMA.names}).cast(ENTROPY_SCHEMA)
 
 
 def summarize(entropy_path: Path, n_layers: int, vocab_size: int) -> pa.Table:
-    """summary.parquet rows from entropy.parquet (per lens, layer, quantity, role; NaNs skipped)."""
+    """summary.parquet rows from entropy.parquet via DuckDB (streams huge files; NaNs skipped, std ddof=1)."""
     qcols = ", ".join(QUANTITIES)
     stats = ("avg(v) AS mean, stddev_samp(v) AS std, quantile_cont(v, 0.25) AS q25, "
              "median(v) AS median, quantile_cont(v, 0.75) AS q75, count(*)::BIGINT AS count")
@@ -130,10 +130,9 @@ def summarize(entropy_path: Path, n_layers: int, vocab_size: int) -> pa.Table:
     SELECT lens, layer, quantity, 'all' AS role, {stats} FROM ok GROUP BY lens, layer, quantity
     ORDER BY lens, layer, quantity, role"""
     df = duckdb.sql(sql).df()
-    df["layer"] = df["layer"].astype("int16")
     df["mean_norm"] = df["mean"] / math.log(vocab_size)
     df["rel_depth"] = df["layer"] / n_layers
-    return pa.Table.from_pandas(df, preserve_index=False)
+    return pa.Table.from_pandas(df[SUMMARY_SCHEMA.names], preserve_index=False).cast(SUMMARY_SCHEMA)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -166,7 +165,7 @@ def write_run(cache: Path, spec: SyntheticRun) -> Path:
             "token_id": pa.array(ids.reshape(-1)), "token_text": pa.array(_token_text(ids.reshape(-1))),
             "role": pa.array(roles.reshape(-1)), "target_id": pa.array(target.reshape(-1)),
             "H_final": pa.array(h_final.reshape(-1)), "logprob_target": pa.array(lp.reshape(-1)),
-        })
+        }).cast(TOKENS_SCHEMA)
         tok_writer = tok_writer or pq.ParquetWriter(tok_tmp, tok.schema)
         tok_writer.write_table(tok)
         for lens in spec.lenses:

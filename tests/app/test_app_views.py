@@ -1,0 +1,195 @@
+"""Dashboard figure builders and data layer, checked against pandas computations on the raw Parquet."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app.data import list_runs
+from app.server import create_app, serve
+from app.views.flows import build_compare, build_dh, build_flow
+from app.views.tokens import build_heatmap, cell_detail
+from app.views.training import build_diff, build_training
+from app_fixtures import RUNS
+from entropylens.errors import UserError
+from entropylens.store import compute_summary
+
+
+def raw(cache, run_id, name="entropy.parquet") -> pd.DataFrame:
+    return pd.read_parquet(cache / "runs" / run_id / name)
+
+
+def layer_means(cache, run_id, col, lens="bupo", role="response") -> pd.Series:
+    e = raw(cache, run_id)
+    e = e[(e["lens"] == lens) & (e["role"] == role)]
+    return e.groupby("layer")[col].mean().dropna()
+
+
+def line(fig, name):
+    (trace,) = [t for t in fig.data if t.name == name]
+    return trace
+
+
+def test_synthetic_summary_matches_store_compute_summary(cache):
+    spec = RUNS["llama-base"]
+    mine = raw(cache, "llama-base", "summary.parquet")
+    ref = compute_summary(raw(cache, "llama-base"), spec.vocab_size, spec.n_layers)
+    ref = ref[ref["count"] > 0]
+    keys = ["lens", "layer", "quantity", "role"]
+    both = mine.merge(ref, on=keys, suffixes=("", "_ref"))
+    assert len(both) == len(ref) == len(mine)
+    for c in ("mean", "std", "q25", "median", "q75", "count", "mean_norm", "rel_depth"):
+        np.testing.assert_allclose(both[c], both[f"{c}_ref"], rtol=1e-5, atol=1e-6, err_msg=c)
+
+
+def test_flow_lines_are_layer_means_of_the_raw_rows(cache):
+    fig, data = build_flow(cache, "qwen3-base", "bupo", "response", "iqr", ["layer", "attn", "ffn"])
+    lines = [t for t in fig.data if t.showlegend is not False]
+    assert len(lines) == 3 and len(fig.data) == 6  # a band per line
+    layer = line(fig, "layer H^l")
+    assert list(layer.x) == list(range(RUNS["qwen3-base"].n_layers + 1))
+    np.testing.assert_allclose(layer.y, layer_means(cache, "qwen3-base", "H_layer"), rtol=1e-5)
+    ffn = line(fig, "FFN F^l")
+    np.testing.assert_allclose(ffn.y, layer_means(cache, "qwen3-base", "H_ffn"), rtol=1e-5)
+    assert "nats" in fig.layout.yaxis.title.text
+    assert set(data["quantity"]) == {"H_layer", "H_attn", "H_ffn"}
+
+
+def test_dh_colours_by_sign_and_marks_the_boundary_layer(cache):
+    band = 0.1
+    fig, data = build_dh(cache, "llama-base", "logit", "all", band)
+    e = raw(cache, "llama-base")
+    e = e[e["lens"] == "logit"]
+    dffn = e.groupby("layer")["dH_ffn"].mean().dropna()
+    expected_k = int(dffn[dffn > 0].index.max())
+    assert any(f"boundary layer l={expected_k}" in a.text for a in fig.layout.annotations)
+    assert data["boundary_layer"].iloc[0] == expected_k
+    for t in fig.data:  # each bar sits in the class its sign and the band give
+        for y in t.y:
+            cls = "exploration" if y > band else "convergence" if y < -band else "integration"
+            assert cls == t.name
+    n_bars = sum(len(t.x) for t in fig.data)
+    assert n_bars == 2 * RUNS["llama-base"].n_layers
+
+
+def test_compare_overlays_runs_on_relative_depth(cache):
+    fig, _ = build_compare(cache, ["llama-base", "qwen3-base"], "H_layer", "response", ["bupo", "logit"], True)
+    names = [t.name for t in fig.data]
+    assert names == ["synthetic/llama-6L · bupo", "synthetic/llama-6L · logit", "synthetic/qwen3-8L · bupo"]
+    q = line(fig, "synthetic/qwen3-8L · bupo")
+    spec = RUNS["qwen3-base"]
+    np.testing.assert_allclose(q.x, np.arange(spec.n_layers + 1) / spec.n_layers)
+    np.testing.assert_allclose(q.y, layer_means(cache, "qwen3-base", "H_layer") / math.log(spec.vocab_size), rtol=1e-5)
+    assert fig.data[0].line.color == fig.data[1].line.color != q.line.color  # colour = family
+
+
+def test_heatmap_is_the_prompts_rows_with_token_text(cache):
+    fig, data = build_heatmap(cache, "llama-base", "bupo", 2, "ffn", "dH")
+    e = raw(cache, "llama-base")
+    e = e[(e["lens"] == "bupo") & (e["prompt_idx"] == 2)]
+    expected = e.pivot(index="layer", columns="position", values="dH_ffn")
+    np.testing.assert_allclose(np.array(fig.data[0].z, dtype=float), expected.to_numpy(), equal_nan=True)
+    toks = raw(cache, "llama-base", "tokens.parquet").query("prompt_idx == 2").sort_values("position")
+    assert len(fig.layout.xaxis.ticktext) == len(toks)
+    assert fig.layout.xaxis.ticktext[0] == toks["token_text"].iloc[0]
+    first_generated = RUNS["llama-base"].prompt_len
+    assert fig.layout.shapes[0].x0 == first_generated - 0.5
+    assert len(data) == len(e)
+    with pytest.raises(UserError, match="ΔH is defined"):
+        build_heatmap(cache, "llama-base", "bupo", 2, "attn_in", "dH")
+
+
+def test_cell_detail_gives_top1_ids_text_and_p1(cache):
+    df = cell_detail(cache, "qwen3-base", "bupo", 1, 4, 3)
+    e = raw(cache, "qwen3-base")
+    row = e[(e["prompt_idx"] == 1) & (e["position"] == 4) & (e["layer"] == 3)].iloc[0]
+    vocab = raw(cache, "qwen3-base", "tokens.parquet").drop_duplicates("token_id").set_index("token_id")["token_text"]
+    assert list(df["top1_id"]) == [row[f"top1_{s}"] for s in ("layer", "attn_in", "attn", "ffn_in", "ffn")]
+    assert df["token"].iloc[0] == vocab[row["top1_layer"]]
+    assert df["p1"].iloc[0] == pytest.approx(row["p1_layer"], abs=1e-4)
+    assert len(cell_detail(cache, "qwen3-base", "bupo", 1, 4, 0)) == 1  # layer 0: only H^0 is traced
+
+
+def test_before_after_is_child_minus_parent(cache):
+    fig, data = build_diff(cache, "llama-after", "bupo", "response")
+    expected = layer_means(cache, "llama-after", "dH_ffn") - layer_means(cache, "llama-base", "dH_ffn")
+    got = data.set_index("layer")["dH_ffn"].dropna()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert len(fig.data) == 5
+    with pytest.raises(UserError, match="no parent_run"):
+        build_diff(cache, "qwen3-base", "bupo", "response")
+
+
+def test_training_curves_and_phase_switch(cache):
+    fig, data = build_training(cache, "bupo-train")
+    rows = [json.loads(x) for x in (cache / "runs" / "bupo-train" / "metrics.jsonl").read_text().splitlines()]
+    first_output = min(r["step"] for r in rows if r["phase"] == "output")
+    assert any(f"at step {first_output}" in a.text for a in fig.layout.annotations)
+    assert fig.layout.shapes[0].x0 == first_output - 0.5
+    assert [t.name for t in fig.data if t.showlegend is not False] == [
+        "reward", "π^2 (layer 2)", "output policy", "clip fraction", "grad norm"]
+    assert len(data) == len(rows)
+    with pytest.raises(UserError, match="BuPO trainer run"):
+        build_training(cache, "llama-base")
+
+
+def test_runs_table_shows_broken_runs_without_failing(cache):
+    df = list_runs(cache).set_index("run_id")
+    assert df.loc["broken-json", "status"].startswith("corrupt")
+    assert df.loc["half-written", "status"] == "corrupt: summary.parquet missing or unreadable"
+    assert df.loc["still-running", "status"] == "running"
+    assert df.loc["qwen3-base", "layers"] == 8 and df.loc["qwen3-base", "architecture"] == "Qwen3ForCausalLM"
+    with pytest.raises(UserError):
+        build_flow(cache, "still-running", "bupo", "response", "std", ["layer"])
+
+
+@pytest.mark.parametrize("bad", ["..", "../runs/llama-base", "/etc", "%2e%2e", "llama-base/../qwen3-base",
+                                 ".hidden", "escape", "llama-base\n"])
+def test_run_ids_from_the_browser_cannot_leave_the_cache(cache, tmp_path, bad):
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    link = cache / "runs" / "escape"
+    if not link.exists():
+        os.symlink(outside, link)
+    with pytest.raises(UserError):
+        build_flow(cache, bad, "bupo", "response", "std", ["layer"])
+
+
+def test_callbacks_through_the_app_reject_bad_ids_and_serve_csv(cache):
+    client = create_app(cache).server.test_client()
+    client.get("/")
+
+    def call(output, inputs, state=()):
+        body = {"output": output, "outputs": {"id": output.split(".")[0], "property": output.split(".")[1]},
+                "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
+                "state": [{"id": i, "property": p, "value": v} for i, p, v in state], "changedPropIds": []}
+        r = client.post("/_dash-update-component", json=body)
+        assert r.status_code == 200, r.data[:300]
+        return r.get_json()["response"]
+
+    flow_in = [("flow-lens", "value", "bupo"), ("flow-role", "value", "response"),
+               ("flow-spread", "value", "std"), ("flow-sites", "value", ["layer"])]
+    bad = call("flow-graph.figure", [("focus-run", "value", "../../etc")] + flow_in)
+    assert "invalid run id" in bad["flow-graph"]["figure"]["layout"]["annotations"][0]["text"]
+    good = call("flow-graph.figure", [("focus-run", "value", "qwen3-base")] + flow_in)
+    assert len(good["flow-graph"]["figure"]["data"]) == 2
+    csv = call("flow-download.data", [("flow-csv", "n_clicks", 1)],
+               [("focus-run", "value", "qwen3-base")] + flow_in)["flow-download"]["data"]
+    table = pd.read_csv(__import__("io").StringIO(csv["content"]))
+    assert set(table["quantity"]) == {"H_layer"} and len(table) == RUNS["qwen3-base"].n_layers + 1
+
+
+def test_serve_refuses_a_busy_port_with_one_line(cache):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use; pass --port") as e:
+            serve(cache, port=port)
+    assert "\n" not in str(e.value)
