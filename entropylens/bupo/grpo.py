@@ -1,0 +1,144 @@
+"""GRPO core as pure tensor functions (DESIGN §7).
+
+Shapes: N = B * G rollouts (B prompts, G generations each, grouped consecutively:
+rollout i belongs to prompt i // G), T = completion length (padded), V = vocabulary.
+Nothing here knows about models; the trainer feeds logits from either the output policy
+or the internal layer policy pi^k, which is the whole difference between GRPO and BuPO.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def group_advantages(rewards: torch.Tensor, G: int, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean_g) / (std_g + eps) within each group of G rollouts of one prompt.
+
+    std is the unbiased sample std (as TRL); a group of equal rewards gives exact zeros.
+    """
+    if G < 2 or rewards.ndim != 1 or rewards.numel() % G:
+        raise ValueError(f"need 1-D rewards in groups of G >= 2, got shape {tuple(rewards.shape)}, G={G}")
+    r = rewards.float().view(-1, G)  # (B, G)
+    mean = r.mean(dim=1, keepdim=True)  # (B, 1)
+    std = r.std(dim=1, keepdim=True)  # (B, 1)
+    return ((r - mean) / (std + eps)).view(-1)  # (N,)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int | Sequence[int], pad_id: int) -> torch.Tensor:
+    """1.0 for completion tokens up to and including the first EOS, 0.0 after it and on padding.
+
+    eos_id may list several end tokens (chat models end turns with their own token). When the pad
+    id is an EOS id, the first pad *is* the EOS and counts; later pads do not. Padding is the
+    trailing run of pad tokens; a pad id sampled before the end is a real token and counts.
+    """
+    N, T = completion_ids.shape  # (N, T)
+    eos = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # (N, T)
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), T)  # (N,)
+    pos = torch.arange(T, device=completion_ids.device).expand(N, T)  # (N, T)
+    mask = pos <= first_eos[:, None]  # (N, T)
+    if pad_id not in eos:
+        trailing = (completion_ids == pad_id).flip(1).int().cumprod(1).flip(1).bool()  # (N, T) trailing pads
+        mask &= ~trailing
+    return mask.float()
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[ids] in fp32: the policy the tokens were sampled from."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy in nats of softmax(logits / temperature), fp32."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
+    return -(logp.exp() * logp).sum(-1)  # (N, T)
+
+
+def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Exact KL(p || q) in nats per token, both distributions at the same temperature."""
+    logp = F.log_softmax(logits_p.float() / temperature, dim=-1)  # (N, T, V)
+    logq = F.log_softmax(logits_q.float() / temperature, dim=-1)  # (N, T, V)
+    return (logp.exp() * (logp - logq)).sum(-1)  # (N, T)
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-clip per-token loss -min(r A, clip(r, 1-eps_low, 1+eps_high) A) and the clip indicator.
+
+    logp, old_logp, mask: (N, T); adv: (N,). The indicator marks tokens whose clipped term is
+    the active one (gradient cut), counted only where mask is 1.
+    """
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    a = adv[:, None]  # (N, 1)
+    unclipped = ratio * a  # (N, T)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a  # (N, T)
+    loss = -torch.minimum(unclipped, clipped)  # (N, T)
+    is_clipped = ((ratio < 1.0 - eps_low) & (a < 0)) | ((ratio > 1.0 + eps_high) & (a > 0))  # (N, T)
+    return loss, is_clipped.float() * mask
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per sampled token: exp(d) - d - 1, d = ref - logp."""
+    d = ref_logp - logp  # (N, T)
+    return torch.exp(d) - d - 1.0
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token_mean") -> torch.Tensor:
+    """Reduce a (N, T) per-token loss to a scalar the way TRL/verl name it.
+
+    token_mean: sum over all tokens / number of tokens (DAPO, the paper's choice).
+    seq_mean_token_mean: mean per sequence, then mean over sequences (original GRPO).
+    seq_mean_token_sum_norm: sum per sequence / T (a constant), then mean (Dr. GRPO).
+    """
+    if loss_agg == "token_mean":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_agg == "seq_mean_token_mean":
+        seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (N,)
+        return seq.mean()
+    if loss_agg == "seq_mean_token_sum_norm":
+        return ((per_token * mask).sum(-1) / mask.shape[-1]).mean()
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+
+
+def chunk_weight(chunk_mask: torch.Tensor, full_mask: torch.Tensor, loss_agg: str) -> float:
+    """Weight that makes sum_c weight_c * aggregate_loss(chunk_c) == aggregate_loss(full batch).
+
+    Lets the trainer split N rollouts into micro-batches and accumulate gradients exactly.
+    """
+    if loss_agg == "token_mean":
+        return float(chunk_mask.sum() / full_mask.sum().clamp(min=1.0))
+    if loss_agg in LOSS_AGGS:
+        return chunk_mask.shape[0] / full_mask.shape[0]
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    loss_agg: str = "token_mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar GRPO loss (clipped surrogate + beta * k3 KL to a reference) and the per-token clip flags."""
+    per_token, clipped = clipped_surrogate(logp, old_logp, adv, mask, epsilon_low, epsilon_high)  # (N, T)
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta != 0 needs ref_logp")
+        per_token = per_token + beta * k3_kl(logp, ref_logp)
+    return aggregate_loss(per_token, mask, loss_agg), clipped

@@ -1,0 +1,295 @@
+"""BuPO trainer: GRPO whose first `internal_steps` steps optimise the internal layer policy pi^k (DESIGN §7).
+
+Per step: sample prompts -> G rollouts each from the full model -> rewards -> group advantages ->
+log-probs of the sampled tokens under the phase's policy (pi^k while step < internal_steps, else
+the output policy) -> clipped surrogate -> AdamW step. During the internal phase layers > k and the
+final norm are frozen (requires_grad False, so their grads stay None and AdamW skips them, weight
+decay included): only the embedding, layers <= k and the unembedding move.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+import entropylens
+from entropylens.bupo.grpo import LOSS_AGGS, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl
+from entropylens.bupo.grpo import token_logprobs
+from entropylens.bupo.rewards import get_reward
+from entropylens.bupo.rollout import Rollouts, decoder_layers, final_norm, generate_rollouts, policy_logits
+from entropylens.errors import UserError
+
+METRIC_KEYS = (
+    "step", "phase", "reward/mean", "reward/std", "entropy/layer_k", "entropy/output",
+    "kl/output_vs_internal", "clip/frac", "optim/grad_norm", "completion/len_mean", "perf/tokens_per_s", "loss",
+)
+
+
+@dataclass
+class BupoConfig:
+    """Everything one BuPO (or, with internal_steps=0, plain GRPO) run needs. Names follow TRL/verl."""
+
+    internal_layer: int  # k, 1-indexed decoder layer whose policy pi^k = softmax(H^k W_U^T) is optimised first
+    internal_steps: int = 20  # steps optimising pi^k before switching to the output policy (paper: 20-30; 0 = GRPO)
+    steps: int = 50  # total optimiser steps (internal + output phase)
+    prompts_per_step: int = 8  # B: prompts sampled per step (rollouts per step = B * num_generations)
+    num_generations: int = 8  # G: rollouts per prompt, the GRPO group (paper: 8)
+    max_new_tokens: int = 128  # completion length limit
+    temperature: float = 1.0  # sampling temperature, also used when scoring log-probs
+    learning_rate: float = 1e-6  # AdamW learning rate, constant (paper: 1e-6)
+    weight_decay: float = 0.0  # AdamW weight decay (never applied to frozen params)
+    max_grad_norm: float = 1.0  # global gradient-norm clip
+    epsilon_low: float = 0.2  # clip range below 1 for the ratio (paper: 0.2)
+    epsilon_high: float = 0.2  # clip range above 1 (DAPO's clip-higher if > epsilon_low)
+    beta: float = 0.0  # k3 KL penalty to the frozen initial model under the same policy (paper: 0, no KL)
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    num_iterations: int = 1  # optimiser steps per batch of rollouts (mu); > 1 adds a no-grad old-log-prob pass
+    micro_batch_size: int = 16  # rollouts per forward/backward chunk (gradients accumulate exactly)
+    reward: str = "exact"  # exact | math_verify
+    seed: int = 0  # seeds prompt sampling and generation
+    enable_thinking: bool = False  # passed to the chat template (Qwen3's thinking mode)
+    model_id: str = ""  # recorded in the manifest (model.config._name_or_path if empty)
+    parent_run: str | None = None  # trace run this training started from, for before/after comparisons
+
+    def validate(self, n_layers: int, n_prompts: int) -> None:
+        """Raise UserError on settings that cannot work with this model and prompt set."""
+        if not 1 <= self.internal_layer <= n_layers:
+            raise UserError(f"internal_layer must be in 1..{n_layers}, got {self.internal_layer}")
+        if not 0 <= self.internal_steps <= self.steps:
+            raise UserError(f"internal_steps must be in 0..steps ({self.steps}), got {self.internal_steps}")
+        if self.num_generations < 2:
+            raise UserError("num_generations must be >= 2 (group advantages need a group)")
+        if self.loss_agg not in LOSS_AGGS:
+            raise UserError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+        if self.temperature <= 0 or self.num_iterations < 1 or self.micro_batch_size < 1:
+            raise UserError("temperature must be > 0, num_iterations and micro_batch_size >= 1")
+        if n_prompts < 1 or self.prompts_per_step < 1:
+            raise UserError("need at least one prompt and prompts_per_step >= 1")
+
+
+def pick_boundary_layer(layer_table: pd.DataFrame) -> tuple[int, str]:
+    """The paper's choice of k: the last layer whose mean FFN entropy change (response tokens) is positive."""
+    missing = {"layer", "dH_ffn"} - set(layer_table.columns)
+    if missing:
+        raise UserError(f"layer table lacks column(s) {sorted(missing)}; need one row per layer with dH_ffn")
+    t = layer_table.dropna(subset=["dH_ffn"]).sort_values("layer")
+    if t["layer"].duplicated().any():
+        raise UserError("layer table has several rows per layer; pass the per-layer mean of dH_ffn")
+    positive = t[t["dH_ffn"] > 0]
+    if positive.empty:
+        raise UserError("no layer has a positive mean FFN entropy change; pick --layer K by hand")
+    k, v = int(positive["layer"].iloc[-1]), float(positive["dH_ffn"].iloc[-1])
+    above = t[t["layer"] > k]["dH_ffn"]
+    rest = f"the {len(above)} layer(s) above are <= 0 (max {above.max():+.3f})" if len(above) else "it is the top layer"
+    return k, f"layer {k} of {int(t['layer'].max())}: last with mean dH_ffn > 0 ({v:+.3f} nats); {rest}"
+
+
+def set_phase(model: nn.Module, layer: int, phase: str, trainable: set[int]) -> None:
+    """Freeze layers > k and the final norm for the internal phase; restore `trainable` otherwise."""
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    if phase == "internal":
+        for module in [*decoder_layers(model)[layer:], final_norm(model)]:
+            module.requires_grad_(False)
+
+
+def _score_chunk(model, ro: Rollouts, layer: int, rows: slice, phase: str, temperature: float):
+    """Log-probs of the sampled tokens under the phase's policy, plus both policies' logits."""
+    internal, output = policy_logits(model, ro, layer, rows)  # (n, T, V) each
+    policy = internal if phase == "internal" else output
+    return token_logprobs(policy, ro.completion_ids[rows], temperature), internal, output  # (n, T)
+
+
+def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str) -> dict[str, float]:
+    """One accumulated backward over all micro-batches; returns summed statistics for the metrics."""
+    N, s = ro.completion_ids.shape[0], dict(loss=0.0, H_k=0.0, H_out=0.0, kl=0.0, clipped=0.0)
+    for start in range(0, N, cfg.micro_batch_size):
+        rows = slice(start, start + cfg.micro_batch_size)
+        logp, internal, output = _score_chunk(model, ro, cfg.internal_layer, rows, phase, cfg.temperature)
+        m = ro.mask[rows]  # (n, T)
+        old_c = logp.detach() if old is None else old[rows]
+        loss, clipped = grpo_loss(logp, old_c, adv[rows], m, cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
+                                  None if ref is None else ref[rows], cfg.loss_agg)
+        with torch.no_grad():
+            internal, output = internal.detach(), output.detach()
+            s["H_k"] += float((token_entropy(internal, cfg.temperature) * m).sum())
+            s["H_out"] += float((token_entropy(output, cfg.temperature) * m).sum())
+            s["kl"] += float((token_kl(output, internal, cfg.temperature) * m).sum())
+            s["clipped"] += float(clipped.sum())
+        del internal, output  # frees the graph of the branch that gets no gradient
+        w = chunk_weight(m, ro.mask, cfg.loss_agg)
+        (loss * w).backward()
+        s["loss"] += float(loss) * w
+    return s
+
+
+@torch.no_grad()
+def _no_grad_logp(model, ro: Rollouts, cfg: BupoConfig, phase: str) -> torch.Tensor:
+    chunks = [_score_chunk(model, ro, cfg.internal_layer, slice(i, i + cfg.micro_batch_size), phase,
+                           cfg.temperature)[0] for i in range(0, ro.completion_ids.shape[0], cfg.micro_batch_size)]
+    return torch.cat(chunks)  # (N, T)
+
+
+def train(
+    config: BupoConfig,
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Any],
+    out_dir: str | Path,
+    progress: bool = True,
+    *,
+    render: Callable[[Any, Any], str] | None = None,
+    model_info: dict | None = None,
+    reward_fn: Callable[[str, str], float] | None = None,
+) -> Path:
+    """Train `model` in place with BuPO; write metrics, config, manifest and checkpoint; return the checkpoint dir.
+
+    `prompts` are `entropylens.prompts.Prompt`-like objects (`.answer` is the reference); `render(prompt,
+    tokenizer) -> str` defaults to `entropylens.prompts.render` with the config's `enable_thinking`;
+    `reward_fn(completion, answer) -> float` overrides `config.reward` (e.g. a format reward).
+    """
+    config.validate(len(decoder_layers(model)), len(prompts))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if render is None:
+        from entropylens.prompts import render as render_prompt
+
+        render = lambda p, tok: render_prompt(p, tok, enable_thinking=config.enable_thinking)  # noqa: E731
+    manifest = _manifest(config, model, prompts, out, model_info)
+    _write_json(out / "manifest.json", manifest)
+    _write_json(out / "config.json", asdict(config))
+    t_start = time.perf_counter()
+    try:
+        _loop(config, model, tokenizer, prompts, render, reward_fn or get_reward(config.reward), out, progress)
+        ckpt = save_checkpoint(model, tokenizer, out / "checkpoint")
+    except BaseException as e:
+        manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+        _write_json(out / "manifest.json", manifest)
+        raise
+    manifest.update(status="complete", finished=_now(), timings={"total_s": round(time.perf_counter() - t_start, 3)})
+    _write_json(out / "manifest.json", manifest)
+    return ckpt
+
+
+def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Path, progress: bool) -> None:
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    params = [p for p in model.parameters() if id(p) in trainable]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
+    rng, order, G = random.Random(cfg.seed), [], cfg.num_generations
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    bar = tqdm(range(cfg.steps), desc="bupo", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        phase = "internal" if step < cfg.internal_steps else "output"
+        batch = []
+        for _ in range(cfg.prompts_per_step):  # epochs of shuffled prompts, seeded
+            if not order:
+                order = rng.sample(range(len(prompts)), len(prompts))
+            batch.append(prompts[order.pop()])
+        texts = [render(p, tokenizer) for p in batch]
+        ro = generate_rollouts(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens,
+                               seed=cfg.seed * 1_000_003 + step)
+        rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
+        adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
+        set_phase(model, cfg.internal_layer, phase, trainable)
+        old = _no_grad_logp(model, ro, cfg, phase) if cfg.num_iterations > 1 else None
+        ref = _no_grad_logp(ref_model, ro, cfg, phase) if ref_model is not None else None
+        passes = []  # metrics describe the first pass over this batch
+        for _ in range(cfg.num_iterations):
+            opt.zero_grad(set_to_none=True)
+            s = _update(model, ro, adv, old, ref, cfg, phase)
+            passes.append((s, float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))))
+            opt.step()
+        first, first_norm = passes[0]
+        opt.zero_grad(set_to_none=True)
+        n_tok, dt = max(ro.n_tokens, 1), time.perf_counter() - t0
+        row = {
+            "step": step, "phase": phase, "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std(unbiased=False)), "entropy/layer_k": first["H_k"] / n_tok,
+            "entropy/output": first["H_out"] / n_tok, "kl/output_vs_internal": first["kl"] / n_tok,
+            "clip/frac": first["clipped"] / n_tok, "optim/grad_norm": first_norm,
+            "completion/len_mean": ro.n_tokens / len(ro.texts), "perf/tokens_per_s": ro.n_tokens / dt,
+            "loss": first["loss"],
+        }
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(phase=phase, reward=f"{row['reward/mean']:.3f}",
+                        H_k=f"{row['entropy/layer_k']:.2f}", H_out=f"{row['entropy/output']:.2f}")
+    set_phase(model, cfg.internal_layer, "output", trainable)
+
+
+def _tied_head_key(model: nn.Module) -> str | None:
+    """State-dict key of the output embedding when it shares storage with the input embedding."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return f"{name}.weight"
+    return None
+
+
+def save_checkpoint(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """Write safetensors + config + tokenizer (works for GGUF-loaded models, which refuse save_pretrained)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tied = _tied_head_key(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != tied}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None) -> dict:
+    c = model.config
+    info = {
+        "id": cfg.model_id or getattr(c, "_name_or_path", ""),
+        "architecture": (getattr(c, "architectures", None) or [type(model).__name__])[0],
+        "family": c.model_type, "n_layers": len(decoder_layers(model)), "d_model": c.hidden_size,
+        "vocab_size": c.vocab_size, "tie_word_embeddings": _tied_head_key(model) is not None,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    } | (extra or {})
+    listing = json.dumps([[str(getattr(p, "text", p)), str(getattr(p, "answer", ""))] for p in prompts])
+    return {
+        "run_id": out.name, "status": "running", "error": None, "created": _now(), "finished": None,
+        "kind": "bupo", "model": info, "config": asdict(cfg),
+        "prompts": {"source": str(getattr(prompts[0], "source", "")), "n": len(prompts),
+                    "sha256": hashlib.sha256(listing.encode()).hexdigest()},
+        "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": 1.0},
+        "seed": cfg.seed, "parent_run": cfg.parent_run, "device": str(next(model.parameters()).device),
+        "versions": {"entropylens": entropylens.__version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+        "files": {"metrics": "metrics.jsonl", "config": "config.json", "checkpoint": "checkpoint"},
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
