@@ -15,6 +15,8 @@ from torch import nn
 from entropylens.bupo.rewards import get_reward
 from entropylens.bupo.rollout import generate_rollouts
 from entropylens.errors import UserError
+from entropylens.prompts import Prompt
+from entropylens.prompts import render as render_prompt
 
 
 @dataclass
@@ -51,17 +53,15 @@ def evaluate(
     config: EvalConfig,
     model: nn.Module,
     tokenizer,
-    prompts: Sequence[Any],
+    prompts: Sequence[Prompt],
     *,
-    render: Callable[[Any, Any], str] | None = None,
+    render: Callable[[Prompt, Any], str] | None = None,
     reward_fn: Callable[[str, str], float] | None = None,
 ) -> dict[str, Any]:
     """Sample n completions per held-out prompt; return avg@K, pass@K and the per-prompt correctness."""
     if not prompts or any(k > config.n_samples or k < 1 for k in config.ks):
         raise UserError(f"need prompts and 1 <= K <= n_samples ({config.n_samples}) for K in {config.ks}")
     if render is None:
-        from entropylens.prompts import render as render_prompt
-
         render = lambda p, tok: render_prompt(p, tok, enable_thinking=config.enable_thinking)  # noqa: E731
     reward_fn, n = reward_fn or get_reward(config.reward), config.n_samples
     correct: list[list[float]] = []

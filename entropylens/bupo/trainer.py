@@ -10,7 +10,6 @@ decay included): only the embedding, layers <= k and the unembedding move.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,9 @@ from entropylens.bupo.grpo import token_logprobs
 from entropylens.bupo.rewards import get_reward
 from entropylens.bupo.rollout import Rollouts, decoder_layers, final_norm, generate_rollouts, policy_logits
 from entropylens.errors import UserError
+from entropylens.prompts import prompts_sha256
+from entropylens.prompts import Prompt
+from entropylens.prompts import render as render_prompt
 
 METRIC_KEYS = (
     "step", "phase", "reward/mean", "reward/std", "entropy/layer_k", "entropy/output",
@@ -134,7 +136,7 @@ def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str) -> 
         del internal, output  # frees the graph of the branch that gets no gradient
         w = chunk_weight(m, ro.mask, cfg.loss_agg)
         (loss * w).backward()
-        s["loss"] += float(loss) * w
+        s["loss"] += loss.item() * w
     return s
 
 
@@ -149,17 +151,17 @@ def train(
     config: BupoConfig,
     model: nn.Module,
     tokenizer,
-    prompts: Sequence[Any],
+    prompts: Sequence[Prompt],
     out_dir: str | Path,
     progress: bool = True,
     *,
-    render: Callable[[Any, Any], str] | None = None,
+    render: Callable[[Prompt, Any], str] | None = None,
     model_info: dict | None = None,
     reward_fn: Callable[[str, str], float] | None = None,
 ) -> Path:
     """Train `model` in place with BuPO; write metrics, config, manifest and checkpoint; return the checkpoint dir.
 
-    `prompts` are `entropylens.prompts.Prompt`-like objects (`.answer` is the reference); `render(prompt,
+    `prompts` are `entropylens.prompts.Prompt`s (`.answer` is the reference); `render(prompt,
     tokenizer) -> str` defaults to `entropylens.prompts.render` with the config's `enable_thinking`;
     `reward_fn(completion, answer) -> float` overrides `config.reward` (e.g. a format reward).
     """
@@ -167,31 +169,31 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if render is None:
-        from entropylens.prompts import render as render_prompt
-
         render = lambda p, tok: render_prompt(p, tok, enable_thinking=config.enable_thinking)  # noqa: E731
     manifest = _manifest(config, model, prompts, out, model_info)
     _write_json(out / "manifest.json", manifest)
     _write_json(out / "config.json", asdict(config))
     t_start = time.perf_counter()
     try:
-        _loop(config, model, tokenizer, prompts, render, reward_fn or get_reward(config.reward), out, progress)
+        n_tokens = _loop(config, model, tokenizer, prompts, render, reward_fn or get_reward(config.reward), out, progress)
         ckpt = save_checkpoint(model, tokenizer, out / "checkpoint")
     except BaseException as e:
         manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
         _write_json(out / "manifest.json", manifest)
         raise
-    manifest.update(status="complete", finished=_now(), timings={"total_s": round(time.perf_counter() - t_start, 3)})
+    manifest.update(status="complete", finished=_now(), n_tokens=n_tokens,
+                    timings={"total_s": round(time.perf_counter() - t_start, 3)})
     _write_json(out / "manifest.json", manifest)
     return ckpt
 
 
-def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Path, progress: bool) -> None:
+def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Path, progress: bool) -> int:
+    """The training steps; returns the number of completion tokens trained on."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     params = [p for p in model.parameters() if id(p) in trainable]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
-    rng, order, G = random.Random(cfg.seed), [], cfg.num_generations
+    rng, order, G, total = random.Random(cfg.seed), [], cfg.num_generations, 0
     (out / "metrics.jsonl").unlink(missing_ok=True)
     bar = tqdm(range(cfg.steps), desc="bupo", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -218,7 +220,7 @@ def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Pa
             opt.step()
         first, first_norm = passes[0]
         opt.zero_grad(set_to_none=True)
-        n_tok, dt = max(ro.n_tokens, 1), time.perf_counter() - t0
+        n_tok, dt, total = max(ro.n_tokens, 1), time.perf_counter() - t0, total + ro.n_tokens
         row = {
             "step": step, "phase": phase, "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std(unbiased=False)), "entropy/layer_k": first["H_k"] / n_tok,
@@ -232,6 +234,7 @@ def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Pa
         bar.set_postfix(phase=phase, reward=f"{row['reward/mean']:.3f}",
                         H_k=f"{row['entropy/layer_k']:.2f}", H_out=f"{row['entropy/output']:.2f}")
     set_phase(model, cfg.internal_layer, "output", trainable)
+    return total
 
 
 def _tied_head_key(model: nn.Module) -> str | None:
@@ -271,12 +274,12 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None) ->
         "vocab_size": c.vocab_size, "tie_word_embeddings": _tied_head_key(model) is not None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     } | (extra or {})
-    listing = json.dumps([[str(getattr(p, "text", p)), str(getattr(p, "answer", ""))] for p in prompts])
     return {
         "run_id": out.name, "status": "running", "error": None, "created": _now(), "finished": None,
         "kind": "bupo", "model": info, "config": asdict(cfg),
-        "prompts": {"source": str(getattr(prompts[0], "source", "")), "n": len(prompts),
-                    "sha256": hashlib.sha256(listing.encode()).hexdigest()},
+        "bupo": {"layer": cfg.internal_layer, "internal_steps": cfg.internal_steps, "steps": cfg.steps,
+                 "algo": "bupo" if cfg.internal_steps else "grpo"},
+        "prompts": {"source": prompts[0].source, "n": len(prompts), "sha256": prompts_sha256(list(prompts))},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": 1.0},
         "seed": cfg.seed, "parent_run": cfg.parent_run, "device": str(next(model.parameters()).device),
         "versions": {"entropylens": entropylens.__version__, "torch": torch.__version__,

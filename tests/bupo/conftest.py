@@ -1,29 +1,18 @@
-"""Tiny random Llama + character tokenizer, built offline in milliseconds; stand-ins for entropylens.prompts."""
+"""Tiny random Llama + character tokenizer (no chat template), built offline in milliseconds."""
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from entropylens.prompts import Prompt
+
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
 VOCAB = SPECIALS + list(string.digits + string.ascii_letters + " +-*/=?.,{}\\$")
-
-
-@dataclass
-class Prompt:  # stand-in for entropylens.prompts.Prompt until it lands
-    text: str
-    answer: str
-    messages: list = field(default_factory=list)
-    source: str = "test"
-
-
-def render(prompt: Prompt, tokenizer) -> str:  # stand-in for entropylens.prompts.render
-    return prompt.text
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -62,4 +51,5 @@ def model():
 
 @pytest.fixture
 def prompts():
-    return [Prompt("1+2=", "3"), Prompt("what is 40+2?", "42"), Prompt("7*6", "42"), Prompt("10-1 =", "9")]
+    items = [("1+2=", "3"), ("what is 40+2?", "42"), ("7*6", "42"), ("10-1 =", "9")]
+    return [Prompt(text=t, messages=None, answer=a, source="test") for t, a in items]

@@ -1,0 +1,84 @@
+"""Sampling and scoring see the same policy: temperature, left padding, position ids, pi^k read-out."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entropylens.bupo.grpo import token_logprobs
+from entropylens.bupo.rollout import final_norm, generate_rollouts, policy_logits, unembed
+
+TEXTS = ["1+2=", "what is 40+2?", "7*6"]  # different lengths -> left padding matters
+
+
+def _independent_output_logprobs(model, ro, temperature):
+    """Full forward without the trainer's helpers, positions as generate() assigns them."""
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    attn = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.double()
+    P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
+    lp = F.log_softmax(logits[:, P - 1 : P + T - 1] / temperature, -1)
+    return lp.gather(-1, ro.completion_ids[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampling_and_scoring_use_the_same_tempered_policy(model, tokenizer, temperature):
+    ro = generate_rollouts(model, tokenizer, TEXTS, 2, temperature, 8, seed=0, keep_scores=True)
+    assert ro.prompt_mask.min() == 0  # left padding present
+    with torch.no_grad():
+        _, output = policy_logits(model, ro, layer=1)
+    scored = token_logprobs(output, ro.completion_ids, temperature)
+    # generate's processed scores are logits / T: their log-softmax is the sampling distribution
+    sampled = torch.stack([F.log_softmax(s.double(), -1) for s in ro.scores], 1)
+    sampled = sampled.gather(-1, ro.completion_ids[..., None])[..., 0]
+    m = ro.mask.bool()
+    assert torch.allclose(scored[m].double(), sampled[m], atol=1e-4)
+    assert torch.allclose(scored[m].double(), _independent_output_logprobs(model, ro, temperature)[m], atol=1e-5)
+
+
+def test_generation_is_seeded(model, tokenizer):
+    a = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=3)
+    b = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=3)
+    c = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=4)
+    assert torch.equal(a.completion_ids, b.completion_ids) and not torch.equal(a.completion_ids, c.completion_ids)
+    assert len(a.texts) == 6 and torch.equal(a.prompt_ids[0], a.prompt_ids[1])  # groups are consecutive
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_internal_policy_is_raw_residual_through_unembedding(model, tokenizer, k):
+    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 5, seed=1)
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    attn = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        internal, _ = policy_logits(model, ro, layer=k)
+        hs = model(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True).hidden_states
+    P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
+    expected = hs[k][:, P - 1 : P + T - 1].double() @ model.lm_head.weight.double().T  # no final norm
+    assert torch.allclose(internal.double(), expected, atol=1e-4)
+
+
+def test_top_layer_policy_skips_the_final_norm(model, tokenizer):
+    """k = L reads the last layer's raw output: final_norm of it reproduces the model's own logits."""
+    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 5, seed=2)
+    L = model.config.num_hidden_layers
+    captured = []
+    hook = model.model.layers[L - 1].register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        internal, output = policy_logits(model, ro, layer=L)
+    hook.remove()
+    P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
+    h = captured[0][:, P - 1 : P + T - 1]
+    assert torch.allclose(internal, unembed(model, h), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(final_norm(model)(h)), output, atol=1e-5)
+    assert not torch.allclose(internal, output, atol=1e-2)
+
+
+def test_unembed_applies_bias_and_softcap(model):
+    h = torch.randn(2, 3, 32)
+    model.config.final_logit_softcapping = 5.0
+    got = unembed(model, h)
+    assert got.abs().max() < 5.0
+    assert torch.allclose(got, 5.0 * torch.tanh(h @ model.lm_head.weight.T / 5.0), atol=1e-5)

@@ -1,0 +1,159 @@
+"""Trainer: the update equals REINFORCE-with-baseline, the internal phase freezes what it must, files are right."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from entropylens.bupo.rollout import generate_rollouts
+from entropylens.bupo.trainer import (
+    BupoConfig, _no_grad_logp, _score_chunk, _update, pick_boundary_layer, save_checkpoint, set_phase, train,
+)
+from entropylens.errors import UserError
+
+TEXTS = ["1+2=", "what is 40+2?", "7*6"]
+EXPECTED_KEYS = {"step", "phase", "reward/mean", "reward/std", "entropy/layer_k", "entropy/output",
+                 "kl/output_vs_internal", "clip/frac", "optim/grad_norm", "completion/len_mean",
+                 "perf/tokens_per_s", "loss"}
+
+
+def length_reward(text: str, answer: str) -> float:  # varies across rollouts of a random model
+    return float(len(text))
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(model, before, prefix):
+    return [n for n, p in model.named_parameters() if n.startswith(prefix) and not torch.equal(p, before[n])]
+
+
+def _cfg(**kw):
+    base = dict(internal_layer=1, internal_steps=1, steps=1, prompts_per_step=2, num_generations=4,
+                max_new_tokens=6, learning_rate=1e-2, weight_decay=0.1, micro_batch_size=3)
+    return BupoConfig(**{**base, **kw})
+
+
+def test_internal_phase_leaves_upper_layers_and_final_norm_bit_identical(tmp_path, tokenizer, prompts):
+    model = make_model(layers=3)
+    before = _snapshot(model)
+    train(_cfg(internal_layer=2), model, tokenizer, prompts, tmp_path / "run", progress=False,
+          reward_fn=length_reward)
+    assert not _changed(model, before, "model.layers.2.") and not _changed(model, before, "model.norm.")
+    for prefix in ("model.layers.0.", "model.layers.1.", "lm_head.", "model.embed_tokens."):
+        assert _changed(model, before, prefix), prefix
+    assert all(p.requires_grad for p in model.parameters())  # frozen only during the phase
+
+
+def test_after_the_switch_every_layer_moves_and_files_are_written(tmp_path, tokenizer, prompts):
+    model = make_model(layers=3)
+    before = _snapshot(model)
+    ckpt = train(_cfg(steps=2, internal_steps=1), model, tokenizer, prompts, tmp_path / "run", progress=False,
+                 reward_fn=length_reward)
+    for prefix in ("model.layers.0.", "model.layers.1.", "model.layers.2.", "model.norm.", "lm_head."):
+        assert _changed(model, before, prefix), prefix
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["internal", "output"] and [r["step"] for r in rows] == [0, 1]
+    assert all(set(r) == EXPECTED_KEYS for r in rows)
+    assert all(r["reward/std"] > 0 and r["entropy/layer_k"] > 0 and r["kl/output_vs_internal"] >= 0 for r in rows)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["kind"] == "bupo" and manifest["status"] == "complete" and manifest["bupo"]["layer"] == 1
+    assert manifest["model"]["n_layers"] == 3 and manifest["config"]["internal_steps"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 2
+    assert ckpt == tmp_path / "run" / "checkpoint" and (ckpt / "model.safetensors").is_file()
+
+
+def _reinforce_grads(model, ro, adv, k, temperature):
+    """Independent: -(1/N_tok) sum adv * mask * log pi(token), pi = output policy or softmax(H^k W_U^T)."""
+    model.zero_grad(set_to_none=True)
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    attn = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
+    P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
+    logits = out.logits if k is None else out.hidden_states[k] @ model.lm_head.weight.T
+    lp = F.log_softmax(logits[:, P - 1 : P + T - 1].double() / temperature, -1)
+    lp = lp.gather(-1, ro.completion_ids[..., None])[..., 0]
+    (-(adv[:, None] * ro.mask * lp).sum() / ro.mask.sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("phase", ["internal", "output"])
+def test_one_update_gradient_equals_reinforce_with_baseline(model, tokenizer, phase):
+    cfg = _cfg(internal_layer=2, temperature=0.8, micro_batch_size=4)  # 6 rollouts -> uneven micro-batches
+    ro = generate_rollouts(model, tokenizer, TEXTS, 2, cfg.temperature, 6, seed=0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.25, 2.0, 0.0])
+    set_phase(model, cfg.internal_layer, phase, {id(p) for p in model.parameters()})
+    model.zero_grad(set_to_none=True)
+    stats = _update(model, ro, adv, None, None, cfg, phase)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert stats["clipped"] == 0  # ratio exactly 1: nothing clipped
+    set_phase(model, cfg.internal_layer, "output", {id(p) for p in model.parameters()})
+    ref = _reinforce_grads(model, ro, adv, cfg.internal_layer if phase == "internal" else None, cfg.temperature)
+    assert set(got) == set(ref)
+    if phase == "internal":
+        assert not any(n.startswith(("model.layers.2.", "model.norm.")) for n in got)
+    for n in ref:
+        assert torch.allclose(got[n].double(), ref[n].double(), atol=1e-6, rtol=1e-4), n
+
+
+def test_separate_old_logprob_pass_gives_ratio_exactly_one(model, tokenizer):
+    cfg = _cfg(micro_batch_size=4)
+    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=0)
+    for phase in ("internal", "output"):
+        old = _no_grad_logp(model, ro, cfg, phase)
+        new = torch.cat([_score_chunk(model, ro, cfg.internal_layer, s, phase, 1.0)[0].detach()
+                         for s in (slice(0, 4), slice(4, 8))])
+        assert torch.equal(torch.exp(new - old), torch.ones_like(old))
+
+
+def test_kl_and_multiple_iterations_run(tmp_path, tokenizer, prompts):
+    model = make_model()
+    train(_cfg(steps=2, beta=0.1, num_iterations=2, loss_agg="seq_mean_token_mean"), model, tokenizer, prompts,
+          tmp_path / "run", progress=False, reward_fn=length_reward)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpoint_reloads_with_same_logits(tmp_path, tokenizer, tied):
+    model = make_model(tied=tied)
+    path = save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
+    again = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([[4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-6)
+    assert (again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()) == tied
+    assert AutoTokenizer.from_pretrained(path)("7*6").input_ids == tokenizer("7*6").input_ids
+
+
+def test_failed_run_is_marked_failed(tmp_path, tokenizer, prompts):
+    def broken(text, answer):
+        raise RuntimeError("reward exploded")
+
+    with pytest.raises(RuntimeError):
+        train(_cfg(), make_model(), tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=broken)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "reward exploded" in manifest["error"]
+
+
+def test_bad_config_is_a_user_error(tmp_path, tokenizer, prompts):
+    with pytest.raises(UserError):
+        train(_cfg(internal_layer=4), make_model(layers=3), tokenizer, prompts, tmp_path, progress=False)
+    with pytest.raises(UserError):
+        train(_cfg(loss_agg="sum"), make_model(), tokenizer, prompts, tmp_path, progress=False)
+
+
+def test_pick_boundary_layer():
+    table = pd.DataFrame({"layer": [0, 1, 2, 3, 4, 5], "dH_ffn": [float("nan"), 0.3, -0.1, 0.2, -0.4, -0.05]})
+    k, evidence = pick_boundary_layer(table.sample(frac=1, random_state=0))
+    assert k == 3 and "layer 3 of 5" in evidence and "+0.200" in evidence
+    with pytest.raises(UserError):
+        pick_boundary_layer(table.assign(dH_ffn=-1.0))
+    with pytest.raises(UserError):
+        pick_boundary_layer(table.rename(columns={"dH_ffn": "dH"}))
