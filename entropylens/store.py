@@ -194,11 +194,11 @@ class RunWriter:
         runs = Path(cache) / "runs"
         self.run_dir = runs / run_id
         self.parts = self.run_dir / "parts"
-        created = _now()
+        created, self.previous_manifest = _now(), None  # on resume: the old manifest, to check settings
         if resume:
             self.run_dir = resolve_run(cache, run_id)
             self.parts = self.run_dir / "parts"
-            old = read_manifest(self.run_dir)
+            old = self.previous_manifest = read_manifest(self.run_dir)
             if old.get("status") == "complete":
                 raise UserError(f"run {run_id!r} is already complete; nothing to resume")
             created = old.get("created") or created
@@ -321,6 +321,8 @@ class RunWriter:
 
     def fail(self, error: str) -> None:
         """Mark the run failed with the error's first line; parts stay so `resume` can continue."""
+        if self._finalized:
+            raise ValueError("fail after finalize: the run is complete")
         lines = str(error).strip().splitlines()
         self.manifest.update(status="failed", error=lines[0] if lines else "unknown error", finished=_now())
         self._write_manifest()

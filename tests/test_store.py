@@ -206,7 +206,7 @@ def test_resume_after_crash_equals_straight_run(tmp_path):
     (parts / "tokens-00002.parquet.tmp").write_bytes(b"half a file")
     (parts / "entropy-00002.parquet").write_bytes(b"batch 2 cut short before its responses part")
     w = RunWriter(tmp_path / "b", "run-a", MANIFEST, resume=True)
-    assert w.done_batches() == {0, 1}
+    assert w.done_batches() == {0, 1} and w.previous_manifest["status"] == "running"
     assert sorted(p.name for p in parts.iterdir()) == sorted(
         f"{k}-0000{b}.{'jsonl' if k == 'responses' else 'parquet'}" for k in ("tokens", "entropy", "responses")
         for b in (0, 1))
