@@ -101,10 +101,9 @@ def pick_boundary_layer(layer_table: pd.DataFrame) -> tuple[int, str]:
     return k, f"layer {k} of {int(t['layer'].max())}: last with mean dH_ffn > 0 ({v:+.3f} nats); {rest}"
 
 
-def set_phase(model: nn.Module, layer: int, phase: str, trainable: set[int]) -> None:
-    """Freeze layers > k and the final norm for the internal phase; restore `trainable` otherwise."""
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
+def set_phase(model: nn.Module, layer: int, phase: str) -> None:
+    """Every parameter trains, except layers > k and the final norm during the internal phase."""
+    model.requires_grad_(True)
     if phase == "internal":
         for module in [*decoder_layers(model)[layer:], final_norm(model)]:
             module.requires_grad_(False)
@@ -159,7 +158,9 @@ def train(
     model_info: dict | None = None,
     reward_fn: Callable[[str, str], float] | None = None,
 ) -> Path:
-    """Train `model` in place with BuPO; write metrics, config, manifest and checkpoint; return the checkpoint dir.
+    """Train all of `model`'s parameters in place with BuPO; write metrics, config, manifest and checkpoint.
+
+    Returns the checkpoint folder. The parameters' requires_grad flags are restored afterwards.
 
     `prompts` are `entropylens.prompts.Prompt`s (`.answer` is the reference); `render(prompt,
     tokenizer) -> str` defaults to `entropylens.prompts.render` with the config's `enable_thinking`;
@@ -173,7 +174,7 @@ def train(
     manifest = _manifest(config, model, prompts, out, model_info)
     _write_json(out / "manifest.json", manifest)
     _write_json(out / "config.json", asdict(config))
-    t_start = time.perf_counter()
+    t_start, flags = time.perf_counter(), [p.requires_grad for p in model.parameters()]
     try:
         n_tokens = _loop(config, model, tokenizer, prompts, render, reward_fn or get_reward(config.reward), out, progress)
         ckpt = save_checkpoint(model, tokenizer, out / "checkpoint")
@@ -181,6 +182,9 @@ def train(
         manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
         _write_json(out / "manifest.json", manifest)
         raise
+    finally:  # loaders freeze models for tracing; hand the model back as it came
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
     manifest.update(status="complete", finished=_now(), n_tokens=n_tokens,
                     timings={"total_s": round(time.perf_counter() - t_start, 3)})
     _write_json(out / "manifest.json", manifest)
@@ -189,8 +193,7 @@ def train(
 
 def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Path, progress: bool) -> int:
     """The training steps; returns the number of completion tokens trained on."""
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    params = [p for p in model.parameters() if id(p) in trainable]
+    params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
     rng, order, G, total = random.Random(cfg.seed), [], cfg.num_generations, 0
@@ -209,7 +212,7 @@ def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Pa
                                seed=cfg.seed * 1_000_003 + step)
         rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
         adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
-        set_phase(model, cfg.internal_layer, phase, trainable)
+        set_phase(model, cfg.internal_layer, phase)
         old = _no_grad_logp(model, ro, cfg, phase) if cfg.num_iterations > 1 else None
         ref = _no_grad_logp(ref_model, ro, cfg, phase) if ref_model is not None else None
         passes = []  # metrics describe the first pass over this batch
@@ -233,7 +236,6 @@ def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Pa
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(phase=phase, reward=f"{row['reward/mean']:.3f}",
                         H_k=f"{row['entropy/layer_k']:.2f}", H_out=f"{row['entropy/output']:.2f}")
-    set_phase(model, cfg.internal_layer, "output", trainable)
     return total
 
 
