@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -40,7 +41,8 @@ def make_batch(prompt_ids: list[int], seed: int, lenses=("bupo", "logit"), n_res
         roles = ["prompt" if t + 1 < n_prompt else "response" if t + 1 < T else "next" for t in range(T)]
         h_final, _, _ = _entropy_p1_top1(rng.normal(size=(T, V)) * 3)
         for t in range(T):
-            tok_rows.append({"prompt_idx": p, "position": t, "token_id": ids[t], "token_text": f"<{ids[t]}>é",
+            tok_rows.append({"prompt_idx": p, "position": t, "token_id": ids[t],
+                             "token_text": f"<{ids[t]}>é",
                              "role": roles[t], "target_id": ids[t + 1] if t + 1 < T else -1,
                              "H_final": h_final[t], "logprob_target": -1.5 if t + 1 < T else np.nan})
         for lens in lenses:
@@ -66,8 +68,9 @@ def make_batch(prompt_ids: list[int], seed: int, lenses=("bupo", "logit"), n_res
 BATCHES = [[0, 1], [2, 3], [4, 5]]
 
 
+@functools.lru_cache
 def batch(b: int):
-    return make_batch(BATCHES[b], seed=b)
+    return make_batch(BATCHES[b], seed=b)  # callers never mutate these frames
 
 
 def write_run(cache, run_id="run-a", batches=range(3)):
@@ -163,7 +166,8 @@ def test_summary_matches_independent_stats(tmp_path):
     by = summary.set_index(["lens", "layer", "quantity", "role"])["count"]
     for (lens, layer, q, role), n in by.items():
         if role == "all":
-            assert n == by[lens, layer, q, "prompt"] + by[lens, layer, q, "response"] + want[lens, layer, q, "next"][0]
+            n_next = want[lens, layer, q, "next"][0]
+            assert n == by[lens, layer, q, "prompt"] + by[lens, layer, q, "response"] + n_next
     assert (summary[(summary.layer == 0) & (summary.quantity == "H_attn")]["count"] == 0).all()
 
 
@@ -178,7 +182,8 @@ def test_summary_without_response_rows_keeps_full_grid():
 def test_layer_table(tmp_path):
     run_dir = write_run(tmp_path).finalize(V, L)
     _, entropy = expected_frames()
-    sel = entropy[(entropy.lens == "logit") & (entropy.role == "response")].astype({q: np.float32 for q in QUANTITIES})
+    sel = entropy[(entropy.lens == "logit") & (entropy.role == "response")]
+    sel = sel.astype({q: np.float32 for q in QUANTITIES})
     want = sel.groupby("layer")[["H_layer", "H_attn", "H_ffn", "dH_attn", "dH_ffn", "dH_layer"]].mean()
     got = store.layer_table(run_dir, lens="logit").set_index("layer")
     np.testing.assert_allclose(got.to_numpy(float), want.to_numpy(float), rtol=1e-6)
@@ -208,8 +213,8 @@ def test_resume_after_crash_equals_straight_run(tmp_path):
     w = RunWriter(tmp_path / "b", "run-a", MANIFEST, resume=True)
     assert w.done_batches() == {0, 1} and w.previous_manifest["status"] == "running"
     assert sorted(p.name for p in parts.iterdir()) == sorted(
-        f"{k}-0000{b}.{'jsonl' if k == 'responses' else 'parquet'}" for k in ("tokens", "entropy", "responses")
-        for b in (0, 1))
+        f"{k}-0000{b}.{'jsonl' if k == 'responses' else 'parquet'}"
+        for k in ("tokens", "entropy", "responses") for b in (0, 1))
     w.write_batch(2, *batch(2))
     resumed = w.finalize(V, L)
     for name in ("tokens.parquet", "entropy.parquet", "summary.parquet", "responses.jsonl"):
@@ -274,7 +279,8 @@ def test_resolve_run(tmp_path):
     outside.mkdir()
     (cache / "runs" / "escape").symlink_to(outside)
     (cache / "runs" / "plainfile").write_text("x")
-    for bad in ("../x", "..", ".", "/etc", "a/b", "%2e%2e", "..%2f", "run-a\n", "", "escape", "plainfile", "nope"):
+    for bad in ("../x", "..", ".", "/etc", "a/b", "%2e%2e", "..%2f", "run-a\n", "", "escape", "plainfile",
+                "nope"):
         with pytest.raises(UserError):
             store.resolve_run(cache, bad)
 
