@@ -68,7 +68,8 @@ def page(cache: Path) -> html.Div:
 def register(app: Dash, cache: Path) -> None:
     """Table refresh and selection (URL ?run=a,b or newest runs), focus run, per-view run lists."""
 
-    @app.callback(Output("runs-table", "data"), Output("runs-table", "selected_rows"), Output("banner", "children"),
+    @app.callback(Output("runs-table", "data"), Output("runs-table", "selected_rows"),
+                  Output("runs-table", "selected_row_ids"), Output("banner", "children"),
                   Input("url", "search"), Input("refresh", "n_clicks"), State("runs-table", "selected_row_ids"))
     def _table(search, _clicks, selected_ids):
         records = table_records(cache)
@@ -80,7 +81,8 @@ def register(app: Dash, cache: Path) -> None:
                 wanted = [resolve_run(cache, x).name for x in asked] or default_selection(records)
             except UserError as e:
                 wanted, banner = default_selection(records), f"Ignored the URL: {e}"
-        return records, [ids.index(x) for x in wanted if x in ids], banner
+        wanted = [x for x in wanted if x in ids]
+        return records, [ids.index(x) for x in wanted], wanted, banner
 
     @app.callback(Output("focus-run", "options"), Output("focus-run", "value"),
                   Input("runs-table", "selected_row_ids"), State("focus-run", "value"))

@@ -92,8 +92,9 @@ def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float)
     k = boundary_layer(s)
     if k is not None:
         fig.add_vline(x=k + 0.5, line={"dash": "dash", "color": "#000"})
-        fig.add_annotation(text=f"boundary layer l={k} (last FFN ΔH > 0)", x=k + 0.5, y=1.06, xref="x",
-                           yref="paper", showarrow=False, xanchor="left", font={"size": 12})
+        fig.add_annotation(text=f"boundary layer l={k} (last FFN ΔH > 0)", x=k + 0.5, y=0.98, xref="x2",
+                           yref="y2 domain", showarrow=False, xanchor="left", yanchor="top", bgcolor="white",
+                           font={"size": 12})
     else:
         fig.add_annotation(text="no layer with FFN ΔH > 0", x=0.5, y=1.06, xref="paper", yref="paper",
                            showarrow=False)

@@ -44,18 +44,18 @@ def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | 
     toks = read_tokens(run, int(prompt_idx))
     z = rows.pivot(index="layer", columns="position", values=col).sort_index()
     z = z.reindex(columns=toks["position"])
-    text = [_show(t) for t in toks["token_text"]]
-    custom = np.array([[f"{t}  ({r})" for t, r in zip(text, toks["role"])]] * len(z.index))
+    # Categorical x labels "t: text" carry the token text to the axis and the hover without a
+    # per-cell string array (41k hover strings would triple the callback's JSON time).
+    labels = [f"{p}: {_show(t)}" for p, t in zip(toks["position"], toks["token_text"])]
     is_dh = quantity == "dH"
     fig = go.Figure(go.Heatmap(
-        z=z.to_numpy(), x=z.columns, y=z.index, customdata=custom,
+        z=z.to_numpy(), x=labels, y=z.index,
         colorscale="RdBu_r" if is_dh else "Viridis", zmid=0 if is_dh else None,
         colorbar={"title": {"text": "ΔH (nats)" if is_dh else "H (nats)"}},
-        hovertemplate="position %{x}: %{customdata}<br>layer %{y}<br>" + ("ΔH" if is_dh else "H")
-                      + " = %{z:.3f} nats<extra></extra>"))
-    step = max(1, int(np.ceil(len(text) / MAX_TICK_LABELS)))
-    fig.update_xaxes(tickmode="array", tickvals=toks["position"][::step].tolist(), ticktext=text[::step],
-                     tickangle=-60, title_text="token at position t (its row predicts t+1)")
+        hovertemplate="position %{x}<br>layer %{y}<br>" + ("ΔH" if is_dh else "H") + " = %{z:.3f} nats<extra></extra>"))
+    step = max(1, int(np.ceil(len(labels) / MAX_TICK_LABELS)))
+    fig.update_xaxes(type="category", tickmode="array", tickvals=labels[::step], ticktext=labels[::step],
+                     tickangle=-60, title_text="position t: token (its row predicts t+1)")
     fig.update_yaxes(title_text="layer l", dtick=1 if len(z.index) <= 41 else None)
     resp = toks.loc[toks["role"] == "response", "position"]
     if not resp.empty:
@@ -132,10 +132,11 @@ def register(app: Dash, cache: Path) -> None:
             return no_update
         pt = click["points"][0]
         try:
-            df = cell_detail(cache, run_id, lens, prompt, int(pt["x"]), int(pt["y"]))
+            position = int(str(pt["x"]).split(":", 1)[0])
+            df = cell_detail(cache, run_id, lens, prompt, position, int(pt["y"]))
         except UserError as e:
             return str(e)
-        return [html.H4(f"Top-1 tokens at position {pt['x']}, layer {pt['y']} (prompt {prompt}, lens {lens})"),
+        return [html.H4(f"Top-1 tokens at position {position}, layer {pt['y']} (prompt {prompt}, lens {lens})"),
                 dash_table.DataTable(id="cell-table", data=df.to_dict("records"),
                                      columns=[{"name": c, "id": c} for c in df.columns],
                                      style_cell={"fontFamily": "monospace", "padding": "2px 8px"})]

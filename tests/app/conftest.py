@@ -25,7 +25,7 @@ def pytest_setup_options():
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--window-size=1400,1000"):
+                "--disable-background-networking", "--window-size=1400,1500"):
         options.add_argument(arg)
     return options
 

@@ -1,0 +1,116 @@
+"""The dashboard in headless Chromium: every view loads, selections drive the figures, screenshots saved."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from selenium.webdriver.common.action_chains import ActionChains
+
+from app.server import create_app
+from app_fixtures import RUNS
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")]
+
+
+def figure(duo, graph: str, timeout: float = 10.0) -> dict:
+    """The plotted figure of a dcc.Graph (data + layout), once it has at least one trace."""
+    js = (f"const g = document.querySelector('#{graph} .js-plotly-plot'); "
+          "return g && g.data && g.data.length ? {data: g.data, layout: g.layout} : null;")
+    end = time.time() + timeout
+    while time.time() < end:
+        fig = duo.driver.execute_script(js)
+        if fig:
+            return fig
+        time.sleep(0.1)
+    said = duo.driver.execute_script(f"const g = document.querySelector('#{graph} .js-plotly-plot'); "
+                                     "return g && g.layout && JSON.stringify(g.layout.annotations);")
+    raise AssertionError(f"{graph} drew no trace in {timeout} s; it says {said}")
+
+
+def arr(v) -> list:
+    """A trace array as a list (Plotly 7 ships numeric arrays as typed arrays: {_inputArray, bdata})."""
+    return list(v["_inputArray"].values() if isinstance(v["_inputArray"], dict) else v["_inputArray"]) \
+        if isinstance(v, dict) else list(v)
+
+
+def open_tab(duo, label: str) -> None:
+    for tab in duo.driver.find_elements("css selector", "#tabs .tab"):
+        if tab.text.strip() == label:
+            tab.click()
+            return
+    raise AssertionError(f"no tab {label!r}")
+
+
+def test_runs_flow_dh_and_compare(dash_duo, cache, screenshot):
+    dash_duo.start_server(create_app(cache))
+    dash_duo.wait_for_text_to_equal("h1", "entropylens")
+    dash_duo.wait_for_contains_text("#runs-table", "corrupt: summary.parquet missing or unreadable")
+    assert "corrupt: manifest.json" in dash_duo.find_element("#runs-table").text
+    # Defaults: the two newest complete trace runs are selected, the newest (llama-after) is in focus.
+    flow = figure(dash_duo, "flow-graph")
+    assert "llama-6L" in flow["layout"]["title"]["text"]
+    lines = [t for t in flow["data"] if t.get("showlegend") is not False]
+    assert len(lines) == 3
+    assert len(arr(lines[0]["x"])) == RUNS["llama-after"].n_layers + 1
+    screenshot(dash_duo.driver, "flow")
+
+    open_tab(dash_duo, "Entropy change ΔH")
+    dh = figure(dash_duo, "dh-graph")
+    texts = [a["text"] for a in dh["layout"].get("annotations", [])]
+    assert any("boundary layer l=" in t for t in texts), texts
+    screenshot(dash_duo.driver, "entropy_change")
+
+    open_tab(dash_duo, "Compare families")
+    cmp_ = figure(dash_duo, "compare-graph")
+    assert sorted(t["name"] for t in cmp_["data"]) == ["synthetic/llama-6L · bupo", "synthetic/qwen3-8L · bupo"]
+    assert max(max(arr(t["x"])) for t in cmp_["data"]) == pytest.approx(1.0)
+    # Selecting one more run (llama-base, first row without a tick) adds its traces.
+    rows = dash_duo.driver.find_elements("css selector", "#runs-table tbody tr")
+    base = next(r for r in rows if r.find_elements("css selector", "td[data-dash-column=run_id]")
+                and r.find_element("css selector", "td[data-dash-column=run_id]").text == "llama-base")
+    base.find_element("css selector", "input[type=checkbox]").click()
+    end = time.time() + 10
+    while len(figure(dash_duo, "compare-graph")["data"]) != 3 and time.time() < end:
+        time.sleep(0.1)
+    names = [t["name"] for t in figure(dash_duo, "compare-graph")["data"]]
+    assert len(names) == 3 and sum("llama-6L" in n for n in names) == 2
+    screenshot(dash_duo.driver, "compare")
+    assert dash_duo.get_logs() in ([], None)
+
+
+def test_token_heatmap_and_click_detail(dash_duo, cache, screenshot):
+    dash_duo.start_server(create_app(cache))
+    open_tab(dash_duo, "Token × layer")
+    heat = figure(dash_duo, "heatmap-graph")
+    spec = RUNS["llama-after"]
+    assert len(arr(heat["data"][0]["z"])) == spec.n_layers + 1
+    assert len(heat["data"][0]["x"]) == spec.prompt_len + spec.response_len
+    assert any("generated response" in a["text"] for a in heat["layout"]["annotations"])
+    # Click the middle of the heatmap: the top-1 table for that cell appears.
+    drag = dash_duo.find_element("#heatmap-graph .nsewdrag")
+    ActionChains(dash_duo.driver).move_to_element(drag).pause(0.3).click().perform()
+    dash_duo.wait_for_contains_text("#cell-detail", "Top-1 tokens at position", timeout=10)
+    assert "FFN F^l" in dash_duo.find_element("#cell-table").text
+    screenshot(dash_duo.driver, "token_heatmap")
+
+
+def test_before_after_training_and_url_safety(dash_duo, cache, screenshot):
+    dash_duo.start_server(create_app(cache))
+    open_tab(dash_duo, "Before / after")
+    diff = figure(dash_duo, "diff-graph")
+    assert "llama-after minus parent llama-base" in diff["layout"]["title"]["text"]
+    assert len(diff["data"]) == 5
+    screenshot(dash_duo.driver, "before_after")
+    open_tab(dash_duo, "Training")
+    train = figure(dash_duo, "train-graph")
+    assert any("phase switch" in a["text"] for a in train["layout"]["annotations"])
+    screenshot(dash_duo.driver, "training")
+    # A run id in the URL may only name a run folder.
+    dash_duo.driver.get(dash_duo.server_url + "/?run=..%2F..%2Fetc")
+    dash_duo.wait_for_contains_text("#banner", "Ignored the URL: invalid run id", timeout=10)
+    dash_duo.driver.get(dash_duo.server_url + "/?run=qwen3-base")
+    flow = figure(dash_duo, "flow-graph")
+    assert "qwen3-8L" in flow["layout"]["title"]["text"]
