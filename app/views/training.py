@@ -94,7 +94,8 @@ def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataF
         s0 = float(switch.min()) - 0.5
         fig.add_vline(x=s0, line={"dash": "dash", "color": "#000"})
         fig.add_annotation(text=f"phase switch: internal (layer {k}) → output at step {int(switch.min())}",
-                           x=s0, y=1.05, xref="x", yref="paper", showarrow=False, xanchor="left")
+                           x=s0, y=0.02, xref="x", yref="y domain", showarrow=False, xanchor="left",
+                           yanchor="bottom", bgcolor="white")
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.08},
                       title=f"Training — {run_id} · {m['model'].get('id', '?')}")
     fig.update_xaxes(title_text="step", row=4, col=1)
