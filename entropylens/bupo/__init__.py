@@ -1,4 +1,4 @@
-"""BuPO (Bottom-up Policy Optimization, arXiv 2512.19673): GRPO that first optimises an internal layer policy."""
+"""BuPO (Bottom-up Policy Optimization, arXiv 2512.19673): GRPO that first trains an internal layer policy."""
 
 from entropylens.bupo.evaluate import EvalConfig, evaluate, pass_at_k
 from entropylens.bupo.rewards import exact_match_reward, extract_answer, extract_boxed, normalize_answer

@@ -16,7 +16,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) with nested braces matched; None if absent/unclosed."""
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces matched, or None."""
     starts = [m.end() for m in _BOXED.finditer(text)]
     for start in reversed(starts):
         depth = 1
@@ -62,7 +62,7 @@ def math_verify_reward(completion: str, answer: str) -> float:
     try:
         from math_verify import parse, verify
     except ImportError as e:
-        raise UserError("reward 'math_verify' needs the math-verify package: pip install 'entropylens[math]'") from e
+        raise UserError("reward 'math_verify' needs math-verify: pip install 'entropylens[math]'") from e
     got = extract_answer(completion)
     if got is None:
         return 0.0

@@ -147,7 +147,8 @@ def policy_logits(
         lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
     )
     try:
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1,
+                    use_cache=False)
     finally:
         hook.remove()
     h_k = captured[0][:, P - 1 : P + T - 1]  # (n, T, d) raw residual H^k

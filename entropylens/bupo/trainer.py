@@ -27,27 +27,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import entropylens
-from entropylens.bupo.grpo import LOSS_AGGS, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl
-from entropylens.bupo.grpo import token_logprobs
+from entropylens.bupo.grpo import (
+    LOSS_AGGS, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
+)
 from entropylens.bupo.rewards import get_reward
 from entropylens.bupo.rollout import Rollouts, decoder_layers, final_norm, generate_rollouts, policy_logits
 from entropylens.errors import UserError
-from entropylens.prompts import prompts_sha256
-from entropylens.prompts import Prompt
+from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
-
-METRIC_KEYS = (
-    "step", "phase", "reward/mean", "reward/std", "entropy/layer_k", "entropy/output",
-    "kl/output_vs_internal", "clip/frac", "optim/grad_norm", "completion/len_mean", "perf/tokens_per_s", "loss",
-)
 
 
 @dataclass
 class BupoConfig:
     """Everything one BuPO (or, with internal_steps=0, plain GRPO) run needs. Names follow TRL/verl."""
 
-    internal_layer: int  # k, 1-indexed decoder layer whose policy pi^k = softmax(H^k W_U^T) is optimised first
-    internal_steps: int = 20  # steps optimising pi^k before switching to the output policy (paper: 20-30; 0 = GRPO)
+    internal_layer: int  # k: 1-indexed decoder layer whose policy pi^k = softmax(H^k W_U^T) is trained first
+    internal_steps: int = 20  # steps on pi^k before switching to the output policy (paper: 20-30; 0 = GRPO)
     steps: int = 50  # total optimiser steps (internal + output phase)
     prompts_per_step: int = 8  # B: prompts sampled per step (rollouts per step = B * num_generations)
     num_generations: int = 8  # G: rollouts per prompt, the GRPO group (paper: 8)
@@ -58,9 +53,9 @@ class BupoConfig:
     max_grad_norm: float = 1.0  # global gradient-norm clip
     epsilon_low: float = 0.2  # clip range below 1 for the ratio (paper: 0.2)
     epsilon_high: float = 0.2  # clip range above 1 (DAPO's clip-higher if > epsilon_low)
-    beta: float = 0.0  # k3 KL penalty to the frozen initial model under the same policy (paper: 0, no KL)
+    beta: float = 0.0  # k3 KL penalty to the frozen initial model's same policy (paper: 0, no KL)
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
-    num_iterations: int = 1  # optimiser steps per batch of rollouts (mu); > 1 adds a no-grad old-log-prob pass
+    num_iterations: int = 1  # optimiser steps per rollout batch (mu); > 1 adds a no-grad old-log-prob pass
     micro_batch_size: int = 16  # rollouts per forward/backward chunk (gradients accumulate exactly)
     reward: str = "exact"  # exact | math_verify
     seed: int = 0  # seeds prompt sampling and generation
@@ -97,7 +92,7 @@ def pick_boundary_layer(layer_table: pd.DataFrame) -> tuple[int, str]:
         raise UserError("no layer has a positive mean FFN entropy change; pick --layer K by hand")
     k, v = int(positive["layer"].iloc[-1]), float(positive["dH_ffn"].iloc[-1])
     above = t[t["layer"] > k]["dH_ffn"]
-    rest = f"the {len(above)} layer(s) above are <= 0 (max {above.max():+.3f})" if len(above) else "it is the top layer"
+    rest = f"the {len(above)} layer(s) above are <= 0 (max {above.max():+.3f})" if len(above) else "top layer"
     return k, f"layer {k} of {int(t['layer'].max())}: last with mean dH_ffn > 0 ({v:+.3f} nats); {rest}"
 
 
@@ -141,9 +136,11 @@ def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str) -> 
 
 @torch.no_grad()
 def _no_grad_logp(model, ro: Rollouts, cfg: BupoConfig, phase: str) -> torch.Tensor:
-    chunks = [_score_chunk(model, ro, cfg.internal_layer, slice(i, i + cfg.micro_batch_size), phase,
-                           cfg.temperature)[0] for i in range(0, ro.completion_ids.shape[0], cfg.micro_batch_size)]
-    return torch.cat(chunks)  # (N, T)
+    """Log-probs of the sampled tokens under the phase's policy, without gradient (old or reference)."""
+    starts = range(0, ro.completion_ids.shape[0], cfg.micro_batch_size)
+    rows = [slice(i, i + cfg.micro_batch_size) for i in starts]
+    return torch.cat([_score_chunk(model, ro, cfg.internal_layer, r, phase, cfg.temperature)[0]
+                      for r in rows])  # (N, T)
 
 
 def train(
@@ -176,7 +173,8 @@ def train(
     _write_json(out / "config.json", asdict(config))
     t_start, flags = time.perf_counter(), [p.requires_grad for p in model.parameters()]
     try:
-        n_tokens = _loop(config, model, tokenizer, prompts, render, reward_fn or get_reward(config.reward), out, progress)
+        reward_fn = reward_fn or get_reward(config.reward)
+        n_tokens = _loop(config, model, tokenizer, prompts, render, reward_fn, out, progress)
         ckpt = save_checkpoint(model, tokenizer, out / "checkpoint")
     except BaseException as e:
         manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
