@@ -37,21 +37,24 @@ def tiny_model_and_tokenizer():
     vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>"] + list(string.printable[:95]))}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                  bos_token="<bos>")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=512, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+                      num_key_value_heads=2, intermediate_size=512, pad_token_id=0, eos_token_id=1,
+                      bos_token_id=2)
     return LlamaForCausalLM(cfg).eval(), tok
 
 
 def bench_entropylens(model, tok, prompts, args, out: Path) -> list[dict]:
     cfg = BupoConfig(internal_layer=1, internal_steps=0, steps=args.steps, prompts_per_step=args.prompts,
-                     num_generations=args.G, max_new_tokens=args.max_new_tokens, micro_batch_size=args.prompts * args.G)
+                     num_generations=args.G, max_new_tokens=args.max_new_tokens,
+                     micro_batch_size=args.prompts * args.G)
     train(cfg, model, tok, prompts, out, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     n = args.prompts * args.G  # perf/tokens_per_s = completion tokens / step wall time
-    return [{"s": r["completion/len_mean"] * n / r["perf/tokens_per_s"], "tokens": r["completion/len_mean"] * n}
-            for r in rows]
+    tokens = [r["completion/len_mean"] * n for r in rows]
+    return [{"s": t / r["perf/tokens_per_s"], "tokens": t} for t, r in zip(tokens, rows)]
 
 
 def bench_trl(model, tok, prompts, args, out: Path) -> list[dict]:
@@ -82,8 +85,8 @@ def bench_trl(model, tok, prompts, args, out: Path) -> list[dict]:
         dataloader_num_workers=0, disable_tqdm=True,
     )
     timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
-                          callbacks=[timer])
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data,
+                          processing_class=tok, callbacks=[timer])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     n = args.prompts * args.G
@@ -92,11 +95,11 @@ def bench_trl(model, tok, prompts, args, out: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama) or anything entropylens.models loads")
+    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama) or what entropylens.models loads")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step (B)")
     ap.add_argument("--G", type=int, default=4, help="generations per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=3, help="steps per trainer; the first is reported as warm-up")
+    ap.add_argument("--steps", type=int, default=3, help="steps per trainer; the first is warm-up")
     args = ap.parse_args()
     if args.model == "tiny":
         model, tok = tiny_model_and_tokenizer()

@@ -32,7 +32,7 @@ def make_model(tied: bool = False, layers: int = 3, seed: int = 0) -> LlamaForCa
         pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger random weights -> peaked, varied distributions (more EOS, non-trivial ratios)
+    with torch.no_grad():  # larger weights: peaked, varied distributions, some EOS
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)

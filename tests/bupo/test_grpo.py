@@ -87,7 +87,8 @@ def test_token_logprobs_entropy_kl_match_float64(temperature):
     assert torch.allclose(token_entropy(logits, temperature).double(), -(lp.exp() * lp).sum(-1), atol=1e-5)
     zq = other.double() / temperature
     lq = zq - torch.logsumexp(zq, -1, keepdim=True)
-    assert torch.allclose(token_kl(logits, other, temperature).double(), (lp.exp() * (lp - lq)).sum(-1), atol=1e-5)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    assert torch.allclose(token_kl(logits, other, temperature).double(), kl, atol=1e-5)
 
 
 def test_clipped_surrogate_by_hand():
@@ -128,7 +129,8 @@ def test_aggregation_and_micro_batch_weights(mode):
     m[:, 0] = 1
     full = aggregate_loss(x, m, mode)
     assert full.item() == pytest.approx(_agg_by_loop(x.tolist(), m.tolist(), mode), rel=1e-5)
-    parts = sum(chunk_weight(m[s], m, mode) * aggregate_loss(x[s], m[s], mode) for s in (slice(0, 2), slice(2, 5)))
+    chunks = (slice(0, 2), slice(2, 5))
+    parts = sum(chunk_weight(m[s], m, mode) * aggregate_loss(x[s], m[s], mode) for s in chunks)
     assert parts.item() == pytest.approx(full.item(), rel=1e-5)
 
 
@@ -151,5 +153,6 @@ def test_single_update_gradient_is_reinforce_with_baseline():
     ref_loss = -(adv.double()[:, None] * lp * mask.double()).sum() / mask.sum()
     (ref,) = torch.autograd.grad(ref_loss, leaf)
     assert torch.allclose(grad.double(), ref, atol=1e-6)
-    expected_value = -sum(a * m for a, row in zip(adv.tolist(), mask.tolist()) for m in row) / mask.sum().item()
+    token_advs = [a * w for a, row in zip(adv.tolist(), mask.tolist()) for w in row]
+    expected_value = -sum(token_advs) / mask.sum().item()
     assert math.isclose(loss.item(), expected_value, rel_tol=1e-6)  # ratio 1: loss = -mean token advantage

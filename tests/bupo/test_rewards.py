@@ -2,7 +2,9 @@
 
 import pytest
 
-from entropylens.bupo.rewards import exact_match_reward, extract_answer, extract_boxed, get_reward, normalize_answer
+from entropylens.bupo.rewards import (
+    exact_match_reward, extract_answer, extract_boxed, get_reward, normalize_answer,
+)
 from entropylens.errors import UserError
 
 

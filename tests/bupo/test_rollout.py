@@ -34,14 +34,16 @@ def test_sampling_and_scoring_use_the_same_tempered_policy(model, tokenizer, tem
     sampled = sampled.gather(-1, ro.completion_ids[..., None])[..., 0]
     m = ro.mask.bool()
     assert torch.allclose(scored[m].double(), sampled[m], atol=1e-4)
-    assert torch.allclose(scored[m].double(), _independent_output_logprobs(model, ro, temperature)[m], atol=1e-5)
+    independent = _independent_output_logprobs(model, ro, temperature)
+    assert torch.allclose(scored[m].double(), independent[m], atol=1e-5)
 
 
 def test_generation_is_seeded(model, tokenizer):
     a = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=3)
     b = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=3)
     c = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=4)
-    assert torch.equal(a.completion_ids, b.completion_ids) and not torch.equal(a.completion_ids, c.completion_ids)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
     assert len(a.texts) == 6 and torch.equal(a.prompt_ids[0], a.prompt_ids[1])  # groups are consecutive
 
 
@@ -53,7 +55,8 @@ def test_internal_policy_is_raw_residual_through_unembedding(model, tokenizer, k
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         internal, _ = policy_logits(model, ro, layer=k)
-        hs = model(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True).hidden_states
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
+    hs = out.hidden_states
     P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
     expected = hs[k][:, P - 1 : P + T - 1].double() @ model.lm_head.weight.double().T  # no final norm
     assert torch.allclose(internal.double(), expected, atol=1e-4)
