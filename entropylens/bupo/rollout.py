@@ -19,24 +19,27 @@ from transformers import GenerationConfig
 
 from entropylens.bupo.grpo import completion_mask
 from entropylens.errors import UserError
+from entropylens.sites import FINAL_NORMS, LAYER_LISTS
+
+
+def _find(model: nn.Module, paths: tuple[str, ...], kind: type[nn.Module], what: str) -> nn.Module:
+    for path in paths:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, kind):
+            return obj
+    raise UserError(f"{type(model).__name__}: found no {what} (tried {', '.join(paths)})")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers (Llama/Qwen/Mistral/Gemma `model.layers`, GPT-2 `transformer.h`)."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    layers = getattr(base, "layers", None) or getattr(base, "h", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UserError(f"{type(model).__name__}: found no decoder layers at model.layers or transformer.h")
-    return layers
+    """The model's decoder layers, looked up where `entropylens.sites` looks for them."""
+    return _find(model, LAYER_LISTS, nn.ModuleList, "decoder layer list")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied after the last decoder layer (`model.norm` or GPT-2's `transformer.ln_f`)."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
-    if not isinstance(norm, nn.Module):
-        raise UserError(f"{type(model).__name__}: found no final norm at model.norm or transformer.ln_f")
-    return norm
+    """The norm applied after the last decoder layer (frozen with the upper layers in the internal phase)."""
+    return _find(model, FINAL_NORMS, nn.Module, "final norm")
 
 
 def unembed(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -56,8 +59,7 @@ def eos_and_pad_ids(model: nn.Module, tokenizer) -> tuple[list[int], int]:
     eos = list(dict.fromkeys(eos))
     if not eos:
         raise UserError("the tokenizer has no EOS token; completions could never end")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    return eos, pad
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
 @dataclass
@@ -102,11 +104,14 @@ def generate_rollouts(
 ) -> Rollouts:
     """Sample G completions for each rendered prompt text with the full model, seeded."""
     eos, pad = eos_and_pad_ids(model, tokenizer)
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = pad
+        raise UserError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     add_special = not getattr(tokenizer, "chat_template", None)  # chat templates carry their own BOS
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    finally:
+        tokenizer.padding_side = side
     device = next(model.parameters()).device
     ids = enc.input_ids.repeat_interleave(G, dim=0).to(device)  # (N, P)
     attn = enc.attention_mask.repeat_interleave(G, dim=0).to(device)  # (N, P)
