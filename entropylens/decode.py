@@ -1,0 +1,295 @@
+"""The decode engine: entropy, top-1 and target log-prob of many lens distributions, streamed over V.
+
+Never materialises (rows, V). For each vocabulary chunk c it writes the logits z_c (R, C) of a block of
+rows with one fp32 GEMM into a preallocated buffer, finishes them in place, and folds them into per-row
+online log-sum-exp accumulators (DESIGN §2), kept in fp64 across chunks:
+
+    m = running max,  s = Σ e^{z-m},  t = Σ (z-m) e^{z-m}    ->    H = log s − t / s
+
+(t is centred on m so the subtraction never cancels two ~100-nat numbers). When the running max moves
+from m to m', s ← αs and t ← α(t + (m − m')s) with α = e^{m−m'}. Within a chunk the sums run in fp32
+(ATen's cascade summation: ~1e-7 relative), which is 15x cheaper than fp64 sums on CPU.
+
+Each logit chunk is touched a fixed, small number of times: GEMM write, amax, subtract, exp into a
+second buffer, sum, multiply, sum (argmax only over rows whose best logit improved). The buffers are
+sized by `block_bytes` so they stay in cache; peak extra memory is independent of V and of the sites.
+
+`decode_layers` stacks every site of every layer of a token block into one GEMM operand. With
+`additive=True` the `layer` site costs no GEMM: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j).
+
+Precision: fp32 logits carry ~6e-8·|z| rounding, so rows whose top logit exceeds `EXACT_GUARD` are
+recomputed in fp64 (SmolLM2's massive activations reach |z| ~ 3e4). No bf16 product ever reaches an
+exact-mode logit; on CUDA, TF32 is switched off for the duration of a decode. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from entropylens.errors import UserError
+from entropylens.lens import Lens
+
+DEFAULT_CHUNK = 2048
+DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
+# fp32 logits carry ~6e-8·|z| rounding; rows whose top logit exceeds this are redone in fp64 so every
+# entropy stays within 1e-4 nats (measured: |z| = 135 -> 1.2e-5 nats in fp32).
+EXACT_GUARD = 500.0
+PRECISIONS = ("exact",)
+
+
+@dataclass
+class Stats:
+    """Per-row results; every tensor has the same leading shape."""
+
+    entropy: torch.Tensor  # float64, nats
+    top1: torch.Tensor  # int64 token id
+    p1: torch.Tensor  # float64 probability of top1
+    logp_target: torch.Tensor | None = None  # float64 log p(target)
+    redone: int = 0  # rows recomputed in fp64 by the exactness guard
+
+    def reshape(self, *shape: int) -> "Stats":
+        lt = None if self.logp_target is None else self.logp_target.reshape(*shape)
+        return Stats(self.entropy.reshape(*shape), self.top1.reshape(*shape), self.p1.reshape(*shape), lt)
+
+    def to_cpu(self) -> "Stats":
+        lt = None if self.logp_target is None else self.logp_target.cpu()
+        return Stats(self.entropy.cpu(), self.top1.cpu(), self.p1.cpu(), lt, self.redone)
+
+
+class OnlineLSE:
+    """Accumulators for R rows; `update` takes one finished logit chunk (R, C) and overwrites it."""
+
+    def __init__(self, rows: int, device: torch.device, targets: torch.Tensor | None = None):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.m = torch.full((rows,), -math.inf, **f64)
+        self.s = torch.zeros(rows, **f64)
+        self.t = torch.zeros(rows, **f64)
+        self.best = torch.full((rows,), -math.inf, **f64)
+        self.top1 = torch.zeros(rows, dtype=torch.long, device=device)
+        self.targets = targets  # (R,) long, -1 = none
+        self.z_target = None if targets is None else torch.full((rows,), math.nan, **f64)
+
+    def update(self, z: torch.Tensor, offset: int, e: torch.Tensor) -> None:
+        # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch buffer
+        C = z.shape[1]
+        if self.targets is not None:
+            local = self.targets - offset
+            hit = ((local >= 0) & (local < C)).nonzero().squeeze(1)
+            self.z_target[hit] = z[hit, local[hit]].double()
+        cmax = z.amax(dim=1).double()  # (R,)
+        better = cmax > self.best
+        if z.is_cuda:  # one fused kernel, no host sync
+            self.top1 = torch.where(better, z.argmax(dim=1) + offset, self.top1)
+        else:  # argmax (7x the cost of amax on CPU) only where the best logit moved: ~ln(V/C) chunks' worth
+            rows = better.nonzero().squeeze(1)
+            if rows.numel():
+                self.top1[rows] = z[rows].argmax(dim=1) + offset
+        self.best = torch.maximum(self.best, cmax)
+        m_new = torch.maximum(self.m, cmax)  # (R,)
+        u = z.sub_(m_new.to(z.dtype)[:, None])  # (R, C) = z - m', in place
+        torch.exp(u, out=e)
+        s_c = e.sum(dim=1).double()
+        t_c = u.mul_(e).sum(dim=1).double()
+        first = torch.isinf(self.m)
+        alpha = torch.where(first, 0.0, torch.exp(self.m - m_new))
+        shift = torch.where(first, 0.0, (self.m - m_new) * self.s)
+        self.t = alpha * (self.t + shift) + t_c
+        self.s = alpha * self.s + s_c
+        self.m = m_new
+
+    def result(self) -> Stats:
+        log_z = self.m + torch.log(self.s)  # (R,)
+        entropy = torch.log(self.s) - self.t / self.s
+        p1 = torch.exp(self.best - log_z)
+        lt = None if self.z_target is None else self.z_target - log_z
+        return Stats(entropy.clamp_min(0.0), self.top1, p1, lt)
+
+    def large_rows(self, guard: float) -> torch.Tensor:
+        return (self.best.abs() > guard).nonzero().squeeze(1)
+
+
+@contextlib.contextmanager
+def _ieee_matmul(device: torch.device) -> Iterator[None]:
+    """On CUDA, force true fp32 GEMMs (no TF32) for the duration; restores the caller's setting."""
+    if device.type != "cuda":
+        yield
+        return
+    cfg = torch.backends.cuda.matmul
+    prev = cfg.fp32_precision
+    cfg.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        cfg.fp32_precision = prev
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"unknown precision {precision!r}; only 'exact' is offered (a bf16 mode measured slower and "
+            "less exact on CPU, see docs/performance.md)"
+        )
+
+
+def _finish(z: torch.Tensor, lens: Lens, scale: torch.Tensor | None, c0: int) -> torch.Tensor:
+    """Raw chunk logits (R, C) of ids [c0, c0 + C) -> final logits, in place: row scale, bias, soft-cap."""
+    if scale is not None:
+        z.mul_(scale[:, None])
+    if lens.bias is not None:
+        z.add_(lens.bias[c0 : c0 + z.shape[1]].to(z.device, z.dtype))
+    if lens.softcap:
+        z.div_(lens.softcap).tanh_().mul_(lens.softcap)
+    return z
+
+
+def _stream(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    lens: Lens,
+    out_rows: int,
+    first_out: int,
+    combine: Callable[[torch.Tensor], None] | None,
+    scale: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    chunk: int,
+) -> OnlineLSE:
+    """Stream V for one block: GEMM rows X (Rg, d) into Z[:Rg], `combine` fills Z[Rg:], stats of Z[first_out:].
+
+    Z has `out_rows` rows; two (out_rows, chunk) buffers are the only allocations proportional to a chunk.
+    """
+    V = W.shape[0]
+    Rg = X.shape[0]
+    Zbuf = torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
+    Ebuf = torch.empty(out_rows - first_out, chunk, dtype=X.dtype, device=X.device)
+    acc = OnlineLSE(out_rows - first_out, X.device, targets)
+    for c0 in range(0, V, chunk):
+        C = min(chunk, V - c0)
+        Z = Zbuf[:, :C] if C == chunk else torch.empty(out_rows, C, dtype=X.dtype, device=X.device)
+        torch.mm(X, W[c0 : c0 + C].T, out=Z[:Rg])  # (Rg, C)
+        if combine is not None:
+            combine(Z)
+        z = _finish(Z[first_out:], lens, scale, c0)
+        acc.update(z, c0, Ebuf[:, :C] if C == chunk else torch.empty_like(z))
+    return acc
+
+
+def decode_rows(
+    x: torch.Tensor,
+    lens: Lens,
+    targets: torch.Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    dtype: torch.dtype = torch.float32,
+    guard: float | None = EXACT_GUARD,
+    precision: str = "exact",
+) -> Stats:
+    """Stats of lens(x) for rows x (R, d); `targets` (R,) adds log p(target)."""
+    _check_precision(precision)
+    x = x.to(dtype)
+    scale = lens.row_scale(x)
+    scale = None if scale is None else scale.to(dtype)
+    W = lens.W.to(x.device, dtype)
+    with _ieee_matmul(x.device):
+        acc = _stream(x, W, lens, x.shape[0], 0, None, scale, targets, min(chunk, W.shape[0]))
+    res = acc.result()
+    if guard is not None and dtype == torch.float32:
+        _redo_large(res, acc.large_rows(guard), x, lens, targets, chunk)
+    return res
+
+
+def _redo_large(res: Stats, rows: torch.Tensor, x: torch.Tensor, lens: Lens, targets, chunk: int) -> None:
+    """Recompute `rows` of res in fp64, in place (the exactness guard)."""
+    if rows.numel() == 0:
+        return
+    t = None if targets is None else targets[rows]
+    exact = decode_rows(x[rows], lens, t, chunk, dtype=torch.float64, guard=None)
+    res.entropy[rows], res.top1[rows], res.p1[rows] = exact.entropy, exact.top1, exact.p1
+    if res.logp_target is not None:
+        res.logp_target[rows] = exact.logp_target
+    res.redone += rows.numel()
+
+
+def decode_layers(
+    h0: torch.Tensor,
+    acts: dict[str, torch.Tensor],
+    sites: tuple[str, ...],
+    lens: Lens,
+    additive: bool,
+    chunk: int = DEFAULT_CHUNK,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    guard: float | None = EXACT_GUARD,
+    precision: str = "exact",
+) -> dict[str, Stats]:
+    """Decode every requested site of every layer for N token rows.
+
+    h0: (N, d) = H^0; acts[site]: (L, N, d). Returns site -> Stats of shape (L, N), except `layer`,
+    which is (L + 1, N) with H^0 at index 0. `additive` must only be set when H^l = H^{l-1}+A^l+F^l holds
+    (checked by the caller with sites.additivity_error). The first site's Stats carries `redone`.
+    """
+    _check_precision(precision)
+    L, N, d = acts["attn"].shape
+    want_layer = "layer" in sites
+    trick = want_layer and additive
+    direct = [s for s in sites if s != "layer"]
+    helpers = [s for s in ("attn", "ffn") if trick and s not in direct]  # GEMM'd only to sum into `layer`
+    # Z rows per token block, in this order: [helpers][direct sites][H^0][H^1..H^L], each site L rows;
+    # the GEMM fills everything up to H^0 (or H^L without the trick), `combine` the sums after it.
+    gemm_sites = helpers + direct + (["layer"] if want_layer and not trick else [])
+    n_gemm = L * len(gemm_sites) + (1 if want_layer else 0)
+    n_rows = n_gemm + (L if trick else 0)
+    first_out = L * len(helpers)
+    W = lens.W.to(h0.device, torch.float32).contiguous()
+    V = W.shape[0]
+    chunk = min(chunk, V)
+    block = max(1, min(N, block_bytes // (2 * n_rows * chunk * 4)))
+    outs = direct + (["layer"] if want_layer else [])
+    parts: dict[str, list[Stats]] = {s: [] for s in outs}
+    redone = 0
+    with _ieee_matmul(h0.device):
+        for b0 in range(0, N, block):
+            n = min(N, b0 + block) - b0
+            ops = [acts[s][:, b0 : b0 + n] for s in helpers + direct]
+            if want_layer:
+                ops.append(h0[None, b0 : b0 + n])
+                if not trick:
+                    ops.append(acts["layer"][:, b0 : b0 + n])
+            X = torch.cat(ops).to(torch.float32).reshape(-1, d)  # (n_gemm * n, d)
+            vecs = torch.cat(ops[len(helpers) :] + ([acts["layer"][:, b0 : b0 + n]] if trick else []))
+            vecs = vecs.to(torch.float32).reshape(-1, d)  # (output rows, d): what each output row decodes
+            scale = lens.row_scale(vecs)
+            combine = None
+            if trick:
+                ia, jf, h = L * gemm_sites.index("attn") * n, L * gemm_sites.index("ffn") * n, (n_gemm - 1) * n
+
+                def combine(Z: torch.Tensor, ia=ia, jf=jf, h=h, n=n) -> None:
+                    # raw(H^l) = raw(H^0) + Σ_{j≤l} (raw(A^j) + raw(F^j)), summed over layers in place
+                    C = Z.shape[1]
+                    torch.add(Z[ia : ia + L * n], Z[jf : jf + L * n], out=Z[h + n :])
+                    Z[h:].view(L + 1, n, C).cumsum_(0)
+
+            acc = _stream(X, W, lens, n_rows * n, first_out * n, combine, scale, None, chunk)
+            res = acc.result()
+            if guard is not None:
+                _redo_large(res, acc.large_rows(guard), vecs, lens, None, chunk)
+            redone += res.redone
+            k = 0
+            for s in outs:
+                rows = (L + 1 if s == "layer" else L) * n
+                sl = Stats(res.entropy[k : k + rows], res.top1[k : k + rows], res.p1[k : k + rows])
+                parts[s].append(sl.reshape(-1, n))
+                k += rows
+    result = {s: _cat(p) for s, p in parts.items()}
+    next(iter(result.values())).redone = redone
+    return result
+
+
+def _cat(parts: list[Stats]) -> Stats:
+    return Stats(
+        torch.cat([p.entropy for p in parts], 1),
+        torch.cat([p.top1 for p in parts], 1),
+        torch.cat([p.p1 for p in parts], 1),
+    )
