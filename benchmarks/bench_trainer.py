@@ -114,8 +114,11 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as d:
         results["entropylens"] = bench_entropylens(copy.deepcopy(model), tok, prompts, args, Path(d) / "el")
+        print("entropylens steps:", results["entropylens"], flush=True)
         try:
-            results["trl"] = bench_trl(copy.deepcopy(model).train(), tok, prompts, args, Path(d) / "trl")
+            # loaders freeze parameters for tracing; TRL refuses a model with none trainable
+            trl_model = copy.deepcopy(model).train().requires_grad_(True)
+            results["trl"] = bench_trl(trl_model, tok, prompts, args, Path(d) / "trl")
         except ImportError as e:
             print(f"TRL not available ({e}); pip install trl to compare")
     print(f"\nmodel={args.model} B={args.prompts} G={args.G} max_new_tokens={args.max_new_tokens} "
