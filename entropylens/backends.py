@@ -75,8 +75,13 @@ class TransformerLensBackend:
     }
 
     def __init__(self, model: torch.nn.Module, tokenizer, layout: Layout):
+        import copy
+
         from transformer_lens.model_bridge import TransformerBridge
 
+        # The bridge rewires the HF model in place (eager attention, its own components), which would change
+        # what generation samples; it gets a copy so responses never depend on the backend.
+        model = copy.deepcopy(model)
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         try:
             with warnings.catch_warnings():
