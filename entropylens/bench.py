@@ -1,0 +1,241 @@
+"""Side-by-side benchmark: the hand-written TransformerLens and nnsight recipes vs entropylens vs the GEMM floor.
+
+Everything runs in ONE process on the same model and token batch, so the ratios are meaningful even on a
+shared machine (absolute tokens/s are not). For each method it reports tokens/s, the ratio to the faster
+recipe, the fraction of the floor's FLOP rate, max |ΔH| against an fp64 reference on a sample of rows,
+and peak extra RSS (sampled every 2 ms above the RSS at the method's start; freed heap is returned to the
+OS with malloc_trim before each method so one method's garbage does not hide another's peak).
+
+The recipe (what a researcher writes today) per hook point: logits = lm_head(act) (B, T, V) in fp32,
+log_softmax, then -Σ p log p — the `bupo` lens. `--vocab/--d-model` replaces the model with a random
+head and random activations (one layer) to show memory behaviour at Qwen3 scale; the recipe then runs
+on the same activations without a tracer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+
+from entropylens.decode import decode_layers
+from entropylens.lens import Lens, make_lens
+from entropylens.sites import SITES, additivity_error, find_layout
+
+METHODS = ("transformer-lens", "nnsight", "entropylens", "floor")
+
+
+@dataclass
+class BenchConfig:
+    """What `entropylens bench` measures."""
+
+    model: str = "smollm2"  # model spec for models.load_model (ignored with vocab/d_model)
+    batch: int = 4  # sequences
+    seq: int = 128  # tokens per sequence
+    sites: tuple[str, ...] = SITES  # sites decoded per layer
+    methods: tuple[str, ...] = METHODS  # which methods to run, in this order
+    vocab: int | None = None  # random-head mode: vocabulary size (e.g. 151936)
+    d_model: int | None = None  # random-head mode: width (e.g. 1024)
+    tokens: int = 4096  # random-head mode: token rows
+    ref_rows: int = 64  # rows per site sampled for the fp64 reference
+    threads: int | None = None  # torch threads (None: torch's default)
+    seed: int = 0
+    cache: Path = field(default_factory=lambda: Path("cache"))
+
+
+class PeakRSS:
+    """Context manager: peak RSS above the RSS at entry, sampled by a thread every 2 ms."""
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc: peaks may read low if freed memory was kept by the allocator
+            pass
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.002):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def extra_gib(self) -> float:
+        return (self.peak - self.base) / 2**30
+
+
+def _recipe_entropy(head_w: torch.Tensor, head_b: torch.Tensor | None, act: torch.Tensor) -> torch.Tensor:
+    """The hand-written recipe for one hook point: (..., d) -> (...) entropies via full (..., V) logits."""
+    logits = torch.nn.functional.linear(act.float(), head_w, head_b)  # (..., V)
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _stacked(h0: torch.Tensor, per_site: dict[str, list[torch.Tensor]], sites) -> dict[str, torch.Tensor]:
+    """Per-site (L, N) or (L + 1, N) entropies from lists of per-layer (N,) results."""
+    out = {s: torch.stack(per_site[s]) for s in sites if s != "layer"}
+    if "layer" in sites:
+        out["layer"] = torch.stack([h0] + per_site["layer"])
+    return out
+
+
+def _max_err(H: dict[str, torch.Tensor], ref: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """max |H - H_fp64| over the sampled (layer, token) rows of every site."""
+    return max((H[s].double()[idx] - r).abs().max().item() for s, (idx, r) in ref.items())
+
+
+def _reference(lens: Lens, h0, acts, sites, rows: int, gen: torch.Generator) -> dict:
+    """fp64 full-softmax entropies on `rows` random (layer, token) pairs per site."""
+    ref = {}
+    for s in sites:
+        x = torch.cat([h0[None], acts["layer"]]) if s == "layer" else acts[s]  # (L', N, d)
+        flat = torch.randperm(x.shape[0] * x.shape[1], generator=gen)[:rows]
+        idx = (flat // x.shape[1], flat % x.shape[1])
+        lp = torch.log_softmax(lens.logits(x[idx].double()), -1)
+        ref[s] = (idx, -(lp.exp() * lp).sum(-1))
+    return ref
+
+
+def _model_methods(cfg: BenchConfig):
+    """Load the model and token batch; return (lens, n_tokens, L, d, V, reference, {method: callable -> H})."""
+    from entropylens.backends import make_backend
+    from entropylens.models import load_model
+
+    lm = load_model(cfg.model, cache=cfg.cache)
+    model, tok = lm.model, lm.tokenizer
+    layout = find_layout(model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, lm.info.vocab_size, (cfg.batch, cfg.seq), generator=gen)
+    lens = make_lens("bupo", model, layout.final_norm(model))
+    head = model.get_output_embeddings()
+    hw, hb = head.weight.float(), None if head.bias is None else head.bias.float()
+    sites = cfg.sites
+    nns = make_backend("nnsight", model, tok, layout)
+    acts0 = nns.capture(ids)
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (B, T, d) -> (N, d)
+    h0 = flat(acts0.h0)
+    stacked = {s: torch.stack([flat(a) for a in acts0.sites[s]]) for s in SITES}
+    additive = additivity_error(acts0) < 1e-5
+    ref = _reference(lens, h0, stacked, sites, cfg.ref_rows, gen)
+    L = layout.n_layers
+
+    def recipe_from(h0_act, per_layer: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        res = {s: [_recipe_entropy(hw, hb, a).reshape(-1) for a in per_layer[s]] for s in sites}
+        return _stacked(_recipe_entropy(hw, hb, h0_act).reshape(-1), res, sites)
+
+    def run_tl():
+        cache = tl.bridge.run_with_cache(ids, names_filter=lambda n: n in tl_names)[1]
+        per = {s: [cache[h.format(l=i)] for i in range(L)] for s, h in tl.HOOKS.items()}
+        return recipe_from(cache["blocks.0.hook_resid_pre"], per)
+
+    def run_nnsight():
+        a = nns.capture(ids)  # the same .save() trace a researcher writes
+        return recipe_from(a.h0, a.sites)
+
+    def run_entropylens():
+        a = nns.capture(ids)
+        acts = {s: torch.stack([flat(x) for x in a.sites[s]]) for s in SITES}
+        res = decode_layers(flat(a.h0), acts, sites, lens, additive)
+        return {s: r.entropy for s, r in res.items()}
+
+    methods = {"nnsight": run_nnsight, "entropylens": run_entropylens}
+    if "transformer-lens" in cfg.methods:
+        tl = make_backend("transformer-lens", model, tok, layout)
+        tl_names = set(tl._hook_names())
+        methods["transformer-lens"] = run_tl
+    return lens, h0, stacked, additive, ref, methods
+
+
+def _random_methods(cfg: BenchConfig):
+    """Random head (V, d) and one layer of random activations with a few massive rows; no tracer."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    V, d, N = cfg.vocab, cfg.d_model, cfg.tokens
+    W = torch.randn(V, d, generator=gen) / d**0.5
+    lens = Lens("bupo", W - W.mean(0, keepdim=True), None, None, None)
+    h0 = torch.randn(N, d, generator=gen)
+    stacked = {s: torch.randn(1, N, d, generator=gen) for s in ("attn_in", "attn", "ffn_in", "ffn")}
+    stacked["layer"] = h0[None] + stacked["attn"] + stacked["ffn"]
+    ref = _reference(lens, h0, stacked, cfg.sites, cfg.ref_rows, gen)
+
+    def run_recipe():
+        per = {s: [_recipe_entropy(W, None, stacked[s][0])] for s in cfg.sites}
+        return _stacked(_recipe_entropy(W, None, h0), per, cfg.sites)
+
+    def run_entropylens():
+        return {s: r.entropy for s, r in decode_layers(h0, stacked, cfg.sites, lens, True).items()}
+
+    return lens, h0, stacked, True, ref, {"recipe": run_recipe, "entropylens": run_entropylens}
+
+
+def _gemm_rows(sites, L: int, additive: bool) -> tuple[int, int]:
+    """(rows per token the recipe multiplies, rows per token entropylens multiplies)."""
+    n_direct = len([s for s in sites if s != "layer"])
+    recipe = L * n_direct + (L + 1 if "layer" in sites else 0)
+    trick = additive and "layer" in sites and {"attn", "ffn"} <= set(sites)
+    return recipe, recipe - (L if trick else 0)
+
+
+def run_bench(cfg: BenchConfig) -> pd.DataFrame:
+    """Run every method once (after one warm-up of the decode path) and return one row per method."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random_head = cfg.vocab is not None or cfg.d_model is not None
+    if random_head and not (cfg.vocab and cfg.d_model):
+        from entropylens.errors import UserError
+
+        raise UserError("random-head mode needs both --vocab and --d-model")
+    setup = _random_methods if random_head else _model_methods
+    with torch.no_grad():
+        lens, h0, stacked, additive, ref, methods = setup(cfg)
+        N, (V, d) = h0.shape[0], lens.W.shape
+        L = stacked["attn"].shape[0]
+        recipe_rows, our_rows = _gemm_rows(cfg.sites, L, additive)
+        order = [m for m in cfg.methods if m in methods or m == "floor"] if not random_head else [
+            "recipe", "entropylens", "floor"]
+        X = torch.randn(our_rows * N, d)  # the floor's operand: the rows entropylens multiplies
+
+        def floor():
+            for c0 in range(0, V, 4096):  # chunked so the floor itself needs no (rows, V) buffer
+                X @ lens.W[c0 : c0 + 4096].T
+            return None
+
+        decode_layers(h0[:8], {s: a[:, :8] for s, a in stacked.items()}, cfg.sites, lens, additive)  # warm-up
+        rows = []
+        for name in order:
+            fn = floor if name == "floor" else methods[name]
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                H = fn()
+                dt = time.perf_counter() - t0
+            gemm_rows = our_rows if name in ("entropylens", "floor") else recipe_rows
+            rows.append(dict(
+                method=name, seconds=dt, tokens_per_s=N / dt, gflops=2 * d * V * gemm_rows * N / dt / 1e9,
+                max_abs_dH=None if H is None else _max_err(H, ref), peak_extra_gib=mem.extra_gib,
+            ))
+    df = pd.DataFrame(rows)
+    recipes = df[~df.method.isin(["entropylens", "floor"])]
+    best = recipes.tokens_per_s.max() if len(recipes) else float("nan")
+    df["x_faster_recipe"] = df.tokens_per_s / best
+    floor_rate = df.loc[df.method == "floor", "gflops"]
+    df["frac_floor_flops"] = df.gflops / (floor_rate.iloc[0] if len(floor_rate) else float("nan"))
+    df.attrs.update(tokens=N, d_model=d, vocab=V, layers=L, sites=",".join(cfg.sites), additive=additive,
+                    recipe_rows_per_token=recipe_rows, entropylens_rows_per_token=our_rows,
+                    threads=torch.get_num_threads())
+    return df

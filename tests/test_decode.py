@@ -1,0 +1,142 @@
+"""Decode engine vs a plain fp64 full-softmax reference on small synthetic inputs (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entropylens.decode import decode_layers, decode_rows
+from entropylens.errors import UserError
+from entropylens.lens import Lens
+
+SITES = ("attn_in", "attn", "ffn_in", "ffn", "layer")
+
+
+def ref_stats(lens: Lens, x: torch.Tensor, targets: torch.Tensor | None = None):
+    """Independent fp64 reference: full (R, V) logits, then softmax quantities."""
+    x = x.double()
+    z = x @ lens.W.double().T
+    if lens.norm_kind == "rms":
+        z = z / x.pow(2).mean(-1, keepdim=True).add(lens.eps).sqrt()
+    elif lens.norm_kind == "layer":
+        z = z / x.var(-1, unbiased=False, keepdim=True).add(lens.eps).sqrt()
+    if lens.bias is not None:
+        z = z + lens.bias.double()
+    if lens.softcap:
+        z = lens.softcap * torch.tanh(z / lens.softcap)
+    lp = torch.log_softmax(z, -1)
+    H = -(lp.exp() * lp).sum(-1)
+    lt = None if targets is None else lp.gather(1, targets[:, None]).squeeze(1)
+    return H, lp.argmax(-1), lp.max(-1).values.exp(), lt
+
+
+def make_lens(V=300, d=24, bias=False, softcap=None, norm=None, seed=0) -> Lens:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, d, generator=g)
+    b = torch.randn(V, generator=g) if bias else None
+    return Lens("test", W, b, softcap, norm, 1e-6 if norm else 0.0)
+
+
+def layer_inputs(L=3, N=5, d=24, seed=1, big: float = 1.0):
+    """Random h0 and site activations with H^l = H^{l-1} + A^l + F^l exactly (in fp32).
+
+    Values are multiples of 1/64, so every sum below is exact in fp32 and the additive trick is exact.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = lambda t: (t * 64).round() / 64  # noqa: E731
+    h0 = q(torch.randn(N, d, generator=g))
+    acts = {s: q(torch.randn(L, N, d, generator=g)) for s in ("attn_in", "attn", "ffn_in", "ffn")}
+    acts["ffn"][1, 0] *= big  # one massive FFN output (token 0, layer 2), as in SmolLM2
+    layers, h = [], h0
+    for l in range(L):
+        h = h + acts["attn"][l] + acts["ffn"][l]
+        layers.append(h)
+    acts["layer"] = torch.stack(layers)
+    return h0, acts
+
+
+def check(res, lens, x, tol=1e-4, targets=None):
+    H, top, p1, lt = ref_stats(lens, x, targets)
+    assert (res.entropy.reshape(-1) - H).abs().max().item() < tol
+    assert torch.equal(res.top1.reshape(-1), top)
+    assert (res.p1.reshape(-1) - p1).abs().max().item() < tol
+    if targets is not None:
+        assert (res.logp_target - lt).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": True}, {"softcap": 5.0}, {"norm": "rms"}, {"norm": "layer", "bias": True}])
+def test_rows_match_fp64(kw):
+    lens = make_lens(**kw)
+    x = torch.randn(40, 24) * 2
+    targets = torch.randint(0, 300, (40,))
+    check(decode_rows(x, lens, targets, chunk=64), lens, x, targets=targets)
+
+
+def test_guard_redoes_huge_logits_in_fp64():
+    lens = make_lens(V=257, d=16)
+    lens.W[:, 0] = 1.0  # a direction every token shares: shifts all logits of a row alike
+    x = torch.randn(12, 16)
+    x[:4, 0] = 1e4  # logits ~ 1e4 + O(1): fp32 rounding ~5e-4 each, far above 1e-4 nats in H
+    res = decode_rows(x, lens, chunk=50)
+    assert res.redone >= 4
+    check(res, lens, x)
+    H, *_ = ref_stats(lens, x)
+    unguarded = decode_rows(x, lens, chunk=50, guard=None)
+    assert (unguarded.entropy - H).abs().max() > 1e-4  # the guard is what makes it exact
+
+
+def _all_rows(h0, acts, site):
+    x = torch.cat([h0[None], acts["layer"]]) if site == "layer" else acts[site]
+    return x.reshape(-1, x.shape[-1])
+
+
+@pytest.mark.parametrize("additive", [True, False])
+@pytest.mark.parametrize("norm", [None, "rms"])
+def test_layers_every_site_matches_fp64(additive, norm):
+    lens = make_lens(norm=norm, bias=True)
+    h0, acts = layer_inputs()
+    res = decode_layers(h0, acts, SITES, lens, additive, chunk=64, block_bytes=1)
+    for s in SITES:
+        assert res[s].entropy.shape == ((4, 5) if s == "layer" else (3, 5))
+        check(res[s], lens, _all_rows(h0, acts, s))
+
+
+def test_additive_layer_with_massive_branch_stays_exact():
+    """A huge F^2 leaves fp32 rounding in every later running sum; the guard must catch those rows too."""
+    lens = make_lens(V=400, d=24)
+    lens.W -= lens.W.mean(0)  # centred, as make_lens does for real models
+    h0, acts = layer_inputs(L=4, big=2048.0)
+    # cancel the massive component again in the next layer, so H^3's own logits are small
+    acts["attn"][2, 0] -= acts["ffn"][1, 0]
+    acts["layer"][2:, 0] -= acts["ffn"][1, 0]
+    res = decode_layers(h0, acts, SITES, lens, True, chunk=64)
+    assert res["attn_in"].redone > 0
+    for s in SITES:
+        check(res[s], lens, _all_rows(h0, acts, s))
+
+
+def test_additive_equals_direct_and_blocks_chunks_do_not_matter():
+    lens = make_lens(norm="rms")
+    h0, acts = layer_inputs(N=7)
+    base = decode_layers(h0, acts, SITES, lens, False, chunk=300)
+    for additive, chunk, block_bytes in [(True, 300, 1 << 30), (True, 7, 1), (False, 33, 20_000)]:
+        res = decode_layers(h0, acts, SITES, lens, additive, chunk=chunk, block_bytes=block_bytes)
+        for s in SITES:
+            assert (res[s].entropy - base[s].entropy).abs().max() < 2e-5
+            assert torch.equal(res[s].top1, base[s].top1)
+
+
+def test_site_subsets():
+    lens = make_lens()
+    h0, acts = layer_inputs()
+    for sites in [("layer",), ("ffn", "layer"), ("attn",), ("attn", "ffn", "layer")]:
+        res = decode_layers(h0, acts, sites, lens, True, chunk=100)
+        assert set(res) == set(sites)
+        for s in sites:
+            check(res[s], lens, _all_rows(h0, acts, s))
+
+
+def test_unknown_precision_is_a_user_error():
+    with pytest.raises(UserError):
+        decode_rows(torch.randn(2, 24), make_lens(), precision="fast")
+
