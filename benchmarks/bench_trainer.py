@@ -118,6 +118,7 @@ def main() -> None:
         try:
             # loaders freeze parameters for tracing; TRL refuses a model with none trainable
             trl_model = copy.deepcopy(model).train().requires_grad_(True)
+            trl_model.hf_quantizer = None  # a GGUF-derived config marks dequantised weights as quantized
             results["trl"] = bench_trl(trl_model, tok, prompts, args, Path(d) / "trl")
         except ImportError as e:
             print(f"TRL not available ({e}); pip install trl to compare")

@@ -257,7 +257,14 @@ def save_checkpoint(model: nn.Module, tokenizer, path: str | Path) -> Path:
     tied = _tied_head_key(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != tied}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(tmp)
+    config = copy.deepcopy(model.config)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:  # GGUF weights are dequantised in memory; any other scheme we cannot write
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        if method != "gguf":
+            raise UserError("cannot save a quantized (non-GGUF) model's weights as a plain checkpoint")
+        del config.quantization_config  # else the reload claims to be quantized and refuses training/saving
+    config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)

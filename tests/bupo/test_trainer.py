@@ -134,6 +134,15 @@ def test_checkpoint_reloads_with_same_logits(tmp_path, tokenizer, tied):
     assert AutoTokenizer.from_pretrained(path)("7*6").input_ids == tokenizer("7*6").input_ids
 
 
+def test_checkpoint_of_a_gguf_derived_model_is_not_marked_quantized(tmp_path, tokenizer):
+    model = make_model()
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    path = save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert getattr(AutoModelForCausalLM.from_pretrained(path), "hf_quantizer", None) is None
+    assert model.config.quantization_config["quant_method"] == "gguf"  # the live model is untouched
+
+
 def test_failed_run_is_marked_failed(tmp_path, tokenizer, prompts):
     def broken(text, answer):
         raise RuntimeError("reward exploded")
