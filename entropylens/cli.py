@@ -164,7 +164,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: partial results kept; continue with `entropylens trace --resume RUN`")

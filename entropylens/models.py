@@ -159,14 +159,28 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine fails in seconds instead of after the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub(model_id: str, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kw = dict(trust_remote_code=trust_remote_code, local_files_only=not hub_reachable())
     try:
-        tok = _quiet_from_pretrained(AutoTokenizer, model_id, trust_remote_code=trust_remote_code)
-        model = _quiet_from_pretrained(
-            AutoModelForCausalLM, model_id, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        tok = _quiet_from_pretrained(AutoTokenizer, model_id, **kw)
+        model = _quiet_from_pretrained(AutoModelForCausalLM, model_id, dtype=dtype, **kw)
     except OSError:
         raise UserError(
             f"model {model_id!r} is not a local folder or .gguf file, and the hub could not provide it "

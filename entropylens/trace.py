@@ -258,6 +258,10 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     cfg.validate()
     t_start = time.perf_counter()
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, seed=cfg.seed, split=cfg.split)
+    try:  # fail before the slow model load, not after it
+        Path(cfg.cache, "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
     timings = {"load_s": 0.0, "generate_s": 0.0, "trace_s": 0.0, "decode_s": 0.0}
     t0 = time.perf_counter()
     if loaded is None:

@@ -1,0 +1,117 @@
+"""The real CLI in subprocesses: end to end on a tiny local model, one-line errors, a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from entropylens.store import read_manifest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entropylens", *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=timeout)
+
+
+def test_trace_runs_show_compare_end_to_end(tiny_folder, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--model", str(tiny_folder), "--limit", "3", "--max-new-tokens", "5", "--batch-size", "2",
+              "--cache", str(cache), "--quiet"]
+    r = cli("trace", *common, "--name", "a", "--lens", "both")
+    assert r.returncode == 0, r.stderr
+    assert "complete" in r.stdout and "H_layer" in r.stdout
+    run = cache / "runs" / "a"
+    for f in ("manifest.json", "tokens.parquet", "entropy.parquet", "summary.parquet", "responses.jsonl"):
+        assert (run / f).is_file(), f
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["model"]["source"] == "folder" and m["lens"] == ["bupo", "logit"]
+    assert m["prompts"]["n"] == 3 and len((run / "responses.jsonl").read_text().splitlines()) == 3
+    assert cli("trace", *common, "--name", "b", "--seed", "1").returncode == 0
+
+    listing = cli("runs", "--cache", str(cache))
+    assert listing.returncode == 0 and "a" in listing.stdout and "complete" in listing.stdout
+    shown = cli("show", "a", "--cache", str(cache), "--lens", "bupo")
+    assert shown.returncode == 0
+    # the printed table is the stored summary: check one number
+    summ = pd.read_parquet(run / "summary.parquet")
+    row = summ[(summ.lens == "bupo") & (summ.layer == 1) & (summ.quantity == "H_layer") & (summ.role == "response")]
+    assert f"{row['mean'].iloc[0]:.3f}" in shown.stdout
+    diff = cli("compare", "a", "b", "--cache", str(cache))
+    assert diff.returncode == 0 and "b − a" in diff.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "/nonexistent/model"], "model path"),
+    (["--model", "nonexistent-org/nonexistent-model-xyz"], "hub could not provide it"),
+    (["--prompts", "missing.jsonl"], "missing.jsonl"),
+    (["--prompts", "empty.jsonl"], "empty"),
+    (["--prompts", "wrong.csv"], "column"),
+    (["--prompts", "no-such-set"], "arith"),
+    (["--max-new-tokens", "-1"], "max-new-tokens"),
+    (["--limit", "0"], "limit"),
+    (["--lens", "tuned"], "lens"),
+    (["--sites", "attn,mlp"], "site"),
+    (["--cache", "afile/cache"], "not writable"),
+])
+def test_user_errors_are_one_line(tmp_path, tiny_folder, args, needle, monkeypatch, capsys):
+    """In-process through cli.main (the console script's own entry); the first case also as a subprocess."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "wrong.csv").write_text("colour,size\nred,3\n")
+    (tmp_path / "afile").write_text("x")
+    base = {"--model": str(tiny_folder), "--cache": str(tmp_path / "cache"), "--limit": "1"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["trace", *[x for kv in base.items() for x in kv], "--quiet"]
+    if args[0] == "--model" and args[1].startswith("/"):
+        r = cli(*argv, cwd=tmp_path)
+        code, stdout, stderr = r.returncode, r.stdout, r.stderr
+    else:
+        from entropylens.cli import main
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["entropylens", *argv])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        code = exc.value.code
+        stdout, stderr = capsys.readouterr()
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], stderr
+    assert "Traceback" not in stderr + stdout
+    runs = tmp_path / "cache" / "runs"
+    assert not any((p / "tokens.parquet").exists() for p in runs.glob("*")) if runs.exists() else True
+
+
+def test_killed_run_stays_running_and_resumes(tiny_folder, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--model", str(tiny_folder), "--limit", "12", "--batch-size", "1", "--max-new-tokens", "4",
+            "--cache", str(cache), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "entropylens", "trace", *args, "--name", "k"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = cache / "runs" / "k" / "parts"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(parts.glob("responses-*.jsonl")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = cache / "runs" / "k"
+    assert read_manifest(run)["status"] == "running"
+    assert not (run / "tokens.parquet").exists() and not (run / "summary.parquet").exists()
+
+    r = cli("trace", "--resume", "k", "--cache", str(cache), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert read_manifest(run)["status"] == "complete"
+    assert cli("trace", *args, "--name", "straight").returncode == 0
+    a = pd.read_parquet(run / "entropy.parquet")
+    b = pd.read_parquet(cache / "runs" / "straight" / "entropy.parquet")
+    pd.testing.assert_frame_equal(a, b)
