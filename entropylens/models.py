@@ -136,6 +136,15 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     if not weights:
         raise UserError(f"model folder {folder} has no *.safetensors or *.bin weight file")
+    from safetensors import safe_open
+
+    for w in weights:
+        if w.suffix == ".safetensors":
+            try:
+                with safe_open(str(w), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # SafetensorError is not an OSError
+                raise UserError(f"weight file {w} is corrupt or truncated ({str(e).splitlines()[0]})") from None
     try:
         tok = _quiet_from_pretrained(AutoTokenizer, folder, trust_remote_code=trust_remote_code)
         model = _quiet_from_pretrained(

@@ -1,0 +1,73 @@
+"""Model loading paths and the generic site layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from entropylens.errors import UserError
+from entropylens.models import embedded_gguf_path, load_model, save_dequantised
+from entropylens.sites import find_layout
+
+
+def test_local_folder_loads_with_same_logits(tiny_folder):
+    loaded = load_model(str(tiny_folder))
+    ref = build_tiny("llama")
+    ids = torch.tensor([[1, 50, 700, 9000]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
+    assert loaded.info.source == "folder" and loaded.info.n_layers == 3 and loaded.info.revision.startswith("fp:")
+
+
+def test_gguf_file_loads_and_caches_as_safetensors(tmp_path):
+    loaded = load_model(str(embedded_gguf_path()))
+    info = loaded.info
+    assert (info.architecture, info.n_layers, info.vocab_size, info.tie_word_embeddings) == (
+        "LlamaForCausalLM", 30, 49152, True)
+    save_dequantised(loaded.model, loaded.tokenizer, tmp_path / "smol")
+    again = load_model(str(tmp_path / "smol"))
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, loaded.model(ids).logits)
+
+
+def test_corrupt_safetensors_names_the_file(tiny_folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="bad"):
+        load_model(str(bad))
+
+
+def test_folder_without_weights(tmp_path, tiny_folder):
+    (tmp_path / "config.json").write_text((tiny_folder / "config.json").read_text())
+    with pytest.raises(UserError, match="no \\*.safetensors"):
+        load_model(str(tmp_path))
+
+
+def test_layout_found_for_llama_and_qwen3_and_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert find_layout(build_tiny("qwen3")).site_names["attn"] == "self_attn"
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100))
+    lay = find_layout(gpt2)
+    assert lay.layers_path == "transformer.h" and lay.site_names == {
+        "attn_in": "ln_1", "attn": "attn", "ffn_in": "ln_2", "ffn": "mlp"}
+
+
+def test_unknown_layout_names_what_is_missing():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    with pytest.raises(UserError, match="no decoder layer list"):
+        find_layout(Odd())
+
+
+def test_bad_device_and_dtype():
+    with pytest.raises(UserError, match="dtype"):
+        load_model("x", dtype="float8")
