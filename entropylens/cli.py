@@ -160,6 +160,37 @@ def app_cmd(
     serve(Path(cache), host=host, port=port, debug=debug)
 
 
+@app.command()
+def bench(
+    model: str = typer.Option("smollm2", help="model spec (ignored with --vocab/--d-model)"),
+    batch: int = typer.Option(4, help="sequences"),
+    seq: int = typer.Option(128, help="tokens per sequence"),
+    sites: str = typer.Option("attn_in,attn,ffn_in,ffn,layer", help="comma-separated sites"),
+    methods: str = typer.Option("transformer-lens,nnsight,entropylens,floor", help="methods to run, in order"),
+    vocab: int = typer.Option(None, help="random-head mode: vocabulary size (e.g. 151936)"),
+    d_model: int = typer.Option(None, help="random-head mode: width (e.g. 1024)"),
+    tokens: int = typer.Option(4096, help="random-head mode: token rows"),
+    threads: int = typer.Option(None, help="torch threads"),
+    cache: str = typer.Option("cache"),
+) -> None:
+    """Decode engine vs the TransformerLens and nnsight recipes vs the fp32 GEMM floor, in one process."""
+    from entropylens.bench import BenchConfig, run_bench
+
+    for name, value in (("batch", batch), ("seq", seq), ("tokens", tokens)):
+        if value <= 0:
+            raise UserError(f"--{name} must be a positive integer, got {value}")
+    cfg = BenchConfig(model=model, batch=batch, seq=seq, sites=tuple(sites.split(",")),
+                      methods=tuple(methods.split(",")), vocab=vocab, d_model=d_model, tokens=tokens,
+                      threads=threads, cache=Path(cache))
+    df = run_bench(cfg)
+    table = Table(title="entropylens bench", title_justify="left")
+    for col in df.columns:
+        table.add_column(str(col), justify="right")
+    for row in df.itertuples(index=False):
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    out.print(table)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
