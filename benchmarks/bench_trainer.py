@@ -118,7 +118,8 @@ def main() -> None:
         try:
             # loaders freeze parameters for tracing; TRL refuses a model with none trainable
             trl_model = copy.deepcopy(model).train().requires_grad_(True)
-            trl_model.hf_quantizer = None  # a GGUF-derived config marks dequantised weights as quantized
+            if getattr(trl_model, "hf_quantizer", None) is not None:  # GGUF-derived: weights are dequantised
+                trl_model.hf_quantizer.remove_quantization_config(trl_model)
             results["trl"] = bench_trl(trl_model, tok, prompts, args, Path(d) / "trl")
         except ImportError as e:
             print(f"TRL not available ({e}); pip install trl to compare")
