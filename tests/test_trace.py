@@ -150,3 +150,16 @@ def test_generation_is_seeded(tokenizer, tmp_path):
     c = load_tokens(trace(loaded, tmp_path, name="c", seed=2, lens="bupo", sites=("layer",)))
     assert a.token_id.tolist() == b.token_id.tolist()
     assert a.token_id.tolist() != c.token_id.tolist()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2"])
+def test_other_families_trace_generically(tokenizer, tmp_path, arch):
+    """No per-model code: the layout is found, the residual is additive, and the logit lens on H^L
+    (RMSNorm or GPT-2's LayerNorm folded into W) reproduces the model's own output policy."""
+    model = build_tiny(arch)
+    run = trace(wrap(model, tokenizer), tmp_path, limit=2)
+    L = model.config.num_hidden_layers
+    last = load_entropy(run, filters=[("lens", "==", "logit"), ("layer", "==", L)])
+    merged = last.merge(load_tokens(run), on=["prompt_idx", "position"])
+    np.testing.assert_allclose(merged.H_layer, merged.H_final, atol=1e-5)
+    assert read_manifest(run)["layer_decode"] == "additive"
