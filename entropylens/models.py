@@ -7,6 +7,7 @@ dequantised weights are cached once as safetensors under `<cache>/models/` and r
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -121,7 +122,10 @@ def save_dequantised(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied: transformers re-ties it from the input embedding
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(tmp)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: not a quantized model any more
+        del config.quantization_config
+    config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if folder.exists():
         shutil.rmtree(folder)
