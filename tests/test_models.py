@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny
+from tiny import build_tiny
 from entropylens.errors import UserError
 from entropylens.models import embedded_gguf_path, load_model, save_dequantised
 from entropylens.sites import find_layout

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import V, build_tiny, wrap
+from tiny import V, build_tiny, wrap
 from entropylens.store import QUANTITIES, SITES, load_entropy, load_tokens, read_manifest
 from entropylens.trace import TraceConfig, run_trace
 

@@ -1,0 +1,55 @@
+"""The dashboard on real traces of tiny random Llama and Qwen3 models (not synthetic files)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from app.server import create_app
+from app.views.flows import build_compare, build_dh, build_flow
+from app.views.tokens import build_heatmap
+from tiny import build_tiny, wrap
+from entropylens.store import load_entropy
+from entropylens.trace import TraceConfig, run_trace
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory, tokenizer):
+    cache = tmp_path_factory.mktemp("real-cache")
+    for arch, layers in (("llama", 3), ("qwen3", 4)):
+        cfg = TraceConfig(prompts="arith", limit=2, max_new_tokens=5, batch_size=2, lens="both",
+                          cache=str(cache), name=f"tiny-{arch}")
+        run_trace(cfg, progress=False, loaded=wrap(build_tiny(arch, layers=layers), tokenizer, name=f"tiny-{arch}"))
+    return cache
+
+
+def test_views_on_real_runs_match_the_parquet(real_cache):
+    fig, data = build_flow(real_cache, "tiny-qwen3", "bupo", "response", "std", ["layer", "attn", "ffn"])
+    ent = load_entropy(real_cache / "runs" / "tiny-qwen3", filters=[("lens", "==", "bupo"), ("role", "==", "response")])
+    expect = ent.groupby("layer").H_layer.mean()
+    line = next(t for t in fig.data if "layer" in (t.name or "").lower() and len(t.x) == len(expect))
+    np.testing.assert_allclose(np.asarray(line.y, dtype=float), expect.to_numpy(), rtol=1e-5)
+    assert len(line.x) == 5  # layers 0..4
+
+    fig, _ = build_dh(real_cache, "tiny-llama", "logit", "response", 0.05)
+    assert len(fig.data) >= 2
+
+    fig, _ = build_compare(real_cache, ["tiny-llama", "tiny-qwen3"], "H_layer", "response", ["bupo", "logit"], True)
+    assert len(fig.data) == 4
+    assert all(max(t.x) == pytest.approx(1.0) for t in fig.data)
+    assert all(max(t.y) <= 1.0 + 1e-9 for t in fig.data)  # normalised by log V
+
+    fig, _ = build_heatmap(real_cache, "tiny-llama", "bupo", 0, "layer", "H")
+    assert fig.data[0].z is not None and np.asarray(fig.data[0].z).shape[0] == 4  # layers 0..3
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_browser_lists_and_plots_real_runs(dash_duo, real_cache, screenshot):
+    dash_duo.start_server(create_app(real_cache))
+    dash_duo.wait_for_contains_text("#runs-table", "tiny-qwen3")
+    assert "tiny-llama" in dash_duo.find_element("#runs-table").text
+    dash_duo.wait_for_element("#flow-graph .js-plotly-plot")
+    screenshot(dash_duo.driver, "real_runs_flow")
