@@ -35,9 +35,9 @@ def _parse_limit(limit: str) -> int | None:
 def trace(
     model: str = typer.Option("smollm2", help="`smollm2` (embedded), a local folder, a .gguf file or a hub id"),
     prompts: str = typer.Option("arith", help="built-in set (arith, word, mixed) or a .jsonl/.parquet/.csv/.txt file"),
-    limit: str = typer.Option("16", help="first N prompts, or 'all'"),
+    limit: str = typer.Option("8", help="first N prompts, or 'all'"),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="sample a response per prompt first"),
-    max_new_tokens: int = typer.Option(48, help="response length cap"),
+    max_new_tokens: int = typer.Option(32, help="response length cap"),
     temperature: float = typer.Option(1.0, help="sampling temperature (0 = greedy)"),
     top_p: float = typer.Option(1.0, help="nucleus sampling"),
     lens: str = typer.Option("bupo", help="bupo (unembedding only, the paper's) | logit (final norm first) | both"),
@@ -53,11 +53,13 @@ def trace(
     cache: str = typer.Option("cache", help="folder holding runs/ and models/"),
     enable_thinking: bool = typer.Option(False, help="Qwen3 chat templates: thinking mode"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint (only when asked)"),
+    long_prompts: str = typer.Option("reject", help="prompts beyond the model's context: reject | truncate (keeps "
+                                     "the last tokens that fit; the manifest records how many were dropped)"),
     resume: str = typer.Option(None, help="finish the interrupted run RUN with its stored settings"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
     """Trace internal-policy entropies of a model over a prompt set into cache/runs/<run>/."""
-    from entropylens.trace import TraceConfig, config_from_run, run_trace
+    from entropylens.trace import TraceConfig, TraceInterrupted, config_from_run, run_trace
 
     if resume:
         cfg = config_from_run(cache, resume)
@@ -68,8 +70,15 @@ def trace(
             sites=tuple(s.strip() for s in sites.split(",") if s.strip()), positions=positions,
             backend=backend, device=device, dtype=dtype, batch_size=batch_size, name=name, seed=seed,
             split=split, cache=cache, enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
+            long_prompts=long_prompts,
         )
-    run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet)
+    try:
+        run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet)
+    except KeyboardInterrupt as e:  # click would turn it into a silent Abort
+        kept = (f"run {e.run_id} kept; finish it with `entropylens trace --resume {e.run_id} --cache {cfg.cache}`"
+                if isinstance(e, TraceInterrupted) else "no run was started")
+        print(f"interrupted: {kept}", file=sys.stderr)
+        sys.exit(130)
     _print_run(run_dir)
 
 
@@ -189,6 +198,102 @@ def bench(
     for row in df.itertuples(index=False):
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     out.print(table)
+
+
+@app.command()
+def bupo(
+    model: str = typer.Option("smollm2", help="`smollm2` (embedded), a local folder, a .gguf file or a hub id"),
+    prompts: str = typer.Option("arith", help="training prompts: built-in set (train split) or a prompt file"),
+    eval_prompts_source: str = typer.Option(None, "--eval-source", help="held-out prompts (default: test split)"),
+    algo: str = typer.Option("bupo", help="bupo (train pi^k first) | grpo (no internal phase)"),
+    layer: str = typer.Option("auto", help="k (1-indexed) or auto: last layer with positive mean FFN dH"),
+    internal_steps: int = typer.Option(None, help="steps on pi^k first (default: steps // 2; grpo: 0)"),
+    steps: int = typer.Option(8, help="total optimiser steps"),
+    prompts_per_step: int = typer.Option(4, help="B: prompts per step"),
+    num_generations: int = typer.Option(4, "--num-generations", "-G", help="G: rollouts per prompt"),
+    max_new_tokens: int = typer.Option(48, help="completion cap (training, evaluation, traces)"),
+    temperature: float = typer.Option(1.0, help="sampling temperature"),
+    lr: float = typer.Option(1e-5, help="AdamW learning rate (paper: 1e-6 over many more steps)"),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay"),
+    beta: float = typer.Option(0.0, help="KL penalty to the initial model"),
+    micro_batch_size: int = typer.Option(16, help="rollouts per forward/backward chunk"),
+    reward: str = typer.Option("exact", help="exact | math_verify"),
+    train_prompts: str = typer.Option("all", help="first N training prompts, or 'all'"),
+    layer_trace_prompts: int = typer.Option(8, help="training prompts traced to choose k (--layer auto)"),
+    eval_prompts: int = typer.Option(16, help="held-out prompts for Avg@K / Pass@K"),
+    eval_samples: int = typer.Option(4, help="completions per held-out prompt"),
+    ks: str = typer.Option("1,4", help="comma-separated K values (each <= --eval-samples)"),
+    trace_prompts: int = typer.Option(8, help="held-out prompts traced before and after training"),
+    trace_positions: str = typer.Option("response", help="response | all: positions decoded in the traces"),
+    batch_size: int = typer.Option(8, help="prompts per traced forward / evaluation batch"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | float64"),
+    seed: int = typer.Option(0, help="prompt order, sampling, evaluation, traces"),
+    name: str = typer.Option(None, help="trainer run id (traces get -layer, -base, -trained suffixes)"),
+    cache: str = typer.Option("cache", help="folder holding runs/ and models/"),
+    enable_thinking: bool = typer.Option(False, help="Qwen3 chat templates: thinking mode"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint (only when asked)"),
+    quiet: bool = typer.Option(False, help="no progress output"),
+) -> None:
+    """BuPO (or GRPO): choose k, train, save, evaluate and re-trace base vs trained into cache/runs/."""
+    from entropylens.bupo.pipeline import BupoRunConfig, run_bupo
+
+    try:
+        k_values = tuple(int(k) for k in ks.split(",") if k.strip())
+    except ValueError:
+        raise UserError(f"--ks takes comma-separated integers like 1,4, got {ks!r}") from None
+    cfg = BupoRunConfig(
+        model=model, prompts=prompts, eval_prompts_source=eval_prompts_source, algo=algo, layer=layer,
+        internal_steps=internal_steps, steps=steps, prompts_per_step=prompts_per_step,
+        num_generations=num_generations, max_new_tokens=max_new_tokens, temperature=temperature,
+        learning_rate=lr, weight_decay=weight_decay, beta=beta, micro_batch_size=micro_batch_size, reward=reward,
+        train_prompts=None if train_prompts == "all" else _parse_limit(train_prompts),
+        layer_trace_prompts=layer_trace_prompts, eval_prompts=eval_prompts, eval_samples=eval_samples,
+        ks=k_values, trace_prompts=trace_prompts, trace_positions=trace_positions, batch_size=batch_size,
+        device=device, dtype=dtype, seed=seed, name=name, cache=cache, enable_thinking=enable_thinking,
+        trust_remote_code=trust_remote_code,
+    )
+    r = run_bupo(cfg, progress=not quiet)
+    out.print(f"[bold green]complete[/] {r.run_dir}  ·  checkpoint {r.checkpoint}")
+    out.print(f"layer k = {r.layer}: {r.layer_evidence}" + (f" (trace {r.layer_run})" if r.layer_run else ""))
+    table = Table(title="held-out evaluation", title_justify="left")
+    metrics = [m for m in r.eval_base if m.startswith(("avg@", "pass@"))]
+    for col in ["model", *metrics]:
+        table.add_column(col, justify="right")
+    for label, res in (("base", r.eval_base), ("trained", r.eval_trained)):
+        table.add_row(label, *[f"{res[m]:.3f}" for m in metrics])
+    out.print(table)
+    _print_layer_table(r.before_after, f"{r.trained_run} vs {r.base_run} · lens bupo · response tokens")
+
+
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(..., help="run ids under CACHE/runs (one or more)"),
+    out: str = typer.Option("report", "-o", "--out", help="output folder (index.html, README.md, figures/, tables/)"),
+    cache: str = typer.Option("cache", help="folder holding runs/"),
+    role: str = typer.Option("response", help="response | prompt | all tokens"),
+    band: float = typer.Option(0.05, help="nats: |mean ΔH| <= band reads as integration"),
+    collapse_frac: float = typer.Option(0.10, help="layer-policy collapse threshold as a fraction of log V"),
+    images: str = typer.Option("png,svg", help="static image formats (png, svg), or 'none'"),
+    title: str = typer.Option("entropylens report", help="report heading"),
+    notes: str = typer.Option(None, help="Markdown file included as the discussion"),
+    write_stages: bool = typer.Option(True, "--write-stages/--no-write-stages",
+                                      help="also write stages.json into each run folder"),
+) -> None:
+    """Paper-style figures, stage table and a self-contained HTML + Markdown report from cached runs."""
+    import shlex
+
+    from entropylens.report import ReportConfig, build_report
+
+    fmts = () if images == "none" else tuple(f.strip() for f in images.split(",") if f.strip())
+    command = shlex.join(["entropylens", "report", *runs, "-o", out, "--cache", cache, "--role", role,
+                          "--band", f"{band:g}", "--collapse-frac", f"{collapse_frac:g}", "--images", images,
+                          "--title", title] + (["--notes", notes] if notes else []))
+    index = build_report(ReportConfig(runs=list(runs), out=out, cache=cache, role=role, band=band,
+                                      collapse_frac=collapse_frac, images=fmts, write_stages=write_stages,
+                                      title=title, notes=notes, command=command))
+    out_console = Console()
+    out_console.print(f"[bold green]report[/] {index}  ·  {Path(out) / 'README.md'}  ·  {Path(out) / 'figures'}")
 
 
 def main() -> None:

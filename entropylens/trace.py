@@ -6,10 +6,12 @@ of the token it predicts: the paper's averages over response tokens use the poli
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,7 @@ import torch
 
 from entropylens import __version__
 from entropylens.backends import BACKENDS, make_backend
-from entropylens.decode import Stats, decode_layers, decode_rows
+from entropylens.decode import DEFAULT_BLOCK_BYTES, Stats, decode_layers, decode_rows
 from entropylens.errors import UserError
 from entropylens.lens import make_lens
 from entropylens.models import LoadedModel, load_model
@@ -27,6 +29,7 @@ from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
 
 ADDITIVE_TOL = 1e-5  # relative; fp32 residual streams measure ~1e-7
 POSITIONS = ("all", "response")
+LONG_PROMPTS = ("reject", "truncate")
 
 
 @dataclass
@@ -35,9 +38,9 @@ class TraceConfig:
 
     model: str = "smollm2"  # `smollm2` (embedded), a local folder, a .gguf file or a hub id
     prompts: str = "arith"  # built-in set name or a prompt file (.jsonl/.parquet/.csv/.txt)
-    limit: int | None = 16  # first N prompts; None = all
+    limit: int | None = 8  # first N prompts; None = all
     generate: bool = True  # sample a response per prompt before tracing
-    max_new_tokens: int = 48  # response length cap
+    max_new_tokens: int = 32  # response length cap
     temperature: float = 1.0  # sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling
     lens: str = "bupo"  # bupo | logit | both
@@ -54,6 +57,7 @@ class TraceConfig:
     trust_remote_code: bool = False  # only when asked
     parent_run: str | None = None  # link to a parent run (BuPO before/after)
     split: str = "all"  # all | train | test (built-in sets)
+    long_prompts: str = "reject"  # reject | truncate: prompts beyond the context (truncate keeps the last tokens)
     extra: dict = field(default_factory=dict)  # free-form provenance recorded in the manifest
 
     def lenses(self) -> list[str]:
@@ -69,6 +73,8 @@ class TraceConfig:
             raise UserError(f"unknown --backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.positions not in POSITIONS:
             raise UserError(f"unknown --positions {self.positions!r}; choose all or response")
+        if self.long_prompts not in LONG_PROMPTS:
+            raise UserError(f"unknown --long-prompts {self.long_prompts!r}; choose reject or truncate")
         for name in ("max_new_tokens",):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -128,21 +134,58 @@ def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig,
     return responses
 
 
-def encode(loaded: LoadedModel, prompts: list[Prompt], cfg: TraceConfig) -> tuple[list[str], list[list[int]]]:
+def encode(loaded: LoadedModel, prompts: list[Prompt], cfg: TraceConfig) -> tuple[list[str], list[list[int]], list[int]]:
+    """Rendered texts, token ids, and tokens dropped per prompt: a prompt that leaves no room for the response
+    in the model's context is rejected, or with `long_prompts="truncate"` cut to its last tokens that fit."""
     tok = loaded.tokenizer
     texts = [render(p, tok, enable_thinking=cfg.enable_thinking) for p in prompts]
     templated = bool(getattr(tok, "chat_template", None))
     ids = [tok(t, add_special_tokens=not templated)["input_ids"] for t in texts]
-    limit = loaded.info.max_positions
+    limit, new = loaded.info.max_positions, cfg.max_new_tokens if cfg.generate else 0
+    room = limit - new if limit else None  # prompt tokens that fit
+    dropped = [0] * len(ids)
     for i, seq in enumerate(ids):
         if not seq:
             raise UserError(f"prompt {i} is empty after tokenisation")
-        if limit and len(seq) + cfg.max_new_tokens > limit:
-            raise UserError(
-                f"prompt {i} has {len(seq)} tokens; with --max-new-tokens {cfg.max_new_tokens} it exceeds the "
-                f"model's context of {limit}"
-            )
-    return texts, ids
+        if room is not None and len(seq) > room:
+            if cfg.long_prompts == "reject" or room < 1:
+                hint = f"--long-prompts truncate keeps its last {room}" if room > 0 else "lower --max-new-tokens"
+                raise UserError(f"prompt {i} has {len(seq)} tokens; with {new} new tokens it exceeds the model's "
+                                f"context of {limit} ({hint})")
+            dropped[i], ids[i] = len(seq) - room, seq[-room:]
+            texts[i] = tok.decode(ids[i])  # the text the model actually reads
+    return texts, ids, dropped
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for a batch now (the weights are already loaded): CUDA free memory, else host RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def batch_bytes(loaded: LoadedModel, batch_size: int, seq_len: int) -> int:
+    """Peak extra memory of one batch: the captured sites ((5L + 2) x B x T x d, held twice: as captured and
+    packed for the decode), the forward's own logits (B x T x V) and the decode buffers (fixed)."""
+    info = loaded.info
+    elem = max(4, next(loaded.model.parameters()).element_size())
+    per_token = (5 * info.n_layers + 2) * info.d_model * elem * 2 + info.vocab_size * 4
+    return batch_size * seq_len * per_token + DEFAULT_BLOCK_BYTES
+
+
+def check_memory(loaded: LoadedModel, cfg: TraceConfig, seq_len: int) -> None:
+    """Refuse before the first batch when one batch cannot fit, suggesting a batch size that does."""
+    dev = next(loaded.model.parameters()).device
+    need, free = batch_bytes(loaded, cfg.batch_size, seq_len), available_bytes(dev)
+    if need <= free:
+        return
+    fits = (free - DEFAULT_BLOCK_BYTES) // (batch_bytes(loaded, 1, seq_len) - DEFAULT_BLOCK_BYTES)
+    gib = 1 << 30
+    what = f"--batch-size {fits} fits" if fits >= 1 else "even one prompt does not fit: lower --max-new-tokens"
+    raise UserError(f"a batch of {cfg.batch_size} x {seq_len} tokens needs ~{need / gib:.2f} GiB but {dev} has "
+                    f"{free / gib:.2f} GiB free; {what}")
 
 
 def roles_for(n_prompt: int, n_total: int) -> list[str]:
@@ -238,6 +281,40 @@ def versions() -> dict:
             "nnsight": nnsight.__version__, "python": platform.python_version()}
 
 
+class TraceInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a trace; carries the run id so the CLI can say how to resume."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
+@contextlib.contextmanager
+def _guarded(run_id: str, run_dir: Path) -> Iterator[None]:
+    """Ctrl-C -> TraceInterrupted; a failed write (disk full, permissions) -> a one-line UserError."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise TraceInterrupted(run_id) from None
+    except OSError as e:
+        raise UserError(f"cannot write run folder {run_dir}: [Errno {e.errno}] {e.strerror or e}; free space or "
+                        f"fix permissions, then `entropylens trace --resume {run_id}`") from None
+
+
+def _open_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool) -> RunWriter:
+    """A RunWriter; a default (timestamped) name taken by a trace started in the same second gets a suffix."""
+    if resume or cfg.name is not None:
+        return RunWriter(cfg.cache, run_id, manifest, resume=resume)
+    for n in range(1, 100):
+        rid = run_id if n == 1 else f"{run_id[:120]}-{n}"
+        try:
+            return RunWriter(cfg.cache, rid, manifest)
+        except UserError:
+            if not Path(cfg.cache, "runs", rid).exists():
+                raise
+    raise UserError(f"99 runs named {run_id}-*: pass --name")
+
+
 def config_from_run(cache: str, run_id: str) -> TraceConfig:
     """The config a run was started with, for `--resume`."""
     manifest = read_manifest(resolve_run(cache, run_id))
@@ -272,6 +349,8 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     layout = find_layout(loaded.model)
     backend = make_backend(cfg.backend, loaded.model, loaded.tokenizer, layout)
     lenses = [(name, make_lens(name, loaded.model, layout.final_norm(loaded.model))) for name in cfg.lenses()]
+    texts, prompt_ids, dropped = encode(loaded, prompts, cfg)
+    check_memory(loaded, cfg, max(map(len, prompt_ids)) + (cfg.max_new_tokens if cfg.generate else 0))
     run_id = cfg.name if resume else new_run_id(cfg.name, tag=f"{info.family}-{Path(cfg.prompts).stem}")
     manifest = {
         "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
@@ -282,31 +361,34 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         "generation": {"generate": cfg.generate, "max_new_tokens": cfg.max_new_tokens,
                        "temperature": cfg.temperature, "top_p": cfg.top_p},
         "seed": cfg.seed, "batch_size": cfg.batch_size, "parent_run": cfg.parent_run,
+        "long_prompts": {"mode": cfg.long_prompts, "truncated": [
+            {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
         "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
     }
-    writer = RunWriter(cfg.cache, run_id, manifest, resume=resume)
+    writer = _open_writer(cfg, run_id, manifest, resume)
+    run_id = writer.run_dir.name
     if resume and writer.previous_manifest["prompts"]["sha256"] != manifest["prompts"]["sha256"]:
         raise UserError(f"run {run_id!r} was traced on different prompts; cannot resume it with these")
     done = writer.done_batches()
     batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
     worst_err, n_tok = 0.0, 0
-    with writer, Progress(TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+    with _guarded(run_id, writer.run_dir), writer, Progress(TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                           TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("trace", total=len(batches), completed=len(done), info="")
         for b, idx in enumerate(batches):
             if b in done:
                 continue
-            texts, prompt_ids = encode(loaded, [prompts[i] for i in idx], cfg)
             t0 = time.perf_counter()
-            responses = generate(loaded, prompt_ids, cfg, seed=cfg.seed * 1_000_003 + b)
+            batch_ids = [prompt_ids[i] for i in idx]
+            responses = generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b)
             timings["generate_s"] += time.perf_counter() - t0
-            seqs = Sequences(idx, texts, prompt_ids, responses, [prompts[i].answer for i in idx])
+            seqs = Sequences(idx, [texts[i] for i in idx], batch_ids, responses, [prompts[i].answer for i in idx])
             tokens, entropy, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings)
             worst_err, n_tok = max(worst_err, err), n_tok + len(tokens)
             writer.write_batch(b, tokens, entropy, [
                 {"prompt_idx": i, "prompt": t, "response": loaded.tokenizer.decode(r, skip_special_tokens=True),
                  "answer": a, "n_prompt_tokens": len(p), "n_response_tokens": len(r)}
-                for i, t, p, r, a in zip(idx, texts, prompt_ids, responses, seqs.answers)
+                for i, t, p, r, a in zip(idx, seqs.texts, batch_ids, responses, seqs.answers)
             ])
             rate = n_tok / max(timings["trace_s"] + timings["decode_s"], 1e-9)
             bar.update(task, advance=1, info=f"{n_tok} tokens · {rate:.1f} tok/s decoded")
