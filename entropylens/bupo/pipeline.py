@@ -1,0 +1,249 @@
+"""`entropylens bupo`: pick the layer, evaluate + trace the base model, train, evaluate + re-trace (DESIGN §7).
+
+One call of `run_bupo` does the whole loop and leaves, under `<cache>/runs/`:
+
+    <id>/            the trainer run (manifest kind "bupo", config.json, metrics.jsonl, checkpoint/,
+                     run_config.json = this module's config, eval.json = base vs trained Avg@K / Pass@K)
+    <id>-layer/      (--layer auto) trace of the base model on training prompts that chose k
+    <id>-base/       trace of the base model on held-out prompts
+    <id>-trained/    trace of the trained checkpoint on the same prompts, parent_run = <id>-base
+
+The base model is evaluated and traced before training because training changes it in place; the
+trained model is reloaded from the saved checkpoint, which proves the checkpoint loads.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from entropylens.bupo.evaluate import EvalConfig, evaluate
+from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
+from entropylens.errors import UserError
+from entropylens.models import LoadedModel, load_model
+from entropylens.prompts import load_prompts
+from entropylens.store import layer_table, new_run_id, read_manifest
+from entropylens.trace import TraceConfig, run_trace
+
+ALGOS = ("bupo", "grpo")
+
+
+@dataclass
+class BupoRunConfig:
+    """The `entropylens bupo` command. Defaults: a ~15-minute demo of SmolLM2 on built-in arithmetic (2 cores)."""
+
+    model: str = "smollm2"  # `smollm2` (embedded), a local folder, a .gguf file or a hub id
+    prompts: str = "arith"  # training prompts: built-in set or file (built-ins/`split` column: train split)
+    eval_prompts_source: str | None = None  # held-out prompt source; None = `prompts`' test split
+    algo: str = "bupo"  # bupo (internal phase first) | grpo (internal_steps forced to 0)
+    layer: str = "auto"  # k, 1-indexed, or `auto`: last layer whose mean FFN dH is positive (trace first)
+    internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 2 (bupo), 0 (grpo)
+    steps: int = 8  # total optimiser steps
+    prompts_per_step: int = 4  # B: prompts sampled per step
+    num_generations: int = 4  # G: rollouts per prompt (the GRPO group)
+    max_new_tokens: int = 48  # completion cap for training, evaluation and traces
+    temperature: float = 1.0  # sampling temperature everywhere (and for scoring log-probs)
+    learning_rate: float = 1e-5  # AdamW lr; above the paper's 1e-6 so that a short run visibly moves
+    weight_decay: float = 0.0  # AdamW weight decay
+    beta: float = 0.0  # KL penalty to the initial model (paper: 0)
+    micro_batch_size: int = 16  # rollouts per forward/backward chunk
+    reward: str = "exact"  # exact | math_verify
+    train_prompts: int | None = None  # use only the first N training prompts (None = all)
+    layer_trace_prompts: int = 8  # training prompts traced to choose k with --layer auto
+    eval_prompts: int = 16  # held-out prompts for Avg@K / Pass@K
+    eval_samples: int = 4  # completions per held-out prompt (n >= every K)
+    ks: tuple[int, ...] = (1, 4)  # K values reported as avg@K and pass@K
+    trace_prompts: int = 8  # held-out prompts traced before and after training (first N of the eval set)
+    trace_positions: str = "response"  # response | all: positions decoded in the traces
+    batch_size: int = 8  # prompts per traced forward / per evaluation generate call
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # weights dtype for training and tracing
+    seed: int = 0  # prompt order, sampling, evaluation and traces
+    name: str | None = None  # trainer run id (default: timestamp + algo + prompts)
+    cache: str = "cache"  # folder holding runs/ and models/
+    enable_thinking: bool = False  # Qwen3 chat templates: thinking mode
+    trust_remote_code: bool = False  # only when asked
+
+    def resolved_internal_steps(self) -> int:
+        if self.algo == "grpo":
+            return 0
+        return self.steps // 2 if self.internal_steps is None else self.internal_steps
+
+    def validate(self) -> None:
+        """Mistakes that need no model: one UserError line each."""
+        if self.algo not in ALGOS:
+            raise UserError(f"unknown --algo {self.algo!r}; choose bupo or grpo")
+        if self.layer != "auto" and not (self.layer.isdigit() and int(self.layer) >= 1):
+            raise UserError(f"--layer takes 'auto' or a layer number >= 1 (1-indexed), got {self.layer!r}")
+        if self.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.steps}")
+        if self.algo == "grpo" and self.internal_steps:
+            raise UserError("--algo grpo has no internal phase; drop --internal-steps (or use --algo bupo)")
+        if not 0 <= self.resolved_internal_steps() <= self.steps:
+            raise UserError(f"--internal-steps must be in 0..--steps ({self.steps}), got {self.internal_steps}")
+        for name in ("prompts_per_step", "layer_trace_prompts", "eval_prompts", "eval_samples", "trace_prompts",
+                     "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.train_prompts is not None and self.train_prompts < 1:
+            raise UserError(f"--train-prompts must be >= 1, got {self.train_prompts}")
+        if not self.ks or any(not 1 <= k <= self.eval_samples for k in self.ks):
+            raise UserError(f"every K in --ks must be in 1..--eval-samples ({self.eval_samples}), got {self.ks}")
+        if self.trace_positions not in ("response", "all"):
+            raise UserError(f"--trace-positions must be response or all, got {self.trace_positions!r}")
+
+
+@dataclass
+class BupoResult:
+    """Where everything went, and the numbers the command prints."""
+
+    run_dir: Path  # the trainer run folder
+    checkpoint: Path
+    layer: int
+    layer_evidence: str  # why k (auto) or "given"
+    layer_run: str | None  # the trace run that chose k (auto only)
+    base_run: str
+    trained_run: str
+    eval_base: dict[str, Any]
+    eval_trained: dict[str, Any]
+    before_after: pd.DataFrame  # per layer: base, trained and change of H_layer and dH_ffn (response tokens)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(msg)
+
+
+def _splits(cfg: BupoRunConfig) -> tuple[str, str, str]:
+    """(train split, eval source, eval split): one source's train/test halves unless given two."""
+    if cfg.eval_prompts_source is None:
+        return "train", cfg.prompts, "test"
+    return "all", cfg.eval_prompts_source, "all"
+
+
+def _trace(cfg: BupoRunConfig, loaded: LoadedModel, name: str, prompts: str, split: str, limit: int,
+           positions: str, parent: str | None, progress: bool, model: str) -> Path:
+    tc = TraceConfig(model=model, prompts=prompts, split=split, limit=limit, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, lens="bupo", positions=positions, device=cfg.device,
+                     dtype=cfg.dtype, batch_size=cfg.batch_size, name=name, seed=cfg.seed, cache=cfg.cache,
+                     enable_thinking=cfg.enable_thinking, trust_remote_code=cfg.trust_remote_code,
+                     parent_run=parent)
+    return run_trace(tc, progress=progress, loaded=loaded)
+
+
+def choose_layer(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, progress: bool) -> tuple[int, str, str | None]:
+    """k as given, or the paper's boundary layer from a trace of the base model on training prompts."""
+    n_layers = loaded.info.n_layers
+    if cfg.layer != "auto":
+        k = int(cfg.layer)
+        if not 1 <= k <= n_layers:
+            raise UserError(f"--layer {k} is out of range: the model has layers 1..{n_layers}")
+        return k, "given with --layer", None
+    train_split, _, _ = _splits(cfg)
+    run_dir = _trace(cfg, loaded, f"{run_id}-layer", cfg.prompts, train_split, cfg.layer_trace_prompts,
+                     "response", None, progress, cfg.model)
+    k, evidence = pick_boundary_layer(layer_table(run_dir, lens="bupo", role="response"))
+    return k, evidence, run_dir.name
+
+
+def before_after_table(base_dir: Path, trained_dir: Path) -> pd.DataFrame:
+    """Per layer mean H_layer and dH_ffn over response tokens, before, after and the change."""
+    a = layer_table(base_dir, lens="bupo", role="response").set_index("layer")
+    b = layer_table(trained_dir, lens="bupo", role="response").set_index("layer")
+    out = pd.DataFrame({"H_layer_base": a["H_layer"], "H_layer_trained": b["H_layer"],
+                        "dH_ffn_base": a["dH_ffn"], "dH_ffn_trained": b["dH_ffn"]})
+    out.insert(2, "H_layer_change", out["H_layer_trained"] - out["H_layer_base"])
+    out["dH_ffn_change"] = out["dH_ffn_trained"] - out["dH_ffn_base"]
+    return out.reset_index()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _update_manifest(run_dir: Path, **fields: Any) -> None:
+    _write_json(run_dir / "manifest.json", read_manifest(run_dir) | fields)
+
+
+def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
+    """Choose k, evaluate and trace the base model, train, then evaluate and re-trace the checkpoint."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    train_split, eval_source, eval_split = _splits(cfg)
+    train_set = load_prompts(cfg.prompts, limit=cfg.train_prompts, seed=cfg.seed, split=train_split)
+    eval_set = load_prompts(eval_source, limit=cfg.eval_prompts, seed=cfg.seed, split=eval_split)
+    run_id = new_run_id(cfg.name, tag=f"{cfg.algo}-{Path(cfg.prompts).stem}")
+    runs = Path(cfg.cache) / "runs"
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
+    taken = [n for n in (run_id, f"{run_id}-layer", f"{run_id}-base", f"{run_id}-trained") if (runs / n).exists()]
+    if taken:
+        raise UserError(f"run {taken[0]!r} already exists in {runs}; pick another --name")
+
+    _log(progress, f"loading model {cfg.model} ...")
+    loaded = load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache), cfg.trust_remote_code)
+    k, evidence, layer_run = choose_layer(cfg, loaded, run_id, progress)
+    _log(progress, f"[bold]layer k = {k}[/]: {evidence}" + (f" (trace {layer_run})" if layer_run else ""))
+
+    ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=cfg.temperature,
+                      max_new_tokens=cfg.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=cfg.reward,
+                      seed=cfg.seed, enable_thinking=cfg.enable_thinking)
+    _log(progress, f"evaluating the base model on {len(eval_set)} held-out prompts ...")
+    eval_base = evaluate(ecfg, loaded.model, loaded.tokenizer, eval_set)
+    trace_n = min(cfg.trace_prompts, len(eval_set))
+    base_dir = _trace(cfg, loaded, f"{run_id}-base", eval_source, eval_split, trace_n, cfg.trace_positions,
+                      None, progress, cfg.model)
+
+    bcfg = BupoConfig(
+        internal_layer=k, internal_steps=cfg.resolved_internal_steps(), steps=cfg.steps,
+        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, beta=cfg.beta, micro_batch_size=cfg.micro_batch_size, reward=cfg.reward,
+        seed=cfg.seed, enable_thinking=cfg.enable_thinking, model_id=loaded.info.id, parent_run=base_dir.name,
+    )
+    run_dir = runs / run_id
+    layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
+    ckpt = train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
+                 model_info=loaded.info.to_dict())
+    try:  # the trainer marked its part complete; the run is complete once evaluated and re-traced
+        _update_manifest(run_dir, status="running", finished=None, stage="evaluate", layer_choice=layer_choice,
+                         runs={"layer": layer_run, "base": base_dir.name, "trained": f"{run_id}-trained"})
+        _write_json(run_dir / "run_config.json", asdict(cfg) | {"layer_choice": layer_choice})
+        del loaded
+        gc.collect()
+        trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
+        _log(progress, f"evaluating the trained model ({ckpt}) ...")
+        eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
+        _write_json(run_dir / "eval.json", {
+            "config": asdict(ecfg), "prompts": {"source": eval_source, "split": eval_split, "n": len(eval_set)},
+            "base": eval_base, "trained": eval_trained,
+        })
+        trained_dir = _trace(cfg, trained, f"{run_id}-trained", eval_source, eval_split, trace_n,
+                             cfg.trace_positions, base_dir.name, progress, str(ckpt))
+        table = before_after_table(base_dir, trained_dir)
+    except BaseException as e:
+        _update_manifest(run_dir, status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+        raise
+    _update_manifest(run_dir, status="complete", stage="done", finished=_now(), files=read_manifest(run_dir)
+                     ["files"] | {"eval": "eval.json", "run_config": "run_config.json"},
+                     pipeline_s=round(time.perf_counter() - t0, 1))
+    return BupoResult(run_dir, ckpt, k, evidence, layer_run, base_dir.name, trained_dir.name, eval_base,
+                      eval_trained, table)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
