@@ -1,0 +1,60 @@
+"""run_bupo in process: `--layer auto` picks the last layer with positive mean FFN dH, recomputed from Parquet."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+from entropylens.bupo.pipeline import BupoRunConfig, run_bupo
+from entropylens.errors import UserError
+from entropylens.store import read_manifest
+
+TINY = dict(steps=2, internal_steps=1, prompts_per_step=2, num_generations=2, max_new_tokens=6,
+            layer_trace_prompts=3, eval_prompts=2, eval_samples=2, ks=(1, 2), trace_prompts=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def boundary_folder(tmp_path_factory):
+    """A 4-layer toy whose layers 1-2 have near-zero FFN outputs (decoded: near uniform, so dH_ffn > 0)
+    while layers 3-4 keep peaked ones (dH_ffn < 0): the boundary is layer 2, not the top layer."""
+    model = make_model(layers=4)
+    with torch.no_grad():
+        for layer in model.model.layers[:2]:
+            layer.mlp.down_proj.weight.mul_(1e-3)
+    folder = tmp_path_factory.mktemp("boundary")
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path):
+    r = run_bupo(BupoRunConfig(model=str(boundary_folder), layer="auto", cache=str(tmp_path), name="r", **TINY),
+                 progress=False)
+    entropy = pd.read_parquet(tmp_path / "runs" / "r-layer" / "entropy.parquet")
+    assert set(entropy["lens"]) == {"bupo"} and set(entropy["role"]) == {"response"}  # response positions only
+    mean = entropy.groupby("layer")["dH_ffn"].mean().dropna()  # independent of store.layer_table
+    positive = mean[mean > 0]
+    assert list(positive.index) == [1, 2]  # the construction worked
+    assert r.layer == positive.index.max() == 2 and r.layer_run == "r-layer"
+
+    m = read_manifest(tmp_path / "runs" / "r")
+    assert m["layer_choice"]["layer"] == 2 and m["layer_choice"]["trace_run"] == "r-layer"
+    assert f"{positive.loc[2]:+.3f}" in m["layer_choice"]["evidence"]
+    assert json.loads((tmp_path / "runs" / "r" / "config.json").read_text())["internal_layer"] == 2
+    assert json.loads((tmp_path / "runs" / "r" / "run_config.json").read_text())["layer_choice"]["layer"] == 2
+    assert m["bupo"]["internal_steps"] == 1 and m["status"] == "complete" and m["parent_run"] == "r-base"
+
+
+def test_grpo_has_no_internal_phase_and_no_positive_layer_is_a_user_error(tmp_path):
+    cfg = BupoRunConfig(algo="grpo", steps=5)
+    assert cfg.resolved_internal_steps() == 0 and BupoRunConfig(steps=5).resolved_internal_steps() == 2
+    folder = tmp_path / "m"
+    make_model(layers=2).save_pretrained(folder)  # random toy: every FFN sharpens (dH_ffn < 0)
+    make_tokenizer().save_pretrained(folder)
+    with pytest.raises(UserError, match="no layer has a positive"):
+        run_bupo(BupoRunConfig(model=str(folder), cache=str(tmp_path / "c"), name="g", **TINY), progress=False)
+    assert not (tmp_path / "c" / "runs" / "g").exists()  # nothing trained
