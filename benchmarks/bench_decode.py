@@ -29,10 +29,11 @@ def main() -> None:
     ap.add_argument("--d-model", type=int)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--repeats", type=int, default=1, help="round-robin runs; each method keeps its fastest")
     a = ap.parse_args()
     cfg = BenchConfig(model=a.model, batch=a.batch, seq=a.seq, sites=tuple(a.sites.split(",")),
                       methods=tuple(a.methods.split(",")), vocab=a.vocab, d_model=a.d_model,
-                      tokens=a.tokens, threads=a.threads)
+                      tokens=a.tokens, threads=a.threads, repeats=a.repeats)
     df = run_bench(cfg)
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         print(df.to_string(index=False))

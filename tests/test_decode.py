@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from entropylens import decode
 from entropylens.decode import decode_layers, decode_rows
 from entropylens.errors import UserError
 from entropylens.lens import Lens
@@ -140,3 +143,45 @@ def test_unknown_precision_is_a_user_error():
     with pytest.raises(UserError):
         decode_rows(torch.randn(2, 24), make_lens(), precision="fast")
 
+
+
+def _eager_fused(monkeypatch):
+    """Run the fused path with the uncompiled kernel: tests its merge algebra without paying a compile."""
+    monkeypatch.setattr(decode, "_compiled_stats", decode._chunk_stats)
+
+
+@pytest.mark.parametrize("norm", [None, "rms"])
+def test_fused_path_matches_fp64(monkeypatch, norm):
+    _eager_fused(monkeypatch)
+    lens = make_lens(norm=norm, bias=True)
+    h0, acts = layer_inputs(big=2048.0)  # chunk maxima far apart: every merge branch is taken
+    res = decode_layers(h0, acts, SITES, lens, True, chunk=64, block_bytes=1, compile=True)
+    for s in SITES:
+        check(res[s], lens, _all_rows(h0, acts, s))
+    x, targets = torch.randn(9, 24) * 3, torch.randint(0, 300, (9,))
+    check(decode_rows(x, lens, targets, chunk=7, compile=True), lens, x, targets=targets)
+
+
+def test_compile_failure_is_a_user_error(monkeypatch):
+    def broken(z):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(decode, "_compiled", broken)
+    with pytest.raises(UserError, match="compile=False"):
+        decode_rows(torch.randn(3, 24), make_lens(), compile=True)
+
+
+@pytest.mark.skipif(not os.environ.get("ENTROPYLENS_TEST_COMPILE"), reason="set ENTROPYLENS_TEST_COMPILE=1: "
+                    "a cold torch.compile takes 25-50 s on a 2-core CI machine")
+def test_compiled_kernel_matches_eager_and_fp64():
+    """The real inductor kernel: one compile covers every block height, chunk width and a single row."""
+    lens = make_lens(V=301, norm="rms", bias=True)
+    h0, acts = layer_inputs(N=7, big=2048.0)
+    eager = decode_layers(h0, acts, SITES, lens, True, chunk=64, block_bytes=40_000)
+    fused = decode_layers(h0, acts, SITES, lens, True, chunk=64, block_bytes=40_000, compile=True)
+    for s in SITES:
+        check(fused[s], lens, _all_rows(h0, acts, s))
+        assert (fused[s].entropy - eager[s].entropy).abs().max() < 2e-5
+        assert torch.equal(fused[s].top1, eager[s].top1)
+    x = torch.randn(1, 24)
+    check(decode_rows(x, lens, chunk=300, compile=True), lens, x)  # R = 1, last chunk C = 1
