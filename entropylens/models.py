@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import warnings
@@ -140,6 +141,15 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     if not weights:
         raise UserError(f"model folder {folder} has no *.safetensors or *.bin weight file")
+    for index in [*folder.glob("*.safetensors.index.json"), *folder.glob("*.bin.index.json")]:
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"weight index {index} is unreadable ({type(e).__name__}: {e})") from None
+        missing = sorted(s for s in shards if not (folder / str(s)).is_file())
+        if missing:
+            raise UserError(f"weight file {folder / missing[0]} named in {index.name} is missing"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     from safetensors import safe_open
 
     for w in weights:

@@ -236,6 +236,8 @@ def _read_json(path: Path) -> tuple[list[str], list[dict]]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path} nests JSON too deeply to be a prompt file") from None
         numbered = list(enumerate(rows, 1))
     else:
         numbered = []
@@ -245,6 +247,8 @@ def _read_json(path: Path) -> tuple[list[str], list[dict]]:
                     numbered.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise UserError(f"{path} line {lineno} nests JSON too deeply to be a prompt") from None
     for where, row in numbered:
         if not isinstance(row, dict):
             raise UserError(f"{path} row {where} is a {type(row).__name__}; each row must be a JSON object")
@@ -255,7 +259,10 @@ def _read_json(path: Path) -> tuple[list[str], list[dict]]:
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
     reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
-    rows = [{k: (v if v != "" else None) for k, v in row.items()} for row in reader]
+    try:
+        rows = [{k: (v if v != "" else None) for k, v in row.items()} for row in reader]
+    except csv.Error as e:  # e.g. a field over csv.field_size_limit()
+        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
     return list(reader.fieldnames or []), rows
 
 

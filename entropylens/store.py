@@ -237,7 +237,10 @@ class RunWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None and not self._finalized:
-            self.fail(f"{exc_type.__name__}: {exc}")
+            try:
+                self.fail(f"{exc_type.__name__}: {exc}")
+            except OSError:
+                pass  # e.g. the disk is full: the manifest stays 'running', which resumes too; keep `exc`
 
     def _write_manifest(self) -> None:
         _write_text(self.run_dir / "manifest.json", json.dumps(self.manifest, indent=2) + "\n")
