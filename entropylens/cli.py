@@ -298,7 +298,9 @@ def report(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 for a Ctrl-C it caught itself
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
         sys.exit(2)
@@ -307,13 +309,13 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors carry their own exit code
+    except Exception as e:  # usage errors carry their own exit code; typer vendors click, so check both
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        if isinstance(e, (click.exceptions.ClickException, typer.TyperException)) and hasattr(e, "format_message"):
+            print(f"error: {e.format_message()}", file=sys.stderr)  # one line, like a UserError
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, typer.Abort)):
             sys.exit(130)
         raise
 
