@@ -19,6 +19,8 @@ def create_app(cache: Path) -> dash.Dash:
     app = dash.Dash(__name__, title="entropylens", assets_folder=str(ASSETS), suppress_callback_exceptions=False)
     app.layout = lambda: layout.page(cache)
     layout.register(app, cache)
+    # a script path outside Dash's registered files (e.g. `..`) is a 404, not a 500
+    app.server.register_error_handler(dash.exceptions.DependencyException, lambda e: ("not found", 404))
     return app
 
 

@@ -166,6 +166,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
             local_files_only=True,
         )
     except (OSError, ValueError, RuntimeError) as e:  # corrupt / truncated safetensors, bad config
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            raise UserError(f"model folder {folder} ships its own Python code; load it only if you trust it, "
+                            "with --trust-remote-code") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model folder {folder}: {first}") from None
     return model, tok, weights

@@ -383,8 +383,8 @@ def list_runs(cache: Path | str) -> pd.DataFrame:
     root = Path(cache) / "runs"
     rows = []
     for d in sorted(root.iterdir()) if root.is_dir() else ():
-        if not d.is_dir() or not RUN_ID_RE.fullmatch(d.name):
-            continue
+        if not d.is_dir() or not RUN_ID_RE.fullmatch(d.name) or d.resolve().parent != root.resolve():
+            continue  # like resolve_run: nothing outside cache/runs, not even through a symlink
         try:
             m = read_manifest(d)
         except UserError:
