@@ -30,6 +30,7 @@ from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
 from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model
 from entropylens.prompts import load_prompts
+from entropylens.sites import SITES
 from entropylens.store import layer_table, new_run_id, read_manifest
 from entropylens.trace import TraceConfig, run_trace
 
@@ -132,9 +133,9 @@ def _splits(cfg: BupoRunConfig) -> tuple[str, str, str]:
 
 
 def _trace(cfg: BupoRunConfig, loaded: LoadedModel, name: str, prompts: str, split: str, limit: int,
-           positions: str, parent: str | None, progress: bool, model: str) -> Path:
+           positions: str, parent: str | None, progress: bool, model: str, sites: tuple[str, ...] = SITES) -> Path:
     tc = TraceConfig(model=model, prompts=prompts, split=split, limit=limit, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, lens="bupo", positions=positions, device=cfg.device,
+                     temperature=cfg.temperature, lens="bupo", sites=sites, positions=positions, device=cfg.device,
                      dtype=cfg.dtype, batch_size=cfg.batch_size, name=name, seed=cfg.seed, cache=cfg.cache,
                      enable_thinking=cfg.enable_thinking, trust_remote_code=cfg.trust_remote_code,
                      parent_run=parent)
@@ -142,7 +143,10 @@ def _trace(cfg: BupoRunConfig, loaded: LoadedModel, name: str, prompts: str, spl
 
 
 def choose_layer(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, progress: bool) -> tuple[int, str, str | None]:
-    """k as given, or the paper's boundary layer from a trace of the base model on training prompts."""
+    """k as given, or the paper's boundary layer from a trace of the base model on training prompts.
+
+    That trace decodes only the FFN input and output sites of the response positions: all `dH_ffn` needs.
+    """
     n_layers = loaded.info.n_layers
     if cfg.layer != "auto":
         k = int(cfg.layer)
@@ -151,7 +155,7 @@ def choose_layer(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, progress:
         return k, "given with --layer", None
     train_split, _, _ = _splits(cfg)
     run_dir = _trace(cfg, loaded, f"{run_id}-layer", cfg.prompts, train_split, cfg.layer_trace_prompts,
-                     "response", None, progress, cfg.model)
+                     "response", None, progress, cfg.model, sites=("ffn_in", "ffn"))  # all dH_ffn needs: half the GEMMs
     k, evidence = pick_boundary_layer(layer_table(run_dir, lens="bupo", role="response"))
     return k, evidence, run_dir.name
 

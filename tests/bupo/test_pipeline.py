@@ -36,6 +36,7 @@ def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path
                  progress=False)
     entropy = pd.read_parquet(tmp_path / "runs" / "r-layer" / "entropy.parquet")
     assert set(entropy["lens"]) == {"bupo"} and set(entropy["role"]) == {"response"}  # response positions only
+    assert entropy["H_attn"].isna().all() and entropy["H_ffn"].notna().any()  # FFN sites only
     mean = entropy.groupby("layer")["dH_ffn"].mean().dropna()  # independent of store.layer_table
     positive = mean[mean > 0]
     assert list(positive.index) == [1, 2]  # the construction worked
