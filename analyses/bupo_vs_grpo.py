@@ -27,8 +27,8 @@ from entropylens.errors import UserError
 
 ALGOS = ("bupo", "grpo")
 COLORS = {"bupo": "#d62728", "grpo": "#1f77b4"}
-QUICK = dict(steps=4, internal_steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=32,
-             eval_prompts=8, eval_samples=2, ks="1,2", trace_prompts=4, layer_trace_prompts=4, seeds="0,1,2")
+QUICK = dict(steps=4, internal_steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=24,
+             eval_prompts=8, eval_samples=2, ks="1,2", trace_prompts=2, layer_trace_prompts=2, seeds="0,1,2")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
