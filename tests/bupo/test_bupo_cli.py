@@ -73,8 +73,8 @@ def prompt_file(tmp_path_factory) -> Path:
 def test_bupo_end_to_end(digit_folder, prompt_file, tmp_path):
     cache = tmp_path / "cache"
     r = cli("--model", str(digit_folder), "--prompts", str(prompt_file), "--layer", "2", "--internal-steps", "2",
-            "--steps", "4", "--prompts-per-step", "4", "-G", "8", "--max-new-tokens", "1", "--lr", "1e-2",
-            "--eval-prompts", "5", "--eval-samples", "2", "--ks", "1,2", "--trace-prompts", "3", "--batch-size", "4",
+            "--steps", "4", "--prompts-per-step", "3", "-G", "8", "--max-new-tokens", "1", "--lr", "1e-2",
+            "--eval-prompts", "3", "--eval-samples", "2", "--ks", "1,2", "--trace-prompts", "2", "--batch-size", "4",
             "--name", "t", "--cache", str(cache), "--quiet")
     assert r.returncode == 0, r.stderr
     runs = cache / "runs"
@@ -100,8 +100,8 @@ def test_bupo_end_to_end(digit_folder, prompt_file, tmp_path):
     ev = json.loads((runs / "t" / "eval.json").read_text())
     for side in ("base", "trained"):  # avg@1 recomputed from the stored per-sample rewards
         correct = ev[side]["correct"]
-        assert len(correct) == 5 and all(len(c) == 2 for c in correct)
-        assert ev[side]["avg@1"] == pytest.approx(sum(sum(c) / 2 for c in correct) / 5)
+        assert len(correct) == 3 and all(len(c) == 2 for c in correct)
+        assert ev[side]["avg@1"] == pytest.approx(sum(sum(c) / 2 for c in correct) / 3)
     assert "held-out evaluation" in r.stdout and "layer k = 2: given" in r.stdout
     top = [layer_table(runs / n, lens="bupo", role="response").set_index("layer").loc[3, "H_layer"]
            for n in ("t-base", "t-trained")]
