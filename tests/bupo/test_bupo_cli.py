@@ -94,7 +94,8 @@ def test_bupo_end_to_end(digit_folder, prompt_file, tmp_path):
 
     child, parent = read_manifest(runs / "t-trained"), read_manifest(runs / "t-base")
     assert child["parent_run"] == "t-base" and parent["parent_run"] is None
-    assert child["status"] == parent["status"] == "complete" and child["prompts"]["sha256"] == parent["prompts"]["sha256"]
+    assert child["status"] == parent["status"] == "complete"
+    assert child["prompts"]["sha256"] == parent["prompts"]["sha256"]
     assert m["parent_run"] == "t-base"
 
     ev = json.loads((runs / "t" / "eval.json").read_text())
