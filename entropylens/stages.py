@@ -183,6 +183,8 @@ def describe(d: dict) -> str:
     for reading in READINGS:
         segs = [rng(s) for s in d["stages"]["ffn"] if s["reading"] == reading]
         parts.append(f"{reading} {', '.join(segs) if segs else '—'}")
-    collapse = d["collapse_layer"] if d["collapse_layer"] is not None else f"none (never < {d['collapse_threshold']:.2f})"
+    collapse = d["collapse_layer"]
+    if collapse is None:
+        collapse = f"none (does not stay below {d['collapse_threshold']:.2f})"
     return (f"FFN ΔH: {'; '.join(parts)} · boundary layer {d['boundary_layer']} of {d['n_layers']}"
             f" · layer-policy collapse (H < {d['collapse_threshold']:.2f} nats) at layer {collapse}")

@@ -90,7 +90,8 @@ def test_delta_h_both_lenses(cache, tmp_path):
         ref = response_means(cache, lens)
         assert list(csv.index) == list(range(1, L + 1))
         assert_close(csv["dH_ffn"], ref["dffn"].loc[1:], atol=1e-4)
-        expect = ["exploration" if v > 0.1 else "convergence" if v < -0.1 else "integration" for v in ref["dffn"].loc[1:]]
+        expect = ["exploration" if v > 0.1 else "convergence" if v < -0.1 else "integration"
+                  for v in ref["dffn"].loc[1:]]
         assert list(csv["ffn_reading"]) == expect
         data = figure(tmp_path / f"delta-tiny-{lens}.json")
         assert sum(len(t["x"]) for t in data) == 2 * L  # every layer once per module
