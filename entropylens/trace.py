@@ -135,7 +135,8 @@ def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig,
     return responses
 
 
-def encode(loaded: LoadedModel, prompts: list[Prompt], cfg: TraceConfig) -> tuple[list[str], list[list[int]], list[int]]:
+def encode(loaded: LoadedModel, prompts: list[Prompt],
+           cfg: TraceConfig) -> tuple[list[str], list[list[int]], list[int]]:
     """Rendered texts, token ids, and tokens dropped per prompt: a prompt that leaves no room for the response
     in the model's context is rejected, or with `long_prompts="truncate"` cut to its last tokens that fit."""
     tok = loaded.tokenizer
@@ -374,8 +375,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     done = writer.done_batches()
     batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
     worst_err, n_tok = 0.0, 0
-    with _guarded(run_id, writer.run_dir), writer, Progress(TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                          TimeElapsedColumn(), console=console) as bar:
+    with _guarded(run_id, writer.run_dir), writer, Progress(
+            TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("trace", total=len(batches), completed=len(done), info="")
         for b, idx in enumerate(batches):
             if b in done:

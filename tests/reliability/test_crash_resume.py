@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST, MERGED, assert_same_run, one_line, popen, run_main
+from conftest import FAST, assert_same_run, one_line, popen, run_main
 from entropylens import store
 from entropylens.errors import UserError
 

@@ -84,7 +84,8 @@ def test_long_prompts_truncated_keep_the_last_tokens_and_say_so(small_folder, tm
     run = tmp_path / "c" / "runs" / "t"
     m = json.loads((run / "manifest.json").read_text())
     full = tok(long)["input_ids"]
-    assert m["long_prompts"] == {"mode": "truncate", "truncated": [{"prompt_idx": 0, "dropped_tokens": len(full) - 250}]}
+    dropped = [{"prompt_idx": 0, "dropped_tokens": len(full) - 250}]
+    assert m["long_prompts"] == {"mode": "truncate", "truncated": dropped}
     responses = [json.loads(x) for x in (run / "responses.jsonl").read_text().splitlines()]
     assert responses[0]["n_prompt_tokens"] == 250 and responses[0]["prompt"] == tok.decode(full[-250:])
     assert responses[1]["n_prompt_tokens"] == len(tok("What is 2 + 2?")["input_ids"])  # untouched

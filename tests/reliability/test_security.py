@@ -131,8 +131,8 @@ def test_remote_code_needs_the_flag(small_folder, tmp_path):
     runs."""
     folder = Path(shutil.copytree(small_folder, tmp_path / "remote"))
     marker = tmp_path / "ran"
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
-                                    "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import "
+                                    "LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
     (folder / "config.json").write_text(json.dumps(cfg))
