@@ -27,15 +27,16 @@ from entropylens.errors import UserError
 
 ALGOS = ("bupo", "grpo")
 COLORS = {"bupo": "#d62728", "grpo": "#1f77b4"}
-QUICK = dict(steps=4, internal_steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=24,
-             eval_prompts=8, eval_samples=2, ks="1,2", trace_prompts=2, layer_trace_prompts=2, seeds="0,1,2")
+QUICK = dict(steps=4, internal_steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=16,
+             eval_prompts=6, eval_samples=2, ks="1,2", trace_prompts=2, layer_trace_prompts=2, seeds="0,1,2")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--prompts", default="arith")
-    p.add_argument("--layer", default="auto", help="k, or auto (chosen on the first run, then fixed)")
+    p.add_argument("--layer", default="15", help="k, or auto (chosen on the first run, then fixed); SmolLM2 "
+                   "has no layer with positive mean FFN dH, so auto refuses it")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated, >= 3 for a comparison")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--internal-steps", type=int, default=4, help="BuPO only; GRPO uses 0")

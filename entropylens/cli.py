@@ -210,7 +210,8 @@ def bupo(
     prompts: str = typer.Option("arith", help="training prompts: built-in set (train split) or a prompt file"),
     eval_prompts_source: str = typer.Option(None, "--eval-source", help="held-out prompts (default: test split)"),
     algo: str = typer.Option("bupo", help="bupo (train pi^k first) | grpo (no internal phase)"),
-    layer: str = typer.Option("auto", help="k (1-indexed) or auto: last layer with positive mean FFN dH"),
+    layer: str = typer.Option("15", help="k (1-indexed) or auto: last layer with positive mean FFN dH "
+                              "(SmolLM2 has none, hence the default 15 of its 30)"),
     internal_steps: int = typer.Option(None, help="steps on pi^k first (default: steps // 2; grpo: 0)"),
     steps: int = typer.Option(8, help="total optimiser steps"),
     prompts_per_step: int = typer.Option(4, help="B: prompts per step"),

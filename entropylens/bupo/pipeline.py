@@ -45,7 +45,10 @@ class BupoRunConfig:
     prompts: str = "arith"  # training prompts: built-in set or file (built-ins/`split` column: train split)
     eval_prompts_source: str | None = None  # held-out prompt source; None = `prompts`' test split
     algo: str = "bupo"  # bupo (internal phase first) | grpo (internal_steps forced to 0)
-    layer: str = "auto"  # k, 1-indexed, or `auto`: last layer whose mean FFN dH is positive (trace first)
+    # k, 1-indexed, or `auto`: the last layer whose mean FFN dH over response tokens is positive (traced
+    # first). The default is a number because the embedded SmolLM2 has no such layer under the bupo lens
+    # (every mean FFN dH is negative, -1.8 to -10.3 nats), so `auto` refuses it; 15 is its middle layer.
+    layer: str = "15"
     internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 2 (bupo), 0 (grpo)
     steps: int = 8  # total optimiser steps
     prompts_per_step: int = 4  # B: prompts sampled per step
