@@ -228,7 +228,7 @@ def bupo(
     eval_prompts: int = typer.Option(16, help="held-out prompts for Avg@K / Pass@K"),
     eval_samples: int = typer.Option(4, help="completions per held-out prompt"),
     ks: str = typer.Option("1,4", help="comma-separated K values (each <= --eval-samples)"),
-    trace_prompts: int = typer.Option(8, help="held-out prompts traced before and after training"),
+    trace_prompts: int = typer.Option(4, help="held-out prompts traced before and after training"),
     trace_positions: str = typer.Option("response", help="response | all: positions decoded in the traces"),
     batch_size: int = typer.Option(8, help="prompts per traced forward / evaluation batch"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),

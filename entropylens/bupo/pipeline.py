@@ -65,7 +65,7 @@ class BupoRunConfig:
     eval_prompts: int = 16  # held-out prompts for Avg@K / Pass@K
     eval_samples: int = 4  # completions per held-out prompt (n >= every K)
     ks: tuple[int, ...] = (1, 4)  # K values reported as avg@K and pass@K
-    trace_prompts: int = 8  # held-out prompts traced before and after training (first N of the eval set)
+    trace_prompts: int = 4  # held-out prompts traced before and after training (first N of the eval set)
     trace_positions: str = "response"  # response | all: positions decoded in the traces
     batch_size: int = 8  # prompts per traced forward / per evaluation generate call
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
