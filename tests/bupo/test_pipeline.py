@@ -57,5 +57,6 @@ def test_grpo_has_no_internal_phase_and_no_positive_layer_is_a_user_error(tmp_pa
     make_model(layers=2).save_pretrained(folder)  # random toy: every FFN sharpens (dH_ffn < 0)
     make_tokenizer().save_pretrained(folder)
     with pytest.raises(UserError, match="no layer has a positive"):
-        run_bupo(BupoRunConfig(model=str(folder), cache=str(tmp_path / "c"), name="g", **TINY), progress=False)
+        run_bupo(BupoRunConfig(model=str(folder), layer="auto", cache=str(tmp_path / "c"), name="g", **TINY),
+                 progress=False)
     assert not (tmp_path / "c" / "runs" / "g").exists()  # nothing trained
