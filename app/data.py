@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from entropylens import store
 from entropylens.errors import UserError
-from entropylens.store import read_manifest, resolve_run
+from entropylens.store import read_manifest, resolve_run  # noqa: F401  (resolve_run is re-exported to the views)
 
 RUN_COLUMNS = ["run_id", "model", "architecture", "layers", "prompts", "tokens", "lens", "date", "status",
                "kind", "parent_run"]

@@ -56,7 +56,7 @@ class BenchConfig:
 class PeakRSS:
     """Context manager: peak RSS above the RSS at entry, sampled by a thread every 2 ms."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         gc.collect()
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

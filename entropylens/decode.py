@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -57,11 +57,11 @@ class Stats:
     logp_target: torch.Tensor | None = None  # float64 log p(target)
     redone: int = 0  # rows recomputed in fp64 by the exactness guard
 
-    def reshape(self, *shape: int) -> "Stats":
+    def reshape(self, *shape: int) -> Stats:
         lt = None if self.logp_target is None else self.logp_target.reshape(*shape)
         return Stats(self.entropy.reshape(*shape), self.top1.reshape(*shape), self.p1.reshape(*shape), lt)
 
-    def to_cpu(self) -> "Stats":
+    def to_cpu(self) -> Stats:
         lt = None if self.logp_target is None else self.logp_target.cpu()
         return Stats(self.entropy.cpu(), self.top1.cpu(), self.p1.cpu(), lt, self.redone)
 
