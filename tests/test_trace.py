@@ -124,13 +124,18 @@ def test_parquet_readable_by_duckdb_and_pandas(tokenizer, tmp_path):
     assert row["count"] == len(resp) and row["mean"] == pytest.approx(resp.mean(), rel=1e-5)
 
 
-def test_backends_agree(tokenizer, tmp_path):
-    loaded = wrap(build_tiny("qwen3"), tokenizer)
-    a = load_entropy(trace(loaded, tmp_path, name="nn", backend="nnsight"))
-    b = load_entropy(trace(loaded, tmp_path, name="tl", backend="transformer-lens"))
+@pytest.mark.parametrize("dtype,atol", [("float64", 1e-5), ("float32", 5e-5)])
+def test_backends_agree(tokenizer, tmp_path, dtype, atol):
+    """Same sites captured by both tracers. In fp64 they agree far inside 1e-5 nats; in fp32 the
+    TransformerBridge recomputes the norms with its own fp32 rounding (~2e-7 relative), which the
+    deliberately sharp tiny model (entropies down to 0.09 nats) turns into up to ~1.2e-5 nats."""
+    model = build_tiny("qwen3").to(getattr(torch, dtype))
+    loaded = wrap(model, tokenizer)
+    a = load_entropy(trace(loaded, tmp_path, name="nn", backend="nnsight", limit=2))
+    b = load_entropy(trace(loaded, tmp_path, name="tl", backend="transformer-lens", limit=2))
     assert len(a) == len(b)
     for q in QUANTITIES:
-        np.testing.assert_allclose(a[q], b[q], atol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(a[q], b[q], atol=atol, equal_nan=True, err_msg=q)
     assert (a.top1_layer == b.top1_layer).mean() > 0.99
 
 
