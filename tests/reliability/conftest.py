@@ -16,7 +16,7 @@ import pytest
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Small and fast: 5 prompts, one per batch (5 kill points), 3 new tokens, the `layer` site only.
-FAST = ["--limit", "5", "--batch-size", "1", "--max-new-tokens", "3", "--sites", "layer", "--quiet"]
+FAST = ["--limit", "16", "--batch-size", "1", "--max-new-tokens", "3", "--sites", "layer", "--quiet"]
 
 
 def pytest_configure(config):

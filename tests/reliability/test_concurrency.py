@@ -63,9 +63,11 @@ def test_two_traces_one_cache_listing_and_dashboard_meanwhile(small_folder, tmp_
              for s in (0, 1)]
     runs = cache / "runs"
     deadline = time.time() + 240
-    # two *runs* with a finished batch each (two batches of one run do not count)
-    while time.time() < deadline and len({p.parts[-3] for p in runs.glob("*/parts/responses-*.jsonl")}) < 2:
-        assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+    def wrote_a_batch(run: Path) -> bool:  # a finished batch, or already merged (a fast run may be done)
+        return any((run / "parts").glob("responses-*.jsonl")) or (run / "responses.jsonl").exists()
+
+    while time.time() < deadline and sum(wrote_a_batch(r) for r in runs.glob("*")) < 2:
+        assert all(p.poll() in (None, 0) for p in procs), [p.stderr.read() for p in procs]
         time.sleep(0.05)
 
     # meanwhile: `entropylens runs`, the dashboard's run table and a figure request on a run being written
@@ -91,7 +93,7 @@ def test_two_traces_one_cache_listing_and_dashboard_meanwhile(small_folder, tmp_
     assert len(ids) == 2
     seed0 = [r for r in ids if store.read_manifest(runs / r)["seed"] == 0][0]
     for r in ids:
-        assert_intact(runs / r, 5)
+        assert_intact(runs / r, int(FAST[FAST.index("--limit") + 1]))
     assert_same_run(runs / seed0, reference)  # a concurrent writer changed nothing in the other's data
     assert set(store.list_runs(cache)["status"]) == {"complete"}
     assert flow_figure(client, seed0)["data"]  # the dashboard now draws it
