@@ -61,8 +61,10 @@ def trace(
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
     """Trace internal-policy entropies of a model over a prompt set into cache/runs/<run>/."""
+    from entropylens.dist import close, shard_from_env
     from entropylens.trace import TraceConfig, TraceInterrupted, config_from_run, run_trace
 
+    shard = shard_from_env()  # under `torchrun --nproc-per-node N -m entropylens trace ...`
     if resume:
         cfg = config_from_run(cache, resume)
     else:
@@ -76,13 +78,16 @@ def trace(
             long_prompts=long_prompts,
         )
     try:
-        run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet)
+        run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet, shard=shard)
     except KeyboardInterrupt as e:  # click would turn it into a silent Abort
         kept = (f"run {e.run_id} kept; finish it with `entropylens trace --resume {e.run_id} --cache {cfg.cache}`"
                 if isinstance(e, TraceInterrupted) else "no run was started")
         print(f"interrupted: {kept}", file=sys.stderr)
         sys.exit(130)
-    _print_run(run_dir)
+    finally:
+        close(shard)
+    if shard is None or shard.is_main:
+        _print_run(run_dir)
 
 
 def _print_run(run_dir: Path) -> None:

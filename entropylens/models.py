@@ -116,7 +116,7 @@ def save_dequantised(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     """Write a transformers-loadable folder; GGUF-loaded models refuse save_pretrained, so do it by hand."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # per process: sharded ranks may race here
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -128,7 +128,10 @@ def save_dequantised(model: torch.nn.Module, tokenizer, folder: Path) -> None:
         del config.quantization_config
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if folder.exists():
+    if (folder / "model.safetensors").is_file():  # another process finished first: keep its copy
+        shutil.rmtree(tmp)
+        return
+    if folder.exists():  # a damaged leftover
         shutil.rmtree(folder)
     os.replace(tmp, folder)
 

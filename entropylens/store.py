@@ -227,11 +227,22 @@ class RunWriter:
         }
         self.manifest.update({k: v for k, v in manifest.items() if k not in ("run_id", "status", "created")})
         self.manifest.update(status="running", error=None, finished=None)
-        self._finalized = False
+        self._finalized, self._joined = False, False
         try:
             self._write_manifest()
         except OSError as e:
             raise UserError(f"cannot write {self.run_dir / 'manifest.json'}: {e.strerror or e}") from e
+
+    @classmethod
+    def join(cls, cache: Path | str, run_id: str) -> RunWriter:
+        """A writer for another rank of a sharded run (entropylens.dist): it writes its batches' parts
+        only; rank 0 created the folder, owns the manifest and merges at `finalize`."""
+        self = cls.__new__(cls)
+        self.run_dir = resolve_run(cache, run_id)
+        self.parts = self.run_dir / "parts"
+        self.manifest, self.previous_manifest = read_manifest(self.run_dir), None
+        self._finalized, self._joined = False, True
+        return self
 
     def __enter__(self) -> RunWriter:
         return self
@@ -278,6 +289,8 @@ class RunWriter:
         """Record more manifest fields (timings, versions...) atomically; status is the writer's."""
         if {"run_id", "status"} & set(fields):
             raise ValueError("run_id and status are managed by RunWriter")
+        if self._joined:
+            raise ValueError("only rank 0 writes the manifest of a sharded run")
         self.manifest.update(fields)
         self._write_manifest()
 
@@ -301,6 +314,8 @@ class RunWriter:
 
     def finalize(self, vocab_size: int, n_layers: int) -> Path:
         """Merge parts into the final files, write the summary, remove parts, mark complete (last)."""
+        if self._joined:
+            raise ValueError("only rank 0 finalizes a sharded run")
         batches = self._batches()
         tokens = [pq.read_table(self._part("tokens", b)) for b in batches]
         prompts = [t.column("prompt_idx").unique().to_pylist() for t in tokens]
@@ -330,6 +345,8 @@ class RunWriter:
         if self._finalized:
             raise ValueError("fail after finalize: the run is complete")
         lines = str(error).strip().splitlines()
+        if self._joined:  # another rank failed: record it on the manifest as it is now
+            self.manifest = read_manifest(self.run_dir)
         self.manifest.update(status="failed", error=lines[0] if lines else "unknown error", finished=_now())
         self._write_manifest()
 

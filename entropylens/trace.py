@@ -20,6 +20,7 @@ import torch
 from entropylens import __version__
 from entropylens.backends import BACKENDS, make_backend
 from entropylens.decode import DEFAULT_BLOCK_BYTES, Stats, decode_layers, decode_rows
+from entropylens.dist import Shard
 from entropylens.errors import UserError
 from entropylens.lens import make_lens
 from entropylens.models import LoadedModel, load_model
@@ -329,12 +330,32 @@ def config_from_run(cache: str, run_id: str) -> TraceConfig:
     return TraceConfig(**stored)
 
 
-def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None) -> Path:
-    """Run (or resume) a trace; returns the complete run folder."""
+def _rank_device(device: str, shard: Shard | None) -> str:
+    """Under torchrun each rank of a GPU node takes its own GPU: cuda / auto -> cuda:<local_rank>."""
+    if shard is None or device not in ("cuda", "auto") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{shard.local_rank}"
+
+
+def _merge_timings(by_rank: list[dict]) -> dict:
+    """Work summed over ranks (CPU/GPU seconds); load is the slowest rank's; total is rank 0's wall time."""
+    out = {k: round(sum(t[k] for t in by_rank), 3) for k in ("generate_s", "trace_s", "decode_s")}
+    return {"load_s": round(max(t["load_s"] for t in by_rank), 3), **out}
+
+
+def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
+              shard: Shard | None = None) -> Path:
+    """Run (or resume) a trace; returns the complete run folder.
+
+    With `shard` (entropylens.dist, set up by torchrun) this process traces only the batches it owns;
+    rank 0 writes the manifest and merges every rank's parts once all are written, so the run folder
+    holds exactly the rows of a one-process run. Resume works per shard, with any number of ranks.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True, quiet=not progress)
+    main = shard is None or shard.is_main
+    console = Console(stderr=True, quiet=not progress or not main)
     cfg.validate()
     t_start = time.perf_counter()
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, seed=cfg.seed, split=cfg.split)
@@ -346,7 +367,8 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     t0 = time.perf_counter()
     if loaded is None:
         with console.status(f"loading model {cfg.model} ..."):
-            loaded = load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache), cfg.trust_remote_code)
+            loaded = load_model(cfg.model, cfg.dtype, _rank_device(cfg.device, shard), Path(cfg.cache),
+                                cfg.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
     info = loaded.info
     layout = find_layout(loaded.model)
@@ -355,6 +377,8 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     texts, prompt_ids, dropped = encode(loaded, prompts, cfg)
     check_memory(loaded, cfg, max(map(len, prompt_ids)) + (cfg.max_new_tokens if cfg.generate else 0))
     run_id = cfg.name if resume else new_run_id(cfg.name, tag=f"{info.family}-{Path(cfg.prompts).stem}")
+    if shard is not None:
+        run_id = shard.broadcast(run_id)  # a timestamped name must be the same on every rank
     manifest = {
         "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
         "backend": cfg.backend, "device": str(next(loaded.model.parameters()).device), "precision": "exact",
@@ -364,14 +388,20 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         "generation": {"generate": cfg.generate, "max_new_tokens": cfg.max_new_tokens,
                        "temperature": cfg.temperature, "top_p": cfg.top_p},
         "seed": cfg.seed, "batch_size": cfg.batch_size, "parent_run": cfg.parent_run,
+        "shards": {"world_size": shard.world_size if shard else 1, "batch_to_rank": "batch mod world_size"},
         "long_prompts": {"mode": cfg.long_prompts, "truncated": [
             {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
         "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
     }
-    writer = _open_writer(cfg, run_id, manifest, resume)
-    run_id = writer.run_dir.name
-    if resume and writer.previous_manifest["prompts"]["sha256"] != manifest["prompts"]["sha256"]:
-        raise UserError(f"run {run_id!r} was traced on different prompts; cannot resume it with these")
+    if main:
+        writer = _open_writer(cfg, run_id, manifest, resume)
+        run_id = writer.run_dir.name
+        if resume and writer.previous_manifest["prompts"]["sha256"] != manifest["prompts"]["sha256"]:
+            raise UserError(f"run {run_id!r} was traced on different prompts; cannot resume it with these")
+    if shard is not None:
+        shard.barrier()  # rank 0 has created the folder and cleared a killed run's half-written parts
+        if not main:
+            writer = RunWriter.join(cfg.cache, run_id)
     done = writer.done_batches()
     batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
     worst_err, n_tok = 0.0, 0
@@ -380,7 +410,7 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
             TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("trace", total=len(batches), completed=len(done), info="")
         for b, idx in enumerate(batches):
-            if b in done:
+            if b in done or (shard is not None and not shard.owns(b)):
                 continue
             t0 = time.perf_counter()
             batch_ids = [prompt_ids[i] for i in idx]
@@ -395,11 +425,24 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
                 for i, t, p, r, a in zip(idx, seqs.texts, batch_ids, responses, seqs.answers)
             ])
             rate = n_tok / max(timings["trace_s"] + timings["decode_s"], 1e-9)
-            bar.update(task, advance=1, info=f"{n_tok} tokens · {rate:.1f} tok/s decoded")
-        timings["total_s"] = time.perf_counter() - t_start
-        writer.update_manifest(
-            timings={k: round(v, 3) for k, v in timings.items()},
-            layer_decode="additive" if worst_err < ADDITIVE_TOL else "direct",
-            additivity_error=worst_err,
-        )
-        return writer.finalize(vocab_size=info.vocab_size, n_layers=info.n_layers)
+            completed = len(writer.done_batches()) if shard is not None else None  # every rank's batches
+            bar.update(task, advance=None if completed else 1, completed=completed,
+                       info=f"{n_tok} tokens · {rate:.1f} tok/s decoded" + (" (rank 0)" if shard else ""))
+        extra = {}
+        if shard is not None:  # every rank has written its parts once this returns
+            by_rank = shard.gather({**timings, "worst_err": worst_err})
+            worst_err = max(t.pop("worst_err") for t in by_rank)
+            timings = _merge_timings(by_rank)
+            extra["shards"] = manifest["shards"] | {"timings_by_rank": [
+                {k: round(v, 3) for k, v in t.items()} for t in by_rank]}
+        if main:
+            timings["total_s"] = time.perf_counter() - t_start
+            writer.update_manifest(
+                timings={k: round(v, 3) for k, v in timings.items()},
+                layer_decode="additive" if worst_err < ADDITIVE_TOL else "direct",
+                additivity_error=worst_err, **extra,
+            )
+            writer.finalize(vocab_size=info.vocab_size, n_layers=info.n_layers)
+    if shard is not None:
+        shard.barrier()  # the run is complete for every rank
+    return writer.run_dir
