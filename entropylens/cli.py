@@ -45,6 +45,10 @@ def trace(
     positions: str = typer.Option("all", help="all | response (only positions that predict response tokens)"),
     backend: str = typer.Option("nnsight", help="nnsight | transformer-lens"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
+    device_map: str = typer.Option(None, help="spread the model over devices with accelerate: auto | balanced | "
+                                   "sequential | a .json file {module: cpu|cuda:N|disk} (replaces --device)"),
+    remote: bool = typer.Option(False, help="run a hub model on NDIF through nnsight (needs NDIF_API_KEY); "
+                                "entropies are reduced remotely, only per-token statistics come back"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | float64"),
     batch_size: int = typer.Option(4, help="prompts per traced forward"),
     name: str = typer.Option(None, help="run folder name (default: timestamp + model + prompts)"),
@@ -72,7 +76,8 @@ def trace(
             model=model, prompts=prompts, limit=_parse_limit(limit), generate=generate,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, lens=lens,
             sites=tuple(s.strip() for s in sites.split(",") if s.strip()), positions=positions,
-            backend=backend, device=device, dtype=dtype, batch_size=batch_size, name=name, seed=seed,
+            backend=backend, device=device, device_map=device_map, remote=remote, dtype=dtype,
+            batch_size=batch_size, name=name, seed=seed,
             split=split, cache=cache, enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
             compile=compile,
             long_prompts=long_prompts,

@@ -63,6 +63,8 @@ def _norm_params(norm: torch.nn.Module, d: int) -> tuple[str, torch.Tensor, torc
     w = getattr(norm, "weight", None)
     if eps is None or w is None:
         raise UserError(f"logit lens: cannot read eps/weight of final norm {type(norm).__name__}")
+    if w.device.type == "meta":
+        raise UserError("logit lens: the device map offloads the final norm to disk; map it to cpu or a GPU")
     kind = "layer" if isinstance(norm, torch.nn.LayerNorm) else "rms"
     g = w.detach().double()
     if type(norm).__name__.startswith("Gemma"):

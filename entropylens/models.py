@@ -53,6 +53,49 @@ class LoadedModel:
     tokenizer: object
     info: ModelInfo
 
+    @property
+    def device(self) -> torch.device:
+        """Where input ids go: the input embedding's execution device (under a device map, accelerate's
+        hooks move activations on from there; parameters offloaded to disk sit on `meta`)."""
+        emb = self.model.get_input_embeddings()
+        hook = getattr(emb, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        return emb.weight.device
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(spec: str, cache: Path) -> dict:
+    """`--device-map`: an accelerate strategy name or a JSON file {module: device}, as from_pretrained kwargs."""
+    if spec in DEVICE_MAPS:
+        return {"device_map": spec}
+    path = Path(spec).expanduser()
+    if path.suffix != ".json":
+        raise UserError(f"unknown --device-map {spec!r}; choose {', '.join(DEVICE_MAPS)} or a .json file "
+                        "mapping module names to devices (cpu, cuda:N, disk)")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"device map file {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"device map file {path} is unreadable: {e}") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise UserError(f"device map file {path} must hold a JSON object {{module name: device}}")
+    kw: dict = {"device_map": mapping}
+    if "disk" in mapping.values():
+        kw["offload_folder"] = str(Path(cache) / "offload" / path.stem)
+    return kw
+
+
+def _check_head_in_memory(model: torch.nn.Module) -> None:
+    """The lens reads W_U (and the final norm) directly, so they cannot stay offloaded to disk."""
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.device.type == "meta":
+        raise UserError("the device map offloads lm_head to disk; the lens needs it in memory: map lm_head "
+                        "(and the final norm) to cpu or a GPU")
+
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
@@ -136,7 +179,7 @@ def save_dequantised(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, **place):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
@@ -166,7 +209,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
         tok = _quiet_from_pretrained(AutoTokenizer, folder, trust_remote_code=trust_remote_code)
         model = _quiet_from_pretrained(
             AutoModelForCausalLM, folder, dtype=dtype, trust_remote_code=trust_remote_code,
-            local_files_only=True,
+            local_files_only=True, **place,
         )
     except (OSError, ValueError, RuntimeError) as e:  # corrupt / truncated safetensors, bad config
         if not trust_remote_code and "trust_remote_code" in str(e):
@@ -177,12 +220,12 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model, tok, weights
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def _load_gguf(path: Path, dtype: torch.dtype, **place):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = _quiet_from_pretrained(AutoTokenizer, path.parent, gguf_file=path.name)
-        model = _quiet_from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=dtype)
+        model = _quiet_from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=dtype, **place)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"could not load GGUF file {path}: {str(e).splitlines()[0]}") from None
     return model, tok
@@ -203,13 +246,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(model_id: str, dtype: torch.dtype, trust_remote_code: bool):
+def _load_hub(model_id: str, dtype: torch.dtype, trust_remote_code: bool, **place):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(trust_remote_code=trust_remote_code, local_files_only=not hub_reachable())
     try:
         tok = _quiet_from_pretrained(AutoTokenizer, model_id, **kw)
-        model = _quiet_from_pretrained(AutoModelForCausalLM, model_id, dtype=dtype, **kw)
+        model = _quiet_from_pretrained(AutoModelForCausalLM, model_id, dtype=dtype, **kw, **place)
     except OSError:
         raise UserError(
             f"model {model_id!r} is not a local folder or .gguf file, and the hub could not provide it "
@@ -226,9 +269,14 @@ def load_model(
     device: str = "cpu",
     cache: Path = Path("cache"),
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM in eval mode; `spec` is `smollm2`, a local folder, a `.gguf` file or a hub id."""
+    """Load a causal LM in eval mode; `spec` is `smollm2`, a local folder, a `.gguf` file or a hub id.
+
+    `device_map` (accelerate: auto, balanced, sequential or a JSON file) spreads a model too large for one
+    device over several GPUs / CPU / disk; `device` is then unused."""
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    place = resolve_device_map(device_map, Path(cache)) if device_map else {}
     key, path = spec.strip().lower(), Path(spec).expanduser()
     if key in EMBEDDED_ALIASES:
         gguf = embedded_gguf_path()
@@ -236,23 +284,24 @@ def load_model(
         if not (folder / "model.safetensors").is_file():
             model, tok = _load_gguf(gguf, torch.float32)
             save_dequantised(model, tok, folder)
-        model, tok, _ = _load_folder(folder, torch_dtype, False)
+        model, tok, _ = _load_folder(folder, torch_dtype, False, **place)
         source, model_id, revision = "embedded", EMBEDDED_ID, weights_fingerprint([gguf])
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
-        model, tok = _load_gguf(path, torch_dtype)
+        model, tok = _load_gguf(path, torch_dtype, **place)
         source, model_id, revision = "gguf", str(path.resolve()), weights_fingerprint([path])
     elif path.is_dir():
-        model, tok, weights = _load_folder(path, torch_dtype, trust_remote_code)
+        model, tok, weights = _load_folder(path, torch_dtype, trust_remote_code, **place)
         source, model_id, revision = "folder", str(path.resolve()), weights_fingerprint(weights)
     elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec} is not a model folder or .gguf file (or does not exist)")
     else:
-        model, tok = _load_hub(spec, torch_dtype, trust_remote_code)
+        model, tok = _load_hub(spec, torch_dtype, trust_remote_code, **place)
         source, model_id = "hub", spec
         revision = getattr(model.config, "_commit_hash", None) or "unknown"
-    model = model.to(dev).eval()
+    model = (model if place else model.to(dev)).eval()
+    _check_head_in_memory(model)
     model.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -24,8 +24,9 @@ from entropylens.dist import Shard
 from entropylens.errors import UserError
 from entropylens.lens import make_lens
 from entropylens.models import LoadedModel, load_model
+from entropylens.remote import RemoteModel, connect
 from entropylens.prompts import Prompt, load_prompts, prompts_sha256, render
-from entropylens.sites import SITES, additivity_error, find_layout
+from entropylens.sites import SITES, Activations, additivity_error, find_layout
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
 
 ADDITIVE_TOL = 1e-5  # relative; fp32 residual streams measure ~1e-7
@@ -49,6 +50,8 @@ class TraceConfig:
     positions: str = "all"  # all | response: decode every position or only those predicting response tokens
     backend: str = "nnsight"  # nnsight | transformer-lens
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    device_map: str | None = None  # accelerate placement over several devices: auto | balanced | sequential | x.json
+    remote: bool = False  # run the model on NDIF (nnsight); entropies are reduced there, only statistics return
     dtype: str = "float32"  # model weights/activations dtype
     batch_size: int = 4  # prompts per traced forward
     name: str | None = None  # run folder name (default: timestamp + model + prompts)
@@ -86,6 +89,8 @@ class TraceConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if self.remote and (self.backend != "nnsight" or self.device_map):
+            raise UserError("--remote runs through nnsight on NDIF's machines: drop --backend/--device-map")
         if self.positions == "response" and not self.generate:
             raise UserError("--positions response needs --generate (there is no response to decode)")
 
@@ -112,23 +117,25 @@ def stop_ids(loaded: LoadedModel) -> set[int]:
 
 
 @torch.no_grad()
-def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig, seed: int) -> list[list[int]]:
+def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig, seed: int,
+             remote: RemoteModel | None = None) -> list[list[int]]:
     """Seeded sampling with a KV cache, left-padded; each response is cut after its first stop token."""
     if not cfg.generate or cfg.max_new_tokens == 0:
         return [[] for _ in prompt_ids]
     tok, model = loaded.tokenizer, loaded.model
-    dev = next(model.parameters()).device
+    dev = "cpu" if remote else loaded.device
     T = max(map(len, prompt_ids))
     pad = tok.pad_token_id
     ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompt_ids], device=dev)
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompt_ids], device=dev)
-    torch.manual_seed(seed)
     sample = cfg.temperature > 0
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-        temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None, top_k=None,
-        pad_token_id=pad, use_cache=True,
-    )
+    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, temperature=cfg.temperature if sample else None,
+              top_p=cfg.top_p if sample else None, top_k=None, pad_token_id=pad, use_cache=True)
+    if remote is not None:
+        out = remote.generate(ids, mask, seed, **kw)
+    else:
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     stops, responses = stop_ids(loaded), []
     for row in out[:, T:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
@@ -180,7 +187,7 @@ def batch_bytes(loaded: LoadedModel, batch_size: int, seq_len: int) -> int:
 
 def check_memory(loaded: LoadedModel, cfg: TraceConfig, seq_len: int) -> None:
     """Refuse before the first batch when one batch cannot fit, suggesting a batch size that does."""
-    dev = next(loaded.model.parameters()).device
+    dev = loaded.device
     need, free = batch_bytes(loaded, cfg.batch_size, seq_len), available_bytes(dev)
     if need <= free:
         return
@@ -228,20 +235,59 @@ def entropy_frame(lens: str, prompt_idx: np.ndarray, position: np.ndarray, roles
     return pd.DataFrame(cols)
 
 
-def trace_batch(loaded: LoadedModel, backend, layout, lenses, seqs: Sequences, cfg: TraceConfig,
-                timings: dict) -> tuple[pd.DataFrame, pd.DataFrame, float]:
-    """One traced forward + decode for a batch -> (tokens rows, entropy rows, additivity error)."""
-    tok, dev = loaded.tokenizer, next(loaded.model.parameters()).device
-    full = [p + r for p, r in zip(seqs.prompt_ids, seqs.response_ids)]
-    T = max(map(len, full))
-    # Right padding: causal attention keeps real positions blind to the pads after them.
-    ids = torch.tensor([s + [tok.pad_token_id] * (T - len(s)) for s in full], device=dev)
+def _decode_local(loaded: LoadedModel, backend, layout, lenses, cfg: TraceConfig, ids: torch.Tensor,
+                  bi: torch.Tensor, ti: torch.Tensor, tgt: torch.Tensor, keep: np.ndarray,
+                  timings: dict) -> tuple[Stats, dict[str, dict[str, Stats]], float]:
+    """Capture every site in one forward, then the streaming decode engine on the packed rows."""
     t0 = time.perf_counter()
     acts = backend.capture(ids)
     timings["trace_s"] += time.perf_counter() - t0
+    dev = lenses[0][1].W.device  # decode where W_U lives (under a device map, sites come from several devices)
+    acts = Activations(acts.h0.to(dev), {s: [x.to(dev) for x in xs] for s, xs in acts.sites.items()},
+                       acts.final_normed.to(dev))
     err = additivity_error(acts)
-
     t0 = time.perf_counter()
+    bi, ti, tgt = bi.to(dev), ti.to(dev), tgt.to(dev)
+    final = decode_rows(acts.final_normed[bi, ti], make_lens("bupo", loaded.model, layout.final_norm(loaded.model)),
+                        targets=tgt.clamp_min(0))
+    kb, kt = bi[keep], ti[keep]
+    h0 = acts.h0[kb, kt]  # (N, d): packed, no padding decoded
+    site_acts = {s: torch.stack([x[kb, kt] for x in xs]) for s, xs in acts.sites.items()}  # (L, N, d)
+    per_lens = {}
+    for name, lens in lenses:
+        stats = decode_layers(h0, site_acts, tuple(cfg.sites), lens, additive=err < ADDITIVE_TOL,
+                              compile=cfg.compile)
+        per_lens[name] = {s: st.to_cpu() for s, st in stats.items()}
+    timings["decode_s"] += time.perf_counter() - t0
+    return final.to_cpu(), per_lens, err
+
+
+def _decode_remote(remote: RemoteModel, cfg: TraceConfig, ids: torch.Tensor, bi: torch.Tensor, ti: torch.Tensor,
+                   tgt: torch.Tensor, keep: np.ndarray, timings: dict) -> tuple[Stats, dict, float]:
+    """One remote forward that returns per-token statistics of every (B, T) position; keep the rows asked for."""
+    t0 = time.perf_counter()
+    targets = torch.full(ids.shape, -1, dtype=torch.long)
+    targets[bi, ti] = tgt
+    final, per_lens = remote.decode(ids, targets, cfg.lenses(), tuple(cfg.sites))
+    timings["trace_s"] += time.perf_counter() - t0
+
+    def rows(st: Stats, b, t) -> Stats:
+        lt = None if st.logp_target is None else st.logp_target[..., b, t]
+        return Stats(st.entropy[..., b, t], st.top1[..., b, t], st.p1[..., b, t], lt)
+
+    kb, kt = bi[keep], ti[keep]
+    return rows(final, bi, ti), {n: {s: rows(st, kb, kt) for s, st in d.items()} for n, d in per_lens.items()}, 0.0
+
+
+def trace_batch(loaded: LoadedModel, backend, layout, lenses, seqs: Sequences, cfg: TraceConfig,
+                timings: dict, remote: RemoteModel | None = None) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """One traced forward + decode for a batch -> (tokens rows, entropy rows, additivity error)."""
+    tok = loaded.tokenizer
+    full = [p + r for p, r in zip(seqs.prompt_ids, seqs.response_ids)]
+    T = max(map(len, full))
+    # Right padding: causal attention keeps real positions blind to the pads after them.
+    ids = torch.tensor([s + [tok.pad_token_id] * (T - len(s)) for s in full],
+                       device="cpu" if remote else loaded.device)
     b_idx, t_idx, roles, targets, pidx = [], [], [], [], []
     for b, (p, s) in enumerate(zip(seqs.prompt_ids, full)):
         b_idx += [b] * len(s)
@@ -249,29 +295,21 @@ def trace_batch(loaded: LoadedModel, backend, layout, lenses, seqs: Sequences, c
         roles += roles_for(len(p), len(s))
         targets += s[1:] + [-1]
         pidx += [seqs.prompt_idx[b]] * len(s)
-    bi, ti = torch.tensor(b_idx, device=dev), torch.tensor(t_idx, device=dev)
-    tgt = torch.tensor(targets, device=dev)
-    final = decode_rows(acts.final_normed[bi, ti], make_lens("bupo", loaded.model, layout.final_norm(loaded.model)),
-                        targets=tgt).to_cpu()
+    bi, ti, tgt = torch.tensor(b_idx), torch.tensor(t_idx), torch.tensor(targets)
+    keep = np.arange(len(roles)) if cfg.positions == "all" else np.flatnonzero(np.array(roles) == "response")
+    if remote is None:
+        final, per_lens, err = _decode_local(loaded, backend, layout, lenses, cfg, ids, bi, ti, tgt, keep, timings)
+    else:
+        final, per_lens, err = _decode_remote(remote, cfg, ids, bi, ti, tgt, keep, timings)
     ids_flat = [s[t] for s, t in zip((full[b] for b in b_idx), t_idx)]
     tokens = pd.DataFrame({
         "prompt_idx": pidx, "position": t_idx, "token_id": ids_flat,
         "token_text": tok.batch_decode([[i] for i in ids_flat]), "role": roles, "target_id": targets,
         "H_final": final.entropy.numpy(),
-        "logprob_target": np.where(tgt.cpu().numpy() >= 0, final.logp_target.numpy(), np.nan),
+        "logprob_target": np.where(tgt.numpy() >= 0, final.logp_target.numpy(), np.nan),
     })
-    keep = np.arange(len(roles)) if cfg.positions == "all" else np.flatnonzero(np.array(roles) == "response")
-    kb, kt = bi[keep], ti[keep]
-    h0 = acts.h0[kb, kt]  # (N, d): packed, no padding decoded
-    site_acts = {s: torch.stack([x[kb, kt] for x in xs]) for s, xs in acts.sites.items()}  # (L, N, d)
-    frames = []
-    for name, lens in lenses:
-        stats = decode_layers(h0, site_acts, tuple(cfg.sites), lens, additive=err < ADDITIVE_TOL,
-                              compile=cfg.compile)
-        stats = {s: st.to_cpu() for s, st in stats.items()}
-        frames.append(entropy_frame(name, np.array(pidx)[keep], np.array(t_idx)[keep],
-                                    np.array(roles)[keep], stats, layout.n_layers))
-    timings["decode_s"] += time.perf_counter() - t0
+    frames = [entropy_frame(name, np.array(pidx)[keep], np.array(t_idx)[keep], np.array(roles)[keep],
+                            per_lens[name], layout.n_layers) for name in cfg.lenses()]
     return tokens, pd.concat(frames, ignore_index=True), err
 
 
@@ -344,12 +382,14 @@ def _merge_timings(by_rank: list[dict]) -> dict:
 
 
 def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
-              shard: Shard | None = None) -> Path:
+              shard: Shard | None = None, remote: RemoteModel | None = None) -> Path:
     """Run (or resume) a trace; returns the complete run folder.
 
     With `shard` (entropylens.dist, set up by torchrun) this process traces only the batches it owns;
     rank 0 writes the manifest and merges every rank's parts once all are written, so the run folder
     holds exactly the rows of a one-process run. Resume works per shard, with any number of ranks.
+    With `cfg.remote` the model runs on NDIF (entropylens.remote); `remote` passes a RemoteModel in
+    directly (with `loaded`), e.g. one that simulates NDIF locally.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -365,23 +405,31 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
     timings = {"load_s": 0.0, "generate_s": 0.0, "trace_s": 0.0, "decode_s": 0.0}
     t0 = time.perf_counter()
+    if cfg.remote and remote is None:
+        with console.status(f"connecting to NDIF for {cfg.model} ..."):
+            loaded, remote = connect(cfg.model)
     if loaded is None:
         with console.status(f"loading model {cfg.model} ..."):
             loaded = load_model(cfg.model, cfg.dtype, _rank_device(cfg.device, shard), Path(cfg.cache),
-                                cfg.trust_remote_code)
+                                cfg.trust_remote_code, cfg.device_map)
     timings["load_s"] = time.perf_counter() - t0
     info = loaded.info
     layout = find_layout(loaded.model)
-    backend = make_backend(cfg.backend, loaded.model, loaded.tokenizer, layout)
-    lenses = [(name, make_lens(name, loaded.model, layout.final_norm(loaded.model))) for name in cfg.lenses()]
+    backend, lenses = None, []  # remotely, the serving side holds the weights and builds the lenses
+    if remote is None:
+        backend = make_backend(cfg.backend, loaded.model, loaded.tokenizer, layout)
+        lenses = [(name, make_lens(name, loaded.model, layout.final_norm(loaded.model))) for name in cfg.lenses()]
     texts, prompt_ids, dropped = encode(loaded, prompts, cfg)
-    check_memory(loaded, cfg, max(map(len, prompt_ids)) + (cfg.max_new_tokens if cfg.generate else 0))
+    if remote is None:
+        check_memory(loaded, cfg, max(map(len, prompt_ids)) + (cfg.max_new_tokens if cfg.generate else 0))
     run_id = cfg.name if resume else new_run_id(cfg.name, tag=f"{info.family}-{Path(cfg.prompts).stem}")
     if shard is not None:
         run_id = shard.broadcast(run_id)  # a timestamped name must be the same on every rank
     manifest = {
         "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
-        "backend": cfg.backend, "device": str(next(loaded.model.parameters()).device), "precision": "exact",
+        "backend": f"nnsight-remote ({remote.mode})" if remote else cfg.backend,
+        "precision": "exact (fp64 on the serving side)" if remote else "exact",
+        "device": "remote" if remote else str(getattr(loaded.model, "hf_device_map", None) or loaded.device),
         "positions": cfg.positions,
         "prompts": {"source": cfg.prompts, "sha256": prompts_sha256(prompts), "n": len(prompts),
                     "limit": cfg.limit, "split": cfg.split},
@@ -414,10 +462,10 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
                 continue
             t0 = time.perf_counter()
             batch_ids = [prompt_ids[i] for i in idx]
-            responses = generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b)
+            responses = generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b, remote=remote)
             timings["generate_s"] += time.perf_counter() - t0
             seqs = Sequences(idx, [texts[i] for i in idx], batch_ids, responses, [prompts[i].answer for i in idx])
-            tokens, entropy, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings)
+            tokens, entropy, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings, remote)
             worst_err, n_tok = max(worst_err, err), n_tok + len(tokens)
             writer.write_batch(b, tokens, entropy, [
                 {"prompt_idx": i, "prompt": t, "response": loaded.tokenizer.decode(r, skip_special_tokens=True),
@@ -439,8 +487,8 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
             timings["total_s"] = time.perf_counter() - t_start
             writer.update_manifest(
                 timings={k: round(v, 3) for k, v in timings.items()},
-                layer_decode="additive" if worst_err < ADDITIVE_TOL else "direct",
-                additivity_error=worst_err, **extra,
+                layer_decode="additive" if worst_err < ADDITIVE_TOL and remote is None else "direct",
+                additivity_error=None if remote else worst_err, **extra,
             )
             writer.finalize(vocab_size=info.vocab_size, n_layers=info.n_layers)
     if shard is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import duckdb
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from tiny import V, build_tiny, wrap
+from entropylens import store
+from entropylens.errors import UserError
 from entropylens.store import QUANTITIES, SITES, load_entropy, load_tokens, read_manifest
 from entropylens.trace import TraceConfig, run_trace
 
@@ -168,3 +171,25 @@ def test_other_families_trace_generically(tokenizer, tmp_path, arch):
     merged = last.merge(load_tokens(run), on=["prompt_idx", "position"])
     np.testing.assert_allclose(merged.H_layer, merged.H_final, atol=1e-5)
     assert read_manifest(run)["layer_decode"] == "additive"
+
+
+def test_device_map_with_a_layer_offloaded_to_disk_gives_the_same_rows(tiny_folder, tmp_path):
+    """accelerate's dispatch hooks (here: layer 2 streamed from disk) change where weights live, not the rows."""
+    layout = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+              "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    spec = tmp_path / "map.json"
+    spec.write_text(json.dumps(layout))
+    common = dict(model=str(tiny_folder), limit=3, max_new_tokens=4, lens="both", cache=str(tmp_path))
+    plain = run_trace(TraceConfig(name="plain", **common), progress=False)
+    mapped = run_trace(TraceConfig(name="mapped", device_map=str(spec), **common), progress=False)
+    for name in ("tokens.parquet", "entropy.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(plain / name), pd.read_parquet(mapped / name), check_exact=True)
+    assert "disk" in store.read_manifest(mapped)["device"]
+    assert (tmp_path / "offload" / "map").is_dir()
+    auto = run_trace(TraceConfig(name="auto", device_map="auto", **common), progress=False)  # CPU only here
+    pd.testing.assert_frame_equal(pd.read_parquet(plain / "entropy.parquet"), pd.read_parquet(auto / "entropy.parquet"))
+    spec.write_text(json.dumps(layout | {"lm_head": "disk"}))
+    with pytest.raises(UserError, match="offloads lm_head to disk"):
+        run_trace(TraceConfig(name="bad", device_map=str(spec), **common), progress=False)
+    with pytest.raises(UserError, match="unknown --device-map"):
+        run_trace(TraceConfig(name="bad2", device_map="everywhere", **common), progress=False)
