@@ -8,7 +8,8 @@ or the internal layer policy pi^k, which is the whole difference between GRPO an
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -112,15 +113,51 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = 
     raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
 
 
-def chunk_weight(chunk_mask: torch.Tensor, full_mask: torch.Tensor, loss_agg: str) -> float:
+@dataclass(frozen=True)
+class LossScale:
+    """The global batch's loss denominators: tokens and sequences summed over ranks, T the longest padding.
+
+    Under DDP every rank holds a shard of the batch and gradients are *averaged* over `world_size`
+    ranks, so a rank's loss is its shard's sum over global denominators times world_size; local
+    denominators would weight a rank's tokens by its own count instead of the batch's.
+    """
+
+    tokens: float  # mask.sum() over the global batch
+    sequences: int  # rollouts in the global batch
+    length: int  # T: the longest padded completion length of any rank (Dr. GRPO's constant)
+    world_size: int = 1
+
+    @staticmethod
+    def local(mask: torch.Tensor) -> torch.Tensor:
+        """This rank's (tokens, sequences, T) as a (3,) float64 tensor, to gather over ranks."""
+        return torch.tensor([float(mask.sum()), mask.shape[0], mask.shape[1]], dtype=torch.float64)
+
+    @classmethod
+    def from_ranks(cls, per_rank: torch.Tensor) -> LossScale:
+        """Combine the (W, 3) gathered `local` rows of all ranks."""
+        tokens, sequences, length = per_rank.double().cpu().unbind(-1)  # (W,) each
+        return cls(float(tokens.sum()), int(sequences.sum()), int(length.max()), per_rank.shape[0])
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> LossScale:
+        """One process holding the whole batch."""
+        return cls.from_ranks(cls.local(mask)[None])
+
+
+def chunk_weight(chunk_mask: torch.Tensor, full: torch.Tensor | LossScale, loss_agg: str) -> float:
     """Weight that makes sum_c weight_c * aggregate_loss(chunk_c) == aggregate_loss(full batch).
 
-    Lets the trainer split N rollouts into micro-batches and accumulate gradients exactly.
+    Lets the trainer split N rollouts into micro-batches and accumulate gradients exactly. `full` is
+    the batch's mask (one process) or the global `LossScale` of a batch sharded over ranks, where the
+    ranks' weighted sums, averaged over ranks by DDP, equal the global batch's loss.
     """
+    scale = LossScale.of(full) if isinstance(full, torch.Tensor) else full
     if loss_agg == "token_mean":
-        return float(chunk_mask.sum() / full_mask.sum().clamp(min=1.0))
-    if loss_agg in LOSS_AGGS:
-        return chunk_mask.shape[0] / full_mask.shape[0]
+        return scale.world_size * float(chunk_mask.sum()) / max(scale.tokens, 1.0)
+    if loss_agg == "seq_mean_token_mean":
+        return scale.world_size * chunk_mask.shape[0] / scale.sequences
+    if loss_agg == "seq_mean_token_sum_norm":  # the chunk divided its sums by its own T, not the global one
+        return scale.world_size * chunk_mask.shape[0] / scale.sequences * chunk_mask.shape[1] / scale.length
     raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
 
 
