@@ -5,11 +5,14 @@ padding, pure temperature sampling: no top-k/top-p, so the sampling distribution
 softmax(logits / T)). `policy_logits` re-scores them in one forward and returns both the
 output policy's logits and the internal layer policy pi^k = softmax(H^k W_U^T) (lens `bupo`:
 raw residual, no final norm, head bias and soft-cap applied), with H^k read by a forward hook
-on decoder layer k (1-indexed).
+on decoder layer k (1-indexed). The trainer samples with `generate_groups`: one seeded call per
+prompt, so that a batch sharded over ranks samples what one process sampling it whole would.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +104,12 @@ def generate_rollouts(
     max_new_tokens: int,
     seed: int,
     keep_scores: bool = False,
+    synced_gpus: bool | None = None,
 ) -> Rollouts:
-    """Sample G completions for each rendered prompt text with the full model, seeded."""
+    """Sample G completions for each rendered prompt text with the full model, seeded.
+
+    `synced_gpus` (transformers' flag, set under FSDP) keeps every rank stepping until all are done.
+    """
     eos, pad = eos_and_pad_ids(model, tokenizer)
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
@@ -121,6 +128,7 @@ def generate_rollouts(
     out = model.generate(
         input_ids=ids, attention_mask=attn,
         generation_config=sampling_config(model, tokenizer, temperature, max_new_tokens, keep_scores),
+        synced_gpus=synced_gpus,
     )
     model.train(was_training)
     comp = out.sequences[:, ids.shape[1] :]  # (N, T)
@@ -130,13 +138,62 @@ def generate_rollouts(
     return Rollouts(ids, attn, comp, mask, decoded, out.scores if keep_scores else None)
 
 
+def group_seed(seed: int, step: int, index: int) -> int:
+    """Sampling seed of one prompt's group: a function of (run seed, step, the prompt's index in the step's
+    global batch) only, so a group samples the same completions on any rank and next to any other prompts."""
+    digest = hashlib.sha256(f"bupo-group/{seed}/{step}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: torch.manual_seed's range
+
+
+def concat_rollouts(parts: Sequence[Rollouts], pad_id: int) -> Rollouts:
+    """Stack rollouts generated separately: prompts left-padded, completions right-padded to the longest.
+
+    Padded completion positions get mask 0 whatever the pad id is (an EOS pad would otherwise count once).
+    """
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+    left = lambda x, v: F.pad(x, (P - x.shape[1], 0), value=v)  # noqa: E731  (n, P)
+    right = lambda x, v: F.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731  (n, T)
+    return Rollouts(
+        prompt_ids=torch.cat([left(r.prompt_ids, pad_id) for r in parts]),  # (N, P)
+        prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in parts]),  # (N, P)
+        completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in parts]),  # (N, T)
+        mask=torch.cat([right(r.mask, 0.0) for r in parts]),  # (N, T)
+        texts=[t for r in parts for t in r.texts],
+    )
+
+
+def generate_groups(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    G: int,
+    temperature: float,
+    max_new_tokens: int,
+    seeds: Sequence[int],
+    synced_gpus: bool | None = None,
+) -> Rollouts:
+    """G completions per prompt, one `generate` call per prompt seeded with its own seed (see `group_seed`).
+
+    One batched call couples the prompts (shared RNG stream, shared left padding), so its samples depend
+    on which prompts share the batch; per-group calls make the sharded (multi-rank) batch sample exactly
+    what one process sampling the whole batch does.
+    """
+    if len(seeds) != len(texts):
+        raise ValueError(f"need one seed per prompt, got {len(seeds)} for {len(texts)}")
+    parts = [generate_rollouts(model, tokenizer, [t], G, temperature, max_new_tokens, seed=s,
+                               synced_gpus=synced_gpus) for t, s in zip(texts, seeds)]
+    return concat_rollouts(parts, eos_and_pad_ids(model, tokenizer)[1])
+
+
 def policy_logits(
-    model: nn.Module, ro: Rollouts, layer: int, rows: slice = slice(None)
+    model: nn.Module, ro: Rollouts, layer: int, rows: slice = slice(None), runner: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of pi^layer and of the output policy at every completion position, for rollouts `rows`.
 
     Position t of the result predicts completion token t. Gradients flow through both if enabled;
-    freezing (see trainer) decides which parameters receive them.
+    freezing (see trainer) decides which parameters receive them. `runner` runs the forward instead of
+    `model` when it wraps it (DDP/FSDP: the wrapper's forward is what synchronises gradients).
     """
     layers = decoder_layers(model)
     if not 1 <= layer <= len(layers):
@@ -148,13 +205,20 @@ def policy_logits(
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (n, P+T) as during generation
 
     captured: list[torch.Tensor] = []
-    hook = layers[layer - 1].register_forward_hook(
-        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
-    )
+    hooks = [  # pi^k is read out inside the forward, while FSDP holds the unembedding unsharded
+        layers[layer - 1].register_forward_hook(
+            lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, P - 1 : P + T - 1])
+        ),  # (n, T, d) raw residual H^k
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, _i, _o: captured.append(unembed(model, captured[0]))
+        ),  # (n, T, V)
+    ]
     try:
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1,
-                    use_cache=False)
+        out = (runner or model)(input_ids=input_ids, attention_mask=attn, position_ids=pos,
+                                logits_to_keep=T + 1, use_cache=False)
     finally:
-        hook.remove()
-    h_k = captured[0][:, P - 1 : P + T - 1]  # (n, T, d) raw residual H^k
-    return unembed(model, h_k), out.logits[:, :-1]  # (n, T, V), (n, T, V)
+        for hook in hooks:
+            hook.remove()
+    if len(captured) != 2:
+        raise UserError(f"{type(model).__name__}: the forward did not call layer {layer} and the output embedding once")
+    return captured[1], out.logits[:, :-1]  # (n, T, V), (n, T, V)
