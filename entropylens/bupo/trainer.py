@@ -5,6 +5,13 @@ log-probs of the sampled tokens under the phase's policy (pi^k while step < inte
 the output policy) -> clipped surrogate -> AdamW step. During the internal phase layers > k and the
 final norm are frozen (requires_grad False, so their grads stay None and AdamW skips them, weight
 decay included): only the embedding, layers <= k and the unembedding move.
+
+Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1; see `distributed`) every rank draws the same
+global batch of `prompts_per_step` prompts, samples and scores its own contiguous block of them (whole
+groups, so group advantages stay local), and the DDP/FSDP wrapper averages the gradients. Each group
+is sampled with its own seed (`group_seed`), and the loss is normalised by the global batch's token /
+sequence counts (`LossScale`), so N processes take the same step as one process with the same batch.
+Metrics are reduced over ranks; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -27,11 +36,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import entropylens
+from entropylens.bupo import distributed
 from entropylens.bupo.grpo import (
-    LOSS_AGGS, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
+    LOSS_AGGS, LossScale, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
 )
 from entropylens.bupo.rewards import get_reward
-from entropylens.bupo.rollout import Rollouts, decoder_layers, final_norm, generate_rollouts, policy_logits
+from entropylens.bupo.rollout import (
+    Rollouts, decoder_layers, final_norm, generate_groups, group_seed, policy_logits,
+)
 from entropylens.errors import UserError
 from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
@@ -44,7 +56,7 @@ class BupoConfig:
     internal_layer: int  # k: 1-indexed decoder layer whose policy pi^k = softmax(H^k W_U^T) is trained first
     internal_steps: int = 20  # steps on pi^k before switching to the output policy (paper: 20-30; 0 = GRPO)
     steps: int = 50  # total optimiser steps (internal + output phase)
-    prompts_per_step: int = 8  # B: prompts sampled per step (rollouts per step = B * num_generations)
+    prompts_per_step: int = 8  # B: prompts per step, over all ranks (rollouts per step = B * num_generations)
     num_generations: int = 8  # G: rollouts per prompt, the GRPO group (paper: 8)
     max_new_tokens: int = 128  # completion length limit
     temperature: float = 1.0  # sampling temperature, also used when scoring log-probs
@@ -56,15 +68,15 @@ class BupoConfig:
     beta: float = 0.0  # k3 KL penalty to the frozen initial model's same policy (paper: 0, no KL)
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
     num_iterations: int = 1  # optimiser steps per rollout batch (mu); > 1 adds a no-grad old-log-prob pass
-    micro_batch_size: int = 16  # rollouts per forward/backward chunk (gradients accumulate exactly)
+    micro_batch_size: int = 16  # rollouts per forward/backward chunk, per rank (gradients accumulate exactly)
     reward: str = "exact"  # exact | math_verify
     seed: int = 0  # seeds prompt sampling and generation
     enable_thinking: bool = False  # passed to the chat template (Qwen3's thinking mode)
     model_id: str = ""  # recorded in the manifest (model.config._name_or_path if empty)
     parent_run: str | None = None  # trace run this training started from, for before/after comparisons
 
-    def validate(self, n_layers: int, n_prompts: int) -> None:
-        """Raise UserError on settings that cannot work with this model and prompt set."""
+    def validate(self, n_layers: int, n_prompts: int, world_size: int = 1) -> None:
+        """Raise UserError on settings that cannot work with this model, prompt set and number of ranks."""
         if not 1 <= self.internal_layer <= n_layers:
             raise UserError(f"internal_layer must be in 1..{n_layers}, got {self.internal_layer}")
         if not 0 <= self.internal_steps <= self.steps:
@@ -77,6 +89,9 @@ class BupoConfig:
             raise UserError("temperature must be > 0, num_iterations and micro_batch_size >= 1")
         if n_prompts < 1 or self.prompts_per_step < 1:
             raise UserError("need at least one prompt and prompts_per_step >= 1")
+        if self.prompts_per_step % world_size:
+            raise UserError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of "
+                            f"processes ({world_size}): each rank takes an equal block of whole prompt groups")
 
 
 def pick_boundary_layer(layer_table: pd.DataFrame) -> tuple[int, str]:
@@ -104,33 +119,47 @@ def set_phase(model: nn.Module, layer: int, phase: str) -> None:
             module.requires_grad_(False)
 
 
-def _score_chunk(model, ro: Rollouts, layer: int, rows: slice, phase: str, temperature: float):
+def _score_chunk(model, ro: Rollouts, layer: int, rows: slice, phase: str, temperature: float, runner=None):
     """Log-probs of the sampled tokens under the phase's policy, plus both policies' logits."""
-    internal, output = policy_logits(model, ro, layer, rows)  # (n, T, V) each
+    internal, output = policy_logits(model, ro, layer, rows, runner)  # (n, T, V) each
     policy = internal if phase == "internal" else output
     return token_logprobs(policy, ro.completion_ids[rows], temperature), internal, output  # (n, T)
 
 
-def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str) -> dict[str, float]:
-    """One accumulated backward over all micro-batches; returns summed statistics for the metrics."""
+def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, *, scale: LossScale | None = None,
+            runner=None, acc=None) -> dict[str, float]:
+    """One accumulated backward over all micro-batches; returns summed statistics for the metrics.
+
+    Sharded over ranks, `scale` is the global batch's (else this batch's) and `runner` the DDP/FSDP
+    wrapper of `model`: only the last micro-batch's backward all-reduces (the others run in no_sync).
+    """
+    scale = scale or LossScale.of(ro.mask)
     N, s = ro.completion_ids.shape[0], dict(loss=0.0, H_k=0.0, H_out=0.0, kl=0.0, clipped=0.0)
     for start in range(0, N, cfg.micro_batch_size):
-        rows = slice(start, start + cfg.micro_batch_size)
-        logp, internal, output = _score_chunk(model, ro, cfg.internal_layer, rows, phase, cfg.temperature)
-        m = ro.mask[rows]  # (n, T)
-        old_c = logp.detach() if old is None else old[rows]
-        loss, clipped = grpo_loss(logp, old_c, adv[rows], m, cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
-                                  None if ref is None else ref[rows], cfg.loss_agg)
-        with torch.no_grad():
-            internal, output = internal.detach(), output.detach()
-            s["H_k"] += float((token_entropy(internal, cfg.temperature) * m).sum())
-            s["H_out"] += float((token_entropy(output, cfg.temperature) * m).sum())
-            s["kl"] += float((token_kl(output, internal, cfg.temperature) * m).sum())
-            s["clipped"] += float(clipped.sum())
-        del internal, output  # frees the graph of the branch that gets no gradient
-        w = chunk_weight(m, ro.mask, cfg.loss_agg)
-        (loss * w).backward()
-        s["loss"] += loss.item() * w
+        rows, last = slice(start, start + cfg.micro_batch_size), start + cfg.micro_batch_size >= N
+        with nullcontext() if acc is None or last else acc.no_sync(runner):
+            s = _accumulate(model, ro, adv, old, ref, cfg, phase, rows, scale, runner, s)
+    return s
+
+
+def _accumulate(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, rows: slice, scale: LossScale,
+                runner, s: dict[str, float]) -> dict[str, float]:
+    """Forward and backward of one micro-batch, its loss weighted into the global batch's; adds to `s`."""
+    logp, internal, output = _score_chunk(model, ro, cfg.internal_layer, rows, phase, cfg.temperature, runner)
+    m = ro.mask[rows]  # (n, T)
+    old_c = logp.detach() if old is None else old[rows]
+    loss, clipped = grpo_loss(logp, old_c, adv[rows], m, cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
+                              None if ref is None else ref[rows], cfg.loss_agg)
+    with torch.no_grad():
+        internal, output = internal.detach(), output.detach()
+        s["H_k"] += float((token_entropy(internal, cfg.temperature) * m).sum())
+        s["H_out"] += float((token_entropy(output, cfg.temperature) * m).sum())
+        s["kl"] += float((token_kl(output, internal, cfg.temperature) * m).sum())
+        s["clipped"] += float(clipped.sum())
+    del internal, output  # frees the graph of the branch that gets no gradient
+    w = chunk_weight(m, scale, cfg.loss_agg)
+    (loss * w).backward()
+    s["loss"] += loss.item() * w
     return s
 
 
@@ -162,76 +191,131 @@ def train(
     `prompts` are `entropylens.prompts.Prompt`s (`.answer` is the reference); `render(prompt,
     tokenizer) -> str` defaults to `entropylens.prompts.render` with the config's `enable_thinking`;
     `reward_fn(completion, answer) -> float` overrides `config.reward` (e.g. a format reward).
+    Under a distributed launcher every rank calls this with the same arguments; rank 0 writes the files.
     """
-    config.validate(len(decoder_layers(model)), len(prompts))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    acc = distributed.accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    config.validate(len(decoder_layers(model)), len(prompts), 1 if acc is None else acc.num_processes)
+    out, main = Path(out_dir), distributed.is_main(acc)
     if render is None:
         render = lambda p, tok: render_prompt(p, tok, enable_thinking=config.enable_thinking)  # noqa: E731
-    manifest = _manifest(config, model, prompts, out, model_info)
-    _write_json(out / "manifest.json", manifest)
-    _write_json(out / "config.json", asdict(config))
+    manifest = _manifest(config, model, prompts, out, model_info, acc)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "manifest.json", manifest)
+        _write_json(out / "config.json", asdict(config))
     t_start, flags = time.perf_counter(), [p.requires_grad for p in model.parameters()]
     try:
         reward_fn = reward_fn or get_reward(config.reward)
-        n_tokens = _loop(config, model, tokenizer, prompts, render, reward_fn, out, progress)
-        ckpt = save_checkpoint(model, tokenizer, out / "checkpoint")
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta else None
+        runner = _wrap(acc, model)
+        n_tokens = _loop(config, model, runner, ref_model, tokenizer, prompts, render, reward_fn, out, progress,
+                         acc)
+        state = acc.get_state_dict(runner) if distributed.shards_parameters(acc) else None  # all ranks gather
+        ckpt = distributed.main_only(acc, lambda: save_checkpoint(model, tokenizer, out / "checkpoint", state))
     except BaseException as e:
-        manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
-        _write_json(out / "manifest.json", manifest)
+        if main:
+            manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+            _write_json(out / "manifest.json", manifest)
         raise
     finally:  # loaders freeze models for tracing; hand the model back as it came
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-    manifest.update(status="complete", finished=_now(), n_tokens=n_tokens,
-                    timings={"total_s": round(time.perf_counter() - t_start, 3)})
-    _write_json(out / "manifest.json", manifest)
+        if acc is not None:
+            acc.free_memory()  # drops the accelerator's references to the wrapper and the optimizer
+    if main:
+        manifest.update(status="complete", finished=_now(), n_tokens=n_tokens,
+                        timings={"total_s": round(time.perf_counter() - t_start, 3)})
+        _write_json(out / "manifest.json", manifest)
+    distributed.barrier(acc)  # nobody returns before rank 0 has written everything
     return ckpt
 
 
-def _loop(cfg: BupoConfig, model, tokenizer, prompts, render, reward_fn, out: Path, progress: bool) -> int:
-    """The training steps; returns the number of completion tokens trained on."""
-    params = list(model.parameters())
+def _wrap(acc, model: nn.Module) -> nn.Module:
+    """The DDP/FSDP wrapper whose forward and backward synchronise gradients; the model itself in one process."""
+    if acc is None:
+        return model
+    model.requires_grad_(True)  # DDP registers (FSDP flattens) only the parameters that require grad now
+    return acc.prepare(model)
+
+
+def _clip(acc, params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip to the global gradient norm (over all ranks' shards under FSDP) and return that norm."""
+    if acc is None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = acc.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP 2 returns a DTensor
+
+
+STAT_KEYS = ("loss", "H_k", "H_out", "kl", "clipped")  # _update's sums, then tokens, rollouts, seconds
+
+
+def metrics_row(step: int, phase: str, rewards: torch.Tensor, per_rank: torch.Tensor, grad_norm: float) -> dict:
+    """One metrics.jsonl row from all ranks' rewards (B*G,) and per-rank statistics (W, 8) in STAT_KEYS order.
+
+    Sums add over ranks, except the loss: each rank's carries the factor W that DDP's averaging removes,
+    so the global batch's loss is their mean. Throughput is over the slowest rank's wall time.
+    """
+    loss, H_k, H_out, kl, clipped, tokens, rollouts = per_rank[:, :7].sum(0).tolist()
+    n_tok, world = max(tokens, 1), per_rank.shape[0]
+    row = {
+        "step": step, "phase": phase, "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std(unbiased=False)), "entropy/layer_k": H_k / n_tok,
+        "entropy/output": H_out / n_tok, "kl/output_vs_internal": kl / n_tok,
+        "clip/frac": clipped / n_tok, "optim/grad_norm": grad_norm,
+        "completion/len_mean": tokens / rollouts, "perf/tokens_per_s": tokens / float(per_rank[:, 7].max()),
+        "loss": loss / world,
+    }
+    if world > 1:  # scalars (the dashboard tabulates rows): the spread shows how unevenly ranks were loaded
+        row |= {"dist/world_size": world, "dist/tokens_min_rank": int(per_rank[:, 5].min()),
+                "dist/tokens_max_rank": int(per_rank[:, 5].max())}
+    return row
+
+
+def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render, reward_fn, out: Path,
+          progress: bool, acc) -> int:
+    """The training steps; returns the number of completion tokens trained on (all ranks)."""
+    params = list(runner.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
+    opt = opt if acc is None else acc.prepare(opt)
+    rank, world = (0, 1) if acc is None else (acc.process_index, acc.num_processes)
     rng, order, G, total = random.Random(cfg.seed), [], cfg.num_generations, 0
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    bar = tqdm(range(cfg.steps), desc="bupo", disable=not progress, dynamic_ncols=True)
+    if rank == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    bar = tqdm(range(cfg.steps), desc="bupo", disable=not progress or rank > 0, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         phase = "internal" if step < cfg.internal_steps else "output"
         batch = []
-        for _ in range(cfg.prompts_per_step):  # epochs of shuffled prompts, seeded
+        for _ in range(cfg.prompts_per_step):  # epochs of shuffled prompts, seeded: the same on every rank
             if not order:
                 order = rng.sample(range(len(prompts)), len(prompts))
             batch.append(prompts[order.pop()])
-        texts = [render(p, tokenizer) for p in batch]
-        ro = generate_rollouts(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens,
-                               seed=cfg.seed * 1_000_003 + step)
+        mine = distributed.shard(len(batch), rank, world)  # this rank's block of whole groups
+        seeds = [group_seed(cfg.seed, step, j) for j in range(len(batch))][mine]
+        batch = batch[mine]
+        ro = generate_groups(model, tokenizer, [render(p, tokenizer) for p in batch], G, cfg.temperature,
+                             cfg.max_new_tokens, seeds, synced_gpus=distributed.shards_parameters(acc))
         rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
         adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
+        scale = LossScale.from_ranks(distributed.gather_rows(acc, LossScale.local(ro.mask)[None]))  # (W, 3)
         set_phase(model, cfg.internal_layer, phase)
         old = _no_grad_logp(model, ro, cfg, phase) if cfg.num_iterations > 1 else None
         ref = _no_grad_logp(ref_model, ro, cfg, phase) if ref_model is not None else None
         passes = []  # metrics describe the first pass over this batch
         for _ in range(cfg.num_iterations):
             opt.zero_grad(set_to_none=True)
-            s = _update(model, ro, adv, old, ref, cfg, phase)
-            passes.append((s, float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))))
+            s = _update(model, ro, adv, old, ref, cfg, phase, scale=scale, runner=runner, acc=acc)
+            passes.append((s, _clip(acc, params, cfg.max_grad_norm)))
             opt.step()
         first, first_norm = passes[0]
         opt.zero_grad(set_to_none=True)
-        n_tok, dt, total = max(ro.n_tokens, 1), time.perf_counter() - t0, total + ro.n_tokens
-        row = {
-            "step": step, "phase": phase, "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std(unbiased=False)), "entropy/layer_k": first["H_k"] / n_tok,
-            "entropy/output": first["H_out"] / n_tok, "kl/output_vs_internal": first["kl"] / n_tok,
-            "clip/frac": first["clipped"] / n_tok, "optim/grad_norm": first_norm,
-            "completion/len_mean": ro.n_tokens / len(ro.texts), "perf/tokens_per_s": ro.n_tokens / dt,
-            "loss": first["loss"],
-        }
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        local = [first[k] for k in STAT_KEYS] + [ro.n_tokens, len(ro.texts), time.perf_counter() - t0]
+        per_rank = distributed.gather_rows(acc, torch.tensor([local], dtype=torch.float64))  # (W, 8)
+        row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, first_norm)
+        total += int(per_rank[:, 5].sum())
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.set_postfix(phase=phase, reward=f"{row['reward/mean']:.3f}",
                         H_k=f"{row['entropy/layer_k']:.2f}", H_out=f"{row['entropy/output']:.2f}")
     return total
@@ -248,14 +332,18 @@ def _tied_head_key(model: nn.Module) -> str | None:
     return None
 
 
-def save_checkpoint(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """Write safetensors + config + tokenizer (works for GGUF-loaded models, which refuse save_pretrained)."""
+def save_checkpoint(model: nn.Module, tokenizer, path: str | Path, state: dict | None = None) -> Path:
+    """Write safetensors + config + tokenizer (works for GGUF-loaded models, which refuse save_pretrained).
+
+    `state` replaces `model.state_dict()` when the parameters are sharded (FSDP's gathered full state).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tied = _tied_head_key(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != tied}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != tied}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
     quant = getattr(config, "quantization_config", None)
@@ -272,7 +360,7 @@ def save_checkpoint(model: nn.Module, tokenizer, path: str | Path) -> Path:
     return path
 
 
-def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None) -> dict:
+def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None, acc=None) -> dict:
     c = model.config
     info = {
         "id": cfg.model_id or getattr(c, "_name_or_path", ""),
@@ -281,7 +369,10 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None) ->
         "vocab_size": c.vocab_size, "tie_word_embeddings": _tied_head_key(model) is not None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     } | (extra or {})
-    return {
+    dist = {} if acc is None else {"distributed": {
+        "world_size": acc.num_processes, "type": str(acc.distributed_type).split(".")[-1],
+        "backend": acc.state.backend, "prompts_per_rank": cfg.prompts_per_step // acc.num_processes}}
+    return dist | {
         "run_id": out.name, "status": "running", "error": None, "created": _now(), "finished": None,
         "kind": "bupo", "model": info, "config": asdict(cfg),
         "bupo": {"layer": cfg.internal_layer, "internal_steps": cfg.internal_steps, "steps": cfg.steps,
