@@ -224,7 +224,7 @@ def bupo(
                               "(SmolLM2 has none, hence the default 15 of its 30)"),
     internal_steps: int = typer.Option(None, help="steps on pi^k first (default: steps // 2; grpo: 0)"),
     steps: int = typer.Option(8, help="total optimiser steps"),
-    prompts_per_step: int = typer.Option(4, help="B: prompts per step"),
+    prompts_per_step: int = typer.Option(4, help="B: prompts per step (over all processes when distributed)"),
     num_generations: int = typer.Option(4, "--num-generations", "-G", help="G: rollouts per prompt"),
     max_new_tokens: int = typer.Option(48, help="completion cap (training, evaluation, traces)"),
     temperature: float = typer.Option(1.0, help="sampling temperature"),
@@ -250,7 +250,11 @@ def bupo(
     trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint (only when asked)"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
-    """BuPO (or GRPO): choose k, train, save, evaluate and re-trace base vs trained into cache/runs/."""
+    """BuPO (or GRPO): choose k, train, save, evaluate and re-trace base vs trained into cache/runs/.
+
+    Data-parallel with `torchrun --nproc-per-node N -m entropylens bupo ...` or `accelerate launch`.
+    """
+    from entropylens.bupo.distributed import rank
     from entropylens.bupo.pipeline import BupoRunConfig, run_bupo
 
     try:
@@ -269,6 +273,8 @@ def bupo(
         trust_remote_code=trust_remote_code,
     )
     r = run_bupo(cfg, progress=not quiet)
+    if rank() > 0:  # under torchrun / accelerate launch rank 0 speaks for the job
+        return
     out.print(f"[bold green]complete[/] {r.run_dir}  ·  checkpoint {r.checkpoint}")
     out.print(f"layer k = {r.layer}: {r.layer_evidence}" + (f" (trace {r.layer_run})" if r.layer_run else ""))
     table = Table(title="held-out evaluation", title_justify="left")

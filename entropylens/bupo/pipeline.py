@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from entropylens.bupo import distributed
 from entropylens.bupo.evaluate import EvalConfig, evaluate
 from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
 from entropylens.errors import UserError
@@ -185,14 +186,80 @@ def _update_manifest(run_dir: Path, **fields: Any) -> None:
 
 
 def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
-    """Choose k, evaluate and trace the base model, train, then evaluate and re-trace the checkpoint."""
+    """Choose k, evaluate and trace the base model, train, then evaluate and re-trace the checkpoint.
+
+    Under `torchrun` / `accelerate launch` every rank runs this: all of them train, rank 0 alone picks
+    the run id, traces, evaluates and writes; the others wait for it and get the same result.
+    """
     cfg.validate()
+    acc = distributed.accelerator(cpu=cfg.device == "cpu")
+    world = 1 if acc is None else acc.num_processes
+    if cfg.prompts_per_step % world:
+        raise UserError(f"--prompts-per-step ({cfg.prompts_per_step}) must be divisible by the number of "
+                        f"processes ({world}): each rank samples an equal block of whole prompt groups")
+    progress = progress and distributed.is_main(acc)
     t0 = time.perf_counter()
     train_split, eval_source, eval_split = _splits(cfg)
     train_set = load_prompts(cfg.prompts, limit=cfg.train_prompts, seed=cfg.seed, split=train_split)
     eval_set = load_prompts(eval_source, limit=cfg.eval_prompts, seed=cfg.seed, split=eval_split)
-    run_id = new_run_id(cfg.name, tag=f"{cfg.algo}-{Path(cfg.prompts).stem}")
     runs = Path(cfg.cache) / "runs"
+    run_id = distributed.main_only(acc, lambda: _claim_run_id(cfg, runs))
+
+    _log(progress, f"loading model {cfg.model} ..." + (f" ({world} processes)" if world > 1 else ""))
+    loaded = distributed.main_first(acc, lambda: load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache),
+                                                             cfg.trust_remote_code))  # rank 0 fills the cache
+    ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=cfg.temperature,
+                      max_new_tokens=cfg.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=cfg.reward,
+                      seed=cfg.seed, enable_thinking=cfg.enable_thinking)
+    k, evidence, layer_run, eval_base, base_name = distributed.main_only(
+        acc, lambda: _before_training(cfg, loaded, run_id, ecfg, eval_set, progress))
+    trace_n = min(cfg.trace_prompts, len(eval_set))
+
+    bcfg = BupoConfig(
+        internal_layer=k, internal_steps=cfg.resolved_internal_steps(), steps=cfg.steps,
+        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, beta=cfg.beta, micro_batch_size=cfg.micro_batch_size, reward=cfg.reward,
+        seed=cfg.seed, enable_thinking=cfg.enable_thinking, model_id=loaded.info.id, parent_run=base_name,
+    )
+    run_dir = runs / run_id
+    layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
+    ckpt = train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
+                 model_info=loaded.info.to_dict())
+    loaded = None  # type: ignore[assignment]  # frees the base model before the checkpoint is reloaded
+    gc.collect()
+
+    def after_training() -> tuple[dict, str, pd.DataFrame]:
+        try:  # the trainer marked its part complete; the run is complete once evaluated and re-traced
+            _update_manifest(run_dir, status="running", finished=None, stage="evaluate", layer_choice=layer_choice,
+                             runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
+            _write_json(run_dir / "run_config.json", asdict(cfg) | {"layer_choice": layer_choice})
+            trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
+            _log(progress, f"evaluating the trained model ({ckpt}) ...")
+            eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
+            _write_json(run_dir / "eval.json", {
+                "config": asdict(ecfg), "prompts": {"source": eval_source, "split": eval_split, "n": len(eval_set)},
+                "base": eval_base, "trained": eval_trained,
+            })
+            trained_dir = _trace(cfg, trained, f"{run_id}-trained", eval_source, eval_split, trace_n,
+                                 cfg.trace_positions, base_name, progress, str(ckpt))
+            table = before_after_table(runs / base_name, trained_dir)
+        except BaseException as e:
+            _update_manifest(run_dir, status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+            raise
+        _update_manifest(run_dir, status="complete", stage="done", finished=_now(), files=read_manifest(run_dir)
+                         ["files"] | {"eval": "eval.json", "run_config": "run_config.json"},
+                         pipeline_s=round(time.perf_counter() - t0, 1))
+        return eval_trained, trained_dir.name, table
+
+    eval_trained, trained_name, table = distributed.main_only(acc, after_training)
+    return BupoResult(run_dir, ckpt, k, evidence, layer_run, base_name, trained_name, eval_base,
+                      eval_trained, table)
+
+
+def _claim_run_id(cfg: BupoRunConfig, runs: Path) -> str:
+    """A fresh run id (one for all ranks: a timestamped default differs between processes)."""
+    run_id = new_run_id(cfg.name, tag=f"{cfg.algo}-{Path(cfg.prompts).stem}")
     try:
         runs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -200,56 +267,20 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
     taken = [n for n in (run_id, f"{run_id}-layer", f"{run_id}-base", f"{run_id}-trained") if (runs / n).exists()]
     if taken:
         raise UserError(f"run {taken[0]!r} already exists in {runs}; pick another --name")
+    return run_id
 
-    _log(progress, f"loading model {cfg.model} ...")
-    loaded = load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache), cfg.trust_remote_code)
+
+def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg: EvalConfig, eval_set,
+                     progress: bool) -> tuple[int, str, str | None, dict[str, Any], str]:
+    """Choose k, evaluate and trace the base model (before training changes it in place)."""
     k, evidence, layer_run = choose_layer(cfg, loaded, run_id, progress)
     _log(progress, f"[bold]layer k = {k}[/]: {evidence}" + (f" (trace {layer_run})" if layer_run else ""))
-
-    ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=cfg.temperature,
-                      max_new_tokens=cfg.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=cfg.reward,
-                      seed=cfg.seed, enable_thinking=cfg.enable_thinking)
     _log(progress, f"evaluating the base model on {len(eval_set)} held-out prompts ...")
     eval_base = evaluate(ecfg, loaded.model, loaded.tokenizer, eval_set)
-    trace_n = min(cfg.trace_prompts, len(eval_set))
-    base_dir = _trace(cfg, loaded, f"{run_id}-base", eval_source, eval_split, trace_n, cfg.trace_positions,
-                      None, progress, cfg.model)
-
-    bcfg = BupoConfig(
-        internal_layer=k, internal_steps=cfg.resolved_internal_steps(), steps=cfg.steps,
-        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, beta=cfg.beta, micro_batch_size=cfg.micro_batch_size, reward=cfg.reward,
-        seed=cfg.seed, enable_thinking=cfg.enable_thinking, model_id=loaded.info.id, parent_run=base_dir.name,
-    )
-    run_dir = runs / run_id
-    layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
-    ckpt = train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
-                 model_info=loaded.info.to_dict())
-    try:  # the trainer marked its part complete; the run is complete once evaluated and re-traced
-        _update_manifest(run_dir, status="running", finished=None, stage="evaluate", layer_choice=layer_choice,
-                         runs={"layer": layer_run, "base": base_dir.name, "trained": f"{run_id}-trained"})
-        _write_json(run_dir / "run_config.json", asdict(cfg) | {"layer_choice": layer_choice})
-        del loaded
-        gc.collect()
-        trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
-        _log(progress, f"evaluating the trained model ({ckpt}) ...")
-        eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
-        _write_json(run_dir / "eval.json", {
-            "config": asdict(ecfg), "prompts": {"source": eval_source, "split": eval_split, "n": len(eval_set)},
-            "base": eval_base, "trained": eval_trained,
-        })
-        trained_dir = _trace(cfg, trained, f"{run_id}-trained", eval_source, eval_split, trace_n,
-                             cfg.trace_positions, base_dir.name, progress, str(ckpt))
-        table = before_after_table(base_dir, trained_dir)
-    except BaseException as e:
-        _update_manifest(run_dir, status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
-        raise
-    _update_manifest(run_dir, status="complete", stage="done", finished=_now(), files=read_manifest(run_dir)
-                     ["files"] | {"eval": "eval.json", "run_config": "run_config.json"},
-                     pipeline_s=round(time.perf_counter() - t0, 1))
-    return BupoResult(run_dir, ckpt, k, evidence, layer_run, base_dir.name, trained_dir.name, eval_base,
-                      eval_trained, table)
+    _, eval_source, eval_split = _splits(cfg)
+    base_dir = _trace(cfg, loaded, f"{run_id}-base", eval_source, eval_split, min(cfg.trace_prompts, len(eval_set)),
+                      cfg.trace_positions, None, progress, cfg.model)
+    return k, evidence, layer_run, eval_base, base_dir.name
 
 
 def _now() -> str:
