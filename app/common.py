@@ -42,26 +42,29 @@ def figure_block(view: str, title: str, controls: list, height: int = 520) -> ht
             dcc.Download(id=f"{view}-download"),
         ]),
         dcc.Loading(dcc.Graph(id=f"{view}-graph", style={"height": f"{height}px"},
-                              config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": view}}),
+                              config={"displaylogo": False,
+                                      "toImageButtonOptions": {"format": "png", "filename": view}}),
                     type="circle"),
     ], **{"data-title": title})
 
 
-def register_view(app: Dash, view: str, build: Callable[..., tuple[go.Figure, pd.DataFrame]],
-                  inputs: list[tuple[str, str]]) -> None:
+def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.DataFrame]],
+                  inputs: list[tuple[str, str]], target: tuple[str, str] = ("graph", "figure"),
+                  message: Callable[[str], object] = message_figure) -> None:
     """Wire `build(*values) -> (figure, data)` to the view's graph and its CSV download.
 
     The CSV callback rebuilds the same data from the same inputs, so what you download is
-    exactly what is plotted; user mistakes (UserError) are shown in the figure.
+    exactly what is plotted; user mistakes (UserError) are shown in the figure. A table view
+    passes `target=("panel", "children")` and a `message` that renders the error as text.
     """
 
     def safe(*values):
         try:
             return build(*values)
         except UserError as e:
-            return message_figure(str(e)), pd.DataFrame()
+            return message(str(e)), pd.DataFrame()
 
-    @app.callback(Output(f"{view}-graph", "figure"), [Input(c, p) for c, p in inputs])
+    @app.callback(Output(f"{view}-{target[0]}", target[1]), [Input(c, p) for c, p in inputs])
     def _figure(*values):
         return safe(*values)[0]
 

@@ -1,4 +1,4 @@
-"""Summary-based views: entropy flow (paper Fig. 2), entropy change (Fig. 3), family comparison.
+"""Summary-based views: entropy flow (paper Fig. 2), entropy change (Fig. 3) with its stages, family comparison.
 
 They read only summary.parquet (a few hundred rows per run), so they are the first thing
 the page draws.
@@ -10,17 +10,19 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, Output, State, dash_table, dcc, html
 from plotly.subplots import make_subplots
 
 from app.common import (DASHES, SITE_COLORS, SITE_LABELS, TEMPLATE, family_color, figure_block,
                         register_view)
 from app.data import load_summary, read_manifest, resolve_run
 from entropylens.errors import UserError
+from entropylens.stages import READINGS, StageConfig, classify, describe, detect_stages, stages_table
 
 ROLE_OPTIONS = [{"label": "response tokens", "value": "response"}, {"label": "prompt tokens", "value": "prompt"},
                 {"label": "all tokens", "value": "all"}]
 DH_COLORS = {"exploration": "#e6550d", "integration": "#9e9e9e", "convergence": "#3182bd"}
+MODULE_LABELS = {"attn": "attention", "ffn": "FFN"}  # stages table rows, in the ΔH figure's order
 
 
 def _run_summary(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[dict, pd.DataFrame]:
@@ -36,6 +38,13 @@ def _run_summary(cache: Path, run_id: str | None, lens: str, role: str) -> tuple
     if s.empty:
         raise UserError(f"{run_id} has no '{lens}' summary for {role} tokens")
     return m, s
+
+
+def stage_config(band: float | None, role: str, collapse_frac: float | None = StageConfig.collapse_frac) -> StageConfig:
+    """The ΔH view's inputs as a checked StageConfig, so bars and stages table read ΔH alike (empty band = 0)."""
+    cfg = StageConfig(band=float(band or 0.0), collapse_frac=float(collapse_frac or 0.0), role=role)
+    cfg.validate()
+    return cfg
 
 
 def boundary_layer(dh: pd.DataFrame) -> int | None:
@@ -74,9 +83,8 @@ def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float)
     """dH_attn and dH_ffn per layer, coloured exploration / integration / convergence; boundary marked."""
     m, s = _run_summary(cache, run_id, lens, role)
     s = s[s["quantity"].isin(["dH_attn", "dH_ffn"])].sort_values("layer").copy()
-    band = float(band or 0.0)
-    s["reading"] = pd.cut(s["mean"], [-float("inf"), -band, band, float("inf")],
-                          labels=["convergence", "integration", "exploration"]).astype(str)
+    band = stage_config(band, role).band
+    s["reading"] = [classify(x, band) for x in s["mean"]]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("attention: ΔH_attn = H(A^l) − H(attn input)",
                                         "FFN: ΔH_ffn = H(F^l) − H(FFN input)"))
@@ -107,6 +115,56 @@ def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float)
     return fig, out.assign(run_id=run_id, boundary_layer=k)
 
 
+def build_stages(cache: Path, run_id: str | None, lens: str, role: str, band: float | None,
+                 collapse_frac: float | None) -> tuple[dict, pd.DataFrame]:
+    """Stages of the focus run for one lens and role with the ΔH view's band (entropylens.stages, as the report).
+
+    Computed from the cached summary rather than read from stages.json, whose band and role are the
+    report's and need not be the ones chosen here. Data: one row per layer range, with the boundary
+    and collapse layers on every row.
+    """
+    m, s = _run_summary(cache, run_id, lens, role)
+    cfg = stage_config(band, role, collapse_frac)
+    d = detect_stages(s, lens, m["model"]["vocab_size"], cfg)
+    k = d["boundary_layer"]
+    ffn = {r["layer"]: r["dH_ffn"] for r in d["per_layer"]}
+    table = stages_table({"run_id": run_id, "lenses": {lens: d}}).assign(
+        role=role, band=cfg.band, boundary_layer=k, boundary_dH_ffn=ffn[k] if k is not None else None,
+        collapse_layer=d["collapse_layer"], collapse_threshold=d["collapse_threshold"])
+    return d, table
+
+
+def _span(seg: dict) -> str:
+    return f"{seg['start']}" if seg["start"] == seg["end"] else f"{seg['start']}–{seg['end']}"
+
+
+def stages_panel(d: dict) -> list:
+    """The stages as a module × reading table of layer ranges, the boundary and collapse evidence, the report line."""
+    rows = [{"module": label, **{r: ", ".join(_span(x) for x in d["stages"][mod] if x["reading"] == r) or "—"
+                                 for r in READINGS}} for mod, label in MODULE_LABELS.items()]
+    per_layer = {r["layer"]: r for r in d["per_layer"]}
+    k = d["boundary_layer"]
+    if k is None:
+        boundary = "No boundary layer: no layer has mean FFN ΔH > 0."
+    else:
+        r = per_layer[k]
+        after = per_layer.get(k + 1)
+        boundary = (f"Boundary layer l={k} of {d['n_layers']} (last layer with mean FFN ΔH > 0): mean FFN ΔH there "
+                    f"{r['dH_ffn']:+.3f} nats (95 % CI ± {r['dH_ffn_ci95']:.3f})"
+                    + (f", layer {k + 1}: {after['dH_ffn']:+.3f}" if after else "") + ".")
+    c, threshold = d["collapse_layer"], d["collapse_threshold"]
+    low = min(per_layer.values(), key=lambda r: r["H_layer"])
+    collapse = (f"Layer-policy collapse at layer {c}: mean H^l stays below {threshold:.3f} nats from there to "
+                f"layer {d['n_layers']}." if c is not None else
+                f"No layer-policy collapse: mean H^l does not stay below {threshold:.3f} nats up to layer "
+                f"{d['n_layers']} (lowest {low['H_layer']:.3f} at layer {low['layer']}).")
+    return [dash_table.DataTable(id="stages-table", data=rows, columns=[{"name": c, "id": c} for c in rows[0]],
+                                 style_cell={"padding": "2px 10px", "textAlign": "left"},
+                                 style_header={"fontWeight": "bold"}),
+            html.P(boundary, id="stages-boundary"), html.P(collapse, id="stages-collapse-layer"),
+            html.P(describe(d), className="hint")]
+
+
 def build_compare(cache: Path, run_ids: list[str] | None, quantity: str, role: str, lenses: list[str],
                   normalise: bool) -> tuple[go.Figure, pd.DataFrame]:
     """Several runs overlaid on relative depth l/L, optionally entropy / log V; colour = family."""
@@ -130,7 +188,8 @@ def build_compare(cache: Path, run_ids: list[str] | None, quantity: str, role: s
             fig.add_trace(go.Scatter(
                 x=d["rel_depth"], y=d[y_col], mode="lines+markers", name=name,
                 line={"color": family_color(fam), "dash": DASHES[i % len(DASHES)], "width": 2.5},
-                marker={"symbol": "circle" if lens == "bupo" else "x", "size": 7}, opacity=1.0 if lens == "bupo" else 0.6,
+                marker={"symbol": "circle" if lens == "bupo" else "x", "size": 7},
+                opacity=1.0 if lens == "bupo" else 0.6,
                 customdata=d["layer"], hovertemplate="l/L %{x:.2f} (layer %{customdata})<br>%{y:.3f}"))
             frames.append(d.assign(run_id=run_id, model=m["model"]["id"], family=fam))
     if not frames:
@@ -147,7 +206,7 @@ def _radio(id_: str, options, value) -> dcc.RadioItems:
 
 
 def layout() -> list:
-    """The three summary views as tab contents."""
+    """The three summary views as tab contents (the ΔH tab also holds its stages table)."""
     flow = figure_block("flow", "Entropy flow", [
         html.Label("lens"), _radio("flow-lens", ["bupo"], "bupo"),
         html.Label("tokens"), _radio("flow-role", ROLE_OPTIONS, "response"),
@@ -164,6 +223,18 @@ def layout() -> list:
         dcc.Input(id="dh-band", type="number", value=0.05, min=0, step=0.01, debounce=True, style={"width": "5em"}),
         html.Span("nats"),
     ], height=620)
+    stages = html.Div(className="view", children=[
+        html.Div(className="controls", children=[
+            html.H4("Stages (lens, tokens and band as above)"),
+            html.Label("collapse: H^l <"),
+            dcc.Input(id="stages-collapse", type="number", value=StageConfig.collapse_frac, min=0.01, max=0.99,
+                      step=0.01, debounce=True, style={"width": "5em"}),
+            html.Span("· log V"),
+            html.Button("Download CSV", id="stages-csv", className="csv-button"),
+            dcc.Download(id="stages-download"),
+        ]),
+        dcc.Loading(html.Div(id="stages-panel", className="detail"), type="circle"),
+    ])
     compare = figure_block("compare", "Compare families", [
         html.Label("quantity"),
         dcc.Dropdown(id="compare-quantity", clearable=False, value="H_layer", style={"width": "11em"},
@@ -174,7 +245,7 @@ def layout() -> list:
         dcc.Checklist(id="compare-norm", options=[{"label": "normalise by log V", "value": "norm"}],
                       value=["norm"], inline=True, className="radio"),
     ])
-    return [flow, dh, compare]
+    return [flow, [dh, stages], compare]
 
 
 def register(app: Dash, cache: Path) -> None:
@@ -198,6 +269,15 @@ def register(app: Dash, cache: Path) -> None:
                    ("flow-spread", "value"), ("flow-sites", "value")])
     register_view(app, "dh", lambda *a: build_dh(cache, *a),
                   [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value")])
+
+    def _stages(*values) -> tuple[list, pd.DataFrame]:
+        d, table = build_stages(cache, *values)
+        return stages_panel(d), table
+
+    register_view(app, "stages", _stages,
+                  [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value"),
+                   ("stages-collapse", "value")],
+                  target=("panel", "children"), message=lambda text: html.P(text, className="hint"))
     register_view(app, "compare", lambda ids, q, role, lenses, norm: build_compare(cache, ids, q, role, lenses,
                                                                                    bool(norm)),
                   [("runs-table", "selected_row_ids"), ("compare-quantity", "value"), ("compare-role", "value"),

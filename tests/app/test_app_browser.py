@@ -61,6 +61,15 @@ def test_runs_flow_dh_and_compare(dash_duo, cache, screenshot):
     dh = figure(dash_duo, "dh-graph")
     texts = [a["text"] for a in dh["layout"].get("annotations", [])]
     assert any("boundary layer l=" in t for t in texts), texts
+    # The stages table beside it: boundary of the focus run, FFN ranges that follow the band input.
+    k, n = RUNS["llama-after"].boundary, RUNS["llama-after"].n_layers
+    dash_duo.wait_for_contains_text("#stages-boundary", f"Boundary layer l={k} of {n}", timeout=10)
+    ffn_explores = "#stages-table tbody tr:last-child td[data-dash-column=exploration]"
+    dash_duo.wait_for_text_to_equal(ffn_explores, f"1–{k}", timeout=10)
+    band = dash_duo.find_element("#dh-band")
+    band.clear()
+    band.send_keys("0.3\n")  # synthetic FFN ΔH before the boundary is 0.06 log V = 0.26 nats: now integration
+    dash_duo.wait_for_text_to_equal(ffn_explores, "—", timeout=10)
     screenshot(dash_duo.driver, "entropy_change")
 
     open_tab(dash_duo, "Compare families")

@@ -13,7 +13,7 @@ import pytest
 
 from app.data import list_runs
 from app.server import create_app, serve
-from app.views.flows import build_compare, build_dh, build_flow
+from app.views.flows import build_compare, build_dh, build_flow, build_stages, stages_panel
 from app.views.tokens import build_heatmap, cell_detail
 from app.views.training import build_diff, build_training
 from app_fixtures import RUNS
@@ -76,6 +76,43 @@ def test_dh_colours_by_sign_and_marks_the_boundary_layer(cache):
             assert cls == t.name
     n_bars = sum(len(t.x) for t in fig.data)
     assert n_bars == 2 * RUNS["llama-base"].n_layers
+
+
+def expected_stages(summary: pd.DataFrame, quantity: str, band: float) -> list[tuple[str, int, int]]:
+    """(reading, start, end) runs of the sign of mean ΔH vs the band over layers 1..L, by plain pandas."""
+    m = summary[summary["quantity"] == quantity].set_index("layer")["mean"].sort_index().loc[1:]
+    reading = pd.Series(np.select([m > band, m < -band], ["exploration", "convergence"], "integration"), m.index)
+    run = (reading != reading.shift()).cumsum()
+    g = pd.DataFrame({"reading": reading, "layer": m.index}).groupby(run)
+    return list(zip(g["reading"].first(), g["layer"].min(), g["layer"].max()))
+
+
+def test_stages_table_reads_the_dh_view_band(cache):
+    s = raw(cache, "llama-base", "summary.parquet").query("lens == 'bupo' and role == 'response'")
+    ffn = s[s["quantity"] == "dH_ffn"].set_index("layer")["mean"]
+    k = int(ffn[ffn > 0].index.max())
+    h = s[s["quantity"] == "H_layer"].set_index("layer")["mean"].sort_index()
+    tables = {}
+    for band, frac in ((0.05, 0.10), (0.3, 0.45)):
+        d, table = build_stages(cache, "llama-base", "bupo", "response", band, frac)
+        for module, q in (("attn", "dH_attn"), ("ffn", "dH_ffn")):
+            got = table[table["module"] == module]
+            assert list(zip(got["reading"], got["start"], got["end"])) == expected_stages(s, q, band), (module, band)
+        assert (table["boundary_layer"] == k).all() and table["boundary_dH_ffn"].iloc[0] == pytest.approx(ffn[k])
+        below = h < frac * math.log(RUNS["llama-base"].vocab_size)
+        stays = [x for x in below.index if below.loc[x:].all()]
+        assert d["collapse_layer"] == (stays[0] if stays else None)
+        tables[band] = table[["module", "reading", "start", "end"]]
+        text = [getattr(c, "children", "") for c in stages_panel(d)]
+        assert any(t.startswith(f"Boundary layer l={k} of 6") and f"{ffn[k]:+.3f} nats" in t for t in text)
+    assert d["collapse_layer"] is not None  # the wider collapse fraction finds one on this profile
+    assert not tables[0.05].equals(tables[0.3])
+    # Band 0 (an emptied input) is a valid reading for both the bars and the table.
+    assert set(build_stages(cache, "llama-base", "bupo", "response", None, 0.1)[1]["reading"]) <= \
+        {"exploration", "convergence"}
+    build_dh(cache, "llama-base", "bupo", "response", 0)
+    with pytest.raises(UserError, match="band"):
+        build_stages(cache, "llama-base", "bupo", "response", -0.1, 0.1)
 
 
 def test_compare_overlays_runs_on_relative_depth(cache):
@@ -182,6 +219,14 @@ def test_callbacks_through_the_app_reject_bad_ids_and_serve_csv(cache):
                [("focus-run", "value", "qwen3-base")] + flow_in)["flow-download"]["data"]
     table = pd.read_csv(__import__("io").StringIO(csv["content"]))
     assert set(table["quantity"]) == {"H_layer"} and len(table) == RUNS["qwen3-base"].n_layers + 1
+    stages_in = [("dh-lens", "value", "bupo"), ("dh-role", "value", "response"), ("dh-band", "value", 0.05),
+                 ("stages-collapse", "value", 0.1)]
+    said = call("stages-panel.children", [("focus-run", "value", "still-running")] + stages_in)
+    assert "not a complete trace run" in said["stages-panel"]["children"]["props"]["children"]
+    csv = call("stages-download.data", [("stages-csv", "n_clicks", 1)],
+               [("focus-run", "value", "qwen3-base")] + stages_in)["stages-download"]["data"]
+    table = pd.read_csv(__import__("io").StringIO(csv["content"]))
+    assert set(table["module"]) == {"attn", "ffn"} and set(table["boundary_layer"]) == {RUNS["qwen3-base"].boundary}
 
 
 def test_serve_refuses_a_busy_port_with_one_line(cache):
