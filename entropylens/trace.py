@@ -1,7 +1,7 @@
 """`entropylens trace`: prompts -> (seeded generation) -> one traced forward per batch -> decode -> Parquet.
 
-Rows follow docs/storage.md. Position t's distribution predicts token t+1, so a row's `role` is the role
-of the token it predicts: the paper's averages over response tokens use the policies that produced them.
+This module runs the job (config, prompts, memory check, sharding, resume, manifest); what happens to one
+batch lives in entropylens.batch.
 """
 
 from __future__ import annotations
@@ -13,23 +13,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Iterator
 
-import numpy as np
-import pandas as pd
 import torch
 
 from entropylens import __version__
 from entropylens.backends import BACKENDS, make_backend
-from entropylens.decode import DEFAULT_BLOCK_BYTES, Stats, decode_layers, decode_rows
+from entropylens.batch import ADDITIVE_TOL, Sequences, generate, trace_batch
+from entropylens.decode import DEFAULT_BLOCK_BYTES
 from entropylens.dist import Shard
 from entropylens.errors import UserError
 from entropylens.lens import make_lens
 from entropylens.models import LoadedModel, load_model
-from entropylens.remote import RemoteModel, connect
 from entropylens.prompts import Prompt, load_prompts, prompts_sha256, render
-from entropylens.sites import SITES, Activations, additivity_error, find_layout
+from entropylens.remote import RemoteModel, connect
+from entropylens.sites import SITES, find_layout
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
 
-ADDITIVE_TOL = 1e-5  # relative; fp32 residual streams measure ~1e-7
 POSITIONS = ("all", "response")
 LONG_PROMPTS = ("reject", "truncate")
 
@@ -95,53 +93,7 @@ class TraceConfig:
             raise UserError("--positions response needs --generate (there is no response to decode)")
 
 
-# ---------------------------------------------------------------- batches
-
-@dataclass
-class Sequences:
-    """One batch of prompt + response token ids (unpadded)."""
-
-    prompt_idx: list[int]
-    texts: list[str]
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    answers: list[str | None]
-
-
-def stop_ids(loaded: LoadedModel) -> set[int]:
-    ids = {loaded.tokenizer.eos_token_id}
-    gen = getattr(loaded.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    return {i for i in ids if i is not None}
-
-
-@torch.no_grad()
-def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig, seed: int,
-             remote: RemoteModel | None = None) -> list[list[int]]:
-    """Seeded sampling with a KV cache, left-padded; each response is cut after its first stop token."""
-    if not cfg.generate or cfg.max_new_tokens == 0:
-        return [[] for _ in prompt_ids]
-    tok, model = loaded.tokenizer, loaded.model
-    dev = "cpu" if remote else loaded.device
-    T = max(map(len, prompt_ids))
-    pad = tok.pad_token_id
-    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompt_ids], device=dev)
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompt_ids], device=dev)
-    sample = cfg.temperature > 0
-    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, temperature=cfg.temperature if sample else None,
-              top_p=cfg.top_p if sample else None, top_k=None, pad_token_id=pad, use_cache=True)
-    if remote is not None:
-        out = remote.generate(ids, mask, seed, **kw)
-    else:
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    stops, responses = stop_ids(loaded), []
-    for row in out[:, T:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        responses.append(row[:cut])
-    return responses
-
+# ---------------------------------------------------------------- prompts and memory
 
 def encode(loaded: LoadedModel, prompts: list[Prompt],
            cfg: TraceConfig) -> tuple[list[str], list[list[int]], list[int]]:
@@ -187,7 +139,7 @@ def batch_bytes(loaded: LoadedModel, batch_size: int, seq_len: int) -> int:
 
 def check_memory(loaded: LoadedModel, cfg: TraceConfig, seq_len: int) -> None:
     """Refuse before the first batch when one batch cannot fit, suggesting a batch size that does."""
-    dev = loaded.device
+    dev = loaded.model.get_output_embeddings().weight.device  # the sites are decoded where W_U lives
     need, free = batch_bytes(loaded, cfg.batch_size, seq_len), available_bytes(dev)
     if need <= free:
         return
@@ -196,121 +148,6 @@ def check_memory(loaded: LoadedModel, cfg: TraceConfig, seq_len: int) -> None:
     what = f"--batch-size {fits} fits" if fits >= 1 else "even one prompt does not fit: lower --max-new-tokens"
     raise UserError(f"a batch of {cfg.batch_size} x {seq_len} tokens needs ~{need / gib:.2f} GiB but {dev} has "
                     f"{free / gib:.2f} GiB free; {what}")
-
-
-def roles_for(n_prompt: int, n_total: int) -> list[str]:
-    """Role of the token each position predicts: prompt, response, or `next` (beyond the sequence)."""
-    return ["prompt" if t + 1 < n_prompt else "response" if t + 1 < n_total else "next" for t in range(n_total)]
-
-
-# ---------------------------------------------------------------- rows
-
-def entropy_frame(lens: str, prompt_idx: np.ndarray, position: np.ndarray, roles: np.ndarray,
-                  stats: dict[str, Stats], n_layers: int) -> pd.DataFrame:
-    """Stats (L, N) per site (layer: (L+1, N)) -> rows (lens, prompt, position, layer) per docs/storage.md."""
-    L1, N = n_layers + 1, len(position)
-    cols: dict[str, np.ndarray] = {
-        "lens": np.full(L1 * N, lens),
-        "prompt_idx": np.tile(prompt_idx, L1),
-        "position": np.tile(position, L1),
-        "layer": np.repeat(np.arange(L1, dtype=np.int16), N),
-        "role": np.tile(roles, L1),
-    }
-    H = {}
-    for site in SITES:
-        h = np.full((L1, N), np.nan)
-        top = np.full((L1, N), -1, dtype=np.int64)
-        p1 = np.full((L1, N), np.nan)
-        if site in stats:
-            st = stats[site]
-            sl = slice(0, L1) if site == "layer" else slice(1, L1)
-            h[sl], top[sl], p1[sl] = st.entropy.numpy(), st.top1.numpy(), st.p1.numpy()
-        H[site] = h
-        cols[f"H_{site}"], cols[f"top1_{site}"], cols[f"p1_{site}"] = h.ravel(), top.ravel(), p1.ravel()
-    cols["dH_attn"] = (H["attn"] - H["attn_in"]).ravel()
-    cols["dH_ffn"] = (H["ffn"] - H["ffn_in"]).ravel()
-    dl = np.full((L1, N), np.nan)
-    dl[1:] = H["layer"][1:] - H["layer"][:-1]
-    cols["dH_layer"] = dl.ravel()
-    return pd.DataFrame(cols)
-
-
-def _decode_local(loaded: LoadedModel, backend, layout, lenses, cfg: TraceConfig, ids: torch.Tensor,
-                  bi: torch.Tensor, ti: torch.Tensor, tgt: torch.Tensor, keep: np.ndarray,
-                  timings: dict) -> tuple[Stats, dict[str, dict[str, Stats]], float]:
-    """Capture every site in one forward, then the streaming decode engine on the packed rows."""
-    t0 = time.perf_counter()
-    acts = backend.capture(ids)
-    timings["trace_s"] += time.perf_counter() - t0
-    dev = lenses[0][1].W.device  # decode where W_U lives (under a device map, sites come from several devices)
-    acts = Activations(acts.h0.to(dev), {s: [x.to(dev) for x in xs] for s, xs in acts.sites.items()},
-                       acts.final_normed.to(dev))
-    err = additivity_error(acts)
-    t0 = time.perf_counter()
-    bi, ti, tgt = bi.to(dev), ti.to(dev), tgt.to(dev)
-    final = decode_rows(acts.final_normed[bi, ti], make_lens("bupo", loaded.model, layout.final_norm(loaded.model)),
-                        targets=tgt.clamp_min(0))
-    kb, kt = bi[keep], ti[keep]
-    h0 = acts.h0[kb, kt]  # (N, d): packed, no padding decoded
-    site_acts = {s: torch.stack([x[kb, kt] for x in xs]) for s, xs in acts.sites.items()}  # (L, N, d)
-    per_lens = {}
-    for name, lens in lenses:
-        stats = decode_layers(h0, site_acts, tuple(cfg.sites), lens, additive=err < ADDITIVE_TOL,
-                              compile=cfg.compile)
-        per_lens[name] = {s: st.to_cpu() for s, st in stats.items()}
-    timings["decode_s"] += time.perf_counter() - t0
-    return final.to_cpu(), per_lens, err
-
-
-def _decode_remote(remote: RemoteModel, cfg: TraceConfig, ids: torch.Tensor, bi: torch.Tensor, ti: torch.Tensor,
-                   tgt: torch.Tensor, keep: np.ndarray, timings: dict) -> tuple[Stats, dict, float]:
-    """One remote forward that returns per-token statistics of every (B, T) position; keep the rows asked for."""
-    t0 = time.perf_counter()
-    targets = torch.full(ids.shape, -1, dtype=torch.long)
-    targets[bi, ti] = tgt
-    final, per_lens = remote.decode(ids, targets, cfg.lenses(), tuple(cfg.sites))
-    timings["trace_s"] += time.perf_counter() - t0
-
-    def rows(st: Stats, b, t) -> Stats:
-        lt = None if st.logp_target is None else st.logp_target[..., b, t]
-        return Stats(st.entropy[..., b, t], st.top1[..., b, t], st.p1[..., b, t], lt)
-
-    kb, kt = bi[keep], ti[keep]
-    return rows(final, bi, ti), {n: {s: rows(st, kb, kt) for s, st in d.items()} for n, d in per_lens.items()}, 0.0
-
-
-def trace_batch(loaded: LoadedModel, backend, layout, lenses, seqs: Sequences, cfg: TraceConfig,
-                timings: dict, remote: RemoteModel | None = None) -> tuple[pd.DataFrame, pd.DataFrame, float]:
-    """One traced forward + decode for a batch -> (tokens rows, entropy rows, additivity error)."""
-    tok = loaded.tokenizer
-    full = [p + r for p, r in zip(seqs.prompt_ids, seqs.response_ids)]
-    T = max(map(len, full))
-    # Right padding: causal attention keeps real positions blind to the pads after them.
-    ids = torch.tensor([s + [tok.pad_token_id] * (T - len(s)) for s in full],
-                       device="cpu" if remote else loaded.device)
-    b_idx, t_idx, roles, targets, pidx = [], [], [], [], []
-    for b, (p, s) in enumerate(zip(seqs.prompt_ids, full)):
-        b_idx += [b] * len(s)
-        t_idx += list(range(len(s)))
-        roles += roles_for(len(p), len(s))
-        targets += s[1:] + [-1]
-        pidx += [seqs.prompt_idx[b]] * len(s)
-    bi, ti, tgt = torch.tensor(b_idx), torch.tensor(t_idx), torch.tensor(targets)
-    keep = np.arange(len(roles)) if cfg.positions == "all" else np.flatnonzero(np.array(roles) == "response")
-    if remote is None:
-        final, per_lens, err = _decode_local(loaded, backend, layout, lenses, cfg, ids, bi, ti, tgt, keep, timings)
-    else:
-        final, per_lens, err = _decode_remote(remote, cfg, ids, bi, ti, tgt, keep, timings)
-    ids_flat = [s[t] for s, t in zip((full[b] for b in b_idx), t_idx)]
-    tokens = pd.DataFrame({
-        "prompt_idx": pidx, "position": t_idx, "token_id": ids_flat,
-        "token_text": tok.batch_decode([[i] for i in ids_flat]), "role": roles, "target_id": targets,
-        "H_final": final.entropy.numpy(),
-        "logprob_target": np.where(tgt.numpy() >= 0, final.logp_target.numpy(), np.nan),
-    })
-    frames = [entropy_frame(name, np.array(pidx)[keep], np.array(t_idx)[keep], np.array(roles)[keep],
-                            per_lens[name], layout.n_layers) for name in cfg.lenses()]
-    return tokens, pd.concat(frames, ignore_index=True), err
 
 
 # ---------------------------------------------------------------- run
