@@ -2,15 +2,16 @@
 
 Everything runs in ONE process on the same model and token batch, so the ratios are meaningful even on a
 shared machine (absolute tokens/s are not); with `repeats` > 1 the methods run round-robin and each keeps
-its fastest run. For each method it reports tokens/s, the ratio to the faster recipe, the fraction of the floor's FLOP rate, max |ΔH| against an fp64 reference on a sample of rows,
-and peak extra RSS (sampled every 2 ms above the RSS at the method's start; freed heap is returned to the
-OS with malloc_trim before each method so one method's garbage does not hide another's peak).
+its fastest run. For each method it reports tokens/s, the ratio to the faster recipe, the fraction of the
+floor's FLOP rate, max |ΔH| against an fp64 reference on a sample of rows, and peak extra RSS (sampled
+every 2 ms above the RSS at the method's start; freed heap is returned to the OS with malloc_trim before
+each method so one method's garbage does not hide another's peak).
 
 The recipe (what a researcher writes today) per hook point: logits = lm_head(act) (B, T, V) in fp32,
 log_softmax, then -Σ p log p — the `bupo` lens. `entropylens-compiled` is decode_layers(compile=True); its
-one-off torch.compile time is measured before the timed runs and reported as attrs["compile_s"]. `--vocab/--d-model` replaces the model with a random
-head and random activations (one layer) to show memory behaviour at Qwen3 scale; the recipe then runs
-on the same activations without a tracer.
+one-off torch.compile time is measured before the timed runs and reported as attrs["compile_s"].
+`--vocab/--d-model` replaces the model with a random head and random activations (one layer) to show
+memory behaviour at Qwen3 scale; the recipe then runs on the same activations without a tracer.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def find_layout(model: torch.nn.Module) -> Layout:
     arch = type(model).__name__
     layers_path = next((p for p in LAYER_LISTS if isinstance(_get(model, p), torch.nn.ModuleList)), None)
     if layers_path is None:
-        raise UserError(f"unsupported architecture {arch}: no decoder layer list found (tried {', '.join(LAYER_LISTS)})")
+        tried = ", ".join(LAYER_LISTS)
+        raise UserError(f"unsupported architecture {arch}: no decoder layer list found (tried {tried})")
     first = _get(model, layers_path)[0]
     extras = [n for n in UNSUPPORTED_EXTRAS if hasattr(first, n)]
     if extras:

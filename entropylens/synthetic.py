@@ -161,7 +161,8 @@ def write_run(cache: Path, spec: SyntheticRun) -> Path:
         lp = -rng.exponential(1.5, size=ids.shape).astype(np.float32)
         lp[:, -1] = np.nan
         tok = pa.table({
-            "prompt_idx": pa.array(np.repeat(prompts, T)), "position": pa.array(np.tile(pos.astype(np.int32), len(prompts))),
+            "prompt_idx": pa.array(np.repeat(prompts, T)),
+            "position": pa.array(np.tile(pos.astype(np.int32), len(prompts))),
             "token_id": pa.array(ids.reshape(-1)), "token_text": pa.array(_token_text(ids.reshape(-1))),
             "role": pa.array(roles.reshape(-1)), "target_id": pa.array(target.reshape(-1)),
             "H_final": pa.array(h_final.reshape(-1)), "logprob_target": pa.array(lp.reshape(-1)),

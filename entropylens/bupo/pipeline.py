@@ -40,7 +40,7 @@ ALGOS = ("bupo", "grpo")
 
 @dataclass
 class BupoRunConfig:
-    """The `entropylens bupo` command. Defaults: a ~10-minute demo of SmolLM2 on built-in arithmetic (9 min 21 s on 2 idle cores)."""
+    """The `entropylens bupo` command. Defaults: a ~10-minute demo of SmolLM2 on built-in arithmetic (2 idle cores)."""
 
     model: str = "smollm2"  # `smollm2` (embedded), a local folder, a .gguf file or a hub id
     prompts: str = "arith"  # training prompts: built-in set or file (built-ins/`split` column: train split)

@@ -7,7 +7,7 @@ uses the optional `math-verify` package for symbolic equivalence; it is never us
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from entropylens.errors import UserError
 
