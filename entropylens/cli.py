@@ -232,6 +232,8 @@ def bupo(
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay"),
     beta: float = typer.Option(0.0, help="KL penalty to the initial model"),
     micro_batch_size: int = typer.Option(16, help="rollouts per forward/backward chunk"),
+    group_sampling: bool = typer.Option(False, help="one seeded generate per prompt, as under torchrun (samples "
+                                        "independent of rank and batch; slower on CPU)"),
     reward: str = typer.Option("exact", help="exact | math_verify"),
     train_prompts: str = typer.Option("all", help="first N training prompts, or 'all'"),
     layer_trace_prompts: int = typer.Option(8, help="training prompts traced to choose k (--layer auto)"),
@@ -266,7 +268,7 @@ def bupo(
         internal_steps=internal_steps, steps=steps, prompts_per_step=prompts_per_step,
         num_generations=num_generations, max_new_tokens=max_new_tokens, temperature=temperature,
         learning_rate=lr, weight_decay=weight_decay, beta=beta, micro_batch_size=micro_batch_size, reward=reward,
-        train_prompts=None if train_prompts == "all" else _parse_limit(train_prompts),
+        group_sampling=group_sampling, train_prompts=None if train_prompts == "all" else _parse_limit(train_prompts),
         layer_trace_prompts=layer_trace_prompts, eval_prompts=eval_prompts, eval_samples=eval_samples,
         ks=k_values, trace_prompts=trace_prompts, trace_positions=trace_positions, batch_size=batch_size,
         device=device, dtype=dtype, seed=seed, name=name, cache=cache, enable_thinking=enable_thinking,

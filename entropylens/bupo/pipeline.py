@@ -60,6 +60,7 @@ class BupoRunConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     beta: float = 0.0  # KL penalty to the initial model (paper: 0)
     micro_batch_size: int = 16  # rollouts per forward/backward chunk
+    group_sampling: bool = False  # one seeded generate per prompt (as under a launcher) instead of one per step
     reward: str = "exact"  # exact | math_verify
     train_prompts: int | None = None  # use only the first N training prompts (None = all)
     layer_trace_prompts: int = 8  # training prompts traced to choose k with --layer auto
@@ -220,7 +221,8 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
         prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, beta=cfg.beta, micro_batch_size=cfg.micro_batch_size, reward=cfg.reward,
-        seed=cfg.seed, enable_thinking=cfg.enable_thinking, model_id=loaded.info.id, parent_run=base_name,
+        group_sampling=cfg.group_sampling, seed=cfg.seed, enable_thinking=cfg.enable_thinking,
+        model_id=loaded.info.id, parent_run=base_name,
     )
     run_dir = runs / run_id
     layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}

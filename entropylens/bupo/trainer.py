@@ -42,7 +42,7 @@ from entropylens.bupo.grpo import (
 )
 from entropylens.bupo.rewards import get_reward
 from entropylens.bupo.rollout import (
-    Rollouts, decoder_layers, final_norm, generate_groups, group_seed, policy_logits,
+    Rollouts, decoder_layers, final_norm, generate_groups, generate_rollouts, group_seed, policy_logits,
 )
 from entropylens.errors import UserError
 from entropylens.prompts import Prompt, prompts_sha256
@@ -69,6 +69,9 @@ class BupoConfig:
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
     num_iterations: int = 1  # optimiser steps per rollout batch (mu); > 1 adds a no-grad old-log-prob pass
     micro_batch_size: int = 16  # rollouts per forward/backward chunk, per rank (gradients accumulate exactly)
+    # one seeded generate per prompt, so a group's samples do not depend on its rank or batch (always on under
+    # a launcher); off: one batched generate per step, ~1.7x faster on 2 CPU cores for SmolLM2 (B = G = 4)
+    group_sampling: bool = False
     reward: str = "exact"  # exact | math_verify
     seed: int = 0  # seeds prompt sampling and generation
     enable_thinking: bool = False  # passed to the chat template (Qwen3's thinking mode)
@@ -293,8 +296,12 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
         mine = distributed.shard(len(batch), rank, world)  # this rank's block of whole groups
         seeds = [group_seed(cfg.seed, step, j) for j in range(len(batch))][mine]
         batch = batch[mine]
-        ro = generate_groups(model, tokenizer, [render(p, tokenizer) for p in batch], G, cfg.temperature,
-                             cfg.max_new_tokens, seeds, synced_gpus=distributed.shards_parameters(acc))
+        texts = [render(p, tokenizer) for p in batch]
+        if world > 1 or cfg.group_sampling:
+            ro = generate_groups(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens, seeds,
+                                 synced_gpus=distributed.shards_parameters(acc))
+        else:  # one batched call: the prompts share an RNG stream and left padding
+            ro = generate_rollouts(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens, seed=seeds[0])
         rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
         adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
         scale = LossScale.from_ranks(distributed.gather_rows(acc, LossScale.local(ro.mask)[None]))  # (W, 3)

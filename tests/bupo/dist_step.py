@@ -31,7 +31,7 @@ def main(out: Path, steps: int, lr: float) -> None:
         # uneven micro-batches (3 + 3 + 2 rollouts per rank)
         cfg = BupoConfig(internal_layer=2, internal_steps=1, steps=steps, prompts_per_step=4, num_generations=4,
                          max_new_tokens=8, learning_rate=lr, weight_decay=1.0, micro_batch_size=3,
-                         loss_agg=loss_agg, seed=1)
+                         loss_agg=loss_agg, seed=1, group_sampling=True)  # as the ranks sample
         train(cfg, model, make_tokenizer(), PROMPTS, out / loss_agg, progress=False, reward_fn=char_reward)
 
 

@@ -175,7 +175,7 @@ def test_cli_under_torchrun_matches_one_process(digit_toy, tmp_path):
             "--max-new-tokens", "1", "--lr", "1e-3", "--eval-prompts", "2", "--eval-samples", "2", "--ks", "1,2",
             "--trace-prompts", "2", "--batch-size", "4", "--name", "t"]
     r2 = run([*TORCHRUN, *args, "--cache", str(tmp_path / "two")])
-    run([sys.executable, *args, "--cache", str(tmp_path / "one"), "--quiet"])
+    run([sys.executable, *args, "--cache", str(tmp_path / "one"), "--quiet", "--group-sampling"])
     assert r2.stdout.count("held-out evaluation") == 1  # printed by rank 0 only
     runs = tmp_path / "two" / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["t", "t-base", "t-trained"]
