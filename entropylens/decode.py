@@ -12,8 +12,8 @@ from m to m', s ← αs and t ← α(t + (m − m')s) with α = e^{m−m'}. With
 
 Each logit chunk is touched a fixed, small number of times: GEMM write, amax, subtract, exp into a
 second buffer, sum, multiply, sum (argmax only over rows whose best logit improved). With
-`compile=True` those become one torch.compile'd kernel of two read-only passes (max+argmax; exp and both
-sums, accumulated in fp64), ~4x faster and needing no second buffer. The buffers are sized by
+`compile=True` those become one torch.compile'd read-only pass (max, exp and both sums in fp64, centred
+on the running max from earlier chunks rather than the chunk's own), needing no second buffer. The buffers are sized by
 `block_bytes` so they stay in cache; peak extra memory is independent of V and of the sites.
 
 `decode_layers` stacks every site of every layer of a token block into one GEMM operand. With
@@ -45,6 +45,11 @@ PRECISIONS = ("exact",)
 # A -inf bias entry (a masked token) enters as this: e^{z-m} is exactly 0 and (z-m)·e^{z-m} stays 0, where
 # -inf would give -inf·0 = NaN. Its log-prob reads as about -1e30.
 MASKED = -1e30
+# The fused pass centres a chunk on the running max m; a row whose chunk max exceeds m by more than this
+# (e^u would approach fp32's overflow at u = 88) is recentred on its own max and summed again.
+RECENTRE = 60.0
+# The exactness guard recomputes a row's chunks in fp64 only where the chunk max is within this of the row's.
+REDO_MARGIN = 50.0
 
 
 @dataclass
@@ -79,6 +84,7 @@ class OnlineLSE:
         self.top1 = torch.zeros(rows, dtype=torch.long, device=device)
         self.targets = targets  # (R,) long, -1 = none
         self.z_target = None if targets is None else torch.full((rows,), math.nan, **f64)
+        self.chunk_max: list[torch.Tensor] = []  # per chunk (R,) fp64: lets the guard redo only what matters
 
     def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None) -> None:
         # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only)
@@ -87,36 +93,45 @@ class OnlineLSE:
             local = self.targets - offset
             hit = ((local >= 0) & (local < C)).nonzero().squeeze(1)
             self.z_target[hit] = z[hit, local[hit]].double()
-        if self.fused:  # one compiled kernel: max+argmax pass, then both sums in one pass, z untouched
-            cmax, arg, s_c, t_c = _compiled_stats(z)
-            cmax = cmax.double()
-            self.top1 = torch.where(cmax > self.best, arg + offset, self.top1)
-            self.best = torch.maximum(self.best, cmax)
-            self._merge(cmax, s_c, t_c)
+        if self.fused:  # one compiled pass, z untouched, centred on the running max (R,) of earlier chunks;
+            # the first chunk has none: it is centred on its own (one amax pass). A copy: ref is edited below.
+            ref = z.amax(dim=1) if offset == 0 else self.m.to(z.dtype, copy=True)
+            cmax, s_c, t_c = _compiled_sums(z, ref)
+            jump = (cmax > ref + RECENTRE).nonzero().squeeze(1)  # e^u would overflow fp32: rare rows
+            if jump.numel():
+                ref[jump] = cmax[jump]
+                _, s_c[jump], t_c[jump] = _chunk_sums(z[jump], ref[jump])
+            self._track_top1(z, cmax.double(), offset)
+            self._merge(ref.double(), s_c, t_c, cmax.double())
             return
         cmax = z.amax(dim=1).double()  # (R,)
-        better = cmax > self.best
-        if z.is_cuda:  # one fused kernel, no host sync
-            self.top1 = torch.where(better, z.argmax(dim=1) + offset, self.top1)
-        else:  # argmax (7x the cost of amax on CPU) only where the best logit moved: ~ln(V/C) chunks' worth
-            rows = better.nonzero().squeeze(1)
-            if rows.numel():
-                self.top1[rows] = z[rows].argmax(dim=1) + offset
-        self.best = torch.maximum(self.best, cmax)
+        self._track_top1(z, cmax, offset)
         m_new = torch.maximum(self.m, cmax)  # (R,)
         u = z.sub_(m_new.to(z.dtype)[:, None])  # (R, C) = z - m', in place
         torch.exp(u, out=e)
         s_c = e.sum(dim=1).double()
         t_c = u.mul_(e).sum(dim=1).double()
-        self._merge(m_new, s_c, t_c)
+        self._merge(m_new, s_c, t_c, m_new)
 
-    def _merge(self, c: torch.Tensor, s_c: torch.Tensor, t_c: torch.Tensor) -> None:
-        """Fold one chunk's sums, centred on c (R,) >= its max, into the running (m, s, t)."""
-        m_new = torch.maximum(self.m, c)
+    def _track_top1(self, z: torch.Tensor, cmax: torch.Tensor, offset: int) -> None:
+        """Top-1 id and logit so far, given the chunk's row maxima cmax (R,) fp64."""
+        self.chunk_max.append(cmax)
+        better = cmax > self.best
+        if z.is_cuda:  # one fused kernel, no host sync
+            self.top1 = torch.where(better, z.argmax(dim=1) + offset, self.top1)
+        else:  # argmax (8x the cost of amax on CPU) only where the best logit moved: ~ln(V/C) chunks' worth
+            rows = better.nonzero().squeeze(1)
+            if rows.numel():  # index_select: a third faster than z[rows] here
+                self.top1[rows] = z.index_select(0, rows).argmax(dim=1) + offset
+        self.best = torch.maximum(self.best, cmax)
+
+    def _merge(self, c: torch.Tensor, s_c: torch.Tensor, t_c: torch.Tensor, top: torch.Tensor) -> None:
+        """Fold one chunk's sums, centred on c (R,), into the running (m, s, t); top (R,) >= the chunk's max."""
+        m_new = torch.maximum(self.m, torch.maximum(c, top))
         first = torch.isinf(self.m)
         alpha = torch.where(first, 0.0, torch.exp(self.m - m_new))
         shift = torch.where(first, 0.0, (self.m - m_new) * self.s)
-        beta = torch.exp(c - m_new)  # 1 where the chunk set the max (always, on the eager path)
+        beta = torch.exp(c - m_new)  # 1 where the chunk's centre is the new max
         self.t = alpha * (self.t + shift) + beta * (t_c + (c - m_new) * s_c)
         self.s = alpha * self.s + beta * s_c
         self.m = m_new
@@ -131,45 +146,40 @@ class OnlineLSE:
     def large_rows(self, guard: float) -> torch.Tensor:
         return (self.best.abs() > guard).nonzero().squeeze(1)
 
+    def chunk_maxima(self) -> torch.Tensor:
+        return torch.stack(self.chunk_max, 1)  # (R, n_chunks)
 
-def _chunk_stats(z: torch.Tensor):
-    """Chunk statistics centred on the chunk max: (max, argmax, Σ e^u, Σ u e^u) with u = z - max (R, C).
 
-    Written for torch.compile: inductor turns it into two passes over z (max+argmax; then exp and both
-    sums, accumulated in fp64) with no (R, C) temporaries; eager ATen needs ~6 passes and two buffers.
+def _chunk_sums(z: torch.Tensor, ref: torch.Tensor):
+    """Chunk statistics centred on a given per-row ref (R,): (max, Σ e^u, Σ u e^u) with u = z - ref (R, C).
+
+    Written for torch.compile: the three reductions are independent, so inductor fuses them into ONE
+    read-only pass over z (sums accumulated in fp64) with no (R, C) temporaries. Centring on the running
+    max instead of the chunk's own max is what makes one pass possible; valid while u < RECENTRE.
     """
-    cmax, arg = z.max(dim=1)  # (R,), (R,)
-    u = z - cmax[:, None]  # (R, C), never materialised by inductor
+    u = z - ref[:, None]  # (R, C), never materialised by inductor
     e = torch.exp(u)
-    return cmax, arg, e.sum(1, dtype=torch.float64), (u * e).sum(1, dtype=torch.float64)
+    return z.amax(dim=1), e.sum(1, dtype=torch.float64), (u * e).sum(1, dtype=torch.float64)
 
 
 _compiled: Callable | None = None  # built on first use, then shared by every decode in the process
 
 
-def _build_compiled() -> Callable:
-    """`_chunk_stats` through torch.compile (inductor), compiled once per process for every shape.
+def _compiled_sums(z: torch.Tensor, ref: torch.Tensor):
+    """`_chunk_sums(z, ref)` by the compiled kernel; a compiler failure is a UserError, never a silent fallback.
 
-    Both dims are marked unbacked so a new block height, the last (shorter) vocabulary chunk or a single
-    row never recompile. Inductor's on-disk caches make a later process's compile a few seconds.
+    Compiled once per process with symbolic sizes (inductor's on-disk caches make a later process's compile
+    a few seconds). Sizes 0 and 1 would be specialised and recompiled, so a single row or a one-id last
+    chunk runs `_chunk_sums` eagerly: the same arithmetic, and nothing there is worth a compile. (Unbacked
+    sizes would avoid the recompiles too, but inductor then stops fusing: four passes and an (R, C) buffer.)
     """
-    fn = torch.compile(_chunk_stats, dynamic=True, fullgraph=True)
-
-    def run(z: torch.Tensor):
-        torch._dynamo.decorators.mark_unbacked(z, 0)
-        torch._dynamo.decorators.mark_unbacked(z, 1)
-        return fn(z)
-
-    return run
-
-
-def _compiled_stats(z: torch.Tensor):
-    """`_chunk_stats(z)` by the compiled kernel; a compiler failure is a UserError, never a silent fallback."""
     global _compiled
+    if min(z.shape) < 2:
+        return _chunk_sums(z, ref)
     try:
         if _compiled is None:
-            _compiled = _build_compiled()
-        return _compiled(z)
+            _compiled = torch.compile(_chunk_sums, dynamic=True, fullgraph=True)
+        return _compiled(z, ref)
     except Exception as err:  # a toolchain problem (no C++ compiler, unsupported platform), not numerics
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"compile=True: torch.compile failed here ({first[:200]}); use compile=False") from err
@@ -274,19 +284,47 @@ def decode_rows(
         acc = _stream(x, W, lens, x.shape[0], None, scale, targets, min(chunk, W.shape[0]), compile)
     res = acc.result()
     if guard is not None and dtype == torch.float32:
-        _redo_large(res, acc.large_rows(guard), x, lens, targets, chunk)
+        rows = acc.large_rows(guard)
+        if rows.numel():
+            t = None if targets is None else targets[rows]
+            _patch(res, rows, _exact_rows(x[rows], acc.chunk_maxima()[rows], lens, t, chunk))
     return res
 
 
-def _redo_large(res: Stats, rows: torch.Tensor, x: torch.Tensor, lens: Lens, targets, chunk: int) -> None:
-    """Recompute `rows` of res in fp64, in place (the exactness guard)."""
-    if rows.numel() == 0:
-        return
-    t = None if targets is None else targets[rows]
-    exact = decode_rows(x[rows], lens, t, chunk, dtype=torch.float64, guard=None)  # eager: few rows
-    res.entropy[rows], res.top1[rows], res.p1[rows] = exact.entropy, exact.top1, exact.p1
+def _exact_rows(x: torch.Tensor, chunk_max: torch.Tensor, lens: Lens, targets, chunk: int) -> Stats:
+    """fp64 Stats of rows x (k, d) (the exactness guard), computed over only the chunks that matter.
+
+    chunk_max (k, n_chunks) holds the fp32 pass's chunk maxima (off by far less than a nat). A chunk whose
+    maximum lies more than REDO_MARGIN below the row's best holds logits with p < e^-50 each: with V <= 1e6
+    they move H by < 1e-13 nats, so only the other chunks (and the target's) are recomputed in fp64 —
+    for SmolLM2's massive-activation rows about 3 of the 24.
+    """
+    need = chunk_max > chunk_max.max(1, keepdim=True).values - REDO_MARGIN  # (k, n_chunks)
+    if targets is not None:  # log p(target) needs the target's own logit, exactly
+        has = (targets >= 0).nonzero().squeeze(1)
+        need[has, targets[has] // chunk] = True
+    x = x.double()
+    scale = lens.row_scale(x)
+    scale = None if scale is None else scale.double()
+    W = lens.W.to(x.device)
+    V, k = W.shape[0], x.shape[0]
+    acc = OnlineLSE(k, x.device, targets)
+    for j in need.any(0).nonzero().squeeze(1).tolist():
+        c0 = j * chunk
+        C = min(chunk, V - c0)
+        r = need[:, j].nonzero().squeeze(1)
+        Z = torch.full((k, C), MASKED, dtype=torch.float64, device=x.device)  # skipped rows: no mass
+        Z[r] = _finish(x[r] @ W[c0 : c0 + C].double().T, lens, None if scale is None else scale[r], c0)
+        acc.update(Z, c0, torch.empty_like(Z))
+    return acc.result()
+
+
+def _patch(res: Stats, rows: torch.Tensor, exact: Stats, k0: int = 0) -> None:
+    """Overwrite `rows` of res, in place, with exact's rows k0, k0 + 1, ..."""
+    k = slice(k0, k0 + rows.numel())
+    res.entropy[rows], res.top1[rows], res.p1[rows] = exact.entropy[k], exact.top1[k], exact.p1[k]
     if res.logp_target is not None:
-        res.logp_target[rows] = exact.logp_target
+        res.logp_target[rows] = exact.logp_target[k]
     res.redone += rows.numel()
 
 
@@ -326,6 +364,21 @@ def decode_layers(
     block = max(1, min(N, block_bytes // (n_bufs * n_rows * chunk * 4)))
     outs = direct + (["layer"] if want_layer else [])
     parts: dict[str, list[Stats]] = {s: [] for s in outs}
+    # Rows for the exactness guard, redone together across blocks (fewer, larger fp64 GEMMs), at most
+    # `cap` at a time so the fp64 buffers stay within block_bytes: (res, rows, vecs[rows], chunk maxima).
+    pending: list[tuple[Stats, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    cap = max(1, block_bytes // (8 * (chunk + d)))
+
+    def redo_pending() -> None:
+        if pending:
+            cat = lambda i: torch.cat([p[i] for p in pending])  # noqa: E731
+            exact = _exact_rows(cat(2), cat(3), lens, None, chunk)
+            k0 = 0
+            for res, rows, _, _ in pending:
+                _patch(res, rows, exact, k0)
+                k0 += rows.numel()
+            pending.clear()
+
     redone = 0
     with _ieee_matmul(h0.device):
         for b0 in range(0, N, block):
@@ -354,14 +407,18 @@ def decode_layers(
                 if trick:
                     big = _taint_sums(big, scale, L, n, ia, jf, h)
                 rows = (big > guard).nonzero().squeeze(1)
-                _redo_large(res, rows, vecs, lens, None, chunk)
-            redone += res.redone
+                if rows.numel():
+                    pending.append((res, rows, vecs[rows], acc.chunk_maxima()[rows]))
+                    redone += rows.numel()
+                    if sum(p[1].numel() for p in pending) >= cap:
+                        redo_pending()
             k = 0
             for s in outs:
                 rows = (L + 1 if s == "layer" else L) * n
                 sl = Stats(res.entropy[k : k + rows], res.top1[k : k + rows], res.p1[k : k + rows])
-                parts[s].append(sl.reshape(-1, n))
+                parts[s].append(sl.reshape(-1, n))  # a view: redo_pending still patches it
                 k += rows
+        redo_pending()
     result = {s: _cat(p) for s, p in parts.items()}
     next(iter(result.values())).redone = redone
     return result

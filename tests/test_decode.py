@@ -61,7 +61,11 @@ def layer_inputs(L=3, N=5, d=24, seed=1, big: float = 1.0):
 def check(res, lens, x, tol=1e-4, targets=None):
     H, top, p1, lt = ref_stats(lens, x, targets)
     assert (res.entropy.reshape(-1) - H).abs().max().item() < tol
-    assert torch.equal(res.top1.reshape(-1), top)
+    ours = res.top1.reshape(-1)
+    if not torch.equal(ours, top):  # only a tie in fp32 may differ (a saturated soft-cap: tanh = 1 exactly)
+        z = lens.logits(x.double())
+        gap = (z.gather(1, top[:, None]) - z.gather(1, ours[:, None])).abs().max().item()
+        assert gap < 1e-5, f"top-1 differs from fp64 by {gap} nats: not a tie"
     assert (res.p1.reshape(-1) - p1).abs().max().item() < tol
     if targets is not None:
         assert (res.logp_target - lt).abs().max().item() < tol
@@ -86,6 +90,25 @@ def test_guard_redoes_huge_logits_in_fp64():
     H, *_ = ref_stats(lens, x)
     unguarded = decode_rows(x, lens, chunk=50, guard=None)
     assert (unguarded.entropy - H).abs().max() > 1e-4  # the guard is what makes it exact
+
+
+def test_guard_recomputes_only_the_chunks_near_the_max_and_the_target(monkeypatch):
+    lens = make_lens(V=257, d=16)
+    lens.W[:, 0] = torch.linspace(-1.0, 0.9, 257)  # logits of a row with x_0 = 1e4 spread over ±1e4 ...
+    lens.W[250:, 0] = 1.0  # ... but seven ids share the top: H ~ log 7 with fp32 rounding ~5e-4 each
+    x = torch.randn(12, 16)
+    x[:4, 0] = 1e4
+    targets = torch.randint(0, 257, (12,))
+    fp64_rows = []
+    finish = decode._finish
+    monkeypatch.setattr(decode, "_finish", lambda z, *a: (fp64_rows.append(len(z)) if z.dtype == torch.float64
+                                                          else None) or finish(z, *a))
+    res = decode_rows(x, lens, targets, chunk=50)
+    assert res.redone == 4
+    check(res, lens, x, targets=targets)  # log p(target) exact also where the target's chunk is far below
+    assert sum(fp64_rows) <= 4 * 2  # the top chunk and the target's, not all 6 chunks of each row
+    unguarded = decode_rows(x, lens, targets, chunk=50, guard=None)
+    assert (unguarded.entropy - ref_stats(lens, x)[0]).abs().max() > 1e-4
 
 
 def _all_rows(h0, acts, site):
@@ -147,7 +170,7 @@ def test_unknown_precision_is_a_user_error():
 
 def _eager_fused(monkeypatch):
     """Run the fused path with the uncompiled kernel: tests its merge algebra without paying a compile."""
-    monkeypatch.setattr(decode, "_compiled_stats", decode._chunk_stats)
+    monkeypatch.setattr(decode, "_compiled_sums", decode._chunk_sums)
 
 
 @pytest.mark.parametrize("norm", [None, "rms"])
@@ -162,8 +185,18 @@ def test_fused_path_matches_fp64(monkeypatch, norm):
     check(decode_rows(x, lens, targets, chunk=7, compile=True), lens, x, targets=targets)
 
 
+def test_fused_pass_recentres_rows_whose_max_jumps(monkeypatch):
+    """A chunk ~150 nats above the running max would overflow e^u in fp32: its rows are recentred."""
+    _eager_fused(monkeypatch)
+    lens = make_lens(bias=True)
+    lens.bias[120] = 149.5  # chunk 1 (chunk = 64) jumps ~150 nats above chunk 0 in every row: recentred
+    lens.bias[250] = 150.0  # chunk 3 exceeds the running max by ~0.5: merged with a centre below its max
+    x = torch.randn(6, 24)
+    check(decode_rows(x, lens, chunk=64, guard=None, compile=True), lens, x)
+
+
 def test_compile_failure_is_a_user_error(monkeypatch):
-    def broken(z):
+    def broken(*args):
         raise RuntimeError("no C++ compiler\nmore detail")
 
     monkeypatch.setattr(decode, "_compiled", broken)
