@@ -58,7 +58,7 @@ def trace(
     enable_thinking: bool = typer.Option(False, help="Qwen3 chat templates: thinking mode"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint (only when asked)"),
     compile: bool = typer.Option(False, "--compile/--no-compile",
-                                 help="fused torch.compile decode kernel (~1.4x decode; 20-50 s to compile once)"),
+                                 help="fused torch.compile decode kernel (~1.4x decode; ~15 s to compile once)"),
     long_prompts: str = typer.Option("reject", help="prompts beyond the model's context: reject | truncate (keeps "
                                      "the last tokens that fit; the manifest records how many were dropped)"),
     resume: str = typer.Option(None, help="finish the interrupted run RUN with its stored settings"),
@@ -194,17 +194,18 @@ def bench(
     d_model: int = typer.Option(None, help="random-head mode: width (e.g. 1024)"),
     tokens: int = typer.Option(4096, help="random-head mode: token rows"),
     threads: int = typer.Option(None, help="torch threads"),
+    repeats: int = typer.Option(1, help="round-robin runs of every method; each reports its fastest"),
     cache: str = typer.Option("cache"),
 ) -> None:
     """Decode engine vs the TransformerLens and nnsight recipes vs the fp32 GEMM floor, in one process."""
     from entropylens.bench import BenchConfig, run_bench
 
-    for name, value in (("batch", batch), ("seq", seq), ("tokens", tokens)):
+    for name, value in (("batch", batch), ("seq", seq), ("tokens", tokens), ("repeats", repeats)):
         if value <= 0:
             raise UserError(f"--{name} must be a positive integer, got {value}")
     cfg = BenchConfig(model=model, batch=batch, seq=seq, sites=tuple(sites.split(",")),
                       methods=tuple(methods.split(",")), vocab=vocab, d_model=d_model, tokens=tokens,
-                      threads=threads, cache=Path(cache))
+                      threads=threads, repeats=repeats, cache=Path(cache))
     df = run_bench(cfg)
     table = Table(title="entropylens bench", title_justify="left")
     for col in df.columns:

@@ -20,7 +20,8 @@ on the running max from earlier chunks rather than the chunk's own), needing no 
 `additive=True` the `layer` site costs no GEMM: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j).
 
 Precision: fp32 logits carry ~6e-8·|z| rounding, so rows whose top logit exceeds `EXACT_GUARD` are
-recomputed in fp64 (SmolLM2's massive activations reach |z| ~ 3e4). No bf16 product ever reaches an
+recomputed in fp64 (SmolLM2's massive activations reach |z| ~ 3e4), over only the vocabulary chunks
+within `REDO_MARGIN` nats of the row's max. No bf16 product ever reaches an
 exact-mode logit; on CUDA, TF32 is switched off for the duration of a decode. See docs/performance.md.
 """
 

@@ -57,7 +57,7 @@ class TraceConfig:
     cache: str = "cache"  # root folder holding runs/ and models/
     enable_thinking: bool = False  # Qwen3 chat templates: thinking mode
     trust_remote_code: bool = False  # only when asked
-    compile: bool = False  # fused torch.compile decode kernel: ~1.4x faster decode, ~20-50 s one-off compile
+    compile: bool = False  # fused torch.compile decode kernel: ~1.4x faster decode, ~15 s one-off compile
     parent_run: str | None = None  # link to a parent run (BuPO before/after)
     split: str = "all"  # all | train | test (built-in sets)
     long_prompts: str = "reject"  # reject | truncate: prompts beyond the context (truncate keeps the last tokens)
