@@ -1,41 +1,30 @@
 """The decode engine: entropy, top-1 and target log-prob of many lens distributions, streamed over V.
 
-Never materialises (rows, V). For each vocabulary chunk c it writes the logits z_c (R, C) of a block of
-rows with one fp32 GEMM into a preallocated buffer, finishes them in place, and folds them into per-row
-online log-sum-exp accumulators (DESIGN §2), kept in fp64 across chunks:
-
-    m = running max,  s = Σ e^{z-m},  t = Σ (z-m) e^{z-m}    ->    H = log s − t / s
-
-(t is centred on m so the subtraction never cancels two ~100-nat numbers). When the running max moves
-from m to m', s ← αs and t ← α(t + (m − m')s) with α = e^{m−m'}. Within a chunk the sums run in fp32
-(ATen's cascade summation: ~1e-7 relative), which is 15x cheaper than fp64 sums on CPU.
-
-Each logit chunk is touched a fixed, small number of times: GEMM write, amax, subtract, exp into a
-second buffer, sum, multiply, sum (argmax only over rows whose best logit improved). With
-`compile=True` those become one torch.compile'd read-only pass (max, exp and both sums in fp64, centred
-on the running max from earlier chunks rather than the chunk's own), needing no second buffer. The buffers are sized by
-`block_bytes` so they stay in cache; peak extra memory is independent of V and of the sites.
+Never materialises (rows, V). For each vocabulary chunk it writes the logits (R, C) of a block of rows
+with one fp32 GEMM into a preallocated buffer, finishes them in place (row scale, bias, soft-cap) and
+folds them into per-row online log-sum-exp accumulators (`lse.OnlineLSE`, fp64 across chunks): eagerly in
+~6 passes over the chunk, or with `compile=True` in one torch.compile'd read-only pass. The buffers are
+sized by `block_bytes`; peak extra memory is independent of V and of the sites.
 
 `decode_layers` stacks every site of every layer of a token block into one GEMM operand. With
 `additive=True` the `layer` site costs no GEMM: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j).
 
 Precision: fp32 logits carry ~6e-8·|z| rounding, so rows whose top logit exceeds `EXACT_GUARD` are
 recomputed in fp64 (SmolLM2's massive activations reach |z| ~ 3e4), over only the vocabulary chunks
-within `REDO_MARGIN` nats of the row's max. No bf16 product ever reaches an
-exact-mode logit; on CUDA, TF32 is switched off for the duration of a decode. See docs/performance.md.
+within `REDO_MARGIN` nats of the row's max. No bf16 product ever reaches an exact-mode logit; on CUDA,
+TF32 is switched off for the duration of a decode. See docs/performance.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 
 import torch
 
 from entropylens.errors import UserError
 from entropylens.lens import Lens
+from entropylens.lse import MASKED, OnlineLSE, Stats
 
 DEFAULT_CHUNK = 2048
 DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
@@ -43,147 +32,8 @@ DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
 # entropy stays within 1e-4 nats (measured: |z| = 135 -> 1.2e-5 nats in fp32).
 EXACT_GUARD = 500.0
 PRECISIONS = ("exact",)
-# A -inf bias entry (a masked token) enters as this: e^{z-m} is exactly 0 and (z-m)·e^{z-m} stays 0, where
-# -inf would give -inf·0 = NaN. Its log-prob reads as about -1e30.
-MASKED = -1e30
-# The fused pass centres a chunk on the running max m; a row whose chunk max exceeds m by more than this
-# (e^u would approach fp32's overflow at u = 88) is recentred on its own max and summed again.
-RECENTRE = 60.0
 # The exactness guard recomputes a row's chunks in fp64 only where the chunk max is within this of the row's.
 REDO_MARGIN = 50.0
-
-
-@dataclass
-class Stats:
-    """Per-row results; every tensor has the same leading shape."""
-
-    entropy: torch.Tensor  # float64, nats
-    top1: torch.Tensor  # int64 token id
-    p1: torch.Tensor  # float64 probability of top1
-    logp_target: torch.Tensor | None = None  # float64 log p(target)
-    redone: int = 0  # rows recomputed in fp64 by the exactness guard
-
-    def reshape(self, *shape: int) -> Stats:
-        lt = None if self.logp_target is None else self.logp_target.reshape(*shape)
-        return Stats(self.entropy.reshape(*shape), self.top1.reshape(*shape), self.p1.reshape(*shape), lt)
-
-    def to_cpu(self) -> Stats:
-        lt = None if self.logp_target is None else self.logp_target.cpu()
-        return Stats(self.entropy.cpu(), self.top1.cpu(), self.p1.cpu(), lt, self.redone)
-
-
-class OnlineLSE:
-    """Accumulators for R rows; `update` takes one finished logit chunk (R, C) and overwrites it."""
-
-    def __init__(self, rows: int, device: torch.device, targets: torch.Tensor | None = None, fused=False):
-        self.fused = fused  # use the torch.compile'd chunk kernel (`compile=True`)
-        f64 = dict(dtype=torch.float64, device=device)
-        self.m = torch.full((rows,), -math.inf, **f64)
-        self.s = torch.zeros(rows, **f64)
-        self.t = torch.zeros(rows, **f64)
-        self.best = torch.full((rows,), -math.inf, **f64)
-        self.top1 = torch.zeros(rows, dtype=torch.long, device=device)
-        self.targets = targets  # (R,) long, -1 = none
-        self.z_target = None if targets is None else torch.full((rows,), math.nan, **f64)
-        self.chunk_max: list[torch.Tensor] = []  # per chunk (R,) fp64: lets the guard redo only what matters
-
-    def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None) -> None:
-        # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only)
-        C = z.shape[1]
-        if self.targets is not None:
-            local = self.targets - offset
-            hit = ((local >= 0) & (local < C)).nonzero().squeeze(1)
-            self.z_target[hit] = z[hit, local[hit]].double()
-        if self.fused:  # one compiled pass, z untouched, centred on the running max (R,) of earlier chunks;
-            # the first chunk has none: it is centred on its own (one amax pass). A copy: ref is edited below.
-            ref = z.amax(dim=1) if offset == 0 else self.m.to(z.dtype, copy=True)
-            cmax, s_c, t_c = _compiled_sums(z, ref)
-            jump = (cmax > ref + RECENTRE).nonzero().squeeze(1)  # e^u would overflow fp32: rare rows
-            if jump.numel():
-                ref[jump] = cmax[jump]
-                _, s_c[jump], t_c[jump] = _chunk_sums(z[jump], ref[jump])
-            self._track_top1(z, cmax.double(), offset)
-            self._merge(ref.double(), s_c, t_c, cmax.double())
-            return
-        cmax = z.amax(dim=1).double()  # (R,)
-        self._track_top1(z, cmax, offset)
-        m_new = torch.maximum(self.m, cmax)  # (R,)
-        u = z.sub_(m_new.to(z.dtype)[:, None])  # (R, C) = z - m', in place
-        torch.exp(u, out=e)
-        s_c = e.sum(dim=1).double()
-        t_c = u.mul_(e).sum(dim=1).double()
-        self._merge(m_new, s_c, t_c, m_new)
-
-    def _track_top1(self, z: torch.Tensor, cmax: torch.Tensor, offset: int) -> None:
-        """Top-1 id and logit so far, given the chunk's row maxima cmax (R,) fp64."""
-        self.chunk_max.append(cmax)
-        better = cmax > self.best
-        if z.is_cuda:  # one fused kernel, no host sync
-            self.top1 = torch.where(better, z.argmax(dim=1) + offset, self.top1)
-        else:  # argmax (8x the cost of amax on CPU) only where the best logit moved: ~ln(V/C) chunks' worth
-            rows = better.nonzero().squeeze(1)
-            if rows.numel():  # index_select: a third faster than z[rows] here
-                self.top1[rows] = z.index_select(0, rows).argmax(dim=1) + offset
-        self.best = torch.maximum(self.best, cmax)
-
-    def _merge(self, c: torch.Tensor, s_c: torch.Tensor, t_c: torch.Tensor, top: torch.Tensor) -> None:
-        """Fold one chunk's sums, centred on c (R,), into the running (m, s, t); top (R,) >= the chunk's max."""
-        m_new = torch.maximum(self.m, torch.maximum(c, top))
-        first = torch.isinf(self.m)
-        alpha = torch.where(first, 0.0, torch.exp(self.m - m_new))
-        shift = torch.where(first, 0.0, (self.m - m_new) * self.s)
-        beta = torch.exp(c - m_new)  # 1 where the chunk's centre is the new max
-        self.t = alpha * (self.t + shift) + beta * (t_c + (c - m_new) * s_c)
-        self.s = alpha * self.s + beta * s_c
-        self.m = m_new
-
-    def result(self) -> Stats:
-        log_z = self.m + torch.log(self.s)  # (R,)
-        entropy = torch.log(self.s) - self.t / self.s
-        p1 = torch.exp(self.best - log_z)
-        lt = None if self.z_target is None else self.z_target - log_z
-        return Stats(entropy.clamp_min(0.0), self.top1, p1, lt)
-
-    def large_rows(self, guard: float) -> torch.Tensor:
-        return (self.best.abs() > guard).nonzero().squeeze(1)
-
-    def chunk_maxima(self) -> torch.Tensor:
-        return torch.stack(self.chunk_max, 1)  # (R, n_chunks)
-
-
-def _chunk_sums(z: torch.Tensor, ref: torch.Tensor):
-    """Chunk statistics centred on a given per-row ref (R,): (max, Σ e^u, Σ u e^u) with u = z - ref (R, C).
-
-    Written for torch.compile: the three reductions are independent, so inductor fuses them into ONE
-    read-only pass over z (sums accumulated in fp64) with no (R, C) temporaries. Centring on the running
-    max instead of the chunk's own max is what makes one pass possible; valid while u < RECENTRE.
-    """
-    u = z - ref[:, None]  # (R, C), never materialised by inductor
-    e = torch.exp(u)
-    return z.amax(dim=1), e.sum(1, dtype=torch.float64), (u * e).sum(1, dtype=torch.float64)
-
-
-_compiled: Callable | None = None  # built on first use, then shared by every decode in the process
-
-
-def _compiled_sums(z: torch.Tensor, ref: torch.Tensor):
-    """`_chunk_sums(z, ref)` by the compiled kernel; a compiler failure is a UserError, never a silent fallback.
-
-    Compiled once per process with symbolic sizes (inductor's on-disk caches make a later process's compile
-    a few seconds). Sizes 0 and 1 would be specialised and recompiled, so a single row or a one-id last
-    chunk runs `_chunk_sums` eagerly: the same arithmetic, and nothing there is worth a compile. (Unbacked
-    sizes would avoid the recompiles too, but inductor then stops fusing: four passes and an (R, C) buffer.)
-    """
-    global _compiled
-    if min(z.shape) < 2:
-        return _chunk_sums(z, ref)
-    try:
-        if _compiled is None:
-            _compiled = torch.compile(_chunk_sums, dynamic=True, fullgraph=True)
-        return _compiled(z, ref)
-    except Exception as err:  # a toolchain problem (no C++ compiler, unsupported platform), not numerics
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"compile=True: torch.compile failed here ({first[:200]}); use compile=False") from err
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from entropylens import decode
+from entropylens import decode, lse
 from entropylens.decode import decode_layers, decode_rows
 from entropylens.errors import UserError
 from entropylens.lens import Lens
@@ -170,7 +170,7 @@ def test_unknown_precision_is_a_user_error():
 
 def _eager_fused(monkeypatch):
     """Run the fused path with the uncompiled kernel: tests its merge algebra without paying a compile."""
-    monkeypatch.setattr(decode, "_compiled_sums", decode._chunk_sums)
+    monkeypatch.setattr(lse, "_compiled_sums", lse._chunk_sums)
 
 
 @pytest.mark.parametrize("norm", [None, "rms"])
@@ -199,7 +199,7 @@ def test_compile_failure_is_a_user_error(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler\nmore detail")
 
-    monkeypatch.setattr(decode, "_compiled", broken)
+    monkeypatch.setattr(lse, "_compiled", broken)
     with pytest.raises(UserError, match="compile=False"):
         decode_rows(torch.randn(3, 24), make_lens(), compile=True)
 
