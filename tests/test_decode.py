@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 
 import pytest
 import torch
@@ -204,8 +204,8 @@ def test_compile_failure_is_a_user_error(monkeypatch):
         decode_rows(torch.randn(3, 24), make_lens(), compile=True)
 
 
-@pytest.mark.skipif(not os.environ.get("ENTROPYLENS_TEST_COMPILE"), reason="set ENTROPYLENS_TEST_COMPILE=1: "
-                    "a cold torch.compile takes 25-50 s on a 2-core CI machine")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="no C++ compiler here: torch.compile cannot build the kernel (~15 s cold where it can)")
 def test_compiled_kernel_matches_eager_and_fp64():
     """The real inductor kernel: one compile covers every block height, chunk width and a single row."""
     lens = make_lens(V=301, norm="rms", bias=True)
