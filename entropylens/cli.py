@@ -207,12 +207,16 @@ def bench(
                       methods=tuple(methods.split(",")), vocab=vocab, d_model=d_model, tokens=tokens,
                       threads=threads, repeats=repeats, cache=Path(cache))
     df = run_bench(cfg)
-    table = Table(title="entropylens bench", title_justify="left")
+    heads = {"method": "method", "seconds": "s", "tokens_per_s": "tok/s", "gflops": "GFLOP/s",
+             "max_abs_dH": "max|ΔH|", "peak_extra_gib": "peak GiB", "x_faster_recipe": "× recipe",
+             "frac_floor_flops": "of floor"}
+    table = Table(title=f"entropylens bench · {df.attrs['tokens']} tokens · d {df.attrs['d_model']} · "
+                  f"V {df.attrs['vocab']} · sites {df.attrs['sites']}", title_justify="left")
     for col in df.columns:
-        table.add_column(str(col), justify="right")
+        table.add_column(heads.get(col, str(col)), justify="left" if col == "method" else "right", no_wrap=True)
     for row in df.itertuples(index=False):
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
-    out.print(table)
+        table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+    Console(width=max(out.width, 110)).print(table)  # never truncate a column, even when piped
 
 
 @app.command()

@@ -54,3 +54,18 @@ def test_random_head_mode_matches_fp64():
 def test_bad_options_are_one_line_errors(kw, match):
     with pytest.raises(UserError, match=match):
         run_bench(BenchConfig(**kw))
+
+
+def test_cli_prints_every_column_and_refuses_bad_options_in_one_line():
+    import subprocess
+    import sys
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "entropylens", "bench", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run("--vocab", "501", "--d-model", "16", "--tokens", "64", "--sites", "layer", "--methods", "entropylens,floor")
+    assert r.returncode == 0, r.stderr
+    for head in ("recipe", "entropylens", "floor", "tok/s", "max|ΔH|", "peak GiB", "× recipe", "of floor"):
+        assert head in r.stdout
+    r = run("--vocab", "501")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == ["error: random-head mode needs both --vocab and "
+                                                                   "--d-model"]
