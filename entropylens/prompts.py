@@ -4,10 +4,8 @@ Hugging Face datasets, plus chat-template rendering.
 Every source becomes a list of `Prompt`s: either plain text or chat messages, with a reference answer
 when one is known (the BuPO trainer rewards against it).
 
-Built-in sets (`arith`, `word`, `mixed`) are generated from a seed with no external data. Their
-train/test split goes by a hash of the underlying problem (the numbers and the operation, not the
-wording), so a held-out problem never appears in a training set under any seed; the split is about
-80/20. Files keep their row order (`seed` does not touch them) and support `split="train"|"test"`
+Built-in sets (`arith`, `word`, `mixed`, `digits`) are generated from a seed by `entropylens.tasks`, with a
+train/test split by problem. Files keep their row order (`seed` does not touch them) and support `split="train"|"test"`
 only through a top-level `split` column.
 """
 
@@ -18,12 +16,12 @@ import hashlib
 import io
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from entropylens.errors import UserError
+from entropylens.tasks import BUILTIN_SETS, builtin_items
 
 
 @dataclass
@@ -40,15 +38,8 @@ class Prompt:
             raise ValueError("Prompt needs text or messages")
 
 
-BUILTIN_SETS: dict[str, str] = {
-    "arith": "one- and two-digit additions, subtractions and multiplications, answer in \\boxed{}",
-    "word": "short word problems (apples, trains, prices, ...) with integer answers, answer in \\boxed{}",
-    "mixed": "arith and word together, shuffled",
-}
-
 SPLITS = ("all", "train", "test")
-_BUILTIN_SIZE = 500  # distinct problems per generated set (mixed holds both: 1000)
-_BOXED = "Put your final answer in \\boxed{}."
+
 
 # Column names tried in order; the first present wins.
 _TEXT_COLUMNS = ("prompt", "question", "problem", "text", "input")
@@ -65,7 +56,8 @@ def load_prompts(source: str, limit: int | None = None, seed: int = 0, split: st
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if source in BUILTIN_SETS:
-        prompts = _load_builtin(source, seed, split)
+        prompts = [Prompt(text=t, messages=None, answer=a, source=f"builtin:{source}")
+                   for t, a, _ in builtin_items(source, seed, split)]
     elif source.startswith("hf:"):
         prompts = _load_hf(source[3:], split, limit)
     elif Path(source).suffix.lower() in _READERS:
@@ -123,96 +115,6 @@ def _chat_messages(prompt: Prompt, system: str | None) -> list[dict]:
     if system is not None:
         messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
     return messages
-
-
-# ---------------------------------------------------------------------------------------------------
-# Built-in sets
-
-
-def _load_builtin(name: str, seed: int, split: str) -> list[Prompt]:
-    if name == "mixed":
-        items = _generate("arith", seed) + _generate("word", seed)
-        random.Random(f"mixed:{seed}").shuffle(items)
-    else:
-        items = _generate(name, seed)
-    if split != "all":
-        items = [it for it in items if _is_test_key(it[2]) == (split == "test")]
-    return [Prompt(text=text, messages=None, answer=ans, source=f"builtin:{name}") for text, ans, _ in items]
-
-
-def _generate(name: str, seed: int) -> list[tuple[str, str, str]]:
-    """`_BUILTIN_SIZE` distinct problems as (text, answer, problem key), in seeded order."""
-    rng = random.Random(f"{name}:{seed}")  # str seeds hash the same in every process
-    make = _arith_item if name == "arith" else _word_item
-    items: dict[str, tuple[str, str, str]] = {}
-    while len(items) < _BUILTIN_SIZE:
-        text, answer, key = make(rng)
-        items.setdefault(key, (f"{text} {_BOXED}", str(answer), key))
-    return list(items.values())
-
-
-def _is_test_key(key: str) -> bool:
-    """Held-out iff the problem's hash falls in one of five buckets: ~20 %, the same under every seed."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 5 == 0
-
-
-_ARITH_PHRASES = ("What is {e}?", "What is the value of {e}?", "How much is {e}?", "Can you compute {e}?")
-
-
-def _arith_item(rng: random.Random) -> tuple[str, int, str]:
-    op = rng.choice("+-*")
-    if op == "*":  # keep products small: one factor has one digit
-        a, b = rng.randint(2, 9), rng.randint(2, 99)
-        if rng.random() < 0.5:
-            a, b = b, a
-    else:
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
-        if op == "-" and a < b:  # non-negative differences
-            a, b = b, a
-    answer = a + b if op == "+" else a - b if op == "-" else a * b
-    return rng.choice(_ARITH_PHRASES).format(e=f"{a} {op} {b}"), answer, f"arith:{a}{op}{b}"
-
-
-_NAMES = ("Sam", "Mia", "Leo", "Ana", "Tom", "Zoe", "Omar", "Lena", "Ravi", "Kim", "Noah", "Ella")
-
-
-def _word_item(rng: random.Random) -> tuple[str, int, str]:
-    n = rng.choice(_NAMES)
-    kind = rng.randrange(8)
-    if kind == 0:
-        a, b = rng.randint(2, 60), rng.randint(2, 40)
-        text, answer = f"{n} has {a} apples and buys {b} more. How many apples does {n} have now?", a + b
-    elif kind == 1:
-        b = rng.randint(2, 40)
-        a = b + rng.randint(1, 50)
-        text = f"{n} had {a} cookies and gave {b} to friends. How many cookies does {n} have left?"
-        answer = a - b
-    elif kind == 2:
-        a, b = rng.randint(20, 120), rng.randint(2, 9)
-        text = f"A train travels at {a} kilometres per hour for {b} hours. How many kilometres does it go?"
-        answer = a * b
-    elif kind == 3:
-        a, b = rng.randint(2, 30), rng.randint(2, 12)
-        text, answer = f"A notebook costs {a} dollars. How many dollars do {b} notebooks cost?", a * b
-    elif kind == 4:
-        a, b = rng.randint(2, 12), rng.randint(2, 25)
-        text = f"There are {a} boxes with {b} pencils in each box. How many pencils are there in total?"
-        answer = a * b
-    elif kind == 5:
-        b, q = rng.randint(2, 9), rng.randint(2, 20)
-        a = b * q
-        text = f"{a} marbles are shared equally among {b} children. How many marbles does each child get?"
-        answer = q
-    elif kind == 6:
-        a = rng.choice((10, 20, 50, 100))
-        b = rng.randint(1, a - 1)
-        text = f"{n} pays for a {b}-dollar book with a {a}-dollar bill. How many dollars does {n} get back?"
-        answer = a - b
-    else:
-        a, b = rng.randint(5, 60), rng.randint(1, 40)
-        text = f"{n} is {a} years old. {n}'s cousin is {b} years older. How old is the cousin?"
-        answer = a + b
-    return text, answer, f"word{kind}:{a},{b}"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,8 +35,19 @@ _WORD_PATTERNS = [  # (pattern, answer from the two numbers in order of appearan
 ]
 
 
+_DIGITS = re.compile(r"What is (\d) ([+*]) (\d)\? Answer with just the number\.")
+_LARGER = re.compile(r"Which number is larger, (\d\d) or (\d\d)\? Answer with just the number\.")
+
+
 def _solve(text: str) -> tuple[tuple, int]:
     """(problem key, answer) parsed from a built-in question; fails the test if it matches no template."""
+    if m := _DIGITS.fullmatch(text):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return ("digits", a, op, b), _OPS[op](a, b)
+    if m := _LARGER.fullmatch(text):
+        a, b = int(m[1]), int(m[2])
+        assert a != b
+        return ("larger", min(a, b), max(a, b)), max(a, b)
     m = re.fullmatch(r"\D*?(\d+) ([-+*]) (\d+)\?.*", text)
     if m and "\\boxed{}" in text:
         a, op, b = int(m[1]), m[2], int(m[3])
@@ -55,7 +66,7 @@ def test_builtin_answers_correct_and_distinct(name):
     assert len({p.text for p in prompts}) == len(prompts)
     for p in prompts:
         assert p.messages is None and p.source == f"builtin:{name}"
-        assert "\\boxed{}" in p.text
+        assert ("\\boxed{}" in p.text) == (name != "digits")
         key, answer = _solve(p.text)
         assert answer is not None and answer >= 0
         assert p.answer == str(answer)
@@ -89,6 +100,14 @@ def test_builtin_splits_disjoint_and_cover(name):
     # Held-out problems stay held out under another seed, whatever the wording.
     other_train = {_solve(p.text)[0] for p in load_prompts(name, seed=9, split="train")}
     assert not {_solve(t)[0] for t in test_t} & other_train
+
+
+def test_digits_holds_every_one_digit_sum_and_product():
+    kinds = [_solve(p.text)[0] for p in load_prompts("digits")]
+    assert {k for k in kinds if k[2] == "+"} == {("digits", a, "+", b) for a in range(10) for b in range(10)}
+    assert {k for k in kinds if k[2] == "*"} == {("digits", a, "*", b) for a in range(1, 10) for b in range(1, 10)}
+    assert sum(k[0] == "larger" for k in kinds) == 139
+    assert len(load_prompts("digits", split="test")) >= 64  # enough held-out prompts for an interval
 
 
 def test_limit_takes_first_n():
