@@ -1,13 +1,18 @@
-"""Verifiable rewards: extract a final answer, normalise it, compare (DESIGN §7).
+"""Verifiable rewards: named rules that extract a final answer, normalise it and compare it with the reference.
 
-The default reward is exact match after normalisation (fast, dependency-free). `math_verify`
-uses the optional `math-verify` package for symbolic equivalence; it is never used unless asked.
+One module for every consumer (trainer, evaluation): a rule is written once. `RULES` maps each name to its
+one-line description, shown in `--help` and the README:
+
+- `exact` (default, lenient): the last `\\boxed{}` if there is one, else the last number in the completion.
+- `boxed` (the paper's, strict): the last `\\boxed{}` only; a completion without one earns 0.
+- `number`: the last number in the completion, compared as a number (7 == 7.0); the reference must be numeric.
+- `math_verify`: symbolic equivalence by the optional `math-verify` package (never imported unless asked).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from entropylens.errors import UserError
 
@@ -51,10 +56,31 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-def exact_match_reward(completion: str, answer: str) -> float:
-    """1.0 if the extracted answer equals the reference after normalisation, else 0.0."""
-    got = extract_answer(completion)
+def _same(got: str | None, answer: str) -> float:
     return float(got is not None and normalize_answer(got) == normalize_answer(str(answer)))
+
+
+def exact_match_reward(completion: str, answer: str) -> float:
+    """1.0 if the last boxed answer, or else the last number, equals the reference after normalisation."""
+    return _same(extract_answer(completion), answer)
+
+
+def boxed_reward(completion: str, answer: str) -> float:
+    """The paper's strict rule: 1.0 only if the last \\boxed{} equals the reference; no box earns 0."""
+    return _same(extract_boxed(completion), answer)
+
+
+def _as_number(s: str) -> float | None:
+    try:
+        return float(normalize_answer(s))
+    except ValueError:
+        return None
+
+
+def number_reward(completion: str, answer: str) -> float:
+    """1.0 if the last number in the completion equals the numeric reference (as numbers: 7 == 7.0)."""
+    numbers = _NUMBER.findall(completion)
+    return float(bool(numbers) and _as_number(numbers[-1]) == _as_number(str(answer)))
 
 
 def math_verify_reward(completion: str, answer: str) -> float:
@@ -73,12 +99,35 @@ def math_verify_reward(completion: str, answer: str) -> float:
 
 REWARDS: dict[str, Callable[[str, str], float]] = {
     "exact": exact_match_reward,
+    "boxed": boxed_reward,
+    "number": number_reward,
     "math_verify": math_verify_reward,
 }
+RULES: dict[str, str] = {  # one line each, for --help and the README
+    "exact": "last \\boxed{} if any, else the last number, equals the reference (lenient; default)",
+    "boxed": "last \\boxed{} equals the reference; no box earns 0 (the paper's strict rule)",
+    "number": "last number in the completion equals the numeric reference",
+    "math_verify": "math-verify judges the extracted answer equivalent (pip install 'entropylens[math]')",
+}
+RULES_HELP = "; ".join(f"{k}: {v}" for k, v in RULES.items())
 
 
 def get_reward(name: str) -> Callable[[str, str], float]:
-    """Reward function by name ('exact' or 'math_verify')."""
+    """Reward function by name (see RULES)."""
     if name not in REWARDS:
-        raise UserError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
+        raise UserError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}")
     return REWARDS[name]
+
+
+def check_references(prompts: Sequence, rule: str, what: str = "prompt") -> None:
+    """Refuse, in one line naming the row, references a rule cannot score: missing, empty, or (for `number`)
+    not a number. A reward silently 0 for a broken reference would look like a model that never learns."""
+    get_reward(rule)
+    for i, p in enumerate(prompts):
+        answer = None if p.answer is None else str(p.answer).strip()
+        where = f"{what} {i} ({p.source})"
+        if not answer:
+            raise UserError(f"{where} has no reference answer; every {what} needs one to be scored")
+        if rule == "number" and _as_number(answer) is None:
+            raise UserError(f"{where} has reference {answer!r}, not a number; the 'number' rule needs one "
+                            "(use --reward exact, boxed or math_verify)")

@@ -50,3 +50,46 @@ def test_exact_match_reward():
 def test_unknown_reward_is_a_user_error():
     with pytest.raises(UserError):
         get_reward("nope")
+
+
+# Each rule on hand-written completions: (completion, reference) -> (exact, boxed, number)
+CASES = [
+    (r"so the answer is \boxed{7}.", "7", (1, 1, 1)),  # boxed
+    ("7", "7", (1, 0, 1)),  # unboxed, the bare answer
+    ("3 + 4 is 7", "7", (1, 0, 1)),  # several numbers, the last one right
+    ("7, or maybe 8", "7", (0, 0, 0)),  # several numbers, the last one wrong
+    ("I do not know", "7", (0, 0, 0)),  # none
+    (r"\boxed{8} hmm, no: 7", "7", (0, 0, 1)),  # a box wins over later numbers, except for `number`
+    (r"\boxed{7", "7", (1, 0, 1)),  # malformed box: no box, the last number
+    (r"\boxed{}", "7", (0, 0, 0)),  # empty box
+    ("The answer is 7.0", "7", (1, 0, 1)),  # normalised
+    ("1,000 apples", "1000", (1, 0, 1)),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", (1, 1, 0)),  # a non-number reference: boxed rules only
+]
+
+
+@pytest.mark.parametrize("completion,answer,expected", CASES)
+def test_named_rules_on_hand_written_completions(completion, answer, expected):
+    got = tuple(get_reward(rule)(completion, answer) for rule in ("exact", "boxed", "number"))
+    assert got == expected
+
+
+def test_rules_are_documented_one_line_each():
+    from entropylens.bupo.rewards import REWARDS, RULES, RULES_HELP
+
+    assert set(RULES) == set(REWARDS) and all("\n" not in v for v in RULES.values())
+    assert all(name in RULES_HELP for name in RULES)
+
+
+def test_bad_references_name_the_row():
+    from entropylens.bupo.rewards import check_references
+    from entropylens.prompts import Prompt
+
+    ok = [Prompt("q", None, "3", "file:x.jsonl"), Prompt("q", None, r"\frac{1}{2}", "file:x.jsonl")]
+    check_references(ok, "exact")
+    with pytest.raises(UserError, match=r"prompt 1 \(file:x.jsonl\).*not a number"):
+        check_references(ok, "number")
+    for missing in (None, "", "  "):
+        with pytest.raises(UserError, match=r"prompt 2 .*no reference answer") as e:
+            check_references([*ok, Prompt("q", None, missing, "file:x.jsonl")], "boxed")
+        assert "\n" not in str(e.value)
