@@ -2,6 +2,8 @@
 
 Avg@K is the mean accuracy over samples (its expectation does not depend on K, so all n samples
 are used); Pass@K uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, K) / C(n, K).
+Every figure carries a 95 % interval by bootstrap over prompts (`entropylens.intervals`), and the gain of a
+trained model over its base is a paired bootstrap over the same prompts.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from entropylens.bupo.rewards import get_reward
+from entropylens.bupo.rewards import check_references, get_reward
 from entropylens.bupo.rollout import generate_rollouts
 from entropylens.errors import UserError
+from entropylens.intervals import mean_ci, paired_gain_ci
 from entropylens.prompts import Prompt
 from entropylens.prompts import render as render_prompt
 
@@ -29,7 +32,7 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature
     max_new_tokens: int = 128  # completion length limit
     prompts_per_batch: int = 8  # prompts generated together (rollouts per batch = this * n_samples)
-    reward: str = "exact"  # exact | math_verify
+    reward: str = "exact"  # a rule of entropylens.bupo.rewards.RULES
     seed: int = 0  # generation seed
     enable_thinking: bool = False  # passed to the chat template
 
@@ -41,13 +44,28 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def summarize(correct: Sequence[Sequence[float]], ks: Sequence[int]) -> dict[str, float]:
-    """avg@K and pass@K averaged over prompts, from per-prompt lists of 0/1 sample rewards."""
-    out: dict[str, float] = {}
+def per_prompt(correct: Sequence[Sequence[float]], metric: str) -> list[float]:
+    """One value per prompt of `avg@K` or `pass@K`, from per-prompt lists of 0/1 sample rewards."""
+    kind, k = metric.split("@")
+    if kind == "avg":
+        return [sum(r) / len(r) for r in correct]
+    return [pass_at_k(len(r), int(sum(r)), int(k)) for r in correct]
+
+
+def summarize(correct: Sequence[Sequence[float]], ks: Sequence[int]) -> dict[str, Any]:
+    """avg@K and pass@K averaged over prompts, each with a 95 % interval `<metric>_ci` (bootstrap over prompts)."""
+    out: dict[str, Any] = {}
     for k in ks:
-        out[f"avg@{k}"] = sum(sum(r) / len(r) for r in correct) / len(correct)
-        out[f"pass@{k}"] = sum(pass_at_k(len(r), int(sum(r)), k) for r in correct) / len(correct)
+        for metric in (f"avg@{k}", f"pass@{k}"):
+            ci = mean_ci(per_prompt(correct, metric))
+            out[metric], out[f"{metric}_ci"] = ci["mean"], [ci["lo"], ci["hi"]]
     return out
+
+
+def gains(base: dict[str, Any], trained: dict[str, Any], ks: Sequence[int]) -> dict[str, dict]:
+    """trained − base for every avg@K / pass@K, paired over the same held-out prompts, with a 95 % interval."""
+    return {m: paired_gain_ci(per_prompt(base["correct"], m), per_prompt(trained["correct"], m))
+            for k in ks for m in (f"avg@{k}", f"pass@{k}")}
 
 
 def evaluate(
@@ -64,6 +82,8 @@ def evaluate(
         raise UserError(f"need prompts and 1 <= K <= n_samples ({config.n_samples}) for K in {config.ks}")
     if render is None:
         render = lambda p, tok: render_prompt(p, tok, enable_thinking=config.enable_thinking)  # noqa: E731
+    if reward_fn is None:
+        check_references(prompts, config.reward, "held-out prompt")
     reward_fn, n = reward_fn or get_reward(config.reward), config.n_samples
     correct: list[list[float]] = []
     for b in range(0, len(prompts), config.prompts_per_batch):

@@ -1,0 +1,54 @@
+"""95 % intervals for the numbers users read: accuracies and their gains, by bootstrap over the unit that was
+sampled independently (prompts for held-out accuracy), never over the samples within one unit.
+
+Percentile bootstrap, seeded, 10,000 resamples by default: with n units the interval of a mean is close to
+mean ± 1.96·sd/√n for large n and stays inside the range of the data for small n (no negative accuracies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+N_BOOT = 10_000
+LEVEL = 0.95
+
+
+def bootstrap_means(values: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """Means of `n_boot` resamples (with replacement) of `values`: the bootstrap distribution of the mean."""
+    x = np.asarray(values, dtype=np.float64)  # (n,)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"need a non-empty 1-D array of per-unit values, got shape {x.shape}")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))  # (B, n)
+    return x[idx].mean(axis=1)  # (B,)
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, level: float = LEVEL, n_boot: int = N_BOOT,
+            seed: int = 0) -> dict[str, float | int]:
+    """Mean of per-unit values with a percentile-bootstrap interval: {mean, lo, hi, n}."""
+    x = np.asarray(values, dtype=np.float64)
+    boots = bootstrap_means(x, n_boot, seed)
+    a = (1.0 - level) / 2
+    lo, hi = np.quantile(boots, [a, 1.0 - a])
+    return {"mean": float(x.mean()), "lo": float(lo), "hi": float(hi), "n": int(x.size)}
+
+
+def paired_gain_ci(base: Sequence[float], trained: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
+                   seed: int = 0) -> dict[str, float | int | str]:
+    """Mean gain trained − base over the same units, with a paired bootstrap interval (resampling units, so
+    both sides of a unit move together) and the fraction of resampled gains ≤ 0 (a one-sided p-value)."""
+    b, t = np.asarray(base, dtype=np.float64), np.asarray(trained, dtype=np.float64)
+    if b.shape != t.shape:
+        raise ValueError(f"paired values need equal shapes, got {b.shape} and {t.shape}")
+    d = t - b  # (n,)
+    boots = bootstrap_means(d, n_boot, seed)
+    a = (1.0 - level) / 2
+    lo, hi = np.quantile(boots, [a, 1.0 - a])
+    return {"gain": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size),
+            "p_le_0": float((boots <= 0).mean()), "method": f"paired bootstrap over units, {n_boot} resamples"}
+
+
+def fmt_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    """`0.231 [0.180, 0.284]`: a number as users read it."""
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
