@@ -115,6 +115,18 @@ def _write_text(path: Path, text: str) -> None:
     _commit(_tmp(path), path)
 
 
+def write_json(path: Path | str, obj: dict) -> None:
+    """A whole JSON file, crash-safe (*.tmp + fsync + rename): for run files outside RunWriter (trainer runs)."""
+    _write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_atomic(path: Path | str, write) -> None:
+    """Crash-safe write of any file: `write(tmp_path)` fills a temporary file that then replaces `path`."""
+    path = Path(path)
+    write(_tmp(path))
+    _commit(_tmp(path), path)
+
+
 def _write_parquet(path: Path, tables: Iterable[pa.Table], schema: pa.Schema) -> None:
     """Stream `tables` into one file, buffering small ones so row groups stay large.
 

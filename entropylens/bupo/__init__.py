@@ -2,7 +2,8 @@
 
 from entropylens.bupo.evaluate import EvalConfig, evaluate, pass_at_k
 from entropylens.bupo.rewards import exact_match_reward, extract_answer, extract_boxed, normalize_answer
-from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, save_checkpoint, train
+from entropylens.bupo.checkpoint import save_checkpoint
+from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
 
 __all__ = [
     "BupoConfig", "EvalConfig", "evaluate", "exact_match_reward", "extract_answer", "extract_boxed",

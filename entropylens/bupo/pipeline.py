@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -26,13 +26,15 @@ from typing import Any
 import pandas as pd
 
 from entropylens.bupo import distributed
-from entropylens.bupo.evaluate import EvalConfig, evaluate
+from entropylens.bupo.checkpoint import Interrupted
+from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
+from entropylens.bupo.rewards import check_references
 from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
 from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model
 from entropylens.prompts import load_prompts
 from entropylens.sites import SITES
-from entropylens.store import layer_table, new_run_id, read_manifest
+from entropylens.store import layer_table, new_run_id, read_manifest, resolve_run, write_json
 from entropylens.trace import TraceConfig, run_trace
 
 ALGOS = ("bupo", "grpo")
@@ -40,10 +42,10 @@ ALGOS = ("bupo", "grpo")
 
 @dataclass
 class BupoRunConfig:
-    """The `entropylens bupo` command. Defaults: a ~10-minute demo of SmolLM2 on built-in arithmetic (2 idle cores)."""
+    """The `entropylens bupo` command. Defaults: SmolLM2 learning the built-in `digits` task (README: time, gain)."""
 
     model: str = "smollm2"  # `smollm2` (embedded), a local folder, a .gguf file or a hub id
-    prompts: str = "arith"  # training prompts: built-in set or file (built-ins/`split` column: train split)
+    prompts: str = "digits"  # training prompts: built-in set or file (built-ins/`split` column: train split)
     eval_prompts_source: str | None = None  # held-out prompt source; None = `prompts`' test split
     algo: str = "bupo"  # bupo (internal phase first) | grpo (internal_steps forced to 0)
     # k, 1-indexed, or `auto`: the last layer whose mean FFN dH over response tokens is positive (traced
@@ -51,20 +53,21 @@ class BupoRunConfig:
     # (every mean FFN dH is negative, -1.8 to -10.3 nats), so `auto` refuses it; 15 is its middle layer.
     layer: str = "15"
     internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 2 (bupo), 0 (grpo)
-    steps: int = 8  # total optimiser steps
-    prompts_per_step: int = 4  # B: prompts sampled per step
-    num_generations: int = 4  # G: rollouts per prompt (the GRPO group)
-    max_new_tokens: int = 48  # completion cap for training, evaluation and traces
+    steps: int = 24  # total optimiser steps
+    prompts_per_step: int = 8  # B: prompts sampled per step
+    num_generations: int = 8  # G: rollouts per prompt (the GRPO group)
+    max_new_tokens: int = 12  # completion cap for training, evaluation and traces
     temperature: float = 1.0  # sampling temperature everywhere (and for scoring log-probs)
     learning_rate: float = 1e-5  # AdamW lr; above the paper's 1e-6 so that a short run visibly moves
     weight_decay: float = 0.0  # AdamW weight decay
     beta: float = 0.0  # KL penalty to the initial model (paper: 0)
-    micro_batch_size: int = 16  # rollouts per forward/backward chunk
+    micro_batch_size: int = 32  # rollouts per forward/backward chunk
     group_sampling: bool = False  # one seeded generate per prompt (as under a launcher) instead of one per step
-    reward: str = "exact"  # exact | math_verify
+    reward: str = "exact"  # a rule of entropylens.bupo.rewards.RULES
+    save_every: int = 10  # resumable state every N steps (and on Ctrl-C); 0 = only on Ctrl-C
     train_prompts: int | None = None  # use only the first N training prompts (None = all)
     layer_trace_prompts: int = 8  # training prompts traced to choose k with --layer auto
-    eval_prompts: int = 16  # held-out prompts for Avg@K / Pass@K
+    eval_prompts: int = 76  # held-out prompts for Avg@K / Pass@K (digits' whole test split)
     eval_samples: int = 4  # completions per held-out prompt (n >= every K)
     ks: tuple[int, ...] = (1, 4)  # K values reported as avg@K and pass@K
     trace_prompts: int = 4  # held-out prompts traced before and after training (first N of the eval set)
@@ -120,6 +123,7 @@ class BupoResult:
     trained_run: str
     eval_base: dict[str, Any]
     eval_trained: dict[str, Any]
+    gains: dict[str, dict]  # per avg@K / pass@K: trained − base with a paired 95 % interval over prompts
     before_after: pd.DataFrame  # per layer: base, trained and change of H_layer and dH_ffn (response tokens)
 
 
@@ -176,21 +180,17 @@ def before_after_table(base_dir: Path, trained_dir: Path) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _update_manifest(run_dir: Path, **fields: Any) -> None:
-    _write_json(run_dir / "manifest.json", read_manifest(run_dir) | fields)
+    write_json(run_dir / "manifest.json", read_manifest(run_dir) | fields)
 
 
-def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
+def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) -> BupoResult:
     """Choose k, evaluate and trace the base model, train, then evaluate and re-trace the checkpoint.
 
     Under `torchrun` / `accelerate launch` every rank runs this: all of them train, rank 0 alone picks
     the run id, traces, evaluates and writes; the others wait for it and get the same result.
+    `resume=True` continues the run `cfg.name` where it stopped: what is stored (base evaluation and
+    traces, the training state, the checkpoint) is kept, the rest is done.
     """
     cfg.validate()
     acc = distributed.accelerator(cpu=cfg.device == "cpu")
@@ -203,8 +203,14 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
     train_split, eval_source, eval_split = _splits(cfg)
     train_set = load_prompts(cfg.prompts, limit=cfg.train_prompts, seed=cfg.seed, split=train_split)
     eval_set = load_prompts(eval_source, limit=cfg.eval_prompts, seed=cfg.seed, split=eval_split)
+    check_references(train_set, cfg.reward, "training prompt")
+    check_references(eval_set, cfg.reward, "held-out prompt")
     runs = Path(cfg.cache) / "runs"
-    run_id = distributed.main_only(acc, lambda: _claim_run_id(cfg, runs))
+    run_id = cfg.name if resume else distributed.main_only(acc, lambda: _claim_run_id(cfg, runs))
+    run_dir = runs / run_id
+    if distributed.is_main(acc):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run_config.json", asdict(cfg) | {"name": run_id})
 
     _log(progress, f"loading model {cfg.model} ..." + (f" ({world} processes)" if world > 1 else ""))
     loaded = distributed.main_first(acc, lambda: load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache),
@@ -212,8 +218,11 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
     ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=cfg.temperature,
                       max_new_tokens=cfg.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=cfg.reward,
                       seed=cfg.seed, enable_thinking=cfg.enable_thinking)
-    k, evidence, layer_run, eval_base, base_name = distributed.main_only(
-        acc, lambda: _before_training(cfg, loaded, run_id, ecfg, eval_set, progress))
+    before = distributed.main_only(acc, lambda: _stored_before(run_dir) if resume else None)
+    if before is None:
+        before = distributed.main_only(acc, lambda: _before_training(cfg, loaded, run_id, ecfg, eval_set, progress))
+    k, evidence, layer_run, eval_base, base_name = before
+    layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
     trace_n = min(cfg.trace_prompts, len(eval_set))
 
     bcfg = BupoConfig(
@@ -221,29 +230,37 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
         prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, beta=cfg.beta, micro_batch_size=cfg.micro_batch_size, reward=cfg.reward,
-        group_sampling=cfg.group_sampling, seed=cfg.seed, enable_thinking=cfg.enable_thinking,
-        model_id=loaded.info.id, parent_run=base_name,
+        group_sampling=cfg.group_sampling, save_every=cfg.save_every, seed=cfg.seed,
+        enable_thinking=cfg.enable_thinking, model_id=loaded.info.id, parent_run=base_name,
     )
-    run_dir = runs / run_id
-    layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
-    ckpt = train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
-                 model_info=loaded.info.to_dict())
+    ckpt = run_dir / "checkpoint"
+    if not (resume and _trained(run_dir)):
+        try:
+            train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
+                  model_info=loaded.info.to_dict(), resume=resume)
+        except Interrupted as e:
+            e.run_id = run_id
+            raise
     loaded = None  # type: ignore[assignment]  # frees the base model before the checkpoint is reloaded
     gc.collect()
 
-    def after_training() -> tuple[dict, str, pd.DataFrame]:
+    def after_training() -> tuple[dict, dict, str, pd.DataFrame]:
         try:  # the trainer marked its part complete; the run is complete once evaluated and re-traced
             _update_manifest(run_dir, status="running", finished=None, stage="evaluate", layer_choice=layer_choice,
                              runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
-            _write_json(run_dir / "run_config.json", asdict(cfg) | {"layer_choice": layer_choice})
+            write_json(run_dir / "run_config.json", asdict(cfg) | {"name": run_id, "layer_choice": layer_choice})
             trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
             _log(progress, f"evaluating the trained model ({ckpt}) ...")
             eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
-            _write_json(run_dir / "eval.json", {
+            gain = gains(eval_base, eval_trained, cfg.ks)
+            write_json(run_dir / "eval.json", {
                 "config": asdict(ecfg), "prompts": {"source": eval_source, "split": eval_split, "n": len(eval_set)},
-                "base": eval_base, "trained": eval_trained,
+                "interval": "95 %, percentile bootstrap over prompts (10,000 resamples); gain: paired",
+                "base": eval_base, "trained": eval_trained, "gain": gain,
             })
-            trained_dir = _trace(cfg, trained, f"{run_id}-trained", eval_source, eval_split, trace_n,
+            trained_dir = runs / f"{run_id}-trained"
+            shutil.rmtree(trained_dir, ignore_errors=True)  # an interrupted re-trace is redone whole
+            trained_dir = _trace(cfg, trained, trained_dir.name, eval_source, eval_split, trace_n,
                                  cfg.trace_positions, base_name, progress, str(ckpt))
             table = before_after_table(runs / base_name, trained_dir)
         except BaseException as e:
@@ -252,11 +269,34 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True) -> BupoResult:
         _update_manifest(run_dir, status="complete", stage="done", finished=_now(), files=read_manifest(run_dir)
                          ["files"] | {"eval": "eval.json", "run_config": "run_config.json"},
                          pipeline_s=round(time.perf_counter() - t0, 1))
-        return eval_trained, trained_dir.name, table
+        return eval_trained, gain, trained_dir.name, table
 
-    eval_trained, trained_name, table = distributed.main_only(acc, after_training)
+    eval_trained, gain, trained_name, table = distributed.main_only(acc, after_training)
     return BupoResult(run_dir, ckpt, k, evidence, layer_run, base_name, trained_name, eval_base,
-                      eval_trained, table)
+                      eval_trained, gain, table)
+
+
+def config_from_run(cache: str, run_id: str) -> BupoRunConfig:
+    """The settings a `bupo` run was started with, for `--resume`."""
+    path = resolve_run(cache, run_id) / "run_config.json"
+    if not path.is_file():
+        raise UserError(f"run {run_id!r} is not a resumable bupo run (no run_config.json)")
+    stored = {k: v for k, v in json.loads(path.read_text()).items() if k in BupoRunConfig.__dataclass_fields__}
+    return BupoRunConfig(**stored | {"ks": tuple(stored["ks"]), "cache": cache, "name": run_id})
+
+
+def _trained(run_dir: Path) -> bool:
+    """Training finished and its checkpoint was written (the manifest says so only after both)."""
+    return read_manifest(run_dir).get("stage") in ("trained", "evaluate", "done") and (run_dir / "checkpoint").is_dir()
+
+
+def _stored_before(run_dir: Path) -> tuple[int, str, str | None, dict[str, Any], str] | None:
+    """What `_before_training` stored for this run, if it finished; else None (it is then redone)."""
+    path = run_dir / "before.json"
+    if not path.is_file():
+        return None
+    b = json.loads(path.read_text())
+    return b["layer"], b["evidence"], b["layer_run"], b["eval_base"], b["base_run"]
 
 
 def _claim_run_id(cfg: BupoRunConfig, runs: Path) -> str:
@@ -274,7 +314,12 @@ def _claim_run_id(cfg: BupoRunConfig, runs: Path) -> str:
 
 def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg: EvalConfig, eval_set,
                      progress: bool) -> tuple[int, str, str | None, dict[str, Any], str]:
-    """Choose k, evaluate and trace the base model (before training changes it in place)."""
+    """Choose k, evaluate and trace the base model (before training changes it in place); stored in before.json.
+
+    A resumed run that stopped in here starts this part again: its unfinished traces are removed first.
+    """
+    for suffix in ("-layer", "-base"):
+        shutil.rmtree(Path(cfg.cache) / "runs" / f"{run_id}{suffix}", ignore_errors=True)
     k, evidence, layer_run = choose_layer(cfg, loaded, run_id, progress)
     _log(progress, f"[bold]layer k = {k}[/]: {evidence}" + (f" (trace {layer_run})" if layer_run else ""))
     _log(progress, f"evaluating the base model on {len(eval_set)} held-out prompts ...")
@@ -282,6 +327,8 @@ def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg:
     _, eval_source, eval_split = _splits(cfg)
     base_dir = _trace(cfg, loaded, f"{run_id}-base", eval_source, eval_split, min(cfg.trace_prompts, len(eval_set)),
                       cfg.trace_positions, None, progress, cfg.model)
+    write_json(Path(cfg.cache) / "runs" / run_id / "before.json", {
+        "layer": k, "evidence": evidence, "layer_run": layer_run, "eval_base": eval_base, "base_run": base_dir.name})
     return k, evidence, layer_run, eval_base, base_dir.name
 
 

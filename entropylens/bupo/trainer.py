@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -31,22 +30,26 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 import entropylens
 from entropylens.bupo import distributed
+from entropylens.bupo.checkpoint import (
+    STATE_FILE, Interrupted, deferred_sigint, load_state, save_checkpoint, save_state, tied_head_key,
+)
+from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
 from entropylens.bupo.grpo import (
     LOSS_AGGS, LossScale, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
 )
-from entropylens.bupo.rewards import get_reward
+from entropylens.bupo.rewards import check_references, get_reward
 from entropylens.bupo.rollout import (
     Rollouts, decoder_layers, final_norm, generate_groups, generate_rollouts, group_seed, policy_logits,
 )
 from entropylens.errors import UserError
 from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
+from entropylens.store import read_manifest, write_atomic, write_json
 
 
 @dataclass
@@ -72,7 +75,8 @@ class BupoConfig:
     # one seeded generate per prompt, so a group's samples do not depend on its rank or batch (always on under
     # a launcher); off: one batched generate per step, ~1.7x faster on 2 CPU cores for SmolLM2 (B = G = 4)
     group_sampling: bool = False
-    reward: str = "exact"  # exact | math_verify
+    reward: str = "exact"  # a rule of entropylens.bupo.rewards.RULES (exact, boxed, number, math_verify)
+    save_every: int = 0  # write the resumable state (weights, optimizer, RNG, metrics) every N steps; 0 = never
     seed: int = 0  # seeds prompt sampling and generation
     enable_thinking: bool = False  # passed to the chat template (Qwen3's thinking mode)
     model_id: str = ""  # recorded in the manifest (model.config._name_or_path if empty)
@@ -92,6 +96,8 @@ class BupoConfig:
             raise UserError("temperature must be > 0, num_iterations and micro_batch_size >= 1")
         if n_prompts < 1 or self.prompts_per_step < 1:
             raise UserError("need at least one prompt and prompts_per_step >= 1")
+        if self.save_every < 0:
+            raise UserError(f"save_every must be >= 0 (0 = never), got {self.save_every}")
         if self.prompts_per_step % world_size:
             raise UserError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of "
                             f"processes ({world_size}): each rank takes an equal block of whole prompt groups")
@@ -130,25 +136,28 @@ def _score_chunk(model, ro: Rollouts, layer: int, rows: slice, phase: str, tempe
 
 
 def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, *, scale: LossScale | None = None,
-            runner=None, acc=None) -> dict[str, float]:
+            runner=None, acc=None, keep_logp: list | None = None) -> dict[str, float]:
     """One accumulated backward over all micro-batches; returns summed statistics for the metrics.
 
     Sharded over ranks, `scale` is the global batch's (else this batch's) and `runner` the DDP/FSDP
     wrapper of `model`: only the last micro-batch's backward all-reduces (the others run in no_sync).
+    `keep_logp`, if given, collects each micro-batch's log-probs of the sampled tokens (detached, (n, T)).
     """
     scale = scale or LossScale.of(ro.mask)
     N, s = ro.completion_ids.shape[0], dict(loss=0.0, H_k=0.0, H_out=0.0, kl=0.0, clipped=0.0)
     for start in range(0, N, cfg.micro_batch_size):
         rows, last = slice(start, start + cfg.micro_batch_size), start + cfg.micro_batch_size >= N
         with nullcontext() if acc is None or last else acc.no_sync(runner):
-            s = _accumulate(model, ro, adv, old, ref, cfg, phase, rows, scale, runner, s)
+            s = _accumulate(model, ro, adv, old, ref, cfg, phase, rows, scale, runner, s, keep_logp)
     return s
 
 
 def _accumulate(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, rows: slice, scale: LossScale,
-                runner, s: dict[str, float]) -> dict[str, float]:
+                runner, s: dict[str, float], keep_logp: list | None = None) -> dict[str, float]:
     """Forward and backward of one micro-batch, its loss weighted into the global batch's; adds to `s`."""
     logp, internal, output = _score_chunk(model, ro, cfg.internal_layer, rows, phase, cfg.temperature, runner)
+    if keep_logp is not None:
+        keep_logp.append(logp.detach())  # (n, T)
     m = ro.mask[rows]  # (n, T)
     old_c = logp.detach() if old is None else old[rows]
     loss, clipped = grpo_loss(logp, old_c, adv[rows], m, cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
@@ -186,6 +195,7 @@ def train(
     render: Callable[[Prompt, Any], str] | None = None,
     model_info: dict | None = None,
     reward_fn: Callable[[str, str], float] | None = None,
+    resume: bool = False,
 ) -> Path:
     """Train all of `model`'s parameters in place with BuPO; write metrics, config, manifest and checkpoint.
 
@@ -195,30 +205,43 @@ def train(
     tokenizer) -> str` defaults to `entropylens.prompts.render` with the config's `enable_thinking`;
     `reward_fn(completion, answer) -> float` overrides `config.reward` (e.g. a format reward).
     Under a distributed launcher every rank calls this with the same arguments; rank 0 writes the files.
+    Every `config.save_every` steps (and on Ctrl-C) the resumable state goes to `out_dir/state.pt`;
+    `resume=True` continues from it (or starts afresh if there is none).
     """
     acc = distributed.accelerator(cpu=next(model.parameters()).device.type == "cpu")
     config.validate(len(decoder_layers(model)), len(prompts), 1 if acc is None else acc.num_processes)
+    if (config.save_every or resume) and distributed.shards_parameters(acc):
+        raise UserError("--save-every / --resume are not supported under FSDP yet (sharded optimizer state); "
+                        "use DDP or one process")
     out, main = Path(out_dir), distributed.is_main(acc)
     if render is None:
         render = lambda p, tok: render_prompt(p, tok, enable_thinking=config.enable_thinking)  # noqa: E731
+    if reward_fn is None:
+        check_references(prompts, config.reward, "training prompt")
     manifest = _manifest(config, model, prompts, out, model_info, acc)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "manifest.json", manifest)
-        _write_json(out / "config.json", asdict(config))
+        if resume and (out / "manifest.json").is_file():  # keep what the first attempt recorded
+            manifest = read_manifest(out) | {"status": "running", "error": None, "interrupted": None}
+        write_json(out / "manifest.json", manifest)
+        write_json(out / "config.json", asdict(config))
     t_start, flags = time.perf_counter(), [p.requires_grad for p in model.parameters()]
     try:
         reward_fn = reward_fn or get_reward(config.reward)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta else None
         runner = _wrap(acc, model)
         n_tokens = _loop(config, model, runner, ref_model, tokenizer, prompts, render, reward_fn, out, progress,
-                         acc)
+                         acc, resume)
         state = acc.get_state_dict(runner) if distributed.shards_parameters(acc) else None  # all ranks gather
         ckpt = distributed.main_only(acc, lambda: save_checkpoint(model, tokenizer, out / "checkpoint", state))
+    except Interrupted as e:  # Ctrl-C: the state of the last whole step is on disk; the run stays resumable
+        if main:
+            write_json(out / "manifest.json", manifest | {"interrupted": f"after step {e.step}", "finished": _now()})
+        raise
     except BaseException as e:
         if main:
             manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
-            _write_json(out / "manifest.json", manifest)
+            write_json(out / "manifest.json", manifest)
         raise
     finally:  # loaders freeze models for tracing; hand the model back as it came
         for p, flag in zip(model.parameters(), flags):
@@ -226,9 +249,10 @@ def train(
         if acc is not None:
             acc.free_memory()  # drops the accelerator's references to the wrapper and the optimizer
     if main:
-        manifest.update(status="complete", finished=_now(), n_tokens=n_tokens,
+        (out / STATE_FILE).unlink(missing_ok=True)  # the checkpoint supersedes it
+        manifest.update(status="complete", stage="trained", finished=_now(), n_tokens=n_tokens,
                         timings={"total_s": round(time.perf_counter() - t_start, 3)})
-        _write_json(out / "manifest.json", manifest)
+        write_json(out / "manifest.json", manifest)
     distributed.barrier(acc)  # nobody returns before rank 0 has written everything
     return ckpt
 
@@ -249,122 +273,105 @@ def _clip(acc, params: list[nn.Parameter], max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP 2 returns a DTensor
 
 
-STAT_KEYS = ("loss", "H_k", "H_out", "kl", "clipped")  # _update's sums, then tokens, rollouts, seconds
-
-
-def metrics_row(step: int, phase: str, rewards: torch.Tensor, per_rank: torch.Tensor, grad_norm: float) -> dict:
-    """One metrics.jsonl row from all ranks' rewards (B*G,) and per-rank statistics (W, 8) in STAT_KEYS order.
-
-    Sums add over ranks, except the loss: each rank's carries the factor W that DDP's averaging removes,
-    so the global batch's loss is their mean. Throughput is over the slowest rank's wall time.
-    """
-    loss, H_k, H_out, kl, clipped, tokens, rollouts = per_rank[:, :7].sum(0).tolist()
-    n_tok, world = max(tokens, 1), per_rank.shape[0]
-    row = {
-        "step": step, "phase": phase, "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std(unbiased=False)), "entropy/layer_k": H_k / n_tok,
-        "entropy/output": H_out / n_tok, "kl/output_vs_internal": kl / n_tok,
-        "clip/frac": clipped / n_tok, "optim/grad_norm": grad_norm,
-        "completion/len_mean": tokens / rollouts, "perf/tokens_per_s": tokens / float(per_rank[:, 7].max()),
-        "loss": loss / world,
-    }
-    if world > 1:  # scalars (the dashboard tabulates rows): the spread shows how unevenly ranks were loaded
-        row |= {"dist/world_size": world, "dist/tokens_min_rank": int(per_rank[:, 5].min()),
-                "dist/tokens_max_rank": int(per_rank[:, 5].max())}
-    return row
-
-
 def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render, reward_fn, out: Path,
-          progress: bool, acc) -> int:
+          progress: bool, acc, resume: bool = False) -> int:
     """The training steps; returns the number of completion tokens trained on (all ranks)."""
     params = list(runner.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     opt = opt if acc is None else acc.prepare(opt)
     rank, world = (0, 1) if acc is None else (acc.process_index, acc.num_processes)
-    rng, order, G, total = random.Random(cfg.seed), [], cfg.num_generations, 0
-    if rank == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    bar = tqdm(range(cfg.steps), desc="bupo", disable=not progress or rank > 0, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        phase = "internal" if step < cfg.internal_steps else "output"
-        batch = []
-        for _ in range(cfg.prompts_per_step):  # epochs of shuffled prompts, seeded: the same on every rank
-            if not order:
-                order = rng.sample(range(len(prompts)), len(prompts))
-            batch.append(prompts[order.pop()])
-        mine = distributed.shard(len(batch), rank, world)  # this rank's block of whole groups
-        seeds = [group_seed(cfg.seed, step, j) for j in range(len(batch))][mine]
-        batch = batch[mine]
-        texts = [render(p, tokenizer) for p in batch]
-        if world > 1 or cfg.group_sampling:
-            ro = generate_groups(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens, seeds,
-                                 synced_gpus=distributed.shards_parameters(acc))
-        else:  # one batched call: the prompts share an RNG stream and left padding
-            ro = generate_rollouts(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens, seed=seeds[0])
-        rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
-        adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
-        scale = LossScale.from_ranks(distributed.gather_rows(acc, LossScale.local(ro.mask)[None]))  # (W, 3)
-        set_phase(model, cfg.internal_layer, phase)
-        old = _no_grad_logp(model, ro, cfg, phase) if cfg.num_iterations > 1 else None
-        ref = _no_grad_logp(ref_model, ro, cfg, phase) if ref_model is not None else None
-        passes = []  # metrics describe the first pass over this batch
-        for _ in range(cfg.num_iterations):
-            opt.zero_grad(set_to_none=True)
-            s = _update(model, ro, adv, old, ref, cfg, phase, scale=scale, runner=runner, acc=acc)
-            passes.append((s, _clip(acc, params, cfg.max_grad_norm)))
-            opt.step()
-        first, first_norm = passes[0]
-        opt.zero_grad(set_to_none=True)
-        local = [first[k] for k in STAT_KEYS] + [ro.n_tokens, len(ro.texts), time.perf_counter() - t0]
-        per_rank = distributed.gather_rows(acc, torch.tensor([local], dtype=torch.float64))  # (W, 8)
-        row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, first_norm)
-        total += int(per_rank[:, 5].sum())
+    rng, order, G, total, first, rows = random.Random(cfg.seed), [], cfg.num_generations, 0, 0, []
+    if resume and (out / STATE_FILE).is_file():
+        st = load_state(out / STATE_FILE, model, opt, _resume_keys(cfg))
+        first, total, rows, rng, order = st["step"], st["n_tokens"], st["metrics"], st["rng"], st["order"]
+    if rank == 0:  # the metrics of the steps the state holds, nothing after them
+        write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+    def save(step: int) -> None:
         if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(phase=phase, reward=f"{row['reward/mean']:.3f}",
-                        H_k=f"{row['entropy/layer_k']:.2f}", H_out=f"{row['entropy/output']:.2f}")
+            save_state(out / STATE_FILE, model, opt, step=step, rng=rng, order=order, metrics=rows, n_tokens=total,
+                       config=_resume_keys(cfg))
+        distributed.barrier(acc)
+
+    bar = tqdm(range(first, cfg.steps), desc="bupo", disable=not progress or rank > 0, dynamic_ncols=True,
+               initial=first, total=cfg.steps)
+    with deferred_sigint(world == 1) as sigint:
+        for step in bar:
+            t0 = time.perf_counter()
+            phase = "internal" if step < cfg.internal_steps else "output"
+            batch = []
+            for _ in range(cfg.prompts_per_step):  # epochs of shuffled prompts, seeded: the same on every rank
+                if not order:
+                    order = rng.sample(range(len(prompts)), len(prompts))
+                batch.append(prompts[order.pop()])
+            mine = distributed.shard(len(batch), rank, world)  # this rank's block of whole groups
+            seeds = [group_seed(cfg.seed, step, j) for j in range(len(batch))][mine]
+            batch = batch[mine]
+            texts = [render(p, tokenizer) for p in batch]
+            if world > 1 or cfg.group_sampling:
+                ro = generate_groups(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens, seeds,
+                                     synced_gpus=distributed.shards_parameters(acc))
+            else:  # one batched call: the prompts share an RNG stream and left padding
+                ro = generate_rollouts(model, tokenizer, texts, G, cfg.temperature, cfg.max_new_tokens,
+                                       seed=seeds[0])
+            rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
+            adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
+            scale = LossScale.from_ranks(distributed.gather_rows(acc, LossScale.local(ro.mask)[None]))  # (W, 3)
+            set_phase(model, cfg.internal_layer, phase)
+            old = _no_grad_logp(model, ro, cfg, phase) if cfg.num_iterations > 1 else None
+            ref = _no_grad_logp(ref_model, ro, cfg, phase) if ref_model is not None else None
+            passes, before = [], []  # metrics describe the first pass over this batch
+            for _ in range(cfg.num_iterations):
+                opt.zero_grad(set_to_none=True)
+                s = _update(model, ro, adv, old, ref, cfg, phase, scale=scale, runner=runner, acc=acc,
+                            keep_logp=before if not passes else None)
+                passes.append((s, _clip(acc, params, cfg.max_grad_norm)))
+                opt.step()
+            s, first_norm = passes[0]
+            opt.zero_grad(set_to_none=True)
+            effect = _update_effect(model, ro, adv, torch.cat(before), cfg, phase, after=phase == "internal")
+            local = [s[k] for k in STAT_KEYS] + [ro.n_tokens, len(ro.texts), time.perf_counter() - t0] + effect
+            per_rank = distributed.gather_rows(acc, torch.tensor([local], dtype=torch.float64))  # (W, 12)
+            row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, first_norm, G)
+            total += int(per_rank[:, RANK_KEYS.index("tokens")].sum())
+            rows.append(row)
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if not row["signal/tokens"]:
+                    tqdm.write(f"step {step}: every group's rewards are equal: no advantage, no gradient this step")
+            bar.set_postfix(phase=phase, reward=f"{row['reward/mean']:.3f}",
+                            signal=f"{row['signal/groups_frac']:.2f}" if row["signal/tokens"] else "none",
+                            H_k=f"{row['entropy/layer_k']:.2f}", H_out=f"{row['entropy/output']:.2f}")
+            done = step + 1
+            if sigint["hit"]:
+                save(done)
+                raise Interrupted(done, saved=True)
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                save(done)
     return total
 
 
-def _tied_head_key(model: nn.Module) -> str | None:
-    """State-dict key of the output embedding when it shares storage with the input embedding."""
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
-        return None
-    for name, module in model.named_modules():
-        if module is head:
-            return f"{name}.weight"
-    return None
+def _resume_keys(cfg: BupoConfig) -> dict:
+    """The settings a resumed run must share with the stored state (all but bookkeeping)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "model_id", "parent_run")}
 
 
-def save_checkpoint(model: nn.Module, tokenizer, path: str | Path, state: dict | None = None) -> Path:
-    """Write safetensors + config + tokenizer (works for GGUF-loaded models, which refuse save_pretrained).
+@torch.no_grad()
+def _update_effect(model, ro: Rollouts, adv: torch.Tensor, before: torch.Tensor, cfg: BupoConfig,
+                   phase: str, after: bool = True) -> list[float]:
+    """[tokens with advantage != 0, sum log-prob before, sum after, sum A * (after - before)] over masked tokens.
 
-    `state` replaces `model.state_dict()` when the parameters are sharded (FSDP's gathered full state).
+    `before` (N, T) are the trained policy's log-probs of the sampled tokens from the update's own forward;
+    the log-probs after the step need one more forward without gradient (~12 % of a step on SmolLM2), so the
+    trainer asks for them in the internal phase only, where they show that pi^k moves; else they are NaN.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tied = _tied_head_key(model)
-    state = model.state_dict() if state is None else state
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != tied}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(model.config)
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:  # GGUF weights are dequantised in memory; any other scheme we cannot write
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        if method != "gguf":
-            raise UserError("cannot save a quantized (non-GGUF) model's weights as a plain checkpoint")
-        del config.quantization_config  # else the reload claims to be quantized and refuses training/saving
-    config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+    m = ro.mask  # (N, T)
+    signal = float((m * (adv != 0)[:, None]).sum())
+    if not after:
+        return [signal, float((before * m).sum()), math.nan, math.nan]
+    lp = _no_grad_logp(model, ro, cfg, phase)  # (N, T)
+    return [signal, float((before * m).sum()), float((lp * m).sum()), float((adv[:, None] * (lp - before) * m).sum())]
 
 
 def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None, acc=None) -> dict:
@@ -373,7 +380,7 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None, ac
         "id": cfg.model_id or getattr(c, "_name_or_path", ""),
         "architecture": (getattr(c, "architectures", None) or [type(model).__name__])[0],
         "family": c.model_type, "n_layers": len(decoder_layers(model)), "d_model": c.hidden_size,
-        "vocab_size": c.vocab_size, "tie_word_embeddings": _tied_head_key(model) is not None,
+        "vocab_size": c.vocab_size, "tie_word_embeddings": tied_head_key(model) is not None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     } | (extra or {})
     dist = {} if acc is None else {"distributed": {
@@ -391,12 +398,6 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None, ac
                      "transformers": __import__("transformers").__version__},
         "files": {"metrics": "metrics.jsonl", "config": "config.json", "checkpoint": "checkpoint"},
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _now() -> str:

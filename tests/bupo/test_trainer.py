@@ -1,6 +1,7 @@
 """Trainer: update == REINFORCE with baseline, the internal phase freezes what it must, files are right."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,15 +11,17 @@ from conftest import make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from entropylens.bupo.rollout import generate_rollouts
+from entropylens.bupo.checkpoint import save_checkpoint
 from entropylens.bupo.trainer import (
-    BupoConfig, _no_grad_logp, _score_chunk, _update, pick_boundary_layer, save_checkpoint, set_phase, train,
+    BupoConfig, _no_grad_logp, _score_chunk, _update, pick_boundary_layer, set_phase, train,
 )
 from entropylens.errors import UserError
 
 TEXTS = ["1+2=", "what is 40+2?", "7*6"]
 EXPECTED_KEYS = {"step", "phase", "reward/mean", "reward/std", "entropy/layer_k", "entropy/output",
                  "kl/output_vs_internal", "clip/frac", "optim/grad_norm", "completion/len_mean",
-                 "perf/tokens_per_s", "loss"}
+                 "perf/tokens_per_s", "loss", "signal/groups_frac", "signal/tokens", "update/logp_before",
+                 "update/logp_after", "update/adv_logp_gain"}
 
 
 def length_reward(text: str, answer: str) -> float:  # varies across rollouts of a random model
@@ -168,3 +171,55 @@ def test_pick_boundary_layer():
         pick_boundary_layer(table.assign(dH_ffn=-1.0))
     with pytest.raises(UserError):
         pick_boundary_layer(table.rename(columns={"dH_ffn": "dH"}))
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_no_signal_steps_are_logged_as_such_and_move_nothing(tmp_path, tokenizer, prompts):
+    model = make_model()
+    before = _snapshot(model)
+    # no weight decay: AdamW would shrink the weights even with zero gradients (as in TRL; momentum does too)
+    train(_cfg(steps=2, weight_decay=0.0), model, tokenizer, prompts, tmp_path / "run", progress=False,
+          reward_fn=lambda t, a: 1.0)
+    for r in _rows(tmp_path / "run"):
+        assert r["signal/groups_frac"] == 0.0 and r["signal/tokens"] == 0 and r["optim/grad_norm"] == 0.0
+        if r["phase"] == "internal":
+            assert r["update/logp_after"] == r["update/logp_before"] and r["update/adv_logp_gain"] == 0.0
+        else:  # measured in the internal phase only
+            assert r["update/logp_after"] is None and r["update/adv_logp_gain"] is None
+    assert not _changed(model, before, "")
+
+
+def test_signal_counts_groups_and_tokens_with_advantage(tmp_path, tokenizer, prompts):
+    # only the prompt whose answer is "3" has rewards that differ within its group
+    train(_cfg(steps=2, prompts_per_step=4), make_model(), tokenizer, prompts, tmp_path / "run", progress=False,
+          reward_fn=lambda t, a: float(len(t)) if a == "3" else 0.0)
+    for r in _rows(tmp_path / "run"):
+        assert r["signal/groups_frac"] == 0.25  # 1 group of 4 per step (each step is one epoch of the 4 prompts)
+        total = r["completion/len_mean"] * 4 * 4
+        assert 0 < r["signal/tokens"] < total
+
+
+@pytest.mark.parametrize("phase", ["internal", "output"])
+def test_update_effect_is_the_trained_policy_before_and_after_the_step(model, tokenizer, phase):
+    from entropylens.bupo.trainer import _update_effect
+
+    cfg = _cfg(internal_layer=2, micro_batch_size=4)
+    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0, 0.0])  # 3 prompts x G = 2
+    set_phase(model, cfg.internal_layer, phase)
+    ref_before = _no_grad_logp(model, ro, cfg, phase)  # (N, T) independent forward before the step
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    kept: list[torch.Tensor] = []
+    _update(model, ro, adv, None, None, cfg, phase, keep_logp=kept)
+    opt.step()
+    ref_after = _no_grad_logp(model, ro, cfg, phase)
+    signal, lp_before, lp_after, gain = _update_effect(model, ro, adv, torch.cat(kept), cfg, phase)
+    m = ro.mask
+    assert signal == float((m * (adv != 0)[:, None]).sum())
+    assert lp_before == pytest.approx(float((ref_before * m).sum()), rel=1e-5)
+    assert lp_after == pytest.approx(float((ref_after * m).sum()), rel=1e-5)
+    assert gain == pytest.approx(float((adv[:, None] * (ref_after - ref_before) * m).sum()), rel=1e-4, abs=1e-6)
+    assert gain > 0  # a small step on the surrogate raises the better-than-average samples' log-probs
