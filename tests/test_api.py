@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -343,3 +344,35 @@ def test_decode_bad_targets_and_load_errors(tmp_path):
     with pytest.raises(UserError) as e:
         el.load("no-such-run", cache=tmp_path)
     _one_line(e, "no run 'no-such-run'")
+
+
+# ---------------------------------------------------------------- the quickstart notebook
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    """examples/quickstart.ipynb top to bottom on the embedded model (~1-2 min), into a temporary cache."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "examples" / "quickstart.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "commit the notebook with outputs stripped"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    models = root / "cache" / "models"  # the repo's model cache: the dequantised weights are made once, not per run
+    models.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(models, target_is_directory=True)
+    monkeypatch.setenv("ENTROPYLENS_CACHE", str(cache))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))  # this checkout
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    runs = list((cache / "runs").iterdir())  # the saved run only: the second one was save=False
+    assert len(runs) == 1 and el.load(runs[0]).manifest["status"] == "complete"
+    assert el.load(runs[0]).manifest["generation"]["max_new_tokens"] == 8
+    text = "".join(o.get("text", "") for c in code for o in c.outputs)
+    gap = float(text.split("max |decode - trace| = ")[1].split()[0])
+    print(f"notebook: decode vs trace {gap:.1e} nats")
+    assert gap < 1e-3
+    figures = [c for c in code if any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in c.outputs)]
+    assert len(figures) == 3  # flow, heatmap, compare
