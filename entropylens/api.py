@@ -79,14 +79,14 @@ def as_transformers(model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module,
     if _instance_of(model, "nnsight", "LanguageModel"):
         if not getattr(model, "dispatched", True):
             model.dispatch()  # a lazily loaded LanguageModel holds meta tensors until dispatched
-        return model._module, tokenizer or model.tokenizer, "nnsight"
+        return model._module, model.tokenizer if tokenizer is None else tokenizer, "nnsight"
     if _instance_of(model, "transformer_lens.model_bridge", "TransformerBridge"):
         hf = _unwrap_bridge(model.original_model)
         left = sorted({type(m).__name__ for m in hf.modules() if type(m).__module__.startswith("transformer_lens")})
         if left:
             raise UserError(f"cannot recover the transformers model inside this TransformerBridge ({left[0]} "
                             "remains); pass the transformers model itself")
-        return hf, tokenizer or model.tokenizer, "transformer-lens"
+        return hf, model.tokenizer if tokenizer is None else tokenizer, "transformer-lens"
     if _instance_of(model, "transformers", "PreTrainedModel"):
         return model, tokenizer, "transformers"
     raise UserError(f"model must be {MODEL_KINDS}; got a {type(model).__module__}.{type(model).__name__}")

@@ -111,7 +111,8 @@ class Run:
         from entropylens.cli import _print_layer_table
 
         for ln in [self._lens(lens)] if lens else self.manifest.get("lens", ["bupo"]):
-            _print_layer_table(summary_layer_table(self.summary, ln, role), f"{self.run_id} · lens {ln} · {role} tokens")
+            title = f"{self.run_id} · lens {ln} · {role} tokens"
+            _print_layer_table(summary_layer_table(self.summary, ln, role), title)
 
     def stages(self, role: str = "response", band: float = StageConfig.band,
                collapse_frac: float = StageConfig.collapse_frac) -> dict:

@@ -89,6 +89,34 @@ def test_spec_string_and_save_false(tiny_folder, tmp_path):
     assert kept.manifest["status"] == "complete" and kept.manifest["timings"]["load_s"] > 0
 
 
+def test_resume_an_interrupted_in_memory_trace(tokenizer, tmp_path, monkeypatch):
+    """Ctrl-C after the first batch, then resume= with the same model: the files of an uninterrupted run."""
+    import entropylens.trace as trace_mod
+
+    model = build_tiny("llama")
+    kw = dict(tokenizer=tokenizer, max_new_tokens=4, batch_size=1, quiet=True)
+    whole = el.trace(model, PROMPTS, name="whole", cache=str(tmp_path / "a"), **kw)
+    real, calls = trace_mod.trace_batch, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trace_mod, "trace_batch", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        el.trace(model, PROMPTS, name="cut", cache=str(tmp_path / "b"), **kw)
+    monkeypatch.setattr(trace_mod, "trace_batch", real)
+    with pytest.raises(UserError) as e:
+        el.trace(resume="cut", cache=str(tmp_path / "b"))
+    _one_line(e, "was traced from a model in memory; pass it again")
+    done = el.trace(model, tokenizer=tokenizer, resume="cut", cache=str(tmp_path / "b"), quiet=True)
+    assert done.manifest["status"] == "complete"
+    for f in FILES:
+        assert (done.path / f).read_bytes() == (whole.path / f).read_bytes(), f
+
+
 def test_limit_default_warns_when_it_drops_prompts(tokenizer, tmp_path):
     many = [f"What is {i} + 1?" for i in range(9)]
     with pytest.warns(UserWarning, match="first 8 of 9 prompts"):
@@ -133,6 +161,7 @@ def test_three_model_kinds_give_the_same_entropies(tokenizer, tmp_path):
         diff = np.nanmax(np.abs(run.entropy[cols].to_numpy() - ref.entropy[cols].to_numpy()))
         diff = max(diff, np.abs(run.tokens["H_final"] - ref.tokens["H_final"]).max())
         assert diff < 1e-5, (kind, diff)
+        print(f"{kind} vs transformers: max |ΔH| {diff:.2e} nats")
         worst = max(worst, diff)
         assert np.array_equal(np.isnan(run.entropy[cols].to_numpy()), np.isnan(ref.entropy[cols].to_numpy()))
     print(f"max |ΔH| between model kinds: {worst:.2e} nats")
