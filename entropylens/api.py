@@ -115,10 +115,11 @@ def _loaded(model: Any, tokenizer: Any, cfg: TraceConfig, given: dict) -> Loaded
     param = next(hf.parameters())
     dtype = next((n for n, d in DTYPES.items() if d == param.dtype), str(param.dtype).removeprefix("torch."))
     device = str(param.device)
-    for key, actual in (("dtype", dtype), ("device", device)):
-        if key in given and str(given[key]) != actual:
-            raise UserError(f"{key}={given[key]!r}, but the model in memory is {actual}; convert it yourself "
-                            f"(model.to(...)) or drop {key}=")
+    asked = {k: str(given[k]) for k in ("dtype", "device") if k in given}
+    if asked.get("dtype", dtype) != dtype or asked.get("device", "auto") not in ("auto", device, param.device.type):
+        key = "dtype" if asked.get("dtype", dtype) != dtype else "device"
+        raise UserError(f"{key}={asked[key]!r}, but the model in memory is on {device} in {dtype}; move it yourself "
+                        f"(model.to(...)) or drop {key}=")
     name = getattr(hf.config, "_name_or_path", "") or type(hf).__name__
     cfg.model, cfg.dtype, cfg.device = f"memory:{name}", dtype, device
     info = describe_model(hf, name, f"memory:{kind}", _fingerprint(hf), dtype)

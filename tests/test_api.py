@@ -133,7 +133,7 @@ def test_limit_default_warns_when_it_drops_prompts(tokenizer, tmp_path):
 def test_dataframe_prompts_keep_answers(tokenizer, tmp_path):
     df = pd.DataFrame({"question": ["What is 2 + 3?", "What is 4 + 4?"], "answer": [5, 8]})
     run = el.trace(build_tiny("llama"), df, tokenizer=tokenizer, generate=False, sites=("layer",), save=False,
-                   quiet=True, cache=str(tmp_path))
+                   quiet=True, cache=str(tmp_path), device="cpu", dtype="float32")  # as the model is: accepted
     assert run.responses["answer"].tolist() == ["5", "8"]
 
 
@@ -339,7 +339,8 @@ def _one_line(excinfo, needle: str) -> None:
     (dict(lens="nope"), "unknown --lens 'nope'"),
     (dict(max_tokens=5), "unknown option 'max_tokens'"),
     (dict(tokenizer=None), "needs its tokenizer"),
-    (dict(dtype="bfloat16"), "the model in memory is float32"),
+    (dict(dtype="bfloat16"), "dtype='bfloat16', but the model in memory is on cpu in float32"),
+    (dict(device="cuda:1"), "device='cuda:1', but the model in memory is on cpu"),
     (dict(device_map="auto"), "device_map= applies when entropylens loads the model"),
 ])
 def test_trace_bad_input(tokenizer, tmp_path, kwargs, needle):
