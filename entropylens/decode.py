@@ -297,3 +297,8 @@ def _cat(parts: list[Stats]) -> Stats:
         torch.cat([p.top1 for p in parts], 1),
         torch.cat([p.p1 for p in parts], 1),
     )
+
+
+from entropylens import _callable_module  # noqa: E402
+
+_callable_module(__name__)  # `entropylens.decode(...)` is entropylens.api.decode (see entropylens/__init__.py)

@@ -305,11 +305,16 @@ def load_model(
     model.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, info=describe_model(model, model_id, source, revision, dtype))
+
+
+def describe_model(model: torch.nn.Module, model_id: str, source: str, revision: str, dtype: str) -> ModelInfo:
+    """The manifest's record of a loaded model (also used for models handed over in memory, entropylens.api)."""
     cfg = model.config
     head = model.get_output_embeddings()
     if head is None:
         raise UserError(f"{type(model).__name__} has no output embedding (lm_head); not a causal LM")
-    info = ModelInfo(
+    return ModelInfo(
         id=model_id, source=source, revision=revision,
         architecture=type(model).__name__, family=getattr(cfg, "model_type", "unknown"),
         n_layers=int(cfg.num_hidden_layers), d_model=int(cfg.hidden_size),
@@ -317,7 +322,6 @@ def load_model(
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         dtype=dtype, max_positions=getattr(cfg, "max_position_embeddings", None),
     )
-    return LoadedModel(model=model, tokenizer=tok, info=info)
 
 
 def model_summary_line(info: ModelInfo) -> str:
@@ -325,4 +329,4 @@ def model_summary_line(info: ModelInfo) -> str:
             f"{'tied' if info.tie_word_embeddings else 'untied'} · {info.dtype}")
 
 
-__all__ = ["LoadedModel", "ModelInfo", "load_model", "save_dequantised", "model_summary_line"]
+__all__ = ["LoadedModel", "ModelInfo", "describe_model", "load_model", "save_dequantised", "model_summary_line"]

@@ -126,9 +126,14 @@ def run_stages(run_dir: Path | str, cfg: StageConfig | None = None) -> dict:
     m = read_manifest(run_dir)
     if m.get("kind", "trace") != "trace":
         raise UserError(f"{run_dir.name} is a {m.get('kind')!r} run; stages need a trace run")
-    summary = load_summary(run_dir)
+    return stages_from(m, load_summary(run_dir), cfg, m.get("run_id", run_dir.name))
+
+
+def stages_from(m: dict, summary: pd.DataFrame, cfg: StageConfig, run_id: str) -> dict:
+    """`run_stages` of a manifest and summary already in memory (entropylens.api.Run)."""
+    cfg.validate()
     return {
-        "version": STAGES_VERSION, "run_id": m.get("run_id", run_dir.name), "model": m["model"]["id"],
+        "version": STAGES_VERSION, "run_id": run_id, "model": m["model"]["id"],
         "family": m["model"].get("family"), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": asdict(cfg),
         "lenses": {lens: detect_stages(summary, lens, m["model"]["vocab_size"], cfg) for lens in m["lens"]},

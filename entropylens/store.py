@@ -485,7 +485,13 @@ def layer_table(run_dir: Path | str, lens: str = "bupo", role: str = "response")
     """Per layer the mean H_layer, H_attn, H_ffn and dH_attn, dH_ffn, dH_layer (`entropylens show`)."""
     if role not in SUMMARY_ROLES:
         raise UserError(f"unknown role {role!r}; choose one of {list(SUMMARY_ROLES)}")
-    summary = load_summary(run_dir)
+    return summary_layer_table(load_summary(run_dir), lens, role)
+
+
+def summary_layer_table(summary: pd.DataFrame, lens: str = "bupo", role: str = "response") -> pd.DataFrame:
+    """`layer_table` of a summary already in memory (entropylens.api.Run)."""
+    if role not in SUMMARY_ROLES:
+        raise UserError(f"unknown role {role!r}; choose one of {list(SUMMARY_ROLES)}")
     if lens not in set(summary["lens"]):
         raise UserError(f"run has no lens {lens!r}; it has {sorted(set(summary['lens']))}")
     cols = ["H_layer", "H_attn", "H_ffn", "dH_attn", "dH_ffn", "dH_layer"]

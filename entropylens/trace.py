@@ -331,3 +331,8 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     if shard is not None:
         shard.barrier()  # the run is complete for every rank
     return writer.run_dir
+
+
+from entropylens import _callable_module  # noqa: E402
+
+_callable_module(__name__)  # `entropylens.trace(...)` is entropylens.api.trace (see entropylens/__init__.py)

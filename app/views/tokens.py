@@ -42,6 +42,16 @@ def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | 
     if rows.empty:
         raise UserError(f"{run_id} has no '{lens}' rows for prompt {prompt_idx}")
     toks = read_tokens(run, int(prompt_idx))
+    fig = heatmap_figure(rows, toks, m["model"]["id"], lens, int(prompt_idx), site, quantity)
+    long = rows.merge(toks, on="position", how="left").sort_values(["layer", "position"])
+    return fig, long.assign(run_id=run_id, lens=lens, prompt_idx=prompt_idx)
+
+
+def heatmap_figure(rows: pd.DataFrame, toks: pd.DataFrame, model_id: str, lens: str, prompt_idx: int, site: str,
+                   quantity: str) -> go.Figure:
+    """The heatmap of one prompt's entropy rows (position, layer, `<quantity>_<site>`) and its tokens (position,
+    token_text, role); also drawn by entropylens.api.Run.heatmap."""
+    col = f"{quantity}_{site}"
     z = rows.pivot(index="layer", columns="position", values=col).sort_index()
     z = z.reindex(columns=toks["position"])
     # Categorical x labels "t: text" carry the token text to the axis and the hover without a
@@ -65,9 +75,8 @@ def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | 
                            showarrow=False, xanchor="left")
     fig.update_layout(template=TEMPLATE, margin={"b": 120},
                       title=f"{'ΔH' if is_dh else 'Entropy'} per token and layer — {SITE_LABELS[site]} · "
-                            f"{m['model']['id']} · lens {lens} · prompt {prompt_idx} (click a cell for top-1 tokens)")
-    long = rows.merge(toks, on="position", how="left").sort_values(["layer", "position"])
-    return fig, long.assign(run_id=run_id, lens=lens, prompt_idx=prompt_idx)
+                            f"{model_id} · lens {lens} · prompt {prompt_idx} (click a cell for top-1 tokens)")
+    return fig
 
 
 def cell_detail(cache: Path, run_id: str, lens: str, prompt_idx: int, position: int, layer: int) -> pd.DataFrame:
