@@ -229,6 +229,9 @@ def write_bupo_run(cache: Path, run_id: str, steps: int = 20, internal_steps: in
             "optim/grad_norm": float(abs(rng.normal(1.0, 0.3))),
             "completion/len_mean": float(40 + rng.normal(0, 3)),
             "perf/tokens_per_s": float(500 + rng.normal(0, 20)),
+            "signal/groups_frac": float(rng.integers(0, 5) / 4), "signal/tokens": int(rng.integers(0, 200)),
+            "update/logp_before": float(-1.5 + 0.02 * step + rng.normal(0, 0.05)),
+            "update/logp_after": float(-1.45 + 0.02 * step + rng.normal(0, 0.05)) if internal else None,
         })
     _atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     now = datetime(2026, 1, 2, tzinfo=timezone.utc).isoformat()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -45,8 +46,12 @@ def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[g
     if child.empty or parent.empty:
         raise UserError(f"both runs need a '{lens}' summary for {role} tokens")
     diff = (child - parent).dropna(how="all")
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
-                        subplot_titles=("entropy flow: after − before", "entropy change ΔH: after − before"))
+    ev = _trainer_eval(cache, run_id)
+    titles = ["entropy flow: after − before", "entropy change ΔH: after − before"]
+    if ev is not None:
+        titles.append(f"held-out accuracy · {ev['base']['n_prompts']} prompts × {ev['base']['n_samples']} samples "
+                      "· 95 % interval (bootstrap over prompts)")
+    fig = make_subplots(rows=len(titles), cols=1, vertical_spacing=0.1, subplot_titles=titles)
     for q in FLOW_Q:
         site = q.split("_", 1)[1]
         fig.add_trace(go.Scatter(x=diff.index, y=diff[q], mode="lines+markers", name=f"Δ {SITE_LABELS[site]}",
@@ -55,17 +60,51 @@ def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[g
         site = q.split("_", 1)[1]
         fig.add_trace(go.Bar(x=diff.index, y=diff[q], name=f"Δ ΔH {site}", marker_color=SITE_COLORS[site]),
                       row=2, col=1)
-    fig.add_hline(y=0, line={"color": "#888", "width": 1})
+    for r in (1, 2):
+        fig.add_hline(y=0, line={"color": "#888", "width": 1}, row=r, col=1)
+    if ev is not None:
+        _accuracy_bars(fig, ev, row=3)
     fig.update_layout(template=TEMPLATE, barmode="group", legend={"orientation": "h", "y": -0.12},
-                      title=f"Before / after — {run_id} minus parent {parent_id} · lens {lens} · {role} tokens")
-    fig.update_yaxes(title_text="difference (nats)")
+                      title=f"Before / after — {run_id} minus parent {parent_id}<br><sup>lens {lens} · {role} tokens"
+                            "</sup>")
+    fig.update_yaxes(title_text="difference (nats)", row=1, col=1)
+    fig.update_yaxes(title_text="difference (nats)", row=2, col=1)
     fig.update_xaxes(title_text="layer l", row=2, col=1)
     out = diff.reset_index().assign(run_id=run_id, parent_run=parent_id, lens=lens, role=role)
     return fig, out
 
 
+def _trainer_eval(cache: Path, trained_run: str) -> dict | None:
+    """eval.json of the trainer run whose re-trace is `trained_run` (`<run>-trained`), if there is one."""
+    run_id = trained_run.removesuffix("-trained")
+    if run_id == trained_run:
+        return None
+    try:
+        path = resolve_run(cache, run_id) / "eval.json"
+    except UserError:
+        return None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _accuracy_bars(fig: go.Figure, ev: dict, row: int) -> None:
+    """Base and trained avg@K / pass@K with their 95 % intervals; the paired gain in the hover text."""
+    metrics = [m for m in ev["base"] if m.startswith(("avg@", "pass@")) and not m.endswith("_ci")]
+    for side, color in (("base", "#9e9e9e"), ("trained", "#d62728")):
+        res = ev[side]
+        y = [res[m] for m in metrics]
+        fig.add_trace(go.Bar(
+            x=metrics, y=y, name=f"{side} model", marker_color=color,
+            error_y={"type": "data", "symmetric": False, "array": [res[f"{m}_ci"][1] - v for m, v in zip(metrics, y)],
+                     "arrayminus": [v - res[f"{m}_ci"][0] for m, v in zip(metrics, y)]},
+            customdata=[[ev.get("gain", {}).get(m, {}).get(k, float("nan")) for k in ("gain", "lo", "hi")]
+                        for m in metrics],
+            hovertemplate="%{x}: %{y:.3f}<br>gain %{customdata[0]:+.3f} [%{customdata[1]:+.3f}, "
+                          "%{customdata[2]:+.3f}]<extra>" + side + "</extra>"), row=row, col=1)
+    fig.update_yaxes(title_text="accuracy", range=[0, 1], row=row, col=1)
+
+
 def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataFrame]:
-    """Reward, entropies of the trained layer and output policy, clip fraction and grad norm per step."""
+    """Reward, entropies, the trained policy's log-prob before/after each update, signal, clip, grad norm."""
     if not run_id:
         raise UserError("select a BuPO trainer run in the table above")
     run = resolve_run(cache, run_id)
@@ -74,8 +113,10 @@ def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataF
         raise UserError(f"{run_id} is a '{m.get('kind', 'trace')}' run; training curves need a BuPO trainer run")
     df = load_metrics(run).sort_values("step")
     k = (m.get("bupo") or {}).get("layer", "k")
-    fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+    fig = make_subplots(rows=6, cols=1, shared_xaxes=True, vertical_spacing=0.05,
                         subplot_titles=("reward (mean ± std over samples)", f"entropy (nats): layer {k} vs output",
+                                        "log-prob of the sampled tokens under the trained policy, before → after "
+                                        "each update", "signal: fraction of groups whose rewards differ",
                                         "clip fraction", "gradient norm"))
     x = df["step"]
     if "reward/std" in df:
@@ -84,11 +125,19 @@ def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataF
                                  fillcolor="#2ca02c", opacity=0.15, line={"width": 0}, showlegend=False,
                                  hoverinfo="skip", name="reward band"), row=1, col=1)
     curves = [(1, "reward/mean", "reward", "#2ca02c"), (2, "entropy/layer_k", f"π^{k} (layer {k})", "#e6550d"),
-              (2, "entropy/output", "output policy", "#222222"), (3, "clip/frac", "clip fraction", "#9467bd"),
-              (4, "optim/grad_norm", "grad norm", "#1f77b4")]
+              (2, "entropy/output", "output policy", "#222222"),
+              (3, "update/logp_before", "log-prob before update", "#7f7f7f"),
+              (3, "update/logp_after", "log-prob after update (internal phase)", "#e6550d"),
+              (5, "clip/frac", "clip fraction", "#9467bd"), (6, "optim/grad_norm", "grad norm", "#1f77b4")]
     for row, col, name, color in curves:
         if col in df:
-            fig.add_trace(go.Scatter(x=x, y=df[col], mode="lines", name=name, line={"color": color}), row=row, col=1)
+            fig.add_trace(go.Scatter(x=x, y=df[col], mode="lines+markers" if row == 3 else "lines", name=name,
+                                     line={"color": color}), row=row, col=1)
+    if "signal/groups_frac" in df:
+        fig.add_trace(go.Bar(x=x, y=df["signal/groups_frac"], name="groups with signal", marker_color="#17becf",
+                             customdata=df[["signal/tokens"]], hovertemplate="step %{x}: %{y:.2f} of groups, "
+                             "%{customdata[0]} tokens with gradient<extra></extra>"), row=4, col=1)
+        fig.update_yaxes(range=[0, 1], row=4, col=1)
     switch = df.loc[df["phase"] == "output", "step"] if "phase" in df else pd.Series(dtype=float)
     if not switch.empty and (df["phase"] == "internal").any():
         s0 = float(switch.min()) - 0.5
@@ -98,7 +147,7 @@ def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataF
                            yanchor="bottom", bgcolor="white")
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.08},
                       title=f"Training — {run_id} · {m['model'].get('id', '?')}")
-    fig.update_xaxes(title_text="step", row=4, col=1)
+    fig.update_xaxes(title_text="step", row=6, col=1)
     return fig, df
 
 
@@ -111,9 +160,9 @@ def layout() -> list:
         html.Label("tokens"), dcc.RadioItems(id="diff-role", options=ROLE_OPTIONS, value="response", inline=True,
                                              className="radio"),
         html.Span("compared with the parent_run its manifest names", className="hint"),
-    ], height=620)
+    ], height=860)
     train = figure_block("train", "Training", [
-        html.Label("trainer run"), dcc.Dropdown(id="train-run", style={"width": "18em"})], height=820)
+        html.Label("trainer run"), dcc.Dropdown(id="train-run", style={"width": "18em"})], height=1100)
     return [diff, train]
 
 

@@ -157,7 +157,7 @@ def test_before_after_is_child_minus_parent(cache):
     expected = layer_means(cache, "llama-after", "dH_ffn") - layer_means(cache, "llama-base", "dH_ffn")
     got = data.set_index("layer")["dH_ffn"].dropna()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-    assert len(fig.data) == 5
+    assert len(fig.data) == 5  # no trainer run behind llama-after: no accuracy panel
     with pytest.raises(UserError, match="no parent_run"):
         build_diff(cache, "qwen3-base", "bupo", "response")
 
@@ -169,8 +169,14 @@ def test_training_curves_and_phase_switch(cache):
     assert any(f"at step {first_output}" in a.text for a in fig.layout.annotations)
     assert fig.layout.shapes[0].x0 == first_output - 0.5
     assert [t.name for t in fig.data if t.showlegend is not False] == [
-        "reward", "π^2 (layer 2)", "output policy", "clip fraction", "grad norm"]
+        "reward", "π^2 (layer 2)", "output policy", "log-prob before update", "log-prob after update (internal phase)",
+        "clip fraction", "grad norm", "groups with signal"]
     assert len(data) == len(rows)
+    after = next(t for t in fig.data if t.name.startswith("log-prob after"))
+    logged = [np.nan if r["update/logp_after"] is None else r["update/logp_after"] for r in rows]
+    np.testing.assert_allclose(np.array(after.y, dtype=float), logged, rtol=1e-12)  # NaN (gap) after the switch
+    signal = next(t for t in fig.data if t.name == "groups with signal")
+    assert list(signal.y) == [r["signal/groups_frac"] for r in rows]
     with pytest.raises(UserError, match="BuPO trainer run"):
         build_training(cache, "llama-base")
 
@@ -237,3 +243,27 @@ def test_serve_refuses_a_busy_port_with_one_line(cache):
         with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use; pass --port") as e:
             serve(cache, port=port)
     assert "\n" not in str(e.value)
+
+
+def test_before_after_shows_held_out_accuracy_with_intervals(cache, tmp_path):
+    import shutil
+
+    from entropylens.bupo.evaluate import gains, summarize
+
+    c = tmp_path / "cache"
+    shutil.copytree(cache / "runs" / "llama-after", c / "runs" / "t-trained")
+    shutil.copytree(cache / "runs" / "llama-base", c / "runs" / "llama-base")
+    (c / "runs" / "t").mkdir()
+    base, trained = [[0, 0], [1, 0], [0, 0]], [[1, 0], [1, 1], [0, 1]]
+    ev = {"base": summarize(base, (1, 2)) | {"correct": base, "n_prompts": 3, "n_samples": 2},
+          "trained": summarize(trained, (1, 2)) | {"correct": trained, "n_prompts": 3, "n_samples": 2}}
+    ev["gain"] = gains(ev["base"], ev["trained"], (1, 2))
+    (c / "runs" / "t" / "eval.json").write_text(json.dumps(ev))
+    fig, _ = build_diff(c, "t-trained", "bupo", "response")
+    bars = {t.name: t for t in fig.data if t.name in ("base model", "trained model")}
+    assert list(bars["trained model"].x) == ["avg@1", "pass@1", "avg@2", "pass@2"]
+    assert bars["trained model"].y[0] == pytest.approx(2 / 3) and bars["base model"].y[0] == pytest.approx(1 / 6)
+    lo, hi = ev["trained"]["avg@1_ci"]
+    assert bars["trained model"].error_y.array[0] == pytest.approx(hi - 2 / 3)
+    assert bars["trained model"].error_y.arrayminus[0] == pytest.approx(2 / 3 - lo)
+    assert any("3 prompts × 2 samples" in a.text and "95 %" in a.text for a in fig.layout.annotations)
