@@ -34,7 +34,8 @@ def _parse_limit(limit: str) -> int | None:
 @app.command()
 def trace(
     model: str = typer.Option("smollm2", help="`smollm2` (embedded), a local folder, a .gguf file or a hub id"),
-    prompts: str = typer.Option("arith", help="built-in set (arith, word, mixed) or a .jsonl/.parquet/.csv/.txt file"),
+    prompts: str = typer.Option("arith", help="built-in set (arith, word, mixed, digits) or a .jsonl/.parquet/"
+                                ".csv/.txt file"),
     limit: str = typer.Option("8", help="first N prompts, or 'all'"),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="sample a response per prompt first"),
     max_new_tokens: int = typer.Option(32, help="response length cap"),
@@ -242,7 +243,7 @@ def bupo(
     algo: str = typer.Option(_B.algo, help="bupo (train pi^k first) | grpo (no internal phase)"),
     layer: str = typer.Option(_B.layer, help="k (1-indexed) or auto: last layer with positive mean FFN dH "
                               "(SmolLM2 has none, hence the default 15 of its 30)"),
-    internal_steps: int = typer.Option(None, help="steps on pi^k first (default: steps // 2; grpo: 0)"),
+    internal_steps: int = typer.Option(None, help="steps on pi^k first (default: steps // 4; grpo: 0)"),
     steps: int = typer.Option(_B.steps, help="total optimiser steps"),
     prompts_per_step: int = typer.Option(_B.prompts_per_step, help="B: prompts per step (over all processes)"),
     num_generations: int = typer.Option(_B.num_generations, "--num-generations", "-G", help="G: rollouts per prompt"),
@@ -321,13 +322,14 @@ def _print_bupo(r) -> None:
     ev = r.eval_base
     table = Table(title=f"held-out evaluation · {ev['n_prompts']} prompts × {ev['n_samples']} samples · "
                   "mean [95 % interval, bootstrap over prompts]", title_justify="left")
-    metrics = [m for m in ev if m.startswith(("avg@", "pass@")) and not m.endswith("_ci")]
+    ks = sorted({int(m.split("@")[1]) for m in r.gains})
+    metrics = [f"avg@{ks[0]}"] + [f"pass@{k}" for k in ks if k > 1]  # avg@K is the same for every K
     for col in ["model", *metrics]:
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for label, res in (("base", r.eval_base), ("trained", r.eval_trained)):
         table.add_row(label, *[fmt_ci(res[m], *res[f"{m}_ci"]) for m in metrics])
     table.add_row("gain", *[fmt_ci(r.gains[m]["gain"], r.gains[m]["lo"], r.gains[m]["hi"]) for m in metrics])
-    out.print(table)
+    Console(width=max(out.width, 100)).print(table)
     out.print("gain: trained − base, paired bootstrap over the same prompts; an interval that excludes 0 is a "
               "significant change at the 5 % level")
     _print_layer_table(r.before_after, f"{r.trained_run} vs {r.base_run} · lens bupo · response tokens")

@@ -52,13 +52,13 @@ class BupoRunConfig:
     # first). The default is a number because the embedded SmolLM2 has no such layer under the bupo lens
     # (every mean FFN dH is negative, -1.8 to -10.3 nats), so `auto` refuses it; 15 is its middle layer.
     layer: str = "15"
-    internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 2 (bupo), 0 (grpo)
+    internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 4 (bupo), 0 (grpo)
     steps: int = 24  # total optimiser steps
     prompts_per_step: int = 8  # B: prompts sampled per step
     num_generations: int = 8  # G: rollouts per prompt (the GRPO group)
     max_new_tokens: int = 12  # completion cap for training, evaluation and traces
     temperature: float = 1.0  # sampling temperature everywhere (and for scoring log-probs)
-    learning_rate: float = 1e-5  # AdamW lr; above the paper's 1e-6 so that a short run visibly moves
+    learning_rate: float = 2e-5  # AdamW lr; above the paper's 1e-6 so that a 24-step run visibly learns
     weight_decay: float = 0.0  # AdamW weight decay
     beta: float = 0.0  # KL penalty to the initial model (paper: 0)
     micro_batch_size: int = 32  # rollouts per forward/backward chunk
@@ -84,7 +84,7 @@ class BupoRunConfig:
     def resolved_internal_steps(self) -> int:
         if self.algo == "grpo":
             return 0
-        return self.steps // 2 if self.internal_steps is None else self.internal_steps
+        return self.steps // 4 if self.internal_steps is None else self.internal_steps
 
     def validate(self) -> None:
         """Mistakes that need no model: one UserError line each."""

@@ -107,7 +107,7 @@ RULES: dict[str, str] = {  # one line each, for --help and the README
     "exact": "last \\boxed{} if any, else the last number, equals the reference (lenient; default)",
     "boxed": "last \\boxed{} equals the reference; no box earns 0 (the paper's strict rule)",
     "number": "last number in the completion equals the numeric reference",
-    "math_verify": "math-verify judges the extracted answer equivalent (pip install 'entropylens[math]')",
+    "math_verify": "math-verify judges the extracted answer equivalent (needs: pip install math-verify)",
 }
 RULES_HELP = "; ".join(f"{k}: {v}" for k, v in RULES.items())
 

@@ -52,7 +52,7 @@ def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path
 
 def test_grpo_has_no_internal_phase_and_no_positive_layer_is_a_user_error(tmp_path):
     cfg = BupoRunConfig(algo="grpo", steps=5)
-    assert cfg.resolved_internal_steps() == 0 and BupoRunConfig(steps=5).resolved_internal_steps() == 2
+    assert cfg.resolved_internal_steps() == 0 and BupoRunConfig(steps=9).resolved_internal_steps() == 2
     folder = tmp_path / "m"
     make_model(layers=2).save_pretrained(folder)  # random toy: every FFN sharpens (dH_ffn < 0)
     make_tokenizer().save_pretrained(folder)
