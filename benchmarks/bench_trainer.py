@@ -2,13 +2,16 @@
 
 Both get the same model weights, prompts, batch (B prompts x G generations), completion limit and
 settings (temperature 1, no top-k/top-p, no KL, clip 0.2, token-mean loss, lr 1e-6, one update per
-batch, dropout off). entropylens runs in its output phase (plain GRPO) so both do the same work.
+batch, dropout off). entropylens runs in its output phase (plain GRPO) so both do the same work; with
+`--phase internal` it runs BuPO's internal-phase step instead (pi^k scored and trained, one more no-grad
+forward after the update to log how pi^k moved), which must also stay within TRL's step time.
 Completion lengths differ between the two (different random streams), so tokens/s is reported too.
 
 TRL is not a dependency: `pip install trl` into the venv to run this.
 
     .venv/bin/python benchmarks/bench_trainer.py                    # tiny random Llama, seconds
     .venv/bin/python benchmarks/bench_trainer.py --model smollm2    # the embedded SmolLM2-135M
+    .venv/bin/python benchmarks/bench_trainer.py --model smollm2 --prompts 8 --G 4 --max-new-tokens 12 --phase internal
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def tiny_model_and_tokenizer():
 
 
 def bench_entropylens(model, tok, prompts, args, out: Path) -> list[dict]:
-    cfg = BupoConfig(internal_layer=1, internal_steps=0, steps=args.steps, prompts_per_step=args.prompts,
+    layer = max(1, model.config.num_hidden_layers // 2)  # BuPO's internal phase trains pi^k of the middle layer
+    cfg = BupoConfig(internal_layer=layer, internal_steps=args.steps if args.phase == "internal" else 0,
+                     steps=args.steps, prompts_per_step=args.prompts,
                      num_generations=args.G, max_new_tokens=args.max_new_tokens,
                      micro_batch_size=args.prompts * args.G)
     train(cfg, model, tok, prompts, out, progress=False)
@@ -100,6 +105,9 @@ def main() -> None:
     ap.add_argument("--G", type=int, default=4, help="generations per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="steps per trainer; the first is warm-up")
+    ap.add_argument("--phase", choices=("output", "internal"), default="output",
+                    help="entropylens' phase: output (plain GRPO, TRL's work) or internal (BuPO's pi^k steps, which "
+                         "also score pi^k and re-score the batch after the update)")
     args = ap.parse_args()
     if args.model == "tiny":
         model, tok = tiny_model_and_tokenizer()
@@ -110,7 +118,7 @@ def main() -> None:
 
         lm = load_model(args.model)
         model, tok = lm.model, lm.tokenizer
-        prompts = load_prompts("arith", limit=64, split="train")
+        prompts = load_prompts("digits", limit=64, split="train")
     results = {}
     with tempfile.TemporaryDirectory() as d:
         results["entropylens"] = bench_entropylens(copy.deepcopy(model), tok, prompts, args, Path(d) / "el")
@@ -123,7 +131,7 @@ def main() -> None:
             results["trl"] = bench_trl(trl_model, tok, prompts, args, Path(d) / "trl")
         except ImportError as e:
             print(f"TRL not available ({e}); pip install trl to compare")
-    print(f"\nmodel={args.model} B={args.prompts} G={args.G} max_new_tokens={args.max_new_tokens} "
+    print(f"\nmodel={args.model} B={args.prompts} G={args.G} max_new_tokens={args.max_new_tokens} phase={args.phase} "
           f"threads={torch.get_num_threads()} (median over steps after the first)")
     summary = {}
     for name, steps in results.items():
