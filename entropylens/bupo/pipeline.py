@@ -208,9 +208,6 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     runs = Path(cfg.cache) / "runs"
     run_id = cfg.name if resume else distributed.main_only(acc, lambda: _claim_run_id(cfg, runs))
     run_dir = runs / run_id
-    if distributed.is_main(acc):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run_config.json", asdict(cfg) | {"name": run_id})
 
     _log(progress, f"loading model {cfg.model} ..." + (f" ({world} processes)" if world > 1 else ""))
     loaded = distributed.main_first(acc, lambda: load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache),
@@ -327,7 +324,10 @@ def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg:
     _, eval_source, eval_split = _splits(cfg)
     base_dir = _trace(cfg, loaded, f"{run_id}-base", eval_source, eval_split, min(cfg.trace_prompts, len(eval_set)),
                       cfg.trace_positions, None, progress, cfg.model)
-    write_json(Path(cfg.cache) / "runs" / run_id / "before.json", {
+    run_dir = Path(cfg.cache) / "runs" / run_id  # created only now: a run that fails before this leaves nothing
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "run_config.json", asdict(cfg) | {"name": run_id})  # what --resume rebuilds
+    write_json(run_dir / "before.json", {
         "layer": k, "evidence": evidence, "layer_run": layer_run, "eval_base": eval_base, "base_run": base_dir.name})
     return k, evidence, layer_run, eval_base, base_dir.name
 
