@@ -85,7 +85,7 @@ def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, *, step
 
 def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, config: dict) -> dict[str, Any]:
     """Restore weights, optimizer and RNG from `save_state`'s file; return its bookkeeping (step, order, ...)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain Python values only
     changed = sorted(k for k in config if k in state["config"] and state["config"][k] != config[k])
     if changed:
         raise UserError(f"{path} was saved with other settings ({', '.join(changed)}); resume with the stored ones")
