@@ -46,7 +46,7 @@ def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[g
     if child.empty or parent.empty:
         raise UserError(f"both runs need a '{lens}' summary for {role} tokens")
     diff = (child - parent).dropna(how="all")
-    ev = _trainer_eval(cache, run_id)
+    ev = _held_out_results(cache, run_id)
     titles = ["entropy flow: after − before", "entropy change ΔH: after − before"]
     if ev is not None:
         titles.append(f"held-out accuracy · {ev['base']['n_prompts']} prompts × {ev['base']['n_samples']} samples "
@@ -74,7 +74,7 @@ def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[g
     return fig, out
 
 
-def _trainer_eval(cache: Path, trained_run: str) -> dict | None:
+def _held_out_results(cache: Path, trained_run: str) -> dict | None:
     """eval.json of the trainer run whose re-trace is `trained_run` (`<run>-trained`), if there is one."""
     run_id = trained_run.removesuffix("-trained")
     if run_id == trained_run:
