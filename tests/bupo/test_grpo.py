@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from entropylens.bupo.grpo import (
     aggregate_loss, chunk_weight, clipped_surrogate, completion_mask, group_advantages, grpo_loss, k3_kl,
@@ -156,3 +157,22 @@ def test_single_update_gradient_is_reinforce_with_baseline():
     token_advs = [a * w for a, row in zip(adv.tolist(), mask.tolist()) for w in row]
     expected_value = -sum(token_advs) / mask.sum().item()
     assert math.isclose(loss.item(), expected_value, rel_tol=1e-6)  # ratio 1: loss = -mean token advantage
+
+
+def test_token_logprobs_gradient_flushes_only_denormals():
+    """A peaked softmax over raw-residual logits leaves denormal gradient entries; only those become 0."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 500) * 60  # (N, T, V): e^-100-scale probabilities on most tokens
+    ids = torch.randint(0, 500, (2, 3))
+    grads = []
+    for fn in (token_logprobs, lambda z, i, t: F.log_softmax(z / t, -1).gather(-1, i[..., None])[..., 0]):
+        z = logits.clone().requires_grad_(True)
+        fn(z, ids, 1.0).sum().backward()
+        grads.append(z.grad)
+    ours, plain = grads
+    tiny = torch.finfo(torch.float32).tiny
+    denormal = (plain != 0) & (plain.abs() < tiny)
+    assert denormal.sum() > 50  # the case the flush exists for
+    assert (ours[denormal] == 0).all()
+    assert torch.equal(ours[~denormal], plain[~denormal])
+    assert not ((ours != 0) & (ours.abs() < tiny)).any()
