@@ -153,11 +153,11 @@ def check_memory(loaded: LoadedModel, cfg: TraceConfig, seq_len: int) -> None:
 # ---------------------------------------------------------------- run
 
 def versions() -> dict:
-    import nnsight
-    import transformers
+    """Package versions for the manifest, read from metadata: importing nnsight would patch Tensor.backward."""
+    from importlib.metadata import version
 
-    return {"entropylens": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "nnsight": nnsight.__version__, "python": platform.python_version()}
+    return {"entropylens": __version__, "torch": torch.__version__, "transformers": version("transformers"),
+            "nnsight": version("nnsight"), "python": platform.python_version()}
 
 
 class TraceInterrupted(KeyboardInterrupt):
