@@ -55,7 +55,7 @@ class BupoRunConfig:
     internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 4 (bupo), 0 (grpo)
     steps: int = 24  # total optimiser steps
     prompts_per_step: int = 8  # B: prompts sampled per step
-    num_generations: int = 8  # G: rollouts per prompt (the GRPO group)
+    num_generations: int = 4  # G: rollouts per prompt (the GRPO group)
     max_new_tokens: int = 12  # completion cap for training, evaluation and traces
     temperature: float = 1.0  # sampling temperature everywhere (and for scoring log-probs)
     learning_rate: float = 2e-5  # AdamW lr; above the paper's 1e-6 so that a 24-step run visibly learns
