@@ -6,7 +6,8 @@ Per row, kept in fp64 across chunks (DESIGN §2):
 
 (t is centred on m so the subtraction never cancels two ~100-nat numbers). A chunk's sums centred on some
 c fold in as s ← αs + βs_c, t ← α(t + (m − m')s) + β(t_c + (c − m')s_c), with α = e^{m−m'}, β = e^{c−m'}.
-The eager update makes ~6 passes over a chunk; the compiled one (`_chunk_sums` through torch.compile) one.
+The eager update makes ~6 passes over a chunk; the compiled one (`_chunk_sums` through torch.compile) one
+pass; the native one (`entropylens.native`, the default on CPU) one fused read per row, top-1 included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from entropylens import native
 from entropylens.errors import UserError
 
 # A -inf bias entry (a masked token) enters as this: e^{z-m} is exactly 0 and (z-m)·e^{z-m} stays 0, where
@@ -36,6 +38,7 @@ class Stats:
     p1: torch.Tensor  # float64 probability of top1
     logp_target: torch.Tensor | None = None  # float64 log p(target)
     redone: int = 0  # rows recomputed in fp64 by the exactness guard
+    kernel: str = ""  # the per-chunk kernel that produced them (decode.KERNELS), for manifests and benches
 
     def reshape(self, *shape: int) -> Stats:
         lt = None if self.logp_target is None else self.logp_target.reshape(*shape)
@@ -49,8 +52,10 @@ class Stats:
 class OnlineLSE:
     """Accumulators for R rows; `update` takes one finished logit chunk (R, C) and overwrites it."""
 
-    def __init__(self, rows: int, device: torch.device, targets: torch.Tensor | None = None, fused=False):
+    def __init__(self, rows: int, device: torch.device, targets: torch.Tensor | None = None, fused=False,
+                 kernel: str = "eager"):
         self.fused = fused  # use the torch.compile'd chunk kernel (`compile=True`)
+        self.native = kernel == "native"  # the C kernel: fp32 CPU chunks only (decode.resolve_kernel checks)
         f64 = dict(dtype=torch.float64, device=device)
         self.m = torch.full((rows,), -math.inf, **f64)
         self.s = torch.zeros(rows, **f64)
@@ -68,6 +73,11 @@ class OnlineLSE:
             local = self.targets - offset
             hit = ((local >= 0) & (local < C)).nonzero().squeeze(1)
             self.z_target[hit] = z[hit, local[hit]].double()
+        if self.native:  # one call: chunk max, top-1, sums and the fp64 merge, in place
+            cmax = torch.empty_like(self.m)
+            native.chunk_update(z, offset, self.m, self.s, self.t, self.best, self.top1, cmax)
+            self.chunk_max.append(cmax)
+            return
         if self.fused:  # one compiled pass, z untouched, centred on the running max (R,) of earlier chunks;
             # the first chunk has none: it is centred on its own (one amax pass). A copy: ref is edited below.
             ref = z.amax(dim=1) if offset == 0 else self.m.to(z.dtype, copy=True)
