@@ -113,11 +113,13 @@ def _stream(
     targets: torch.Tensor | None,
     chunk: int,
     kernel: str = "eager",
+    layers: tuple[int, int, int, int, int] | None = None,
 ) -> OnlineLSE:
     """Stream V for one block: GEMM rows X (Rg, d) into Z[:Rg], `combine` fills Z[Rg:], stats of all of Z.
 
     Z has `out_rows` rows; two (out_rows, chunk) buffers (one for the fused kernels) are the only
-    allocations proportional to a chunk.
+    allocations proportional to a chunk. `layers` (native kernel, no finish): the kernel makes the additive
+    layer rows itself (see OnlineLSE.update) in place of `combine`.
     """
     V = W.shape[0]
     Rg = X.shape[0]
@@ -132,7 +134,7 @@ def _stream(
             combine(Z)
         z = _finish(Z, lens, scale, c0)
         e = None if Ebuf is None else Ebuf[:, :C] if C == chunk else torch.empty_like(z)
-        acc.update(z, c0, e)
+        acc.update(z, c0, e, layers)
     return acc
 
 
@@ -272,7 +274,7 @@ def decode_layers(
             _check_finite(vecs)
             X = vecs[: n_gemm * n]  # (n_gemm * n, d): the rows that need a GEMM
             scale = lens.row_scale(vecs)
-            combine = None
+            combine, layers = None, None
             if trick:
                 ia, jf, h = L * direct.index("attn") * n, L * direct.index("ffn") * n, L * len(direct) * n
 
@@ -282,7 +284,9 @@ def decode_layers(
                     for r in range(h + n, Z.shape[0], n):  # 5x faster than cumsum_ along dim 0
                         Z[r : r + n] += Z[r - n : r]
 
-            acc = _stream(X, W, lens, n_rows * n, combine, scale, None, chunk, kernel)
+            if trick and kernel == "native" and scale is None and lens.bias is None and not lens.softcap:
+                combine, layers = None, (ia, jf, h, n, L)  # the kernel sums and folds them in one pass
+            acc = _stream(X, W, lens, n_rows * n, combine, scale, None, chunk, kernel, layers)
             res = acc.result()
             if guard is not None:
                 big = acc.best.abs()  # (rows,) top final logit: what fp32 rounding scales with

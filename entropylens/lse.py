@@ -66,8 +66,11 @@ class OnlineLSE:
         self.z_target = None if targets is None else torch.full((rows,), math.nan, **f64)
         self.chunk_max: list[torch.Tensor] = []  # per chunk (R,) fp64: lets the guard redo only what matters
 
-    def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None) -> None:
-        # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only)
+    def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None, layers: tuple | None = None) -> None:
+        # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only).
+        # layers = (ia, jf, h, n, L), native kernel only: rows h + n.. are the additive `layer` sums, still
+        # unwritten; the kernel writes and folds them (native.layer_update).
+        assert layers is None or (self.native and self.targets is None)
         C = z.shape[1]
         if self.targets is not None:
             local = self.targets - offset
@@ -75,7 +78,13 @@ class OnlineLSE:
             self.z_target[hit] = z[hit, local[hit]].double()
         if self.native:  # one call: chunk max, top-1, sums and the fp64 merge, in place
             cmax = torch.empty_like(self.m)
-            native.chunk_update(z, offset, self.m, self.s, self.t, self.best, self.top1, cmax)
+            accs = (self.m, self.s, self.t, self.best, self.top1, cmax)
+            if layers is None:
+                native.chunk_update(z, offset, *accs)
+            else:
+                ia, jf, h, n, L = layers
+                native.chunk_update(z, offset, *accs, rows=h + n)
+                native.layer_update(z, offset, ia, jf, h, n, L, *accs)
             self.chunk_max.append(cmax)
             return
         if self.fused:  # one compiled pass, z untouched, centred on the running max (R,) of earlier chunks;
