@@ -130,6 +130,25 @@ class OnlineLSE:
         self.s = alpha * self.s + beta * s_c
         self.m = m_new
 
+    def merge_rows(self, rows: torch.Tensor, other: OnlineLSE) -> None:
+        """Fold `other` (accumulators of len(rows) rows over some chunks) into `rows` of self: the guard's
+        fp64 redo touches each row only in the chunks that matter for it."""
+        m, s, t = self.m[rows], self.s[rows], self.t[rows]
+        m_new = torch.maximum(m, other.m)  # (k,)
+        a = torch.where(torch.isinf(m), 0.0, torch.exp(m - m_new))
+        shift = torch.where(torch.isinf(m), 0.0, (m - m_new) * s)
+        b = torch.where(torch.isinf(other.m), 0.0, torch.exp(other.m - m_new))
+        oshift = torch.where(torch.isinf(other.m), 0.0, (other.m - m_new) * other.s)
+        self.t[rows] = a * (t + shift) + b * (other.t + oshift)
+        self.s[rows] = a * s + b * other.s
+        self.m[rows] = m_new
+        better = other.best > self.best[rows]  # ties keep the earlier chunk's id, as argmax does
+        self.top1[rows] = torch.where(better, other.top1, self.top1[rows])
+        self.best[rows] = torch.maximum(self.best[rows], other.best)
+        if self.z_target is not None:
+            hit = ~torch.isnan(other.z_target)
+            self.z_target[rows[hit]] = other.z_target[hit]
+
     def result(self) -> Stats:
         log_z = self.m + torch.log(self.s)  # (R,)
         entropy = torch.log(self.s) - self.t / self.s
