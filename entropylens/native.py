@@ -40,10 +40,14 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* GCC/Clang vector extensions: 16 lanes, lowered to zmm, 2 x ymm or 4 x xmm by the -m flags. */
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-#define L 16
+/* GCC/Clang vector extensions, one register wide: VBYTES = 64 (AVX-512), 32 (AVX2) or 16 (SSE2), set by
+   the build (a 64-byte vector split over AVX2 registers measured 6x slower: parts of it went scalar). */
+#ifndef VBYTES
+#define VBYTES 16
+#endif
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
+#define L (VBYTES / 4)
 
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
@@ -163,8 +167,8 @@ void layer_update(float *z, int64_t ld, int64_t ia, int64_t jf, int64_t h, int64
 """
 
 _FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mavx2",
-                     "-mprefer-vector-width=512"],
-          "AVX2": ["-mavx2", "-mfma"]}
+                     "-mprefer-vector-width=512", "-DVBYTES=64"],
+          "AVX2": ["-mavx2", "-mfma", "-DVBYTES=32"]}
 
 
 def isa() -> str:
