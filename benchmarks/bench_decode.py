@@ -35,6 +35,7 @@ def main() -> None:
                       methods=tuple(a.methods.split(",")), vocab=a.vocab, d_model=a.d_model,
                       tokens=a.tokens, threads=a.threads, repeats=a.repeats)
     df = run_bench(cfg)
+    print(" · ".join(f"{k} {v}" for k, v in df.attrs["machine"].items()))
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         print(df.to_string(index=False))
     print(json.dumps(df.attrs))

@@ -130,7 +130,7 @@ def _decode_local(loaded: LoadedModel, backend, layout, lenses, cfg: TraceConfig
     per_lens = {}
     for name, lens in lenses:
         stats = decode_layers(h0, site_acts, tuple(cfg.sites), lens, additive=err < ADDITIVE_TOL,
-                              compile=cfg.compile)
+                              compile=cfg.compile, kernel=cfg.kernel)
         per_lens[name] = {s: st.to_cpu() for s, st in stats.items()}
     timings["decode_s"] += time.perf_counter() - t0
     return final.to_cpu(), per_lens, err

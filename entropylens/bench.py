@@ -10,6 +10,9 @@ each method so one method's garbage does not hide another's peak).
 The recipe (what a researcher writes today) per hook point: logits = lm_head(act) (B, T, V) in fp32,
 log_softmax, then -Σ p log p — the `bupo` lens. `entropylens-compiled` is decode_layers(compile=True); its
 one-off torch.compile time is measured before the timed runs and reported as attrs["compile_s"].
+`entropylens` is the default path (`kernel="auto"`: the native C kernel where a compiler exists, else eager;
+column `kernel` says which, attrs["native_build_s"] its first-use build); `entropylens-eager` forces eager.
+attrs["machine"] names the CPU, its vector ISA, torch's dispatch level, threads and torch build.
 `--vocab/--d-model` replaces the model with a random head and random activations (one layer) to show
 memory behaviour at Qwen3 scale; the recipe then runs on the same activations without a tracer.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,13 +31,42 @@ import pandas as pd
 import psutil
 import torch
 
-from entropylens.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_layers
+from entropylens import native
+from entropylens.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_layers, resolve_kernel
 from entropylens.errors import UserError
 from entropylens.lens import Lens, make_lens
 from entropylens.sites import SITES, additivity_error, find_layout
 
-METHODS = ("transformer-lens", "nnsight", "entropylens", "entropylens-compiled", "floor")
-OURS = ("entropylens", "entropylens-compiled", "floor")  # methods that multiply entropylens's GEMM rows
+METHODS = ("transformer-lens", "nnsight", "entropylens", "entropylens-eager", "entropylens-compiled", "floor")
+OURS = ("entropylens", "entropylens-eager", "entropylens-compiled", "floor")  # multiply entropylens's GEMM rows
+KERNEL_OF = {"entropylens": "auto", "entropylens-eager": "eager", "entropylens-compiled": "compiled"}
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on: CPU model, vector ISA of the chip and of torch's kernels, threads, build.
+
+    `isa` is what the CPU offers (/proc/cpuinfo flags); `torch_isa` what torch dispatches to, which
+    ATEN_CPU_CAPABILITY can narrow (MKL_ENABLE_INSTRUCTIONS narrows MKL's GEMM alike; both are shown).
+    """
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = val.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:  # not Linux: the ISA is what torch reports
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE/other") if flags else "?"
+    if "amx_tile" in flags:
+        isa += " + AMX"
+    narrowed = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+                         if os.environ.get(k))
+    blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
+    return dict(cpu=model, isa=isa, torch_isa=torch.backends.cpu.get_cpu_capability() + (f" ({narrowed})"
+                if narrowed else ""), threads=str(torch.get_num_threads()),
+                torch=f"{torch.__version__} ({blas}, {'CUDA' if torch.cuda.is_available() else 'CPU'})")
 
 
 @dataclass
@@ -153,14 +186,14 @@ def _model_methods(cfg: BenchConfig):
         a = nns.capture(ids)  # the same .save() trace a researcher writes
         return recipe_from(a.h0, a.sites)
 
-    def run_entropylens(compile: bool):
+    def run_entropylens(kernel: str):
         a = nns.capture(ids)
         acts = {s: torch.stack([flat(x) for x in a.sites[s]]) for s in SITES}
-        res = decode_layers(flat(a.h0), acts, sites, lens, additive, compile=compile)
+        res = decode_layers(flat(a.h0), acts, sites, lens, additive, kernel=kernel)
         return {s: r.entropy for s, r in res.items()}
 
-    methods = {"nnsight": run_nnsight, "entropylens": lambda: run_entropylens(False),
-               "entropylens-compiled": lambda: run_entropylens(True)}
+    methods = {"nnsight": run_nnsight}
+    methods |= {m: (lambda k=k: run_entropylens(k)) for m, k in KERNEL_OF.items()}
     if "transformer-lens" in cfg.methods:
         tl = make_backend("transformer-lens", model, tok, layout)
         tl_names = set(tl._hook_names())
@@ -183,12 +216,12 @@ def _random_methods(cfg: BenchConfig):
         per = {s: [_recipe_entropy(W, None, stacked[s][0])] for s in cfg.sites}
         return _stacked(_recipe_entropy(W, None, h0), per, cfg.sites)
 
-    def run_entropylens(compile: bool):
-        res = decode_layers(h0, stacked, cfg.sites, lens, True, compile=compile)
+    def run_entropylens(kernel: str):
+        res = decode_layers(h0, stacked, cfg.sites, lens, True, kernel=kernel)
         return {s: r.entropy for s, r in res.items()}
 
-    return lens, h0, stacked, True, ref, {"recipe": run_recipe, "entropylens": lambda: run_entropylens(False),
-                                          "entropylens-compiled": lambda: run_entropylens(True)}
+    return lens, h0, stacked, True, ref, {"recipe": run_recipe} | {
+        m: (lambda k=k: run_entropylens(k)) for m, k in KERNEL_OF.items()}
 
 
 def _gemm_rows(sites, L: int, additive: bool) -> tuple[int, int]:
@@ -240,7 +273,13 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
             return None
 
         small = ({s: a[:, :8] for s, a in stacked.items()}, cfg.sites, lens, additive)
-        decode_layers(h0[:8], *small)  # warm-up
+        default = resolve_kernel("auto", False, h0.device, torch.float32)
+        t0 = time.perf_counter()
+        if default == "native":
+            native.load()  # the first-use build (milliseconds once the per-user cache holds it)
+        build_s = time.perf_counter() - t0
+        decode_layers(h0[:8], *small, kernel="eager")  # warm-up
+        decode_layers(h0[:8], *small)
         t0 = time.perf_counter()
         if "entropylens-compiled" in order:
             decode_layers(h0[:8], *small, compile=True)  # the one-off compile (warm if inductor's cache is)
@@ -254,8 +293,9 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
                     H = fn()
                     dt = time.perf_counter() - t0
                 gemm_rows = our_rows if name in OURS else recipe_rows
+                kern = KERNEL_OF.get(name, "")
                 row = dict(
-                    method=name, seconds=dt, tokens_per_s=N / dt, gflops=2 * d * V * gemm_rows * N / dt / 1e9,
+                    method=name, kernel=f"{default} (default)" if kern == "auto" else kern, seconds=dt, tokens_per_s=N / dt, gflops=2 * d * V * gemm_rows * N / dt / 1e9,
                     max_abs_dH=None if H is None else _max_err(H, ref), peak_extra_gib=mem.extra_gib,
                 )
                 prev = best.get(name)
@@ -271,5 +311,6 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
     df["frac_floor_flops"] = df.gflops / (floor_rate.iloc[0] if len(floor_rate) else float("nan"))
     df.attrs.update(tokens=N, d_model=d, vocab=V, layers=L, sites=",".join(cfg.sites), additive=additive,
                     recipe_rows_per_token=recipe_rows, entropylens_rows_per_token=our_rows,
-                    threads=torch.get_num_threads(), repeats=cfg.repeats, compile_s=round(compile_s, 1))
+                    threads=torch.get_num_threads(), repeats=cfg.repeats, compile_s=round(compile_s, 1),
+                    default_kernel=default, native_build_s=round(build_s, 2), machine=machine())
     return df

@@ -59,7 +59,9 @@ def trace(
     enable_thinking: bool = typer.Option(False, help="Qwen3 chat templates: thinking mode"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint (only when asked)"),
     compile: bool = typer.Option(False, "--compile/--no-compile",
-                                 help="fused torch.compile decode kernel (~1.4x decode; ~15 s to compile once)"),
+                                 help="the torch.compile decode kernel (= --kernel compiled; ~15 s to compile once)"),
+    kernel: str = typer.Option("auto", help="decode kernel: auto (native C kernel on CPU when a C compiler is "
+                               "present, else eager) | native | compiled | eager"),
     long_prompts: str = typer.Option("reject", help="prompts beyond the model's context: reject | truncate (keeps "
                                      "the last tokens that fit; the manifest records how many were dropped)"),
     resume: str = typer.Option(None, help="finish the interrupted run RUN with its stored settings"),
@@ -80,7 +82,7 @@ def trace(
             backend=backend, device=device, device_map=device_map, remote=remote, dtype=dtype,
             batch_size=batch_size, name=name, seed=seed,
             split=split, cache=cache, enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
-            compile=compile,
+            compile=compile, kernel=kernel,
             long_prompts=long_prompts,
         )
     try:
@@ -104,6 +106,9 @@ def _print_run(run_dir: Path) -> None:
     out.print(f"[bold green]complete[/] {run_dir}  ·  {m['n_tokens']} tokens ({m['n_response_tokens']} response)"
               f"  ·  {t.get('total_s', 0):.1f} s (load {t.get('load_s', 0):.1f}, generate {t.get('generate_s', 0):.1f},"
               f" trace {t.get('trace_s', 0):.1f}, decode {t.get('decode_s', 0):.1f})")
+    if t.get("decode_s"):  # every traced token's sites and lenses, through the kernel the manifest names
+        out.print(f"decode rate {m['n_tokens'] / t['decode_s']:.1f} tok/s ({m.get('decode_kernel') or '?'} kernel; "
+                  f"{len(m['sites'])} sites x {m['model'].get('n_layers', '?')} layers x {len(m['lens'])} lens)")
     role = "response" if m.get("n_response_tokens") else "prompt"
     for lens in m["lens"]:
         _print_layer_table(layer_table(run_dir, lens=lens, role=role), f"{m['run_id']} · lens {lens} · {role} tokens")
@@ -189,8 +194,8 @@ def bench(
     batch: int = typer.Option(4, help="sequences"),
     seq: int = typer.Option(128, help="tokens per sequence"),
     sites: str = typer.Option("attn_in,attn,ffn_in,ffn,layer", help="comma-separated sites"),
-    methods: str = typer.Option("transformer-lens,nnsight,entropylens,entropylens-compiled,floor",
-                                help="methods to run, in order"),
+    methods: str = typer.Option("transformer-lens,nnsight,entropylens,entropylens-eager,entropylens-compiled,floor",
+                                help="methods to run, in order (entropylens = the default path, kernel auto)"),
     vocab: int = typer.Option(None, help="random-head mode: vocabulary size (e.g. 151936)"),
     d_model: int = typer.Option(None, help="random-head mode: width (e.g. 1024)"),
     tokens: int = typer.Option(4096, help="random-head mode: token rows"),
@@ -211,13 +216,19 @@ def bench(
     heads = {"method": "method", "seconds": "s", "tokens_per_s": "tok/s", "gflops": "GFLOP/s",
              "max_abs_dH": "max|ΔH|", "peak_extra_gib": "peak GiB", "x_faster_recipe": "× recipe",
              "frac_floor_flops": "of floor"}
+    a, mc = df.attrs, df.attrs["machine"]
+    wide = Console(width=max(out.width, 130))  # never truncate a column or wrap the header, even when piped
+    wide.print(f"CPU {mc['cpu']} · ISA {mc['isa']} · torch kernels {mc['torch_isa']} · {mc['threads']} threads · "
+              f"torch {mc['torch']}")
+    wide.print(f"default decode path: {a['default_kernel']} kernel (first-use build {a['native_build_s']} s); "
+              f"compile_s {a['compile_s']} for entropylens-compiled")
     table = Table(title=f"entropylens bench · {df.attrs['tokens']} tokens · d {df.attrs['d_model']} · "
                   f"V {df.attrs['vocab']} · sites {df.attrs['sites']}", title_justify="left")
     for col in df.columns:
         table.add_column(heads.get(col, str(col)), justify="left" if col == "method" else "right", no_wrap=True)
     for row in df.itertuples(index=False):
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
-    Console(width=max(out.width, 110)).print(table)  # never truncate a column, even when piped
+    wide.print(table)
 
 
 def _bupo_defaults():

@@ -2,9 +2,11 @@
 
 Never materialises (rows, V). For each vocabulary chunk it writes the logits (R, C) of a block of rows
 with one fp32 GEMM into a preallocated buffer, finishes them in place (row scale, bias, soft-cap) and
-folds them into per-row online log-sum-exp accumulators (`lse.OnlineLSE`, fp64 across chunks): eagerly in
-~6 passes over the chunk, or with `compile=True` in one torch.compile'd read-only pass. The buffers are
-sized by `block_bytes`; peak extra memory is independent of V and of the sites.
+folds them into per-row online log-sum-exp accumulators (`lse.OnlineLSE`, fp64 across chunks) with one of
+three per-chunk kernels (`KERNELS`): `native` (a small C kernel built at first use, one fused read per row:
+the default on CPU when a C compiler is present), `compiled` (torch.compile, one read-only pass) or `eager`
+(~6 torch passes; CUDA and machines without a compiler). `kernel="auto"` picks and the Stats say which.
+The buffers are sized by `block_bytes`; peak extra memory is independent of V and of the sites.
 
 `decode_layers` stacks every site of every layer of a token block into one GEMM operand. With
 `additive=True` the `layer` site costs no GEMM: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j).
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from entropylens import native
 from entropylens.errors import UserError
 from entropylens.lens import Lens
 from entropylens.lse import MASKED, OnlineLSE, Stats
@@ -34,6 +37,29 @@ EXACT_GUARD = 500.0
 PRECISIONS = ("exact",)
 # The exactness guard recomputes a row's chunks in fp64 only where the chunk max is within this of the row's.
 REDO_MARGIN = 50.0
+KERNELS = ("auto", "native", "compiled", "eager")
+
+
+def resolve_kernel(kernel: str, compile: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """The per-chunk kernel a decode runs: `auto` is native on CPU fp32 where a C compiler exists, else eager.
+
+    `compile=True` (the older flag) means `compiled`. Asking for `native` where it cannot run is an error,
+    never a quiet fallback; the choice is reported in Stats.kernel (and so in manifests and the bench).
+    """
+    if kernel not in KERNELS:
+        raise UserError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    if compile:
+        if kernel not in ("auto", "compiled"):
+            raise UserError(f"compile=True contradicts kernel={kernel!r}")
+        return "compiled"
+    fits = device.type == "cpu" and dtype == torch.float32
+    if kernel == "auto":
+        return "native" if fits and native.available() else "eager"
+    if kernel == "native" and not fits:
+        raise UserError(f"kernel='native' runs on CPU float32 only (got {device.type} {dtype}); use kernel='eager'")
+    if kernel == "native" and not native.available():
+        raise UserError("kernel='native' needs a C compiler (cc, gcc or clang on PATH, or $CC); use kernel='eager'")
+    return kernel
 
 
 @contextlib.contextmanager
@@ -86,18 +112,20 @@ def _stream(
     scale: torch.Tensor | None,
     targets: torch.Tensor | None,
     chunk: int,
-    fused: bool = False,
+    kernel: str = "eager",
+    layers: tuple[int, int, int, int, int] | None = None,
 ) -> OnlineLSE:
     """Stream V for one block: GEMM rows X (Rg, d) into Z[:Rg], `combine` fills Z[Rg:], stats of all of Z.
 
-    Z has `out_rows` rows; two (out_rows, chunk) buffers (one when fused) are the only allocations
-    proportional to a chunk.
+    Z has `out_rows` rows; two (out_rows, chunk) buffers (one for the fused kernels) are the only
+    allocations proportional to a chunk. `layers` (native kernel, no finish): the kernel makes the additive
+    layer rows itself (see OnlineLSE.update) in place of `combine`.
     """
     V = W.shape[0]
     Rg = X.shape[0]
     Zbuf = torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
-    Ebuf = None if fused else torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
-    acc = OnlineLSE(out_rows, X.device, targets, fused)
+    Ebuf = None if kernel != "eager" else torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
+    acc = OnlineLSE(out_rows, X.device, targets, kernel == "compiled", kernel)
     for c0 in range(0, V, chunk):
         C = min(chunk, V - c0)
         Z = Zbuf[:, :C] if C == chunk else torch.empty(out_rows, C, dtype=X.dtype, device=X.device)
@@ -106,7 +134,7 @@ def _stream(
             combine(Z)
         z = _finish(Z, lens, scale, c0)
         e = None if Ebuf is None else Ebuf[:, :C] if C == chunk else torch.empty_like(z)
-        acc.update(z, c0, e)
+        acc.update(z, c0, e, layers)
     return acc
 
 
@@ -119,21 +147,24 @@ def decode_rows(
     guard: float | None = EXACT_GUARD,
     precision: str = "exact",
     compile: bool = False,
+    kernel: str = "auto",
 ) -> Stats:
     """Stats of lens(x) for rows x (R, d); `targets` (R,) adds log p(target).
 
-    `compile=True` runs the per-chunk statistics as one torch.compile'd kernel (~4x faster than eager,
-    same results within ~1e-6 nats; costs a one-off compile per process, see docs/performance.md).
+    `kernel` picks the per-chunk kernel (`resolve_kernel`; `compile=True` = "compiled"): all give the same
+    results within ~1e-6 nats, see docs/performance.md.
     """
     _check_precision(precision)
+    kernel = resolve_kernel(kernel, compile, x.device, dtype)
     x = x.to(dtype)
     _check_finite(x)
     scale = lens.row_scale(x)
     scale = None if scale is None else scale.to(dtype)
     W = lens.W.to(x.device)
     with _ieee_matmul(x.device):
-        acc = _stream(x, W, lens, x.shape[0], None, scale, targets, min(chunk, W.shape[0]), compile)
+        acc = _stream(x, W, lens, x.shape[0], None, scale, targets, min(chunk, W.shape[0]), kernel)
     res = acc.result()
+    res.kernel = kernel
     if guard is not None and dtype == torch.float32:
         rows = acc.large_rows(guard)
         if rows.numel():
@@ -163,10 +194,11 @@ def _exact_rows(x: torch.Tensor, chunk_max: torch.Tensor, lens: Lens, targets, c
     for j in need.any(0).nonzero().squeeze(1).tolist():
         c0 = j * chunk
         C = min(chunk, V - c0)
-        r = need[:, j].nonzero().squeeze(1)
-        Z = torch.full((k, C), MASKED, dtype=torch.float64, device=x.device)  # skipped rows: no mass
-        Z[r] = _finish(x[r] @ W[c0 : c0 + C].double().T, lens, None if scale is None else scale[r], c0)
-        acc.update(Z, c0, torch.empty_like(Z))
+        r = need[:, j].nonzero().squeeze(1)  # only these rows' statistics see this chunk (SmolLM2: ~1 in 9)
+        Z = _finish(x[r] @ W[c0 : c0 + C].double().T, lens, None if scale is None else scale[r], c0)  # (r, C)
+        part = OnlineLSE(len(r), x.device, None if targets is None else targets[r])
+        part.update(Z, c0, torch.empty_like(Z))
+        acc.merge_rows(r, part)
     return acc.result()
 
 
@@ -190,15 +222,17 @@ def decode_layers(
     guard: float | None = EXACT_GUARD,
     precision: str = "exact",
     compile: bool = False,
+    kernel: str = "auto",
 ) -> dict[str, Stats]:
     """Decode every requested site of every layer for N token rows.
 
     h0: (N, d) = H^0; acts[site]: (L, N, d). Returns site -> Stats of shape (L, N), except `layer`,
     which is (L + 1, N) with H^0 at index 0. `additive` must only be set when H^l = H^{l-1}+A^l+F^l holds
-    (checked by the caller with sites.additivity_error). The first site's Stats carries `redone`.
-    `compile=True`: the fused per-chunk kernel, as in `decode_rows`.
+    (checked by the caller with sites.additivity_error). The first site's Stats carries `redone`; every
+    site's Stats carries `kernel`, the per-chunk kernel used (`kernel`/`compile` as in `decode_rows`).
     """
     _check_precision(precision)
+    kernel = resolve_kernel(kernel, compile, h0.device, torch.float32)
     L, N, d = acts["attn"].shape
     want_layer = "layer" in sites
     direct = [s for s in sites if s != "layer"]
@@ -211,7 +245,7 @@ def decode_layers(
     W = lens.W.to(h0.device, torch.float32).contiguous()
     V = W.shape[0]
     chunk = min(chunk, V)
-    n_bufs = 1 if compile else 2  # (rows, chunk) fp32 buffers per block: the fused kernel needs no scratch
+    n_bufs = 2 if kernel == "eager" else 1  # (rows, chunk) fp32 buffers per block: fused kernels need no scratch
     block = max(1, min(N, block_bytes // (n_bufs * n_rows * chunk * 4)))
     outs = direct + (["layer"] if want_layer else [])
     parts: dict[str, list[Stats]] = {s: [] for s in outs}
@@ -241,7 +275,7 @@ def decode_layers(
             _check_finite(vecs)
             X = vecs[: n_gemm * n]  # (n_gemm * n, d): the rows that need a GEMM
             scale = lens.row_scale(vecs)
-            combine = None
+            combine, layers = None, None
             if trick:
                 ia, jf, h = L * direct.index("attn") * n, L * direct.index("ffn") * n, L * len(direct) * n
 
@@ -251,7 +285,9 @@ def decode_layers(
                     for r in range(h + n, Z.shape[0], n):  # 5x faster than cumsum_ along dim 0
                         Z[r : r + n] += Z[r - n : r]
 
-            acc = _stream(X, W, lens, n_rows * n, combine, scale, None, chunk, compile)
+            if trick and kernel == "native" and scale is None and lens.bias is None and not lens.softcap:
+                combine, layers = None, (ia, jf, h, n, L)  # the kernel sums and folds them in one pass
+            acc = _stream(X, W, lens, n_rows * n, combine, scale, None, chunk, kernel, layers)
             res = acc.result()
             if guard is not None:
                 big = acc.best.abs()  # (rows,) top final logit: what fp32 rounding scales with
@@ -272,6 +308,8 @@ def decode_layers(
         redo_pending()
     result = {s: _cat(p) for s, p in parts.items()}
     next(iter(result.values())).redone = redone
+    for r in result.values():
+        r.kernel = kernel
     return result
 
 

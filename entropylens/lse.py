@@ -6,7 +6,8 @@ Per row, kept in fp64 across chunks (DESIGN §2):
 
 (t is centred on m so the subtraction never cancels two ~100-nat numbers). A chunk's sums centred on some
 c fold in as s ← αs + βs_c, t ← α(t + (m − m')s) + β(t_c + (c − m')s_c), with α = e^{m−m'}, β = e^{c−m'}.
-The eager update makes ~6 passes over a chunk; the compiled one (`_chunk_sums` through torch.compile) one.
+The eager update makes ~6 passes over a chunk; the compiled one (`_chunk_sums` through torch.compile) one
+pass; the native one (`entropylens.native`, the default on CPU) one fused read per row, top-1 included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from entropylens import native
 from entropylens.errors import UserError
 
 # A -inf bias entry (a masked token) enters as this: e^{z-m} is exactly 0 and (z-m)·e^{z-m} stays 0, where
@@ -36,6 +38,7 @@ class Stats:
     p1: torch.Tensor  # float64 probability of top1
     logp_target: torch.Tensor | None = None  # float64 log p(target)
     redone: int = 0  # rows recomputed in fp64 by the exactness guard
+    kernel: str = ""  # the per-chunk kernel that produced them (decode.KERNELS), for manifests and benches
 
     def reshape(self, *shape: int) -> Stats:
         lt = None if self.logp_target is None else self.logp_target.reshape(*shape)
@@ -49,8 +52,10 @@ class Stats:
 class OnlineLSE:
     """Accumulators for R rows; `update` takes one finished logit chunk (R, C) and overwrites it."""
 
-    def __init__(self, rows: int, device: torch.device, targets: torch.Tensor | None = None, fused=False):
+    def __init__(self, rows: int, device: torch.device, targets: torch.Tensor | None = None, fused=False,
+                 kernel: str = "eager"):
         self.fused = fused  # use the torch.compile'd chunk kernel (`compile=True`)
+        self.native = kernel == "native"  # the C kernel: fp32 CPU chunks only (decode.resolve_kernel checks)
         f64 = dict(dtype=torch.float64, device=device)
         self.m = torch.full((rows,), -math.inf, **f64)
         self.s = torch.zeros(rows, **f64)
@@ -61,13 +66,27 @@ class OnlineLSE:
         self.z_target = None if targets is None else torch.full((rows,), math.nan, **f64)
         self.chunk_max: list[torch.Tensor] = []  # per chunk (R,) fp64: lets the guard redo only what matters
 
-    def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None) -> None:
-        # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only)
+    def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None, layers: tuple | None = None) -> None:
+        # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only).
+        # layers = (ia, jf, h, n, L), native kernel only: rows h + n.. are the additive `layer` sums, still
+        # unwritten; the kernel writes and folds them (native.layer_update).
+        assert layers is None or (self.native and self.targets is None)
         C = z.shape[1]
         if self.targets is not None:
             local = self.targets - offset
             hit = ((local >= 0) & (local < C)).nonzero().squeeze(1)
             self.z_target[hit] = z[hit, local[hit]].double()
+        if self.native:  # one call: chunk max, top-1, sums and the fp64 merge, in place
+            cmax = torch.empty_like(self.m)
+            accs = (self.m, self.s, self.t, self.best, self.top1, cmax)
+            if layers is None:
+                native.chunk_update(z, offset, *accs)
+            else:
+                ia, jf, h, n, L = layers
+                native.chunk_update(z, offset, *accs, rows=h + n)
+                native.layer_update(z, offset, ia, jf, h, n, L, *accs)
+            self.chunk_max.append(cmax)
+            return
         if self.fused:  # one compiled pass, z untouched, centred on the running max (R,) of earlier chunks;
             # the first chunk has none: it is centred on its own (one amax pass). A copy: ref is edited below.
             ref = z.amax(dim=1) if offset == 0 else self.m.to(z.dtype, copy=True)
@@ -110,6 +129,25 @@ class OnlineLSE:
         self.t = alpha * (self.t + shift) + beta * (t_c + (c - m_new) * s_c)
         self.s = alpha * self.s + beta * s_c
         self.m = m_new
+
+    def merge_rows(self, rows: torch.Tensor, other: OnlineLSE) -> None:
+        """Fold `other` (accumulators of len(rows) rows over some chunks) into `rows` of self: the guard's
+        fp64 redo touches each row only in the chunks that matter for it."""
+        m, s, t = self.m[rows], self.s[rows], self.t[rows]
+        m_new = torch.maximum(m, other.m)  # (k,)
+        a = torch.where(torch.isinf(m), 0.0, torch.exp(m - m_new))
+        shift = torch.where(torch.isinf(m), 0.0, (m - m_new) * s)
+        b = torch.where(torch.isinf(other.m), 0.0, torch.exp(other.m - m_new))
+        oshift = torch.where(torch.isinf(other.m), 0.0, (other.m - m_new) * other.s)
+        self.t[rows] = a * (t + shift) + b * (other.t + oshift)
+        self.s[rows] = a * s + b * other.s
+        self.m[rows] = m_new
+        better = other.best > self.best[rows]  # ties keep the earlier chunk's id, as argmax does
+        self.top1[rows] = torch.where(better, other.top1, self.top1[rows])
+        self.best[rows] = torch.maximum(self.best[rows], other.best)
+        if self.z_target is not None:
+            hit = ~torch.isnan(other.z_target)
+            self.z_target[rows[hit]] = other.z_target[hit]
 
     def result(self) -> Stats:
         log_z = self.m + torch.log(self.s)  # (R,)

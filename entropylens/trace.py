@@ -18,7 +18,7 @@ import torch
 from entropylens import __version__
 from entropylens.backends import BACKENDS, make_backend
 from entropylens.batch import ADDITIVE_TOL, Sequences, generate, trace_batch
-from entropylens.decode import DEFAULT_BLOCK_BYTES
+from entropylens.decode import DEFAULT_BLOCK_BYTES, KERNELS, resolve_kernel
 from entropylens.dist import Shard
 from entropylens.errors import UserError
 from entropylens.lens import make_lens
@@ -57,7 +57,8 @@ class TraceConfig:
     cache: str = "cache"  # root folder holding runs/ and models/
     enable_thinking: bool = False  # Qwen3 chat templates: thinking mode
     trust_remote_code: bool = False  # only when asked
-    compile: bool = False  # fused torch.compile decode kernel: ~1.4x faster decode, ~15 s one-off compile
+    compile: bool = False  # the torch.compile decode kernel (same as kernel="compiled"; ~15 s one-off compile)
+    kernel: str = "auto"  # decode kernel, decode.KERNELS: auto = native (C) on CPU with a compiler, else eager
     parent_run: str | None = None  # link to a parent run (BuPO before/after)
     split: str = "all"  # all | train | test (built-in sets)
     long_prompts: str = "reject"  # reject | truncate: prompts beyond the context (truncate keeps the last tokens)
@@ -85,6 +86,8 @@ class TraceConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.kernel not in KERNELS:
+            raise UserError(f"unknown --kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
         if self.remote and (self.backend != "nnsight" or self.device_map):
@@ -277,6 +280,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         "long_prompts": {"mode": cfg.long_prompts, "truncated": [
             {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
         "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
+        # the per-chunk decode kernel `auto` chose here (decode.resolve_kernel), so a run says how it was made
+        "decode_kernel": None if remote else resolve_kernel(cfg.kernel, cfg.compile, lenses[0][1].W.device,
+                                                            torch.float32),
     }
     if main:
         writer = _open_writer(cfg, run_id, manifest, resume)

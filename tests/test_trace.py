@@ -109,6 +109,8 @@ def test_columns_roles_and_bounds(tokenizer, tmp_path):
         assert set(roles[:first_resp]) == {"prompt"} and set(roles[first_resp:-1]) == {"response"}
     m = read_manifest(run)
     assert m["status"] == "complete" and m["layer_decode"] == "additive" and m["model"]["family"] == "llama"
+    from entropylens import native  # the run says which decode kernel `auto` chose here
+    assert m["decode_kernel"] == ("native" if native.available() else "eager")
 
 
 def test_parquet_readable_by_duckdb_and_pandas(tokenizer, tmp_path):
