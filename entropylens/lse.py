@@ -13,6 +13,7 @@ pass; the native one (`entropylens.native`, the default on CPU) one fused read p
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ MASKED = -1e30
 # The fused pass centres a chunk on the running max m; a row whose chunk max exceeds m by more than this
 # (e^u would approach fp32's overflow at u = 88) is recentred on its own max and summed again.
 RECENTRE = 60.0
+# The eager update clamps u = z - m' at this before e^u: x86 exp is 6-10x slower where e^u underflows (u < -87),
+# and raw-residual lens rows put most of V there. A clamped entry adds at most e^-80 to s and 80 e^-80 to t:
+# over V <= 1e6 ids, < 1e-27 nats.
+FLOOR = -80.0
 
 
 @dataclass
@@ -101,7 +106,7 @@ class OnlineLSE:
         cmax = z.amax(dim=1).double()  # (R,)
         self._track_top1(z, cmax, offset)
         m_new = torch.maximum(self.m, cmax)  # (R,)
-        u = z.sub_(m_new.to(z.dtype)[:, None])  # (R, C) = z - m', in place
+        u = z.sub_(m_new.to(z.dtype)[:, None]).clamp_min_(FLOOR)  # (R, C) = z - m', in place
         torch.exp(u, out=e)
         s_c = e.sum(dim=1).double()
         t_c = u.mul_(e).sum(dim=1).double()
@@ -178,6 +183,20 @@ def _chunk_sums(z: torch.Tensor, ref: torch.Tensor):
 _compiled: Callable | None = None  # built on first use, then shared by every decode in the process
 
 
+def _separate_inductor_cache() -> None:
+    """Under ATEN_CPU_CAPABILITY (e.g. avx2 on an AVX-512 machine) use a cache of inductor kernels of its own.
+
+    Measured with torch 2.13: a kernel cached by an un-narrowed process and reloaded under
+    ATEN_CPU_CAPABILITY=avx2 gives sums 50-100 % off (1.57 nats in the bench), while a fresh cache under
+    the same setting is exact. Only an unset TORCHINDUCTOR_CACHE_DIR is changed, and only when narrowed.
+    """
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{cap}"
+
+
 def _compiled_sums(z: torch.Tensor, ref: torch.Tensor):
     """`_chunk_sums(z, ref)` by the compiled kernel; a compiler failure is a UserError, never a silent fallback.
 
@@ -191,6 +210,7 @@ def _compiled_sums(z: torch.Tensor, ref: torch.Tensor):
         return _chunk_sums(z, ref)
     try:
         if _compiled is None:
+            _separate_inductor_cache()
             _compiled = torch.compile(_chunk_sums, dynamic=True, fullgraph=True)
         return _compiled(z, ref)
     except Exception as err:  # a toolchain problem (no C++ compiler, unsupported platform), not numerics

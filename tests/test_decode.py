@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -219,3 +220,17 @@ def test_compiled_kernel_matches_eager_and_fp64():
         assert torch.equal(fused[s].top1, eager[s].top1)
     x = torch.randn(1, 24)
     check(decode_rows(x, lens, chunk=300, compile=True), lens, x)  # R = 1, last chunk C = 1
+
+
+def test_narrowed_isa_compiles_into_its_own_inductor_cache(monkeypatch):
+    """Kernels cached un-narrowed and reloaded under ATEN_CPU_CAPABILITY=avx2 summed 50-100 % off (torch 2.13)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    lse._separate_inductor_cache()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # not narrowed: inductor's default cache
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    lse._separate_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    lse._separate_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"  # a user's choice is kept
