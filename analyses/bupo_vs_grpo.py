@@ -33,7 +33,7 @@ from entropylens.models import load_model
 from entropylens.prompts import load_prompts
 from entropylens.store import write_json
 
-QUICK = dict(steps=4, seeds="0,1,2", sweep="0.5", prompts_per_step=2, num_generations=4, eval_prompts=8,
+QUICK = dict(steps=4, seeds="0,1,2", sweep="0.5", layers="3", prompts_per_step=2, num_generations=4, eval_prompts=8,
              eval_samples=2, ks="1,2")
 COLORS = {"grpo": "#1f77b4", "bupo": "#d62728"}
 
@@ -46,7 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="seeds of the BuPO-vs-GRPO comparison (>= 3)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--bupo-frac", type=float, default=0.25, help="BuPO's internal phase as a fraction of --steps")
-    p.add_argument("--sweep", default="0.75,0.5", help="more internal-phase fractions, run with the first seed")
+    p.add_argument("--sweep", default="0.1,0.5,0.75", help="more internal-phase fractions, run with the first seed")
+    p.add_argument("--layers", default="6,24", help="more k for BuPO at --bupo-frac, run with the first seed")
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("-G", "--num-generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=12)
@@ -69,12 +70,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def plan(args) -> list[dict]:
-    """(algo, internal fraction, seed) of every run: the comparison on all seeds, the sweep on the first."""
+    """(algo, internal fraction, seed, k) of every run: the comparison on all seeds, the sweeps on the first."""
     seeds = [int(s) for s in str(args.seeds).split(",")]
-    runs = [{"algo": a, "frac": f, "seed": s} for s in seeds for a, f in (("grpo", 0.0), ("bupo", args.bupo_frac))]
-    runs += [{"algo": "bupo", "frac": float(f), "seed": seeds[0]} for f in str(args.sweep).split(",") if f
-             and float(f) not in (0.0, args.bupo_frac)]
+    k = args.layer
+    runs = [{"algo": a, "frac": f, "seed": s, "layer": k} for s in seeds
+            for a, f in (("grpo", 0.0), ("bupo", args.bupo_frac))]
+    runs += [{"algo": "bupo", "frac": float(f), "seed": seeds[0], "layer": k} for f in str(args.sweep).split(",")
+             if f and float(f) not in (0.0, args.bupo_frac)]
+    runs += [{"algo": "bupo", "frac": args.bupo_frac, "seed": seeds[0], "layer": int(j)}
+             for j in str(args.layers).split(",") if j and int(j) != k]
     return runs
+
+
+def run_name(args, r: dict) -> str:
+    """bvg-bupo-f25-s0 at the study's k; other k get a -k<j> suffix."""
+    name = f"{args.tag}-{r['algo']}-f{int(round(100 * r['frac']))}-s{r['seed']}"
+    return name if r["layer"] == args.layer else f"{name}-k{r['layer']}"
 
 
 def run_all(args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -88,18 +99,18 @@ def run_all(args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     results, metrics, per = [], [], {"base": base}
     for r in plan(args):
         t0 = time.perf_counter()
-        name = f"{args.tag}-{r['algo']}-f{int(round(100 * r['frac']))}-s{r['seed']}"
+        name = run_name(args, r)
         run_dir = Path(args.cache) / "runs" / name
         done = run_dir / "study.json"  # a finished run is kept: rerunning the script only does the missing ones
         if done.is_file():
             stored = json.loads(done.read_text())
-            results.append(stored["row"])
+            results.append({"layer": args.layer} | stored["row"])  # rows stored before the k sweep lack it
             per[name] = stored["eval"]
             metrics.append(pd.read_json(run_dir / "metrics.jsonl", lines=True).assign(run=name, **r))
             print(f"[{name}] kept from {done}", file=sys.stderr, flush=True)
             continue
         loaded = load_model(args.model, "float32", "cpu", Path(args.cache), False)  # a fresh copy per run
-        cfg = BupoConfig(internal_layer=args.layer, internal_steps=int(round(r["frac"] * args.steps)),
+        cfg = BupoConfig(internal_layer=r["layer"], internal_steps=int(round(r["frac"] * args.steps)),
                          steps=args.steps, prompts_per_step=args.prompts_per_step,
                          num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
                          learning_rate=args.lr, reward=args.reward, seed=r["seed"], micro_batch_size=32,
@@ -139,7 +150,7 @@ def _band(fig, df: pd.DataFrame, y: str, row: int, col: int, show: bool, smooth:
 
 
 def figures(args, results: pd.DataFrame, metrics: pd.DataFrame, per: dict, out: Path) -> list[str]:
-    main = metrics[metrics["frac"].isin([0.0, args.bupo_frac])]
+    main = metrics[metrics["frac"].isin([0.0, args.bupo_frac]) & (metrics["layer"] == args.layer)]
     k1 = f"avg@{args.ks[0]}"
     curves = make_subplots(rows=2, cols=2, subplot_titles=[
         "training reward (5-step rolling mean; band: min–max over seeds)", f"entropy of π^{args.layer} (nats)",
@@ -152,18 +163,20 @@ def figures(args, results: pd.DataFrame, metrics: pd.DataFrame, per: dict, out: 
             curves.add_vline(x=switch, line_dash="dot", line_color="gray", row=r, col=c)
     curves.update_xaxes(title_text="step")
 
-    acc = make_subplots(rows=1, cols=2, subplot_titles=[
-        f"held-out {k1} per run (95 % interval over prompts)",
-        f"internal-phase sweep (seed {plan(args)[0]['seed']}): held-out {k1} and final output entropy"])
+    seed0 = plan(args)[0]["seed"]
+    study_k = results["layer"] == args.layer
+    acc = make_subplots(rows=1, cols=3, column_widths=[0.4, 0.35, 0.25], subplot_titles=[
+        f"held-out {k1} per run (95 % CI)", f"internal-phase length (seed {seed0})",
+        f"layer k (seed {seed0}, BuPO {args.bupo_frac:.0%})"])
     base = per["base"]
     acc.add_hline(y=base[k1], line_dash="dash", line_color="gray", annotation_text=f"base {base[k1]:.3f}",
                   row=1, col=1)
-    for algo, g in results[results["frac"].isin([0.0, args.bupo_frac])].groupby("algo"):
+    for algo, g in results[results["frac"].isin([0.0, args.bupo_frac]) & study_k].groupby("algo"):
         acc.add_trace(go.Bar(x=[f"seed {s}" for s in g["seed"]], y=g[k1], name=algo, marker_color=COLORS[algo],
                              error_y=dict(type="data", symmetric=False, array=g[f"{k1}_hi"] - g[k1],
-                                          arrayminus=g[k1] - g[f"{k1}_lo"]), showlegend=False), row=1, col=1)
-    sweep = results[results["seed"] == plan(args)[0]["seed"]].sort_values("frac")
-    acc.add_trace(go.Scatter(x=100 * sweep["frac"], y=sweep[k1], mode="lines+markers", name=f"{k1}",
+                                          arrayminus=g[k1] - g[f"{k1}_lo"])), row=1, col=1)
+    sweep = results[(results["seed"] == seed0) & study_k].sort_values("frac")
+    acc.add_trace(go.Scatter(x=100 * sweep["frac"], y=sweep[k1], mode="lines+markers", name=f"{k1} by internal phase",
                              line=dict(color="#333"), error_y=dict(type="data", symmetric=False,
                              array=sweep[f"{k1}_hi"] - sweep[k1], arrayminus=sweep[k1] - sweep[f"{k1}_lo"])),
                   row=1, col=2)
@@ -171,7 +184,14 @@ def figures(args, results: pd.DataFrame, metrics: pd.DataFrame, per: dict, out: 
     acc.add_trace(go.Scatter(x=100 * sweep["frac"], y=[last[r] for r in sweep["run"]], mode="lines+markers",
                              name="output entropy, last 5 steps (nats)", line=dict(color="#ff7f0e", dash="dot")),
                   row=1, col=2)
+    ks = results[(results["seed"] == seed0) & (results["algo"] == "bupo") & (results["frac"] == args.bupo_frac)]
+    ks = ks.sort_values("layer")
+    acc.add_trace(go.Scatter(x=ks["layer"], y=ks[k1], mode="lines+markers", name=f"BuPO {k1} by k",
+                             line=dict(color=COLORS["bupo"]), error_y=dict(type="data", symmetric=False,
+                             array=ks[f"{k1}_hi"] - ks[k1], arrayminus=ks[k1] - ks[f"{k1}_lo"])), row=1, col=3)
+    acc.add_hline(y=base[k1], line_dash="dash", line_color="gray", row=1, col=3)
     acc.update_xaxes(title_text="internal phase (% of steps)", row=1, col=2)
+    acc.update_xaxes(title_text="k (1-indexed layer)", row=1, col=3)
     acc.update_layout(barmode="group")
 
     move = make_subplots(rows=1, cols=1, subplot_titles=[
@@ -204,7 +224,7 @@ def pooled(args, per: dict, results: pd.DataFrame, metric: str) -> dict[str, dic
     """Per algorithm, per-prompt accuracy averaged over seeds; BuPO − GRPO paired over prompts."""
     by = {}
     for algo, frac in (("grpo", 0.0), ("bupo", args.bupo_frac)):
-        runs = results[(results["algo"] == algo) & (results["frac"] == frac)]["run"]
+        runs = results[(results["algo"] == algo) & (results["frac"] == frac) & (results["layer"] == args.layer)]["run"]
         by[algo] = np.mean([per_prompt(per[r]["correct"], metric) for r in runs], axis=0)  # (prompts,)
     base = np.asarray(per_prompt(per["base"]["correct"], metric))
     return {"bupo_minus_grpo": paired_gain_ci(by["grpo"], by["bupo"]),
@@ -219,7 +239,7 @@ def report(args, results: pd.DataFrame, metrics: pd.DataFrame, per: dict, figs: 
         k1: [fmt_ci(r[k1], r[f"{k1}_lo"], r[f"{k1}_hi"]) for _, r in results.iterrows()],
         f"gain {k1}": [fmt_ci(r[f"gain_{k1}"], r[f"gain_{k1}_lo"], r[f"gain_{k1}_hi"]) for _, r in results.iterrows()],
         kn: [fmt_ci(r[kn], r[f"{kn}_lo"], r[f"{kn}_hi"]) for _, r in results.iterrows()],
-    })[["run", "algo", "seed", "internal_steps", k1, f"gain {k1}", kn, "minutes"]]
+    })[["run", "algo", "seed", "layer", "internal_steps", k1, f"gain {k1}", kn, "minutes"]]
     pk = pooled(args, per, results, k1)
     d, gg, gb = pk["bupo_minus_grpo"], pk["grpo_gain"], pk["bupo_gain"]
     internal = metrics[(metrics["phase"] == "internal") & metrics["update/adv_logp_gain"].notna()]
@@ -235,7 +255,9 @@ def report(args, results: pd.DataFrame, metrics: pd.DataFrame, per: dict, figs: 
         f"≤ {args.max_new_tokens} new tokens, lr {args.lr}, layer k = {args.layer}",
         f"- BuPO: the first {int(round(args.bupo_frac * args.steps))} steps ({args.bupo_frac:.0%}) on π^k; GRPO: none; "
         f"seeds {args.seeds}; sweep of the internal phase on seed {plan(args)[0]['seed']}: "
-        f"{sorted({0.0, args.bupo_frac, *[float(f) for f in str(args.sweep).split(',') if f]})}",
+        f"{sorted({0.0, args.bupo_frac, *[float(f) for f in str(args.sweep).split(',') if f]})}; "
+        f"of k (BuPO at {args.bupo_frac:.0%}, seed {plan(args)[0]['seed']}): "
+        f"{sorted({args.layer, *[int(j) for j in str(args.layers).split(',') if j]})}",
         "- intervals: 95 %, percentile bootstrap over held-out prompts (10,000 resamples); gains paired over "
         "the same prompts", "",
         "## Held-out accuracy", "",
