@@ -19,6 +19,12 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _reward_help() -> str:
+    from entropylens.rewards import RULES_HELP
+
+    return RULES_HELP
+
+
 def _parse_limit(limit: str) -> int | None:
     if limit == "all":
         return None
@@ -62,6 +68,12 @@ def trace(
                                  help="fused torch.compile decode kernel (~1.4x decode; ~15 s to compile once)"),
     long_prompts: str = typer.Option("reject", help="prompts beyond the model's context: reject | truncate (keeps "
                                      "the last tokens that fit; the manifest records how many were dropped)"),
+    samples: int = typer.Option(1, help="responses per prompt, each its own sequence (seeded per prompt, "
+                                "independent of --batch-size)"),
+    reward: str = typer.Option("exact", help="rule scoring each response against the prompt's reference: "
+                               + _reward_help()),
+    bad_references: str = typer.Option("error", help="a reference present but empty or malformed: error (one line "
+                                       "naming the row) | null (score that row null)"),
     resume: str = typer.Option(None, help="finish the interrupted run RUN with its stored settings"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
@@ -81,7 +93,7 @@ def trace(
             batch_size=batch_size, name=name, seed=seed,
             split=split, cache=cache, enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
             compile=compile,
-            long_prompts=long_prompts,
+            long_prompts=long_prompts, samples=samples, reward=reward, bad_references=bad_references,
         )
     try:
         run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet, shard=shard)
@@ -141,6 +153,8 @@ def show(
     run: str = typer.Argument(..., help="run id (folder name under cache/runs)"),
     lens: str = typer.Option(None, help="bupo | logit (default: every lens stored)"),
     role: str = typer.Option("response", help="response | prompt | all"),
+    by: str = typer.Option(None, help="outcome: correct vs wrong responses, their difference and a 95 % interval "
+                           "(bootstrap over responses; response tokens)"),
     cache: str = typer.Option("cache"),
 ) -> None:
     """Per-layer mean entropy of the layer / attention / FFN policies and ΔH."""
@@ -148,8 +162,41 @@ def show(
 
     run_dir = resolve_run(cache, run)
     m = read_manifest(run_dir)
+    if by not in (None, "outcome"):
+        raise UserError(f"unknown --by {by!r}; the only split is 'outcome'")
     for ln in [lens] if lens else m.get("lens", ["bupo"]):
-        _print_layer_table(layer_table(run_dir, lens=ln, role=role), f"{run} · lens {ln} · {role} tokens")
+        if by == "outcome":
+            _print_outcome_table(run_dir, ln)
+        else:
+            _print_layer_table(layer_table(run_dir, lens=ln, role=role), f"{run} · lens {ln} · {role} tokens")
+
+
+def _print_outcome_table(run_dir: Path, lens: str) -> None:
+    from entropylens.intervals import fmt_ci
+    from entropylens.outcomes import outcome_diff
+
+    d = outcome_diff(run_dir, lens=lens)
+    n_c, n_w = int(d["n_correct"].iloc[0]), int(d["n_wrong"].iloc[0])
+    table = Table(title=f"{run_dir.name} · lens {lens} · response tokens · {n_c} correct vs {n_w} wrong responses "
+                  f"({n_c / (n_c + n_w):.0%} correct) · correct − wrong [95 % interval, bootstrap over responses]",
+                  title_justify="left")
+    wide = d.set_index(["layer", "quantity"])
+    for col in ("layer", "H_layer correct", "H_layer wrong", "ΔH_layer c−w", "ΔH_attn c−w", "ΔH_ffn c−w"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def ci(layer: int, q: str) -> str:
+        r = wide.loc[(layer, q)]
+        return "—" if pd.isna(r["diff"]) else fmt_ci(r["diff"], r["lo"], r["hi"])
+
+    import pandas as pd
+
+    for layer in sorted(d["layer"].unique()):
+        r = wide.loc[(layer, "H_layer")]
+        table.add_row(str(layer), f"{r['mean_correct']:.3f}", f"{r['mean_wrong']:.3f}", ci(layer, "H_layer"),
+                      ci(layer, "dH_attn"), ci(layer, "dH_ffn"))
+    Console(width=max(out.width, 120)).print(table)
+    out.print("H: pooled mean entropy (nats) over response tokens; c−w: correct − wrong of H_layer and of the mean "
+              "ΔH of attention and FFN; an interval that excludes 0 separates the outcomes at the 5 % level")
 
 
 @app.command()
@@ -227,12 +274,6 @@ def _bupo_defaults():
 
 
 _B = _bupo_defaults()  # the command's defaults are the config's: written once, in entropylens/bupo/pipeline.py
-
-
-def _reward_help() -> str:
-    from entropylens.bupo.rewards import RULES_HELP
-
-    return RULES_HELP
 
 
 @app.command()

@@ -132,6 +132,7 @@ def summarize(entropy_path: Path, n_layers: int, vocab_size: int) -> pa.Table:
     df = duckdb.sql(sql).df()
     df["mean_norm"] = df["mean"] / math.log(vocab_size)
     df["rel_depth"] = df["layer"] / n_layers
+    df["outcome"] = "all"
     return pa.Table.from_pandas(df[SUMMARY_SCHEMA.names], preserve_index=False).cast(SUMMARY_SCHEMA)
 
 
