@@ -1,7 +1,7 @@
 """Verifiable rewards: named rules that extract a final answer, normalise it and compare it with the reference.
 
-One module for every consumer (trainer, evaluation, `entropylens trace`): a rule is written once. `RULES` maps each name to its
-one-line description, shown in `--help` and the README:
+One module for every consumer (trainer, evaluation, `entropylens trace`): a rule is written once. `RULES` maps
+each name to its one-line description, shown in `--help` and the README:
 
 - `exact` (default, lenient): the last `\\boxed{}` if there is one, else the last number in the completion.
 - `boxed` (the paper's, strict): the last `\\boxed{}` only; a completion without one earns 0.

@@ -118,7 +118,8 @@ def test_roundtrip_with_pandas_duckdb_polars(tmp_path):
     assert n_nan == len(layer0) > 0
     np.testing.assert_allclose(mean, layer0.H_layer.astype(np.float32).mean(), rtol=1e-6)
     lines = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["prompt_idx"] for r in lines] == list(range(6)) and list(lines[0]) == [*store.RESPONSE_KEYS, *store.OUTCOME_KEYS]
+    assert [r["prompt_idx"] for r in lines] == list(range(6))
+    assert list(lines[0]) == [*store.RESPONSE_KEYS, *store.OUTCOME_KEYS]
     assert lines[0]["reward"] is None and lines[0]["correct"] is None and lines[0]["sample"] == 0
     m = store.read_manifest(run_dir)
     assert m["status"] == "complete" and m["finished"] and m["n_tokens"] == len(tokens)

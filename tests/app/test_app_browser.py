@@ -123,3 +123,42 @@ def test_before_after_training_and_url_safety(dash_duo, cache, screenshot):
     dash_duo.driver.get(dash_duo.server_url + "/?run=qwen3-base")
     flow = figure(dash_duo, "flow-graph")
     assert "qwen3-8L" in flow["layout"]["title"]["text"]
+
+
+def test_outcome_selector_right_vs_wrong_and_token_outcome(dash_duo, cache, screenshot):
+    dash_duo.start_server(create_app(cache))
+    dash_duo.driver.get(dash_duo.server_url + "/?run=llama-scored")
+    dash_duo.wait_for_contains_text("#tabs", "Right vs wrong")
+    flow = figure(dash_duo, "flow-graph")
+    assert "llama-6L" in flow["layout"]["title"]["text"] and "correct" not in flow["layout"]["title"]["text"]
+    # both overlaid: every site drawn for correct (solid) and wrong (dashed) responses
+    for item in dash_duo.driver.find_elements("css selector", "#outcome label"):
+        if item.text.strip() == "both overlaid":
+            item.click()
+    end = time.time() + 10
+    while not any("· wrong" in t.get("name", "") for t in figure(dash_duo, "flow-graph")["data"]):
+        assert time.time() < end, "the flow view did not follow the outcome selector"
+        time.sleep(0.1)
+    names = [t["name"] for t in figure(dash_duo, "flow-graph")["data"]]
+    assert sorted(names) == sorted(f"{s} · {o}" for s in ("layer H^l", "attention A^l", "FFN F^l")
+                                   for o in ("correct", "wrong"))
+    screenshot(dash_duo.driver, "flow_by_outcome")
+    open_tab(dash_duo, "Entropy change ΔH")
+    end = time.time() + 10
+    while sorted({t["name"] for t in figure(dash_duo, "dh-graph")["data"]}) != ["correct responses",
+                                                                              "wrong responses"]:
+        assert time.time() < end, "the ΔH view did not follow the outcome selector"
+        time.sleep(0.1)
+    open_tab(dash_duo, "Right vs wrong")
+    diff = figure(dash_duo, "outdiff-graph")
+    assert "correct vs" in diff["layout"]["title"]["text"] and "bootstrap over responses" in \
+        diff["layout"]["title"]["text"]
+    assert len(diff["data"]) == 3 and all(t["error_y"]["visible"] is not False for t in diff["data"])
+    auroc = figure(dash_duo, "auroc-graph")
+    assert auroc["data"][0]["type"] == "heatmap" and len(arr(auroc["data"][0]["y"])) == 5
+    screenshot(dash_duo.driver, "right_vs_wrong")
+    open_tab(dash_duo, "Token × layer")
+    dash_duo.wait_for_contains_text("#tokens-outcome", "reference answer: 42", timeout=10)
+    assert "outcome: " in dash_duo.find_element("#tokens-outcome").text
+    screenshot(dash_duo.driver, "token_outcome")
+    assert dash_duo.get_logs() in ([], None)
