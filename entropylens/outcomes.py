@@ -80,14 +80,13 @@ def _load(run_dir: Path, quantities: list[str], lens: str | None) -> tuple[pd.Da
 def outcome_diff(run_dir: Path | str, lens: str = "bupo", quantities: tuple[str, ...] = ("H_layer", "dH_attn",
                  "dH_ffn"), n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
     """Per layer and quantity: pooled mean over response tokens of correct and of wrong responses, the
-    difference correct − wrong and its interval (bootstrap over responses). Needs both outcomes present."""
+    difference correct − wrong and its interval (bootstrap over responses); NaN where one outcome is absent."""
     ent, sets = _load(Path(run_dir), list(quantities), lens)
     if ent.empty:
         raise UserError(f"run has no response tokens for lens {lens!r}; trace with --generate")
-    n_c, n_w = len(sets["correct"]), len(sets["wrong"])
-    if not n_c or not n_w:
-        raise UserError(f"--by outcome needs correct and wrong responses; this run has {n_c} correct and {n_w} "
-                        "wrong (scored responses only: prompts without a reference are null)")
+    if not sets["correct"] and not sets["wrong"]:
+        raise UserError("--by outcome needs scored responses; this run has 0 correct and 0 wrong (prompts without "
+                        "a reference answer are scored null)")
     return diff_from_sums(response_sums(ent, list(quantities)), sets, list(quantities), n_boot, level, seed)
 
 
@@ -104,8 +103,15 @@ def diff_from_sums(sums: pd.DataFrame, sets: dict[str, set[int]], quantities: li
             wide = {k: sel[(k, q)].unstack("layer").reindex(columns=layers).fillna(0.0).to_numpy()
                     for k in ("sum", "count")}
             part[name] = wide
-        r = pooled_mean_diff_ci(part["correct"]["sum"], part["correct"]["count"], part["wrong"]["sum"],
-                                part["wrong"]["count"], level=level, n_boot=n_boot, seed=seed)
+        if len(part["correct"]["sum"]) and len(part["wrong"]["sum"]):
+            r = pooled_mean_diff_ci(part["correct"]["sum"], part["correct"]["count"], part["wrong"]["sum"],
+                                    part["wrong"]["count"], level=level, n_boot=n_boot, seed=seed)
+        else:  # one outcome only: its means, no difference
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = {k: v["sum"].sum(0) / v["count"].sum(0) if len(v["sum"]) else np.full(len(layers), np.nan)
+                        for k, v in part.items()}
+            nan = np.full(len(layers), np.nan)
+            r = {"mean_a": mean["correct"], "mean_b": mean["wrong"], "diff": nan, "lo": nan, "hi": nan}
         rows.append(pd.DataFrame({"layer": layers, "quantity": q, "mean_correct": r["mean_a"],
                                   "mean_wrong": r["mean_b"], "diff": r["diff"], "lo": r["lo"], "hi": r["hi"],
                                   "n_correct": len(part["correct"]["sum"]), "n_wrong": len(part["wrong"]["sum"])}))

@@ -4,7 +4,9 @@ independent computation; `--samples` across batch sizes and resume on a tiny mod
 from __future__ import annotations
 
 import json
+import sys
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -223,3 +225,59 @@ def test_samples_need_sampling(tmp_path):
         TraceConfig(samples=0).validate()
     with pytest.raises(UserError, match="unknown --reward"):
         TraceConfig(reward="fuzzy").validate()
+
+
+# ---------------------------------------------------------------- the CLI: MATH-500 as verl Parquet, bad rows
+
+MATH500 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "verl-math" / "math500.parquet"
+
+
+def _main(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
+    from entropylens.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["entropylens", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_traces_verl_parquet_with_samples_and_shows_the_split(tiny_folder, tmp_path, monkeypatch, capsys):
+    """The issue's 'done when' on a tiny model: references from reward_model.ground_truth, N samples each."""
+    prompts = MATH500 if MATH500.is_file() else tmp_path / "verl.parquet"
+    if not MATH500.is_file():  # a fresh clone without ../shared: the same verl layout, written here
+        pd.DataFrame({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(2)],
+                      "reward_model": [{"ground_truth": str(i + 1), "style": "rule"} for i in range(2)]}
+                     ).to_parquet(prompts)
+    cache = str(tmp_path / "cache")
+    code, _, err = _main(monkeypatch, capsys, "trace", "--model", str(tiny_folder), "--prompts", str(prompts),
+                         "--limit", "2", "--samples", "2", "--max-new-tokens", "4", "--cache", cache, "--name", "m",
+                         "--quiet")
+    assert code == 0, err
+    rows = _responses(Path(cache) / "runs" / "m")
+    assert [(r["source_idx"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["answer"] and r["correct"] is not None for r in rows)
+    code, out, err = _main(monkeypatch, capsys, "show", "m", "--by", "outcome", "--cache", cache)
+    assert code == 0, err
+    n_c = sum(r["correct"] for r in rows)
+    assert f"{n_c} correct vs {4 - n_c} wrong responses" in out.replace("\n", " ")
+
+
+def test_cli_bad_reference_row_is_one_line_or_null(tiny_folder, tmp_path, monkeypatch, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": "  "}\n')
+    cache = str(tmp_path / "cache")
+    common = ["trace", "--model", str(tiny_folder), "--prompts", str(f), "--max-new-tokens", "3", "--cache", cache,
+              "--quiet"]
+    code, out, err = _main(monkeypatch, capsys, *common, "--name", "bad")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "prompt 1 (file:p.jsonl) has an empty reference" in lines[0]
+    assert "--bad-references null" in lines[0] and "Traceback" not in err + out
+    code, _, err = _main(monkeypatch, capsys, *common, "--name", "nulled", "--bad-references", "null")
+    assert code == 0, err
+    rows = _responses(Path(cache) / "runs" / "nulled")
+    assert rows[0]["correct"] is not None and rows[1]["reward"] is None and rows[1]["correct"] is None
+    assert store.read_manifest(Path(cache) / "runs" / "nulled")["outcome"]["scored_null"] == [1]

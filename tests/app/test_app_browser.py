@@ -132,10 +132,8 @@ def test_outcome_selector_right_vs_wrong_and_token_outcome(dash_duo, cache, scre
     flow = figure(dash_duo, "flow-graph")
     assert "llama-6L" in flow["layout"]["title"]["text"] and "correct" not in flow["layout"]["title"]["text"]
     # both overlaid: every site drawn for correct (solid) and wrong (dashed) responses
-    for item in dash_duo.driver.find_elements("css selector", "#outcome label"):
-        if item.text.strip() == "both overlaid":
-            item.click()
-    end = time.time() + 10
+    dash_duo.find_element("#outcome input[value=both]").click()
+    end = time.time() + 20
     while not any("· wrong" in t.get("name", "") for t in figure(dash_duo, "flow-graph")["data"]):
         assert time.time() < end, "the flow view did not follow the outcome selector"
         time.sleep(0.1)
@@ -144,17 +142,17 @@ def test_outcome_selector_right_vs_wrong_and_token_outcome(dash_duo, cache, scre
                                    for o in ("correct", "wrong"))
     screenshot(dash_duo.driver, "flow_by_outcome")
     open_tab(dash_duo, "Entropy change ΔH")
-    end = time.time() + 10
+    end = time.time() + 20
     while sorted({t["name"] for t in figure(dash_duo, "dh-graph")["data"]}) != ["correct responses",
                                                                               "wrong responses"]:
         assert time.time() < end, "the ΔH view did not follow the outcome selector"
         time.sleep(0.1)
     open_tab(dash_duo, "Right vs wrong")
-    diff = figure(dash_duo, "outdiff-graph")
+    diff = figure(dash_duo, "outdiff-graph", timeout=30)
     assert "correct vs" in diff["layout"]["title"]["text"] and "bootstrap over responses" in \
         diff["layout"]["title"]["text"]
-    assert len(diff["data"]) == 3 and all(t["error_y"]["visible"] is not False for t in diff["data"])
-    auroc = figure(dash_duo, "auroc-graph")
+    assert len(diff["data"]) == 3 and all(len(arr(t["error_y"]["array"])) == len(arr(t["x"])) for t in diff["data"])
+    auroc = figure(dash_duo, "auroc-graph", timeout=30)
     assert auroc["data"][0]["type"] == "heatmap" and len(arr(auroc["data"][0]["y"])) == 5
     screenshot(dash_duo.driver, "right_vs_wrong")
     open_tab(dash_duo, "Token × layer")
