@@ -58,7 +58,7 @@ def print_outcome_table(run_dir: Path, lens: str) -> None:
         table.add_row(str(layer), *["—" if pd.isna(r[k]) else f"{r[k]:.3f}" for k in ("mean_correct", "mean_wrong")],
                       ci(layer, "H_layer"),
                       ci(layer, "dH_attn"), ci(layer, "dH_ffn"))
-    Console(width=max(out.width, 120)).print(table)
+    Console(width=max(out.width, 150)).print(table)  # never truncate an interval, even when piped
     if not n_c or not n_w:
         out.print(f"only {'wrong' if n_w else 'correct'} responses: no correct − wrong difference to show")
     out.print("H: pooled mean entropy (nats) over response tokens; c−w: correct − wrong of H_layer and of the mean "

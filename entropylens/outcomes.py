@@ -175,3 +175,24 @@ def best_separators(table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     """The k cells furthest from chance (|AUROC − 0.5|); AUROC < 0.5 means lower entropy goes with wrong."""
     order = (table["auroc"] - 0.5).abs().sort_values(ascending=False, kind="stable").index
     return table.loc[order[:k]].reset_index(drop=True)
+
+
+def baseline_aurocs(run_dir: Path | str, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
+    """What an internal cell must beat: AUROC for a wrong answer of the output distribution's mean entropy over the
+    response (H_final) and of the response length, with the same resamples as `auroc_table`."""
+    from entropylens.store import load_outcomes, load_tokens
+
+    out = load_outcomes(run_dir)
+    sets = outcome_sets(out)
+    tok = load_tokens(run_dir, columns=["prompt_idx", "role", "H_final"], filters=[("role", "==", "response")])
+    h = tok.groupby("prompt_idx")["H_final"].mean()
+    length = out.set_index("prompt_idx")["n_response_tokens"].astype(float)
+    ids = {k: sorted(set(h.index) & v) for k, v in sets.items()}
+    if not ids["correct"] or not ids["wrong"]:
+        raise UserError("baselines need correct and wrong responses")
+    mw, mc = bootstrap_counts(len(ids["wrong"]), n_boot, seed), bootstrap_counts(len(ids["correct"]), n_boot, seed + 1)
+    rows = []
+    for name, x in (("output entropy H_final", h), ("response length", length)):
+        value, lo, hi = auroc_ci(x[ids["wrong"]].to_numpy(), x[ids["correct"]].to_numpy(), mw, mc, level)
+        rows.append({"baseline": name, "auroc": value, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows)

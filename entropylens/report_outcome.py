@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from entropylens.intervals import fmt_ci
-from entropylens.outcomes import H_SITES, auroc_table, best_separators, outcome_diff
+from entropylens.outcomes import H_SITES, auroc_table, baseline_aurocs, best_separators, outcome_diff
 from entropylens.store import load_outcomes
 
 SITE_ORDER = [s[2:] for s in H_SITES]
@@ -88,7 +88,9 @@ def outcome_section(run_id: str, run_dir: Path, lenses: list[str], tables: Path
           f"Rests on {rests_on(auc, run_dir)} ({n_c / (n_c + n_w):.0%} correct). AUROC: how well a response's mean "
           "response-token entropy at one site and layer predicts a wrong answer (0.5 = chance); 95 % intervals "
           "from a bootstrap that resamples correct and wrong responses separately. Best five:", "",
-          *best_markdown(auc), ""]
+          *best_markdown(auc), "",
+          "Baselines an internal cell must beat (same responses and resamples): " + "; ".join(
+              f"{r.baseline} {fmt_ci(r.auroc, r.lo, r.hi)}" for r in baseline_aurocs(run_dir).itertuples()) + ".", ""]
     figs = []
     for lens in lenses:
         diff = outcome_diff(run_dir, lens=lens)

@@ -148,6 +148,20 @@ def test_auroc_table_against_pairwise_counts(scored_run):
     assert len(best) == 5 and (best["auroc"] - 0.5).abs().is_monotonic_decreasing
 
 
+def test_baselines_output_entropy_and_length(scored_run):
+    from entropylens.outcomes import baseline_aurocs
+
+    run, _ = scored_run
+    tok = store.load_tokens(run)
+    h = tok[tok.role == "response"].groupby("prompt_idx").H_final.mean()
+    pairs = [(x > y) + 0.5 * (x == y) for x in h[[1, 3, 5]] for y in h[[0, 2]]]
+    b = baseline_aurocs(run, n_boot=500).set_index("baseline")
+    assert b.loc["output entropy H_final", "auroc"] == pytest.approx(np.mean(pairs))
+    # response lengths: correct 2 (prompt 0), 3 (prompt 2); wrong 2, 3, 4 (prompts 1, 3, 5):
+    # wrong 2 vs (2, 3): 0.5 + 0; wrong 3: 1 + 0.5; wrong 4: 1 + 1  ->  4 / 6
+    assert b.loc["response length", "auroc"] == pytest.approx(4 / 6)
+
+
 def test_unscored_run_says_why(tmp_path):
     w = store.RunWriter(tmp_path, "plain", MANIFEST)
     w.write_batch(0, *make_batch([0, 1], seed=0))

@@ -113,3 +113,5 @@ def test_scored_run_gets_auroc_heatmap_best_five_and_its_n(tmp_path):
     assert len(rows) == 5 and rows[0].startswith(f"| bupo | {best.iloc[0].site} | {best.iloc[0].layer} |")
     assert best.iloc[0].site == "ffn" and best.iloc[0].layer >= 2  # the construction: wrong FFNs explore more
     pd.testing.assert_frame_equal(table, auroc_table(run), check_dtype=False)
+    # baselines: response length is the same for every synthetic response, so its AUROC is exactly 0.5
+    assert "response length 0.500 [0.500, 0.500]" in md and "output entropy H_final" in md
