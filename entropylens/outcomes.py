@@ -72,6 +72,8 @@ def _load(run_dir: Path, quantities: list[str], lens: str | None) -> tuple[pd.Da
 
     outcomes = load_outcomes(run_dir)
     sets = outcome_sets(outcomes)
+    if not sets["correct"] and not sets["wrong"]:
+        return pd.DataFrame(columns=["lens", "prompt_idx", "layer", "role", *quantities]), sets  # nothing scored
     filters = [("role", "==", "response")] + ([("lens", "==", lens)] if lens else [])
     ent = load_entropy(run_dir, columns=["lens", "prompt_idx", "layer", "role", *quantities], filters=filters)
     return ent, sets
@@ -82,11 +84,11 @@ def outcome_diff(run_dir: Path | str, lens: str = "bupo", quantities: tuple[str,
     """Per layer and quantity: pooled mean over response tokens of correct and of wrong responses, the
     difference correct − wrong and its interval (bootstrap over responses); NaN where one outcome is absent."""
     ent, sets = _load(Path(run_dir), list(quantities), lens)
-    if ent.empty:
-        raise UserError(f"run has no response tokens for lens {lens!r}; trace with --generate")
     if not sets["correct"] and not sets["wrong"]:
         raise UserError("--by outcome needs scored responses; this run has 0 correct and 0 wrong (prompts without "
                         "a reference answer are scored null)")
+    if ent.empty:
+        raise UserError(f"run has no response tokens for lens {lens!r}; trace with --generate")
     return diff_from_sums(response_sums(ent, list(quantities)), sets, list(quantities), n_boot, level, seed)
 
 

@@ -17,6 +17,7 @@ from app.data import load_outcomes, outcome_stats, read_manifest, resolve_run
 from entropylens.errors import UserError
 from entropylens.report_outcome import fig_auroc_heatmap, fig_outcome_diff
 
+TAB = "Right vs wrong"  # the figures are computed only while their tab is open (bootstraps take seconds on big runs)
 QUANTITY_OPTIONS = [{"label": "H_layer", "value": "H_layer"}, {"label": "ΔH attention", "value": "dH_attn"},
                     {"label": "ΔH FFN", "value": "dH_ffn"}]
 
@@ -111,10 +112,18 @@ def register(app: Dash, cache: Path) -> None:
             pass  # the figures say why
         return lenses, current if current in lenses else lenses[0]
 
-    register_view(app, "outdiff", lambda *a: build_outcome_diff(cache, *a),
-                  [("focus-run", "value"), ("outcome-lens", "value"), ("outdiff-quantities", "value")])
-    register_view(app, "auroc", lambda *a: build_auroc(cache, *a),
-                  [("focus-run", "value"), ("outcome-lens", "value")])
+    def when_open(build):
+        def run(tab, *values):
+            if tab != TAB:
+                raise UserError(f"open the '{TAB}' tab")
+            return build(cache, *values)
+        return run
+
+    register_view(app, "outdiff", when_open(build_outcome_diff),
+                  [("tabs", "value"), ("focus-run", "value"), ("outcome-lens", "value"),
+                   ("outdiff-quantities", "value")])
+    register_view(app, "auroc", when_open(build_auroc), [("tabs", "value"), ("focus-run", "value"),
+                                                         ("outcome-lens", "value")])
 
     @app.callback(Output("tokens-outcome", "children"), Input("focus-run", "value"), Input("tokens-prompt", "value"))
     def _outcome_line(run_id, prompt):
