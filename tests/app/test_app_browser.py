@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")]
 
 
-def figure(duo, graph: str, timeout: float = 10.0) -> dict:
+def figure(duo, graph: str, timeout: float = 30.0) -> dict:
     """The plotted figure of a dcc.Graph (data + layout), once it has at least one trace."""
     js = (f"const g = document.querySelector('#{graph} .js-plotly-plot'); "
           "return g && g.data && g.data.length ? {data: g.data, layout: g.layout} : null;")
