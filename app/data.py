@@ -75,12 +75,36 @@ def usable(status: str) -> bool:
 
 @lru_cache(maxsize=64)
 def _summary_cached(run_dir: str, mtime: int) -> pd.DataFrame:
-    return store.load_summary(run_dir)
+    return store.load_summary(run_dir, outcome=None)
 
 
-def load_summary(run_dir: Path) -> pd.DataFrame:
-    """summary.parquet (small: per lens, layer, quantity, role), cached per modification time."""
-    return _summary_cached(str(run_dir), _mtime(run_dir / "summary.parquet"))
+def load_summary(run_dir: Path, outcome: str | None = "all") -> pd.DataFrame:
+    """summary.parquet (small: per lens, layer, quantity, role, outcome), cached per modification time; the rows
+    of one outcome (all / correct / wrong), or every row with `outcome=None`."""
+    s = _summary_cached(str(run_dir), _mtime(run_dir / "summary.parquet"))
+    return s if outcome is None else s[s["outcome"] == outcome]
+
+
+@lru_cache(maxsize=16)
+def _outcomes_cached(run_dir: str, mtime: int) -> pd.DataFrame:
+    return store.load_outcomes(run_dir)
+
+
+def load_outcomes(run_dir: Path) -> pd.DataFrame:
+    """outcomes.parquet (reward / correct per sequence; empty for unscored runs), cached."""
+    return _outcomes_cached(str(run_dir), _mtime(run_dir / "outcomes.parquet"))
+
+
+@lru_cache(maxsize=8)
+def _outcome_stats_cached(run_dir: str, mtime: int, lens: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from entropylens.outcomes import auroc_table, outcome_diff
+
+    return outcome_diff(run_dir, lens=lens), auroc_table(run_dir)
+
+
+def outcome_stats(run_dir: Path, lens: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(correct − wrong per layer, AUROC table) of a scored run: bootstraps over responses, cached per run."""
+    return _outcome_stats_cached(str(run_dir), _mtime(run_dir / "entropy.parquet"), lens)
 
 
 def read_entropy(run_dir: Path, columns: list[str], lens: str, prompt_idx: int,

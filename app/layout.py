@@ -8,14 +8,14 @@ from urllib.parse import parse_qs
 from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html
 
 from app.data import list_runs, resolve_run, usable
-from app.views import flows, tokens, training
+from app.views import flows, outcome, tokens, training
 from entropylens.errors import UserError
 
 TABLE_COLUMNS = [("run_id", "run"), ("model", "model"), ("architecture", "architecture"), ("layers", "layers"),
                  ("prompts", "prompts"), ("tokens", "tokens"), ("lens", "lens"), ("date", "date (UTC)"),
                  ("status", "status"), ("kind", "kind"), ("parent_run", "parent")]
 N_DEFAULT_SELECTED = 2
-GRAPHS = ["flow", "dh", "compare", "heatmap", "diff", "train"]
+GRAPHS = ["flow", "dh", "compare", "heatmap", "outdiff", "auroc", "diff", "train"]
 
 
 def table_records(cache: Path) -> list[dict]:
@@ -36,7 +36,8 @@ def page(cache: Path) -> html.Div:
     flow, dh, compare = flows.layout()
     diff, train = training.layout()
     tabs = [("Entropy flow", flow), ("Entropy change ΔH", dh), ("Compare families", compare),
-            ("Token × layer", tokens.layout()), ("Before / after", diff), ("Training", train)]
+            ("Token × layer", [html.P(id="tokens-outcome", className="hint"), *tokens.layout()]),
+            ("Right vs wrong", outcome.layout()), ("Before / after", diff), ("Training", train)]
     return html.Div(className="page", children=[
         dcc.Location(id="url", refresh=False),
         html.Header(className="header", children=[
@@ -59,6 +60,8 @@ def page(cache: Path) -> html.Div:
         html.Div(className="focus", children=[
             html.Label("focus run (entropy flow, ΔH, token × layer):"),
             dcc.Dropdown(id="focus-run", clearable=False, style={"width": "24em"}),
+            html.Label("responses (flow, ΔH, compare):"),
+            dcc.RadioItems(id="outcome", options=flows.OUTCOME_OPTIONS, value="all", inline=True, className="radio"),
         ]),
         dcc.Tabs(id="tabs", value="Entropy flow", children=[
             dcc.Tab(label=label, value=label, children=content) for label, content in tabs]),
@@ -107,4 +110,5 @@ def register(app: Dash, cache: Path) -> None:
 
     flows.register(app, cache)
     tokens.register(app, cache)
+    outcome.register(app, cache)
     training.register(app, cache)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from entropylens.bupo import BupoConfig, train
-from entropylens.bupo.rewards import exact_match_reward
+from entropylens.rewards import exact_match_reward
 from entropylens.prompts import Prompt, load_prompts, render
 
 

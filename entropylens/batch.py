@@ -72,6 +72,29 @@ def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig,
     return responses
 
 
+def sample_seed(seed: int, source_idx: int) -> int:
+    """Seed of one prompt's samples: a function of the run seed and the prompt only, never of the batch."""
+    return (seed * 1_000_003 + 7_919 * (source_idx + 1)) % (1 << 62)
+
+
+class GroupSampler:
+    """`--samples N`: a prompt's N responses come from one seeded generate over N copies of it (equal lengths,
+    no padding), so they depend on neither the batch size nor the batch that asks. The last prompt's group is
+    kept for a batch that starts mid-group."""
+
+    def __init__(self, loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig, n: int,
+                 remote: RemoteModel | None = None):
+        self.loaded, self.prompt_ids, self.cfg, self.n, self.remote = loaded, prompt_ids, cfg, n, remote
+        self._last: tuple[int, list[list[int]]] | None = None
+
+    def __call__(self, source_idx: int, sample: int) -> list[int]:
+        if self._last is None or self._last[0] != source_idx:
+            group = generate(self.loaded, [self.prompt_ids[source_idx]] * self.n, self.cfg,
+                             seed=sample_seed(self.cfg.seed, source_idx), remote=self.remote)
+            self._last = (source_idx, group)
+        return self._last[1][sample]
+
+
 def roles_for(n_prompt: int, n_total: int) -> list[str]:
     """Role of the token each position predicts: prompt, response, or `next` (beyond the sequence)."""
     return ["prompt" if t + 1 < n_prompt else "response" if t + 1 < n_total else "next" for t in range(n_total)]

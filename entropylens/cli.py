@@ -12,11 +12,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from entropylens.cli_print import out, print_bupo, print_layer_table, print_outcome_table, print_run
 from entropylens.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.splitlines()[0])
-out = Console()
 err = Console(stderr=True)
+
+
+def _reward_help() -> str:
+    from entropylens.rewards import RULES_HELP
+
+    return RULES_HELP
 
 
 def _parse_limit(limit: str) -> int | None:
@@ -64,6 +70,12 @@ def trace(
                                "present, else eager) | native | compiled | eager"),
     long_prompts: str = typer.Option("reject", help="prompts beyond the model's context: reject | truncate (keeps "
                                      "the last tokens that fit; the manifest records how many were dropped)"),
+    samples: int = typer.Option(1, help="responses per prompt, each its own sequence (seeded per prompt, "
+                                "independent of --batch-size)"),
+    reward: str = typer.Option("exact", help="rule scoring each response against the prompt's reference: "
+                               + _reward_help()),
+    bad_references: str = typer.Option("error", help="a reference present but empty or malformed: error (one line "
+                                       "naming the row) | null (score that row null)"),
     resume: str = typer.Option(None, help="finish the interrupted run RUN with its stored settings"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
@@ -83,7 +95,7 @@ def trace(
             batch_size=batch_size, name=name, seed=seed,
             split=split, cache=cache, enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
             compile=compile, kernel=kernel,
-            long_prompts=long_prompts,
+            long_prompts=long_prompts, samples=samples, reward=reward, bad_references=bad_references,
         )
     try:
         run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet, shard=shard)
@@ -95,32 +107,7 @@ def trace(
     finally:
         close(shard)
     if shard is None or shard.is_main:
-        _print_run(run_dir)
-
-
-def _print_run(run_dir: Path) -> None:
-    from entropylens.store import layer_table, read_manifest
-
-    m = read_manifest(run_dir)
-    t = m.get("timings", {})
-    out.print(f"[bold green]complete[/] {run_dir}  ·  {m['n_tokens']} tokens ({m['n_response_tokens']} response)"
-              f"  ·  {t.get('total_s', 0):.1f} s (load {t.get('load_s', 0):.1f}, generate {t.get('generate_s', 0):.1f},"
-              f" trace {t.get('trace_s', 0):.1f}, decode {t.get('decode_s', 0):.1f})")
-    if t.get("decode_s"):  # every traced token's sites and lenses, through the kernel the manifest names
-        out.print(f"decode rate {m['n_tokens'] / t['decode_s']:.1f} tok/s ({m.get('decode_kernel') or '?'} kernel; "
-                  f"{len(m['sites'])} sites x {m['model'].get('n_layers', '?')} layers x {len(m['lens'])} lens)")
-    role = "response" if m.get("n_response_tokens") else "prompt"
-    for lens in m["lens"]:
-        _print_layer_table(layer_table(run_dir, lens=lens, role=role), f"{m['run_id']} · lens {lens} · {role} tokens")
-
-
-def _print_layer_table(df, title: str) -> None:
-    table = Table(title=title, title_justify="left")
-    for col in df.columns:
-        table.add_column(col, justify="right")
-    for row in df.itertuples(index=False):
-        table.add_row(*[str(v) if isinstance(v, (int,)) else f"{v:.3f}" for v in row])
-    out.print(table)
+        print_run(run_dir)
 
 
 @app.command()
@@ -146,6 +133,8 @@ def show(
     run: str = typer.Argument(..., help="run id (folder name under cache/runs)"),
     lens: str = typer.Option(None, help="bupo | logit (default: every lens stored)"),
     role: str = typer.Option("response", help="response | prompt | all"),
+    by: str = typer.Option(None, help="outcome: correct vs wrong responses, their difference and a 95 % interval "
+                           "(bootstrap over responses; response tokens)"),
     cache: str = typer.Option("cache"),
 ) -> None:
     """Per-layer mean entropy of the layer / attention / FFN policies and ΔH."""
@@ -153,8 +142,13 @@ def show(
 
     run_dir = resolve_run(cache, run)
     m = read_manifest(run_dir)
+    if by not in (None, "outcome"):
+        raise UserError(f"unknown --by {by!r}; the only split is 'outcome'")
     for ln in [lens] if lens else m.get("lens", ["bupo"]):
-        _print_layer_table(layer_table(run_dir, lens=ln, role=role), f"{run} · lens {ln} · {role} tokens")
+        if by == "outcome":
+            print_outcome_table(run_dir, ln)
+        else:
+            print_layer_table(layer_table(run_dir, lens=ln, role=role), f"{run} · lens {ln} · {role} tokens")
 
 
 @app.command()
@@ -172,7 +166,7 @@ def compare(
     b = layer_table(resolve_run(cache, run_b), lens=lens, role=role).set_index("layer")
     if len(a) != len(b):
         raise UserError(f"runs have different depths ({len(a) - 1} vs {len(b) - 1} layers); compare needs one model")
-    _print_layer_table((b - a).reset_index(), f"{run_b} − {run_a} · lens {lens} · {role} tokens")
+    print_layer_table((b - a).reset_index(), f"{run_b} − {run_a} · lens {lens} · {role} tokens")
 
 
 @app.command("app")
@@ -238,12 +232,6 @@ def _bupo_defaults():
 
 
 _B = _bupo_defaults()  # the command's defaults are the config's: written once, in entropylens/bupo/pipeline.py
-
-
-def _reward_help() -> str:
-    from entropylens.bupo.rewards import RULES_HELP
-
-    return RULES_HELP
 
 
 @app.command()
@@ -322,28 +310,7 @@ def bupo(
         sys.exit(130)
     if rank() > 0:  # under torchrun / accelerate launch rank 0 speaks for the job
         return
-    _print_bupo(r)
-
-
-def _print_bupo(r) -> None:
-    from entropylens.intervals import fmt_ci
-
-    out.print(f"[bold green]complete[/] {r.run_dir}  ·  checkpoint {r.checkpoint}")
-    out.print(f"layer k = {r.layer}: {r.layer_evidence}" + (f" (trace {r.layer_run})" if r.layer_run else ""))
-    ev = r.eval_base
-    table = Table(title=f"held-out evaluation · {ev['n_prompts']} prompts × {ev['n_samples']} samples · "
-                  "mean [95 % interval, bootstrap over prompts]", title_justify="left")
-    ks = sorted({int(m.split("@")[1]) for m in r.gains})
-    metrics = [f"avg@{ks[0]}"] + [f"pass@{k}" for k in ks if k > 1]  # avg@K is the same for every K
-    for col in ["model", *metrics]:
-        table.add_column(col, justify="right", no_wrap=True)
-    for label, res in (("base", r.eval_base), ("trained", r.eval_trained)):
-        table.add_row(label, *[fmt_ci(res[m], *res[f"{m}_ci"]) for m in metrics])
-    table.add_row("gain", *[fmt_ci(r.gains[m]["gain"], r.gains[m]["lo"], r.gains[m]["hi"]) for m in metrics])
-    Console(width=max(out.width, 100)).print(table)
-    out.print("gain: trained − base, paired bootstrap over the same prompts; an interval that excludes 0 is a "
-              "significant change at the 5 % level")
-    _print_layer_table(r.before_after, f"{r.trained_run} vs {r.base_run} · lens bupo · response tokens")
+    print_bupo(r)
 
 
 @app.command()

@@ -7,6 +7,7 @@ mean ± 1.96·sd/√n for large n and stays inside the range of the data for sma
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,3 +53,32 @@ def paired_gain_ci(base: Sequence[float], trained: Sequence[float], level: float
 def fmt_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
     """`0.231 [0.180, 0.284]`: a number as users read it."""
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def bootstrap_counts(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) multiplicities of n units in each resample: resampling as weights, so a statistic over many
+    columns (layers, sites) is one matrix product per resample set."""
+    if n <= 0:
+        raise ValueError("need at least one unit to resample")
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def pooled_mean_diff_ci(sums_a: np.ndarray, counts_a: np.ndarray, sums_b: np.ndarray, counts_b: np.ndarray,
+                        level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, np.ndarray]:
+    """Pooled means Σsum/Σcount of two groups of units (e.g. responses: per-unit token sums and counts, one column
+    per layer), their difference a − b, and its percentile interval resampling units within each group: the
+    tokens of one response move together, so the interval reflects how many responses there are, not tokens."""
+    a = (1.0 - level) / 2
+    mean = {}
+    boots = {}
+    for key, s, c, sd in (("a", sums_a, counts_a, seed), ("b", sums_b, counts_b, seed + 1)):
+        s, c = np.asarray(s, dtype=np.float64), np.asarray(c, dtype=np.float64)  # (n, K)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean[key] = s.sum(0) / c.sum(0)
+            m = bootstrap_counts(len(s), n_boot, sd)  # (B, n)
+            boots[key] = (m @ s) / (m @ c)  # (B, K)
+    d = boots["a"] - boots["b"]  # NaN where a resample holds no tokens of a column (e.g. a site not traced)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN bounds
+        lo, hi = np.nanquantile(d, [a, 1.0 - a], axis=0)
+    return {"mean_a": mean["a"], "mean_b": mean["b"], "diff": mean["a"] - mean["b"], "lo": lo, "hi": hi}

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from entropylens.errors import UserError
+from entropylens.report_outcome import outcome_section
 from entropylens.stages import READINGS, StageConfig, describe, run_stages, stages_table, to_json, write_stages
 from entropylens.store import load_entropy, load_summary, read_manifest, resolve_run
 
@@ -239,6 +240,7 @@ def build_report(cfg: ReportConfig) -> Path:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
     figs: list[tuple[str, str, go.Figure]] = []
+    outcome_md: list[str] = []
     md: list[str] = [f"# {cfg.title}", ""]
     if cfg.command:
         md += ["Regenerate with:", "", "```", cfg.command, "```", ""]
@@ -259,6 +261,8 @@ def build_report(cfg: ReportConfig) -> Path:
                       fig_token_distributions(run, lens, cfg.role)),
                      (f"boundary-{tag}", f"Boundary-layer choice and its evidence ({run.run_id}, {lens})",
                       fig_boundary(run, lens))]
+        omd, ofigs = outcome_section(run.run_id, run.path, run.manifest["lens"], out / "tables")
+        md, figs, outcome_md = md + omd, figs + ofigs, outcome_md + omd
     pd.concat([stages_table(r.stages) for r in runs]).to_csv(out / "tables" / "stages.csv", index=False)
     for lens in sorted({lens for r in runs for lens in r.manifest["lens"]}):
         with_lens = [r for r in runs if lens in r.manifest["lens"]]
@@ -276,7 +280,7 @@ def build_report(cfg: ReportConfig) -> Path:
         md += [f"### {caption}", "", f"![{caption}]({link})" if link else f"(`{name}` in index.html)", ""]
     (out / "README.md").write_text("\n".join(md), encoding="utf-8")
     index = out / "index.html"
-    index.write_text(_html(cfg, runs, figs, notes), encoding="utf-8")
+    index.write_text(_html(cfg, runs, figs, notes, outcome_md), encoding="utf-8")
     return index
 
 
@@ -345,13 +349,15 @@ def _notes_html(text: str) -> str:
     return "\n".join(out)
 
 
-def _html(cfg: ReportConfig, runs: list[Run], figs: list, notes: str) -> str:
+def _html(cfg: ReportConfig, runs: list[Run], figs: list, notes: str, outcome_md: list[str]) -> str:
     from plotly.offline import get_plotlyjs
 
     body = [f"<h1>{html.escape(cfg.title)}</h1>"]
     if cfg.command:
         body.append(f"<p>Regenerate with:</p><pre>{html.escape(cfg.command)}</pre>")
     body += [_run_html(run) for run in runs]
+    if outcome_md:
+        body.append(f"<pre>{html.escape(chr(10).join(outcome_md))}</pre>")
     if notes:
         body.append(_notes_html(notes))
     for name, caption, fig in figs:

@@ -49,11 +49,13 @@ ENTROPY_SCHEMA = pa.schema(
     + [(f"p1_{s}", _F32) for s in SITES]
 )
 SUMMARY_SCHEMA = pa.schema(
-    [("lens", pa.string()), ("layer", pa.int16()), ("quantity", pa.string()), ("role", pa.string())]
+    [("lens", pa.string()), ("layer", pa.int16()), ("quantity", pa.string()), ("role", pa.string()),
+     ("outcome", pa.string())]
     + [(c, pa.float64()) for c in ("mean", "std", "q25", "median", "q75")]
     + [("count", pa.int64()), ("mean_norm", pa.float64()), ("rel_depth", pa.float64())]
 )
 RESPONSE_KEYS = ("prompt_idx", "prompt", "response", "answer", "n_prompt_tokens", "n_response_tokens")
+OUTCOME_KEYS = ("source_idx", "sample", "reward", "correct")  # optional in write_batch: defaults as unscored
 TOKENS_SORT = ["prompt_idx", "position"]
 ENTROPY_SORT = ["lens", "prompt_idx", "position", "layer"]
 _PART_RE = re.compile(r"^(tokens|entropy|responses)-(\d{5,})\.(parquet|jsonl)$")
@@ -194,9 +196,10 @@ def _check_values(table: pa.Table, column: str, allowed: tuple[str, ...], what: 
 
 
 def _response_line(r: dict) -> str:
-    if set(r) != set(RESPONSE_KEYS):
-        raise ValueError(f"responses: keys must be {list(RESPONSE_KEYS)}, got {sorted(r)}")
-    return json.dumps({k: r[k] for k in RESPONSE_KEYS}, ensure_ascii=False)
+    if not set(RESPONSE_KEYS) <= set(r) <= {*RESPONSE_KEYS, *OUTCOME_KEYS}:
+        raise ValueError(f"responses: keys must be {list(RESPONSE_KEYS)} (+ {list(OUTCOME_KEYS)}), got {sorted(r)}")
+    r = {"source_idx": r["prompt_idx"], "sample": 0, "reward": None, "correct": None} | r
+    return json.dumps({k: r[k] for k in (*RESPONSE_KEYS, *OUTCOME_KEYS)}, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------- writer
@@ -339,8 +342,12 @@ class RunWriter:
         _write_parquet(d / "entropy.parquet", self._entropy_tables(batches), ENTROPY_SCHEMA)
         text = "".join(self._part("responses", b).read_text(encoding="utf-8") for b in batches)
         _write_text(d / "responses.jsonl", text)
-        ent = pq.read_table(d / "entropy.parquet", columns=["lens", "layer", "role", *QUANTITIES])
-        summary = compute_summary(ent.to_pandas(), vocab_size, n_layers)
+        from entropylens.outcomes import OUTCOMES_SCHEMA, outcomes_table, summary_by_outcome
+
+        outcomes = outcomes_table([json.loads(line) for line in text.splitlines()])
+        _write_parquet(d / "outcomes.parquet", [outcomes], OUTCOMES_SCHEMA)
+        ent = pq.read_table(d / "entropy.parquet", columns=["lens", "prompt_idx", "layer", "role", *QUANTITIES])
+        summary = summary_by_outcome(ent.to_pandas(), outcomes.to_pandas(), vocab_size, n_layers)
         _write_parquet(d / "summary.parquet", [_to_table(summary, SUMMARY_SCHEMA, "summary", [])],
                        SUMMARY_SCHEMA)
         shutil.rmtree(self.parts)
@@ -365,16 +372,19 @@ class RunWriter:
 
 # ---------------------------------------------------------------- summary
 
-def compute_summary(entropy: pd.DataFrame, vocab_size: int, n_layers: int) -> pd.DataFrame:
+def compute_summary(entropy: pd.DataFrame, vocab_size: int, n_layers: int, outcome: str = "all",
+                    grid: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (lens, layer, quantity, role): stats over non-NaN values (std with ddof=1, linear quantiles).
 
-    Every (lens, layer) present gets all 8 quantities x 3 roles; count 0 means NaN stats.
+    Every (lens, layer) present (or in `grid`) gets all 8 quantities x 3 roles; count 0 means NaN stats.
+    `outcome` labels the rows (entropy.outcomes.summary_by_outcome passes the correct / wrong subsets).
     """
     if vocab_size < 2 or n_layers < 1:
         raise ValueError(f"need vocab_size >= 2 and n_layers >= 1, got {vocab_size}, {n_layers}")
     df = entropy[["lens", "layer", "role", *QUANTITIES]].astype({q: "float64" for q in QUANTITIES})
     keys = ["lens", "layer"]
-    grid = df.groupby(keys).size().index
+    grid = (df.groupby(keys).size().index if grid is None
+            else pd.MultiIndex.from_frame(grid[keys].astype({"layer": df["layer"].dtype}).sort_values(keys)))
     frames = []
     for role in SUMMARY_ROLES:
         g = (df if role == "all" else df[df["role"] == role]).groupby(keys)[list(QUANTITIES)]
@@ -386,6 +396,7 @@ def compute_summary(entropy: pd.DataFrame, vocab_size: int, n_layers: int) -> pd
     out["count"] = out["count"].fillna(0).astype("int64")
     out["mean_norm"] = out["mean"] / math.log(vocab_size)
     out["rel_depth"] = out["layer"].astype("float64") / n_layers
+    out["outcome"] = outcome
     order = {**{q: i for i, q in enumerate(QUANTITIES)}, **{r: i for i, r in enumerate(SUMMARY_ROLES)}}
     out = out.sort_values(["lens", "layer", "quantity", "role"], kind="stable",
                           key=lambda s: s.map(order) if s.name in ("quantity", "role") else s)
@@ -464,9 +475,23 @@ def _read_parquet(run_dir: Path | str, name: str, columns: list[str] | None,
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def load_summary(run_dir: Path | str) -> pd.DataFrame:
-    """summary.parquet of a complete run: what the dashboard loads first."""
-    return _read_parquet(run_dir, "summary.parquet", None, None)
+def load_summary(run_dir: Path | str, outcome: str | None = "all") -> pd.DataFrame:
+    """summary.parquet of a complete run (what the dashboard loads first): the rows of one outcome (all /
+    correct / wrong), or every row with `outcome=None`. Runs from before outcomes read as outcome `all`."""
+    df = _read_parquet(run_dir, "summary.parquet", None, None)
+    if "outcome" not in df.columns:
+        df.insert(SUMMARY_SCHEMA.names.index("outcome"), "outcome", "all")
+    return df if outcome is None else df[df["outcome"] == outcome].reset_index(drop=True)
+
+
+def load_outcomes(run_dir: Path | str) -> pd.DataFrame:
+    """outcomes.parquet (one row per sequence: reward, correct; null where unscored); empty for older runs."""
+    from entropylens.outcomes import OUTCOMES_SCHEMA
+
+    if not (Path(run_dir) / "outcomes.parquet").is_file():
+        _complete_file(run_dir, "manifest.json")  # still refuse an incomplete run
+        return OUTCOMES_SCHEMA.empty_table().to_pandas()
+    return _read_parquet(run_dir, "outcomes.parquet", None, None)
 
 
 def load_tokens(run_dir: Path | str, columns: list[str] | None = None,
@@ -495,6 +520,8 @@ def summary_layer_table(summary: pd.DataFrame, lens: str = "bupo", role: str = "
     if lens not in set(summary["lens"]):
         raise UserError(f"run has no lens {lens!r}; it has {sorted(set(summary['lens']))}")
     cols = ["H_layer", "H_attn", "H_ffn", "dH_attn", "dH_ffn", "dH_layer"]
+    if "outcome" in summary.columns:
+        summary = summary[summary["outcome"] == "all"]
     sel = summary[(summary["lens"] == lens) & (summary["role"] == role) & summary["quantity"].isin(cols)]
     table = sel.pivot(index="layer", columns="quantity", values="mean")[cols]
     return table.rename_axis(columns=None).reset_index()

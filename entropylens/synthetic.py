@@ -46,6 +46,8 @@ class SyntheticRun:
     seed: int = 0  # RNG seed for the noise
     chunk_prompts: int = 64  # prompts per Parquet row group (bounds memory for huge runs)
     extra_manifest: dict = field(default_factory=dict)  # merged into the manifest (tests)
+    correct_frac: float | None = None  # scored run: this share of responses correct (seeded); None = unscored
+    wrong_shift: float = 0.08  # scored run: FFN entropy of wrong responses raised by this share of log V (upper half)
 
 
 def _token_text(ids: np.ndarray) -> list[str]:
@@ -70,7 +72,7 @@ def _profiles(spec: SyntheticRun) -> dict[str, np.ndarray]:
 
 
 def _entropy_chunk(spec: SyntheticRun, lens: str, prompt_ids: np.ndarray, token_ids: np.ndarray,
-                   roles: np.ndarray, rng: np.random.Generator) -> pa.Table:
+                   roles: np.ndarray, rng: np.random.Generator, wrong: np.ndarray | None = None) -> pa.Table:
     """Rows for a block of prompts: (P, T) tokens x (L+1) layers, prompt-major then position, layer."""
     P, T = token_ids.shape
     L1, logv = spec.n_layers + 1, math.log(spec.vocab_size)
@@ -84,6 +86,9 @@ def _entropy_chunk(spec: SyntheticRun, lens: str, prompt_ids: np.ndarray, token_
     h_attn = clip(prof["attn"][None, None, :] + noise(0.06))
     h_ffn_in = clip(prof["ffn_in"][None, None, :] + noise(0.04))
     h_ffn = clip(h_ffn_in + prof["dffn"][None, None, :] + noise(0.03))
+    if wrong is not None:  # wrong responses explore more in the upper FFNs: something for AUROC to find
+        upper = (np.arange(L1) >= L1 // 2)[None, None, :]
+        h_ffn = clip(h_ffn + spec.wrong_shift * logv * (wrong[:, None, None] & upper))
     d_layer = h_layer - np.concatenate([h_layer[:, :, :1], h_layer[:, :, :-1]], axis=2)
     sites = {"attn_in": h_attn_in, "attn": h_attn, "ffn_in": h_ffn_in, "ffn": h_ffn, "layer": h_layer}
     nan = np.float32("nan")
@@ -132,6 +137,7 @@ def summarize(entropy_path: Path, n_layers: int, vocab_size: int) -> pa.Table:
     df = duckdb.sql(sql).df()
     df["mean_norm"] = df["mean"] / math.log(vocab_size)
     df["rel_depth"] = df["layer"] / n_layers
+    df["outcome"] = "all"
     return pa.Table.from_pandas(df[SUMMARY_SCHEMA.names], preserve_index=False).cast(SUMMARY_SCHEMA)
 
 
@@ -152,6 +158,8 @@ def write_run(cache: Path, spec: SyntheticRun) -> Path:
     ent_tmp, tok_tmp = run_dir / "entropy.parquet.tmp", run_dir / "tokens.parquet.tmp"
     ent_writer = tok_writer = None
     logv = math.log(spec.vocab_size)
+    correct = (None if spec.correct_frac is None else  # its own generator: unscored runs stay as they were
+               np.random.default_rng([spec.seed, 7]).random(spec.n_prompts) < spec.correct_frac)
     for start in range(0, spec.n_prompts, spec.chunk_prompts):
         prompts = np.arange(start, min(start + spec.chunk_prompts, spec.n_prompts), dtype=np.int32)
         ids = rng.integers(0, spec.vocab_size, size=(len(prompts), T)).astype(np.int32)
@@ -170,20 +178,40 @@ def write_run(cache: Path, spec: SyntheticRun) -> Path:
         tok_writer = tok_writer or pq.ParquetWriter(tok_tmp, tok.schema)
         tok_writer.write_table(tok)
         for lens in spec.lenses:
-            ent = _entropy_chunk(spec, lens, prompts, ids, roles, rng)
+            wrong = None if correct is None else ~correct[prompts]
+            ent = _entropy_chunk(spec, lens, prompts, ids, roles, rng, wrong)
             ent_writer = ent_writer or pq.ParquetWriter(ent_tmp, ent.schema)
             ent_writer.write_table(ent, row_group_size=len(ent))
     tok_writer.close()
     ent_writer.close()
     os.replace(tok_tmp, run_dir / "tokens.parquet")
     os.replace(ent_tmp, run_dir / "entropy.parquet")
-    pq.write_table(summarize(run_dir / "entropy.parquet", spec.n_layers, spec.vocab_size), run_dir / "summary.parquet")
     responses = [{"prompt_idx": int(p), "prompt": f"synthetic prompt {p}", "response": "synthetic response",
-                  "answer": None, "n_prompt_tokens": spec.prompt_len, "n_response_tokens": spec.response_len}
-                 for p in range(spec.n_prompts)]
+                  "answer": None, "n_prompt_tokens": spec.prompt_len, "n_response_tokens": spec.response_len,
+                  "source_idx": int(p), "sample": 0, "reward": None, "correct": None} for p in range(spec.n_prompts)]
+    if correct is None:
+        summary = summarize(run_dir / "entropy.parquet", spec.n_layers, spec.vocab_size)
+    else:
+        summary = _scored(run_dir, spec, responses, correct)
+    pq.write_table(summary, run_dir / "summary.parquet")
     _atomic_write_text(run_dir / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in responses))
     _atomic_write_text(run_dir / "manifest.json", json.dumps(_manifest(spec), indent=2))
     return run_dir
+
+
+def _scored(run_dir: Path, spec: SyntheticRun, responses: list[dict], correct: np.ndarray) -> pa.Table:
+    """Score the responses (reference 42; correct ones answer it), write outcomes.parquet, return the summary by
+    outcome (pandas: scored synthetic runs are small)."""
+    from entropylens.outcomes import OUTCOMES_SCHEMA, outcomes_table, summary_by_outcome
+
+    for r, ok in zip(responses, correct):
+        r.update(answer="42", response="so \\boxed{42}" if ok else "so \\boxed{41}", reward=float(ok),
+                 correct=bool(ok))
+    outcomes = outcomes_table(responses)
+    pq.write_table(outcomes.cast(OUTCOMES_SCHEMA), run_dir / "outcomes.parquet")
+    ent = pq.read_table(run_dir / "entropy.parquet", columns=["lens", "prompt_idx", "layer", "role", *QUANTITIES])
+    df = summary_by_outcome(ent.to_pandas(), outcomes.to_pandas(), spec.vocab_size, spec.n_layers)
+    return pa.Table.from_pandas(df[SUMMARY_SCHEMA.names], preserve_index=False).cast(SUMMARY_SCHEMA)
 
 
 def _manifest(spec: SyntheticRun) -> dict:

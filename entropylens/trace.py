@@ -17,7 +17,7 @@ import torch
 
 from entropylens import __version__
 from entropylens.backends import BACKENDS, make_backend
-from entropylens.batch import ADDITIVE_TOL, Sequences, generate, trace_batch
+from entropylens.batch import ADDITIVE_TOL, GroupSampler, Sequences, generate, trace_batch
 from entropylens.decode import DEFAULT_BLOCK_BYTES, KERNELS, resolve_kernel
 from entropylens.dist import Shard
 from entropylens.errors import UserError
@@ -25,6 +25,7 @@ from entropylens.lens import make_lens
 from entropylens.models import LoadedModel, load_model
 from entropylens.prompts import Prompt, load_prompts, prompts_sha256, render
 from entropylens.remote import RemoteModel, connect
+from entropylens.rewards import REWARDS, score, trace_references
 from entropylens.sites import SITES, find_layout
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
 
@@ -62,6 +63,9 @@ class TraceConfig:
     parent_run: str | None = None  # link to a parent run (BuPO before/after)
     split: str = "all"  # all | train | test (built-in sets)
     long_prompts: str = "reject"  # reject | truncate: prompts beyond the context (truncate keeps the last tokens)
+    samples: int = 1  # responses per prompt, each its own sequence; N > 1 samples per prompt (batch-independent)
+    reward: str = "exact"  # rule scoring responses against the reference (entropylens.rewards.RULES)
+    bad_references: str = "error"  # error | null: a present but empty/malformed reference stops the run or scores null
     extra: dict = field(default_factory=dict)  # free-form provenance recorded in the manifest
 
     def lenses(self) -> list[str]:
@@ -82,7 +86,11 @@ class TraceConfig:
         for name in ("max_new_tokens",):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "limit"):
+        if self.reward not in REWARDS:
+            raise UserError(f"unknown --reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
+        if self.bad_references not in ("error", "null"):
+            raise UserError(f"unknown --bad-references {self.bad_references!r}; choose error or null")
+        for name in ("batch_size", "limit", "samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -94,6 +102,8 @@ class TraceConfig:
             raise UserError("--remote runs through nnsight on NDIF's machines: drop --backend/--device-map")
         if self.positions == "response" and not self.generate:
             raise UserError("--positions response needs --generate (there is no response to decode)")
+        if self.samples > 1 and (not self.generate or self.temperature == 0):
+            raise UserError("--samples > 1 needs sampling: --generate with --temperature > 0")
 
 
 # ---------------------------------------------------------------- prompts and memory
@@ -239,6 +249,7 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     cfg.validate()
     t_start = time.perf_counter()
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, seed=cfg.seed, split=cfg.split)
+    refs = trace_references(prompts, cfg.reward, cfg.bad_references)
     try:  # fail before the slow model load, not after it
         Path(cfg.cache, "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -276,6 +287,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         "generation": {"generate": cfg.generate, "max_new_tokens": cfg.max_new_tokens,
                        "temperature": cfg.temperature, "top_p": cfg.top_p},
         "seed": cfg.seed, "batch_size": cfg.batch_size, "parent_run": cfg.parent_run,
+        "samples": cfg.samples, "n_sequences": len(prompts) * cfg.samples,
+        "outcome": {"reward": cfg.reward, "bad_references": cfg.bad_references,
+                    "scored_null": [i for i, (p, r) in enumerate(zip(prompts, refs)) if r is None]},
         "shards": {"world_size": shard.world_size if shard else 1, "batch_to_rank": "batch mod world_size"},
         "long_prompts": {"mode": cfg.long_prompts, "truncated": [
             {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
@@ -294,7 +308,10 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         if not main:
             writer = RunWriter.join(cfg.cache, run_id)
     done = writer.done_batches()
-    batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
+    n = cfg.samples  # sequence q is sample q % n of prompt q // n (with n = 1: the prompt itself)
+    batches = [list(range(i, min(i + cfg.batch_size, len(prompts) * n)))
+               for i in range(0, len(prompts) * n, cfg.batch_size)]
+    sampler = GroupSampler(loaded, prompt_ids, cfg, n, remote) if n > 1 else None
     worst_err, n_tok = 0.0, 0
     with _guarded(run_id, writer.run_dir), writer, Progress(
             TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -304,17 +321,24 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
             if b in done or (shard is not None and not shard.owns(b)):
                 continue
             t0 = time.perf_counter()
-            batch_ids = [prompt_ids[i] for i in idx]
-            responses = generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b, remote=remote)
+            src = [q // n for q in idx]
+            batch_ids = [prompt_ids[i] for i in src]
+            if sampler is None:  # one response per prompt: one batched generate, seeded per batch
+                responses = generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b, remote=remote)
+            else:
+                responses = [sampler(q // n, q % n) for q in idx]
             timings["generate_s"] += time.perf_counter() - t0
-            seqs = Sequences(idx, [texts[i] for i in idx], batch_ids, responses, [prompts[i].answer for i in idx])
+            seqs = Sequences(idx, [texts[i] for i in src], batch_ids, responses, [prompts[i].answer for i in src])
             tokens, entropy, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings, remote)
             worst_err, n_tok = max(worst_err, err), n_tok + len(tokens)
-            writer.write_batch(b, tokens, entropy, [
-                {"prompt_idx": i, "prompt": t, "response": loaded.tokenizer.decode(r, skip_special_tokens=True),
-                 "answer": a, "n_prompt_tokens": len(p), "n_response_tokens": len(r)}
-                for i, t, p, r, a in zip(idx, seqs.texts, batch_ids, responses, seqs.answers)
-            ])
+            records = []
+            for q, i, p, r in zip(idx, src, batch_ids, responses):
+                text = loaded.tokenizer.decode(r, skip_special_tokens=True)
+                reward, correct = score(text, refs[i], cfg.reward) if cfg.generate else (None, None)
+                records.append({"prompt_idx": q, "prompt": texts[i], "response": text, "answer": prompts[i].answer,
+                                "n_prompt_tokens": len(p), "n_response_tokens": len(r), "source_idx": i,
+                                "sample": q % n, "reward": reward, "correct": correct})
+            writer.write_batch(b, tokens, entropy, records)
             rate = n_tok / max(timings["trace_s"] + timings["decode_s"], 1e-9)
             completed = len(writer.done_batches()) if shard is not None else None  # every rank's batches
             bar.update(task, advance=None if completed else 1, completed=completed,

@@ -93,3 +93,25 @@ def test_cli_report(cache, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_scored_run_gets_auroc_heatmap_best_five_and_its_n(tmp_path):
+    from entropylens.outcomes import auroc_table
+
+    root = tmp_path / "cache"
+    run = write_run(root, SyntheticRun("scored", n_layers=4, n_prompts=30, correct_frac=0.5, seed=3))
+    out = tmp_path / "rep"
+    index = build_report(ReportConfig(runs=["scored"], cache=str(root), out=str(out), images=(), write_stages=False))
+    md, page = (out / "README.md").read_text(), index.read_text()
+    outcomes = pd.read_parquet(run / "outcomes.parquet")
+    n_c, n_w = int(outcomes.correct.sum()), int((~outcomes.correct).sum())
+    assert f"Rests on {n_c} correct and {n_w} wrong responses from 30 prompts" in md
+    assert "auroc-scored-bupo" in page and "outcome-scored-bupo" in page
+    table = pd.read_csv(out / "tables" / "auroc-scored.csv")
+    best = table.assign(gap=(table.auroc - 0.5).abs()).nlargest(5, "gap")
+    rows = [line for line in md.splitlines() if line.startswith("| bupo |")]
+    assert len(rows) == 5 and rows[0].startswith(f"| bupo | {best.iloc[0].site} | {best.iloc[0].layer} |")
+    assert best.iloc[0].site == "ffn" and best.iloc[0].layer >= 2  # the construction: wrong FFNs explore more
+    pd.testing.assert_frame_equal(table, auroc_table(run), check_dtype=False)
+    # baselines: response length is the same for every synthetic response, so its AUROC is exactly 0.5
+    assert "response length 0.500 [0.500, 0.500]" in md and "output entropy H_final" in md

@@ -98,8 +98,8 @@ def assert_same(got: pd.DataFrame, want: pd.DataFrame):
 
 def test_roundtrip_with_pandas_duckdb_polars(tmp_path):
     run_dir = write_run(tmp_path).finalize(V, L)
-    assert sorted(os.listdir(run_dir)) == ["entropy.parquet", "manifest.json", "responses.jsonl",
-                                           "summary.parquet", "tokens.parquet"]
+    assert sorted(os.listdir(run_dir)) == ["entropy.parquet", "manifest.json", "outcomes.parquet",
+                                           "responses.jsonl", "summary.parquet", "tokens.parquet"]
     tokens, entropy = expected_frames()
     schema = pq.read_schema(run_dir / "entropy.parquet")
     assert str(schema.field("layer").type) == "int16" and str(schema.field("H_attn").type) == "float"
@@ -118,7 +118,9 @@ def test_roundtrip_with_pandas_duckdb_polars(tmp_path):
     assert n_nan == len(layer0) > 0
     np.testing.assert_allclose(mean, layer0.H_layer.astype(np.float32).mean(), rtol=1e-6)
     lines = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["prompt_idx"] for r in lines] == list(range(6)) and list(lines[0]) == list(store.RESPONSE_KEYS)
+    assert [r["prompt_idx"] for r in lines] == list(range(6))
+    assert list(lines[0]) == [*store.RESPONSE_KEYS, *store.OUTCOME_KEYS]
+    assert lines[0]["reward"] is None and lines[0]["correct"] is None and lines[0]["sample"] == 0
     m = store.read_manifest(run_dir)
     assert m["status"] == "complete" and m["finished"] and m["n_tokens"] == len(tokens)
     assert m["n_response_tokens"] == (tokens["role"] == "response").sum()

@@ -23,18 +23,32 @@ ROLE_OPTIONS = [{"label": "response tokens", "value": "response"}, {"label": "pr
                 {"label": "all tokens", "value": "all"}]
 DH_COLORS = {"exploration": "#e6550d", "integration": "#9e9e9e", "convergence": "#3182bd"}
 MODULE_LABELS = {"attn": "attention", "ffn": "FFN"}  # stages table rows, in the ΔH figure's order
+OUTCOME_OPTIONS = [{"label": "all responses", "value": "all"}, {"label": "correct", "value": "correct"},
+                   {"label": "wrong", "value": "wrong"}, {"label": "both overlaid", "value": "both"}]
+OUTCOME_STYLE = {"all": ("solid", "#444444"), "correct": ("solid", "#2ca02c"), "wrong": ("dash", "#d62728")}
 
 
-def _run_summary(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[dict, pd.DataFrame]:
-    """Manifest and the summary rows of one lens and role; UserError when there are none."""
+def outcomes_of(outcome: str | None) -> list[str]:
+    """The summary outcomes a selector value draws: `both` overlays correct and wrong."""
+    return ["correct", "wrong"] if outcome == "both" else [outcome or "all"]
+
+
+def _run_summary(cache: Path, run_id: str | None, lens: str, role: str,
+                 outcome: str | None = "all") -> tuple[dict, pd.DataFrame]:
+    """Manifest and the summary rows of one lens, role and outcome (`both`: correct and wrong); UserError when
+    there are none, saying why (an unscored run has only outcome `all`)."""
     if not run_id:
         raise UserError("select a run in the table above")
     run = resolve_run(cache, run_id)
     m = read_manifest(run)
     if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
         raise UserError(f"{run_id} is not a complete trace run (status {m.get('status')}, kind {m.get('kind')})")
-    s = load_summary(run)
-    s = s[(s["lens"] == lens) & (s["role"] == role)]
+    s = load_summary(run, outcome=None)
+    wanted = outcomes_of(outcome)
+    if wanted != ["all"] and not {"correct", "wrong"} & set(s["outcome"]):
+        raise UserError(f"{run_id} has no scored responses (its prompts carry no reference answer): "
+                        "choose 'all responses'")
+    s = s[(s["lens"] == lens) & (s["role"] == role) & s["outcome"].isin(wanted)]
     if s.empty:
         raise UserError(f"{run_id} has no '{lens}' summary for {role} tokens")
     return m, s
@@ -54,14 +68,22 @@ def boundary_layer(dh: pd.DataFrame) -> int | None:
 
 
 def build_flow(cache: Path, run_id: str | None, lens: str, role: str, spread: str,
-               sites: list[str]) -> tuple[go.Figure, pd.DataFrame]:
-    """Mean entropy per layer of each chosen site with a std or IQR band."""
-    m, s = _run_summary(cache, run_id, lens, role)
+               sites: list[str], outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
+    """Mean entropy per layer of each chosen site with a std or IQR band (`both`: correct solid, wrong dashed)."""
+    m, s = _run_summary(cache, run_id, lens, role, outcome)
     s = s[s["quantity"].isin([f"H_{x}" for x in sites])].sort_values("layer")
     fig = go.Figure()
-    for site in sites:
-        d = s[s["quantity"] == f"H_{site}"]
-        if d.empty:
+    for site, oc in ((x, o) for x in sites for o in outcomes_of(outcome)):
+        d = s[(s["quantity"] == f"H_{site}") & (s["outcome"] == oc)]
+        if d.empty or d["count"].eq(0).all():
+            continue
+        if outcome == "both":
+            n = int(d["count"].max())
+            fig.add_trace(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=f"{SITE_LABELS[site]} · "
+                                     f"{oc}", line={"color": SITE_COLORS[site], "width": 2.5,
+                                                    "dash": OUTCOME_STYLE[oc][0]}, marker={"size": 5},
+                                     hovertemplate=f"layer %{{x}}<br>H = %{{y:.3f}} nats ({oc}, {n} tokens)"
+                                     f"<extra>{site}</extra>"))
             continue
         lo, hi = (d["mean"] - d["std"], d["mean"] + d["std"]) if spread == "std" else (d["q25"], d["q75"])
         color = SITE_COLORS[site]
@@ -72,16 +94,22 @@ def build_flow(cache: Path, run_id: str | None, lens: str, role: str, spread: st
                                  line={"color": color, "width": 2.5}, marker={"size": 5},
                                  hovertemplate="layer %{x}<br>H = %{y:.3f} nats<extra>" + site + "</extra>"))
     band = "± 1 std" if spread == "std" else "IQR band"
+    band = "correct solid, wrong dashed" if outcome == "both" else band
+    which = "" if outcome in (None, "all") else f" · {outcome} responses"
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
-                      title=f"Entropy flow — {m['model']['id']} · lens {lens} · {role} tokens (mean, {band})",
+                      title=f"Entropy flow — {m['model']['id']} · lens {lens} · {role} tokens{which} (mean, {band})",
                       xaxis_title="layer l (0 = embedding)", yaxis_title="entropy H (nats)")
     fig.update_xaxes(dtick=1 if m["model"]["n_layers"] <= 40 else None)
     return fig, s.drop(columns=["rel_depth"], errors="ignore").assign(run_id=run_id)
 
 
-def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float) -> tuple[go.Figure, pd.DataFrame]:
-    """dH_attn and dH_ffn per layer, coloured exploration / integration / convergence; boundary marked."""
-    m, s = _run_summary(cache, run_id, lens, role)
+def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float,
+             outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
+    """dH_attn and dH_ffn per layer, coloured exploration / integration / convergence; boundary marked.
+    `both`: correct and wrong responses side by side."""
+    if outcome == "both":
+        return _dh_both(cache, run_id, lens, role, band)
+    m, s = _run_summary(cache, run_id, lens, role, outcome)
     s = s[s["quantity"].isin(["dH_attn", "dH_ffn"])].sort_values("layer").copy()
     band = stage_config(band, role).band
     s["reading"] = [classify(x, band) for x in s["mean"]]
@@ -107,12 +135,39 @@ def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float)
         fig.add_annotation(text="no layer with FFN ΔH > 0", x=0.5, y=1.06, xref="paper", yref="paper",
                            showarrow=False)
     fig.update_layout(template=TEMPLATE, barmode="overlay", legend={"orientation": "h", "y": -0.12},
-                      title=f"Entropy change — {m['model']['id']} · lens {lens} · {role} tokens "
-                            f"(|ΔH| ≤ {band:g} nats reads as integration)")
+                      title=f"Entropy change — {m['model']['id']} · lens {lens} · {role} tokens"
+                            + ("" if outcome in (None, "all") else f" · {outcome} responses")
+                            + f" (|ΔH| ≤ {band:g} nats reads as integration)")
     fig.update_yaxes(title_text="ΔH (nats)")
     fig.update_xaxes(title_text="layer l", dtick=1 if m["model"]["n_layers"] <= 40 else None, row=2, col=1)
     out = s.pivot_table(index="layer", columns="quantity", values="mean").reset_index()
     return fig, out.assign(run_id=run_id, boundary_layer=k)
+
+
+def _dh_both(cache: Path, run_id: str | None, lens: str, role: str, band: float) -> tuple[go.Figure, pd.DataFrame]:
+    """ΔH of attention and FFN per layer, correct and wrong responses side by side (± 1 std)."""
+    m, s = _run_summary(cache, run_id, lens, role, "both")
+    s = s[s["quantity"].isin(["dH_attn", "dH_ffn"])].dropna(subset=["mean"]).sort_values("layer")
+    band = stage_config(band, role).band
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("attention: ΔH_attn, correct vs wrong", "FFN: ΔH_ffn, correct vs wrong"))
+    for row, q in ((1, "dH_attn"), (2, "dH_ffn")):
+        for oc in ("correct", "wrong"):
+            d = s[(s["quantity"] == q) & (s["outcome"] == oc)]
+            fig.add_trace(go.Bar(x=d["layer"], y=d["mean"], name=f"{oc} responses", legendgroup=oc,
+                                 marker_color=OUTCOME_STYLE[oc][1], showlegend=row == 1,
+                                 error_y={"type": "data", "array": d["std"], "thickness": 1, "color": "#555"},
+                                 hovertemplate="layer %{x}<br>ΔH = %{y:.3f} nats<extra>" + oc + "</extra>"),
+                          row=row, col=1)
+        fig.add_hrect(y0=-band, y1=band, fillcolor="#9e9e9e", opacity=0.12, line_width=0, row=row, col=1)
+    fig.update_layout(template=TEMPLATE, barmode="group", legend={"orientation": "h", "y": -0.12},
+                      title=f"Entropy change — {m['model']['id']} · lens {lens} · {role} tokens · correct vs wrong "
+                            "(mean ± 1 std over tokens; the 'Right vs wrong' tab has intervals over responses)")
+    fig.update_yaxes(title_text="ΔH (nats)")
+    fig.update_xaxes(title_text="layer l", dtick=1 if m["model"]["n_layers"] <= 40 else None, row=2, col=1)
+    out = s.pivot_table(index="layer", columns=["quantity", "outcome"], values="mean")
+    out.columns = [f"{q}_{o}" for q, o in out.columns]
+    return fig, out.reset_index().assign(run_id=run_id)
 
 
 def build_stages(cache: Path, run_id: str | None, lens: str, role: str, band: float | None,
@@ -166,8 +221,9 @@ def stages_panel(d: dict) -> list:
 
 
 def build_compare(cache: Path, run_ids: list[str] | None, quantity: str, role: str, lenses: list[str],
-                  normalise: bool) -> tuple[go.Figure, pd.DataFrame]:
-    """Several runs overlaid on relative depth l/L, optionally entropy / log V; colour = family."""
+                  normalise: bool, outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
+    """Several runs overlaid on relative depth l/L, optionally entropy / log V; colour = family.
+    With an outcome, only scored runs draw (`both`: correct solid, wrong dotted)."""
     if not run_ids:
         raise UserError("select one or more runs in the table above")
     fig, frames, per_family = go.Figure(), [], {}
@@ -179,21 +235,25 @@ def build_compare(cache: Path, run_ids: list[str] | None, quantity: str, role: s
         fam = m["model"].get("family", "?")
         i = per_family.setdefault(fam, 0)  # runs of one family share its colour, differ by dash
         per_family[fam] += 1
-        s = load_summary(run)
-        for lens in lenses:
-            d = s[(s["lens"] == lens) & (s["role"] == role) & (s["quantity"] == quantity)].sort_values("layer")
-            if d.empty:
+        s = load_summary(run, outcome=None)
+        for lens, oc in ((x, o) for x in lenses for o in outcomes_of(outcome)):
+            d = s[(s["lens"] == lens) & (s["role"] == role) & (s["quantity"] == quantity)
+                  & (s["outcome"] == oc)].sort_values("layer")
+            if d.empty or d["count"].eq(0).all():
                 continue
             name = f"{m['model']['id']} · {lens}" + (f" · {run_id}" if model_ids.count(m["model"]["id"]) > 1 else "")
+            name += "" if oc == "all" else f" · {oc}"
+            dash = "dot" if oc == "wrong" else DASHES[i % len(DASHES)]
             fig.add_trace(go.Scatter(
                 x=d["rel_depth"], y=d[y_col], mode="lines+markers", name=name,
-                line={"color": family_color(fam), "dash": DASHES[i % len(DASHES)], "width": 2.5},
+                line={"color": family_color(fam), "dash": dash, "width": 2.5},
                 marker={"symbol": "circle" if lens == "bupo" else "x", "size": 7},
                 opacity=1.0 if lens == "bupo" else 0.6,
                 customdata=d["layer"], hovertemplate="l/L %{x:.2f} (layer %{customdata})<br>%{y:.3f}"))
             frames.append(d.assign(run_id=run_id, model=m["model"]["id"], family=fam))
     if not frames:
-        raise UserError(f"no complete trace run among the selection has {quantity} for {role} tokens")
+        scored = "" if outcome in (None, "all") else " and scored responses"
+        raise UserError(f"no complete trace run among the selection has {quantity} for {role} tokens{scored}")
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
                       title=f"Compare families — {quantity} · {role} tokens",
                       xaxis_title="relative depth l / L",
@@ -266,9 +326,10 @@ def register(app: Dash, cache: Path) -> None:
 
     register_view(app, "flow", lambda *a: build_flow(cache, *a),
                   [("focus-run", "value"), ("flow-lens", "value"), ("flow-role", "value"),
-                   ("flow-spread", "value"), ("flow-sites", "value")])
+                   ("flow-spread", "value"), ("flow-sites", "value"), ("outcome", "value")])
     register_view(app, "dh", lambda *a: build_dh(cache, *a),
-                  [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value")])
+                  [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value"),
+                   ("outcome", "value")])
 
     def _stages(*values) -> tuple[list, pd.DataFrame]:
         d, table = build_stages(cache, *values)
@@ -278,8 +339,8 @@ def register(app: Dash, cache: Path) -> None:
                   [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value"),
                    ("stages-collapse", "value")],
                   target=("panel", "children"), message=lambda text: html.P(text, className="hint"))
-    register_view(app, "compare", lambda ids, q, role, lenses, norm: build_compare(cache, ids, q, role, lenses,
-                                                                                   bool(norm)),
+    register_view(app, "compare", lambda ids, q, role, lenses, norm, oc: build_compare(
+                      cache, ids, q, role, lenses, bool(norm), oc),
                   [("runs-table", "selected_row_ids"), ("compare-quantity", "value"), ("compare-role", "value"),
-                   ("compare-lens", "value"), ("compare-norm", "value")])
+                   ("compare-lens", "value"), ("compare-norm", "value"), ("outcome", "value")])
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from entropylens.bupo.rewards import check_references, get_reward
+from entropylens.rewards import check_references, get_reward
 from entropylens.bupo.rollout import generate_rollouts
 from entropylens.errors import UserError
 from entropylens.intervals import mean_ci, paired_gain_ci

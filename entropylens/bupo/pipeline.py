@@ -28,7 +28,7 @@ import pandas as pd
 from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import Interrupted
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
-from entropylens.bupo.rewards import check_references
+from entropylens.rewards import check_references
 from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
 from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model

@@ -42,7 +42,7 @@ from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
 from entropylens.bupo.grpo import (
     LOSS_AGGS, LossScale, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
 )
-from entropylens.bupo.rewards import check_references, get_reward
+from entropylens.rewards import check_references, get_reward
 from entropylens.bupo.rollout import (
     Rollouts, decoder_layers, final_norm, generate_groups, generate_rollouts, group_seed, policy_logits,
 )

@@ -16,6 +16,9 @@ RUNS = {
                                created="2026-01-02T10:00:00+00:00", seed=2),
     "llama-after": SyntheticRun("llama-after", family="llama", n_layers=6, vocab_size=80, parent_run="llama-base",
                                 boundary=2, created="2026-01-04T10:00:00+00:00", seed=3),
+    "llama-scored": SyntheticRun("llama-scored", family="llama", n_layers=6, vocab_size=80, n_prompts=40,
+                                 lenses=("bupo", "logit"), created="2025-12-31T10:00:00+00:00", seed=4,
+                                 correct_frac=0.4),
 }
 
 

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")]
 
 
-def figure(duo, graph: str, timeout: float = 10.0) -> dict:
+def figure(duo, graph: str, timeout: float = 30.0) -> dict:
     """The plotted figure of a dcc.Graph (data + layout), once it has at least one trace."""
     js = (f"const g = document.querySelector('#{graph} .js-plotly-plot'); "
           "return g && g.data && g.data.length ? {data: g.data, layout: g.layout} : null;")
@@ -123,3 +123,40 @@ def test_before_after_training_and_url_safety(dash_duo, cache, screenshot):
     dash_duo.driver.get(dash_duo.server_url + "/?run=qwen3-base")
     flow = figure(dash_duo, "flow-graph")
     assert "qwen3-8L" in flow["layout"]["title"]["text"]
+
+
+def test_outcome_selector_right_vs_wrong_and_token_outcome(dash_duo, cache, screenshot):
+    dash_duo.start_server(create_app(cache))
+    dash_duo.driver.get(dash_duo.server_url + "/?run=llama-scored")
+    dash_duo.wait_for_contains_text("#tabs", "Right vs wrong")
+    flow = figure(dash_duo, "flow-graph")
+    assert "llama-6L" in flow["layout"]["title"]["text"] and "correct" not in flow["layout"]["title"]["text"]
+    # both overlaid: every site drawn for correct (solid) and wrong (dashed) responses
+    dash_duo.find_element("#outcome input[value=both]").click()
+    end = time.time() + 20
+    while not any("· wrong" in t.get("name", "") for t in figure(dash_duo, "flow-graph")["data"]):
+        assert time.time() < end, "the flow view did not follow the outcome selector"
+        time.sleep(0.1)
+    names = [t["name"] for t in figure(dash_duo, "flow-graph")["data"]]
+    assert sorted(names) == sorted(f"{s} · {o}" for s in ("layer H^l", "attention A^l", "FFN F^l")
+                                   for o in ("correct", "wrong"))
+    screenshot(dash_duo.driver, "flow_by_outcome")
+    open_tab(dash_duo, "Entropy change ΔH")
+    end = time.time() + 20
+    while sorted({t["name"] for t in figure(dash_duo, "dh-graph")["data"]}) != ["correct responses",
+                                                                              "wrong responses"]:
+        assert time.time() < end, "the ΔH view did not follow the outcome selector"
+        time.sleep(0.1)
+    open_tab(dash_duo, "Right vs wrong")
+    diff = figure(dash_duo, "outdiff-graph", timeout=30)
+    assert "correct vs" in diff["layout"]["title"]["text"] and "bootstrap over responses" in \
+        diff["layout"]["title"]["text"]
+    assert len(diff["data"]) == 3 and all(len(arr(t["error_y"]["array"])) == len(arr(t["x"])) for t in diff["data"])
+    auroc = figure(dash_duo, "auroc-graph", timeout=30)
+    assert auroc["data"][0]["type"] == "heatmap" and len(arr(auroc["data"][0]["y"])) == 5
+    screenshot(dash_duo.driver, "right_vs_wrong")
+    open_tab(dash_duo, "Token × layer")
+    dash_duo.wait_for_contains_text("#tokens-outcome", "reference answer: 42", timeout=10)
+    assert "outcome: " in dash_duo.find_element("#tokens-outcome").text
+    screenshot(dash_duo.driver, "token_outcome")
+    assert dash_duo.get_logs() in ([], None)

@@ -216,7 +216,7 @@ def test_callbacks_through_the_app_reject_bad_ids_and_serve_csv(cache):
         return r.get_json()["response"]
 
     flow_in = [("flow-lens", "value", "bupo"), ("flow-role", "value", "response"),
-               ("flow-spread", "value", "std"), ("flow-sites", "value", ["layer"])]
+               ("flow-spread", "value", "std"), ("flow-sites", "value", ["layer"]), ("outcome", "value", "all")]
     bad = call("flow-graph.figure", [("focus-run", "value", "../../etc")] + flow_in)
     assert "invalid run id" in bad["flow-graph"]["figure"]["layout"]["annotations"][0]["text"]
     good = call("flow-graph.figure", [("focus-run", "value", "qwen3-base")] + flow_in)

@@ -1,0 +1,89 @@
+"""Tables the CLI prints (rich): a run's layer table, the correct − wrong split, the BuPO evaluation. Kept out of
+entropylens.cli so the command definitions stay readable in one sitting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console()
+
+
+def print_run(run_dir: Path) -> None:
+    from entropylens.store import layer_table, read_manifest
+
+    m = read_manifest(run_dir)
+    t = m.get("timings", {})
+    out.print(f"[bold green]complete[/] {run_dir}  ·  {m['n_tokens']} tokens ({m['n_response_tokens']} response)"
+              f"  ·  {t.get('total_s', 0):.1f} s (load {t.get('load_s', 0):.1f}, generate {t.get('generate_s', 0):.1f},"
+              f" trace {t.get('trace_s', 0):.1f}, decode {t.get('decode_s', 0):.1f})")
+    if t.get("decode_s"):  # every traced token's sites and lenses, through the kernel the manifest names
+        out.print(f"decode rate {m['n_tokens'] / t['decode_s']:.1f} tok/s ({m.get('decode_kernel') or '?'} kernel; "
+                  f"{len(m['sites'])} sites x {m['model'].get('n_layers', '?')} layers x {len(m['lens'])} lens)")
+    role = "response" if m.get("n_response_tokens") else "prompt"
+    for lens in m["lens"]:
+        print_layer_table(layer_table(run_dir, lens=lens, role=role), f"{m['run_id']} · lens {lens} · {role} tokens")
+
+
+def print_layer_table(df, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in df.columns:
+        table.add_column(col, justify="right")
+    for row in df.itertuples(index=False):
+        table.add_row(*[str(v) if isinstance(v, (int,)) else f"{v:.3f}" for v in row])
+    out.print(table)
+
+
+def print_outcome_table(run_dir: Path, lens: str) -> None:
+    """`show --by outcome`: per layer H_layer of correct and wrong responses, and correct − wrong with intervals."""
+    import pandas as pd
+
+    from entropylens.intervals import fmt_ci
+    from entropylens.outcomes import outcome_diff
+
+    d = outcome_diff(run_dir, lens=lens)
+    n_c, n_w = int(d["n_correct"].iloc[0]), int(d["n_wrong"].iloc[0])
+    table = Table(title=f"{run_dir.name} · lens {lens} · response tokens · {n_c} correct vs {n_w} wrong responses "
+                  f"({n_c / (n_c + n_w):.0%} correct) · correct − wrong [95 % interval, bootstrap over responses]",
+                  title_justify="left")
+    wide = d.set_index(["layer", "quantity"])
+    for col in ("layer", "H_layer correct", "H_layer wrong", "H_layer c−w", "ΔH_attn c−w", "ΔH_ffn c−w"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def ci(layer: int, q: str) -> str:
+        r = wide.loc[(layer, q)]
+        return "—" if pd.isna(r["diff"]) else fmt_ci(r["diff"], r["lo"], r["hi"])
+
+    for layer in sorted(d["layer"].unique()):
+        r = wide.loc[(layer, "H_layer")]
+        table.add_row(str(layer), *["—" if pd.isna(r[k]) else f"{r[k]:.3f}" for k in ("mean_correct", "mean_wrong")],
+                      ci(layer, "H_layer"),
+                      ci(layer, "dH_attn"), ci(layer, "dH_ffn"))
+    Console(width=max(out.width, 150)).print(table)  # never truncate an interval, even when piped
+    if not n_c or not n_w:
+        out.print(f"only {'wrong' if n_w else 'correct'} responses: no correct − wrong difference to show")
+    out.print("H: pooled mean entropy (nats) over response tokens; c−w: correct − wrong of H_layer and of the mean "
+              "ΔH of attention and FFN; an interval that excludes 0 separates the outcomes at the 5 % level")
+
+
+def print_bupo(r) -> None:
+    from entropylens.intervals import fmt_ci
+
+    out.print(f"[bold green]complete[/] {r.run_dir}  ·  checkpoint {r.checkpoint}")
+    out.print(f"layer k = {r.layer}: {r.layer_evidence}" + (f" (trace {r.layer_run})" if r.layer_run else ""))
+    ev = r.eval_base
+    table = Table(title=f"held-out evaluation · {ev['n_prompts']} prompts × {ev['n_samples']} samples · "
+                  "mean [95 % interval, bootstrap over prompts]", title_justify="left")
+    ks = sorted({int(m.split("@")[1]) for m in r.gains})
+    metrics = [f"avg@{ks[0]}"] + [f"pass@{k}" for k in ks if k > 1]  # avg@K is the same for every K
+    for col in ["model", *metrics]:
+        table.add_column(col, justify="right", no_wrap=True)
+    for label, res in (("base", r.eval_base), ("trained", r.eval_trained)):
+        table.add_row(label, *[fmt_ci(res[m], *res[f"{m}_ci"]) for m in metrics])
+    table.add_row("gain", *[fmt_ci(r.gains[m]["gain"], r.gains[m]["lo"], r.gains[m]["hi"]) for m in metrics])
+    Console(width=max(out.width, 100)).print(table)
+    out.print("gain: trained − base, paired bootstrap over the same prompts; an interval that excludes 0 is a "
+              "significant change at the 5 % level")
+    print_layer_table(r.before_after, f"{r.trained_run} vs {r.base_run} · lens bupo · response tokens")
