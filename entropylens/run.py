@@ -108,11 +108,11 @@ class Run:
 
     def show(self, lens: str | None = None, role: str = "response") -> None:
         """Print the per-layer table of every stored lens (or `lens`), as `entropylens show RUN` does."""
-        from entropylens.cli import _print_layer_table
+        from entropylens.cli_print import print_layer_table
 
         for ln in [self._lens(lens)] if lens else self.manifest.get("lens", ["bupo"]):
             title = f"{self.run_id} · lens {ln} · {role} tokens"
-            _print_layer_table(summary_layer_table(self.summary, ln, role), title)
+            print_layer_table(summary_layer_table(self.summary, ln, role), title)
 
     def stages(self, role: str = "response", band: float = StageConfig.band,
                collapse_frac: float = StageConfig.collapse_frac) -> dict:

@@ -32,7 +32,7 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature
     max_new_tokens: int = 128  # completion length limit
     prompts_per_batch: int = 8  # prompts generated together (rollouts per batch = this * n_samples)
-    reward: str = "exact"  # a rule of entropylens.bupo.rewards.RULES
+    reward: str = "exact"  # a rule of entropylens.rewards.RULES
     seed: int = 0  # generation seed
     enable_thinking: bool = False  # passed to the chat template
 

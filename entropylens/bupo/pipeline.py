@@ -63,7 +63,7 @@ class BupoRunConfig:
     beta: float = 0.0  # KL penalty to the initial model (paper: 0)
     micro_batch_size: int = 32  # rollouts per forward/backward chunk
     group_sampling: bool = False  # one seeded generate per prompt (as under a launcher) instead of one per step
-    reward: str = "exact"  # a rule of entropylens.bupo.rewards.RULES
+    reward: str = "exact"  # a rule of entropylens.rewards.RULES
     save_every: int = 10  # resumable state every N steps (and on Ctrl-C); 0 = only on Ctrl-C
     train_prompts: int | None = None  # use only the first N training prompts (None = all)
     layer_trace_prompts: int = 8  # training prompts traced to choose k with --layer auto

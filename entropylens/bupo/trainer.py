@@ -75,7 +75,7 @@ class BupoConfig:
     # one seeded generate per prompt, so a group's samples do not depend on its rank or batch (always on under
     # a launcher); off: one batched generate per step, ~1.7x faster on 2 CPU cores for SmolLM2 (B = G = 4)
     group_sampling: bool = False
-    reward: str = "exact"  # a rule of entropylens.bupo.rewards.RULES (exact, boxed, number, math_verify)
+    reward: str = "exact"  # a rule of entropylens.rewards.RULES (exact, boxed, number, math_verify)
     save_every: int = 0  # write the resumable state (weights, optimizer, RNG, metrics) every N steps; 0 = never
     seed: int = 0  # seeds prompt sampling and generation
     enable_thinking: bool = False  # passed to the chat template (Qwen3's thinking mode)

@@ -32,7 +32,7 @@ def dash_call(client, output: str, inputs, state=()) -> dict:
 
 
 FLOW_IN = [("flow-lens", "value", "bupo"), ("flow-role", "value", "response"), ("flow-spread", "value", "std"),
-           ("flow-sites", "value", ["layer"])]
+           ("flow-sites", "value", ["layer"]), ("outcome", "value", "all")]
 
 
 def flow_figure(client, run_id: str) -> dict:
