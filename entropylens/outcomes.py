@@ -3,7 +3,7 @@
 A scored trace run (docs/storage.md) holds `outcomes.parquet`, one row per sequence with `reward` and `correct`
 (null without a reference), joinable to tokens.parquet / entropy.parquet on `prompt_idx`. From it:
 
-- `summary_by_outcome`: summary.parquet's rows for all responses, the correct ones and the wrong ones;
+- (`store.summary_by_outcome` writes summary.parquet's rows for all, correct and wrong responses;)
 - `outcome_diff`: per layer, the pooled mean over response tokens for correct and wrong responses, their
   difference and a 95 % interval that resamples responses (a response's tokens are not independent);
 - `auroc_table`: per (lens, site, layer) the AUROC of a response's mean response-token entropy for predicting
@@ -16,46 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from entropylens.errors import UserError
 from entropylens.intervals import LEVEL, N_BOOT, bootstrap_counts, pooled_mean_diff_ci
+from entropylens.store import load_entropy, load_outcomes, load_tokens, outcome_sets
 
-OUTCOMES = ("all", "correct", "wrong")
 H_SITES = ("H_attn_in", "H_attn", "H_ffn_in", "H_ffn", "H_layer")
-OUTCOMES_SCHEMA = pa.schema([
-    ("prompt_idx", pa.int32()), ("source_idx", pa.int32()), ("sample", pa.int32()),
-    ("reward", pa.float64()), ("correct", pa.bool_()), ("n_response_tokens", pa.int32()),
-])
-
-
-def outcomes_table(responses: list[dict]) -> pa.Table:
-    """responses.jsonl records -> outcomes.parquet rows (reward/correct stay null where unscored)."""
-    cols = {f.name: [r.get(f.name) for r in responses] for f in OUTCOMES_SCHEMA}
-    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in OUTCOMES_SCHEMA}, schema=OUTCOMES_SCHEMA)
-
-
-def outcome_sets(outcomes: pd.DataFrame) -> dict[str, set[int]]:
-    """prompt_idx of the correct and of the wrong responses (unscored ones are in neither)."""
-    c = outcomes["correct"]
-    return {"correct": set(outcomes.loc[c.eq(True), "prompt_idx"].astype(int)),  # noqa: E712 (nullable)
-            "wrong": set(outcomes.loc[c.eq(False), "prompt_idx"].astype(int))}
-
-
-def summary_by_outcome(entropy: pd.DataFrame, outcomes: pd.DataFrame | None, vocab_size: int,
-                       n_layers: int) -> pd.DataFrame:
-    """summary.parquet: every (lens, layer, quantity, role) for outcome `all`, and for `correct` and `wrong`
-    when any response was scored (same grid; a group with no tokens has count 0 and NaN statistics)."""
-    from entropylens.store import compute_summary
-
-    frames = [compute_summary(entropy, vocab_size, n_layers)]
-    sets = outcome_sets(outcomes) if outcomes is not None else {"correct": set(), "wrong": set()}
-    if sets["correct"] or sets["wrong"]:
-        grid = entropy[["lens", "layer"]].drop_duplicates()
-        for name in ("correct", "wrong"):
-            sub = entropy[entropy["prompt_idx"].isin(sets[name])]
-            frames.append(compute_summary(sub, vocab_size, n_layers, outcome=name, grid=grid))
-    return pd.concat(frames, ignore_index=True)
 
 
 # ---------------------------------------------------------------- per response
@@ -68,8 +34,6 @@ def response_sums(entropy: pd.DataFrame, quantities: list[str]) -> pd.DataFrame:
 
 
 def _load(run_dir: Path, quantities: list[str], lens: str | None) -> tuple[pd.DataFrame, dict[str, set[int]]]:
-    from entropylens.store import load_entropy, load_outcomes
-
     outcomes = load_outcomes(run_dir)
     sets = outcome_sets(outcomes)
     if not sets["correct"] and not sets["wrong"]:
@@ -182,7 +146,6 @@ def best_separators(table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
 def baseline_aurocs(run_dir: Path | str, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
     """What an internal cell must beat: AUROC for a wrong answer of the output distribution's mean entropy over the
     response (H_final) and of the response length, with the same resamples as `auroc_table`."""
-    from entropylens.store import load_outcomes, load_tokens
 
     out = load_outcomes(run_dir)
     sets = outcome_sets(out)

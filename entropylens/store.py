@@ -342,8 +342,6 @@ class RunWriter:
         _write_parquet(d / "entropy.parquet", self._entropy_tables(batches), ENTROPY_SCHEMA)
         text = "".join(self._part("responses", b).read_text(encoding="utf-8") for b in batches)
         _write_text(d / "responses.jsonl", text)
-        from entropylens.outcomes import OUTCOMES_SCHEMA, outcomes_table, summary_by_outcome
-
         outcomes = outcomes_table([json.loads(line) for line in text.splitlines()])
         _write_parquet(d / "outcomes.parquet", [outcomes], OUTCOMES_SCHEMA)
         ent = pq.read_table(d / "entropy.parquet", columns=["lens", "prompt_idx", "layer", "role", *QUANTITIES])
@@ -486,8 +484,6 @@ def load_summary(run_dir: Path | str, outcome: str | None = "all") -> pd.DataFra
 
 def load_outcomes(run_dir: Path | str) -> pd.DataFrame:
     """outcomes.parquet (one row per sequence: reward, correct; null where unscored); empty for older runs."""
-    from entropylens.outcomes import OUTCOMES_SCHEMA
-
     if not (Path(run_dir) / "outcomes.parquet").is_file():
         _complete_file(run_dir, "manifest.json")  # still refuse an incomplete run
         return OUTCOMES_SCHEMA.empty_table().to_pandas()
@@ -525,3 +521,39 @@ def summary_layer_table(summary: pd.DataFrame, lens: str = "bupo", role: str = "
     sel = summary[(summary["lens"] == lens) & (summary["role"] == role) & summary["quantity"].isin(cols)]
     table = sel.pivot(index="layer", columns="quantity", values="mean")[cols]
     return table.rename_axis(columns=None).reset_index()
+
+
+# ---------------------------------------------------------------- outcomes (stored side; analysis: outcomes.py)
+
+OUTCOMES = ("all", "correct", "wrong")
+OUTCOMES_SCHEMA = pa.schema([
+    ("prompt_idx", pa.int32()), ("source_idx", pa.int32()), ("sample", pa.int32()),
+    ("reward", pa.float64()), ("correct", pa.bool_()), ("n_response_tokens", pa.int32()),
+])
+
+
+def outcomes_table(responses: list[dict]) -> pa.Table:
+    """responses.jsonl records -> outcomes.parquet rows (reward/correct stay null where unscored)."""
+    cols = {f.name: [r.get(f.name) for r in responses] for f in OUTCOMES_SCHEMA}
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in OUTCOMES_SCHEMA}, schema=OUTCOMES_SCHEMA)
+
+
+def outcome_sets(outcomes: pd.DataFrame) -> dict[str, set[int]]:
+    """prompt_idx of the correct and of the wrong responses (unscored ones are in neither)."""
+    c = outcomes["correct"]
+    return {"correct": set(outcomes.loc[c.eq(True), "prompt_idx"].astype(int)),  # noqa: E712 (nullable)
+            "wrong": set(outcomes.loc[c.eq(False), "prompt_idx"].astype(int))}
+
+
+def summary_by_outcome(entropy: pd.DataFrame, outcomes: pd.DataFrame | None, vocab_size: int,
+                       n_layers: int) -> pd.DataFrame:
+    """summary.parquet: every (lens, layer, quantity, role) for outcome `all`, and for `correct` and `wrong`
+    when any response was scored (same grid; a group with no tokens has count 0 and NaN statistics)."""
+    frames = [compute_summary(entropy, vocab_size, n_layers)]
+    sets = outcome_sets(outcomes) if outcomes is not None else {"correct": set(), "wrong": set()}
+    if sets["correct"] or sets["wrong"]:
+        grid = entropy[["lens", "layer"]].drop_duplicates()
+        for name in ("correct", "wrong"):
+            sub = entropy[entropy["prompt_idx"].isin(sets[name])]
+            frames.append(compute_summary(sub, vocab_size, n_layers, outcome=name, grid=grid))
+    return pd.concat(frames, ignore_index=True)

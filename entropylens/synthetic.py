@@ -202,7 +202,7 @@ def write_run(cache: Path, spec: SyntheticRun) -> Path:
 def _scored(run_dir: Path, spec: SyntheticRun, responses: list[dict], correct: np.ndarray) -> pa.Table:
     """Score the responses (reference 42; correct ones answer it), write outcomes.parquet, return the summary by
     outcome (pandas: scored synthetic runs are small)."""
-    from entropylens.outcomes import OUTCOMES_SCHEMA, outcomes_table, summary_by_outcome
+    from entropylens.store import OUTCOMES_SCHEMA, outcomes_table, summary_by_outcome
 
     for r, ok in zip(responses, correct):
         r.update(answer="42", response="so \\boxed{42}" if ok else "so \\boxed{41}", reward=float(ok),
