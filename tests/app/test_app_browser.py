@@ -63,13 +63,13 @@ def test_runs_flow_dh_and_compare(dash_duo, cache, screenshot):
     assert any("boundary layer l=" in t for t in texts), texts
     # The stages table beside it: boundary of the focus run, FFN ranges that follow the band input.
     k, n = RUNS["llama-after"].boundary, RUNS["llama-after"].n_layers
-    dash_duo.wait_for_contains_text("#stages-boundary", f"Boundary layer l={k} of {n}", timeout=10)
+    dash_duo.wait_for_contains_text("#stages-boundary", f"Boundary layer l={k} of {n}", timeout=30)
     ffn_explores = "#stages-table tbody tr:last-child td[data-dash-column=exploration]"
-    dash_duo.wait_for_text_to_equal(ffn_explores, f"1–{k}", timeout=10)
+    dash_duo.wait_for_text_to_equal(ffn_explores, f"1–{k}", timeout=30)
     band = dash_duo.find_element("#dh-band")
     band.clear()
     band.send_keys("0.3\n")  # synthetic FFN ΔH before the boundary is 0.06 log V = 0.26 nats: now integration
-    dash_duo.wait_for_text_to_equal(ffn_explores, "—", timeout=10)
+    dash_duo.wait_for_text_to_equal(ffn_explores, "—", timeout=30)
     screenshot(dash_duo.driver, "entropy_change")
 
     open_tab(dash_duo, "Compare families")
@@ -101,7 +101,7 @@ def test_token_heatmap_and_click_detail(dash_duo, cache, screenshot):
     # Click the middle of the heatmap: the top-1 table for that cell appears.
     drag = dash_duo.find_element("#heatmap-graph .nsewdrag")
     ActionChains(dash_duo.driver).move_to_element(drag).pause(0.3).click().perform()
-    dash_duo.wait_for_contains_text("#cell-detail", "Top-1 tokens at position", timeout=10)
+    dash_duo.wait_for_contains_text("#cell-detail", "Top-1 tokens at position", timeout=30)
     assert "FFN F^l" in dash_duo.find_element("#cell-table").text
     screenshot(dash_duo.driver, "token_heatmap")
 
@@ -119,7 +119,7 @@ def test_before_after_training_and_url_safety(dash_duo, cache, screenshot):
     screenshot(dash_duo.driver, "training")
     # A run id in the URL may only name a run folder.
     dash_duo.driver.get(dash_duo.server_url + "/?run=..%2F..%2Fetc")
-    dash_duo.wait_for_contains_text("#banner", "Ignored the URL: invalid run id", timeout=10)
+    dash_duo.wait_for_contains_text("#banner", "Ignored the URL: invalid run id", timeout=30)
     dash_duo.driver.get(dash_duo.server_url + "/?run=qwen3-base")
     flow = figure(dash_duo, "flow-graph")
     assert "qwen3-8L" in flow["layout"]["title"]["text"]
@@ -156,7 +156,7 @@ def test_outcome_selector_right_vs_wrong_and_token_outcome(dash_duo, cache, scre
     assert auroc["data"][0]["type"] == "heatmap" and len(arr(auroc["data"][0]["y"])) == 5
     screenshot(dash_duo.driver, "right_vs_wrong")
     open_tab(dash_duo, "Token × layer")
-    dash_duo.wait_for_contains_text("#tokens-outcome", "reference answer: 42", timeout=10)
+    dash_duo.wait_for_contains_text("#tokens-outcome", "reference answer: 42", timeout=30)
     assert "outcome: " in dash_duo.find_element("#tokens-outcome").text
     screenshot(dash_duo.driver, "token_outcome")
     assert dash_duo.get_logs() in ([], None)
