@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 
 from app.common import (DASHES, SITE_COLORS, SITE_LABELS, TEMPLATE, family_color, figure_block,
                         register_view)
-from app.data import load_summary, read_manifest, resolve_run
+from app.data import complete_trace_run, load_summary, read_manifest, resolve_run
 from entropylens.errors import UserError
 from entropylens.stages import READINGS, StageConfig, classify, describe, detect_stages, stages_table
 
@@ -37,12 +37,7 @@ def _run_summary(cache: Path, run_id: str | None, lens: str, role: str,
                  outcome: str | None = "all") -> tuple[dict, pd.DataFrame]:
     """Manifest and the summary rows of one lens, role and outcome (`both`: correct and wrong); UserError when
     there are none, saying why (an unscored run has only outcome `all`)."""
-    if not run_id:
-        raise UserError("select a run in the table above")
-    run = resolve_run(cache, run_id)
-    m = read_manifest(run)
-    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
-        raise UserError(f"{run_id} is not a complete trace run (status {m.get('status')}, kind {m.get('kind')})")
+    run, m = complete_trace_run(cache, run_id)
     s = load_summary(run, outcome=None)
     wanted = outcomes_of(outcome)
     if wanted != ["all"] and not {"correct", "wrong"} & set(s["outcome"]):

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
 from app.common import figure_block, register_view
-from app.data import load_outcomes, outcome_stats, read_manifest, resolve_run
+from app.data import complete_trace_run, load_outcomes, outcome_stats, read_manifest, resolve_run
 from entropylens.errors import UserError
 from entropylens.report_outcome import fig_auroc_heatmap, fig_outcome_diff
 
@@ -22,20 +22,10 @@ QUANTITY_OPTIONS = [{"label": "H_layer", "value": "H_layer"}, {"label": "ΔH att
                     {"label": "ΔH FFN", "value": "dH_ffn"}]
 
 
-def _scored_run(cache: Path, run_id: str | None) -> tuple[Path, dict]:
-    if not run_id:
-        raise UserError("select a run in the table above")
-    run = resolve_run(cache, run_id)
-    m = read_manifest(run)
-    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
-        raise UserError(f"{run_id} is not a complete trace run")
-    return run, m
-
-
 def build_outcome_diff(cache: Path, run_id: str | None, lens: str,
                        quantities: list[str]) -> tuple[go.Figure, pd.DataFrame]:
     """Correct − wrong per layer (pooled over response tokens) with a 95 % interval over responses."""
-    run, m = _scored_run(cache, run_id)
+    run, m = complete_trace_run(cache, run_id)
     diff, _ = outcome_stats(run, lens)
     diff = diff[diff["quantity"].isin(quantities or ["H_layer"])]
     fig = fig_outcome_diff(diff)
@@ -47,7 +37,7 @@ def build_outcome_diff(cache: Path, run_id: str | None, lens: str,
 
 def build_auroc(cache: Path, run_id: str | None, lens: str) -> tuple[go.Figure, pd.DataFrame]:
     """Site × layer AUROC of the mean response-token entropy for predicting a wrong answer."""
-    run, m = _scored_run(cache, run_id)
+    run, m = complete_trace_run(cache, run_id)
     _, auc = outcome_stats(run, lens)
     fig = fig_auroc_heatmap(auc, lens)
     n_c, n_w = int(auc["n_correct"].iloc[0]), int(auc["n_wrong"].iloc[0])
