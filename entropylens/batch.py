@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 import torch
 
+from entropylens.config import TraceConfig
 from entropylens.decode import Stats, decode_layers, decode_rows
 from entropylens.lens import make_lens
 from entropylens.models import LoadedModel
 from entropylens.remote import RemoteModel
 from entropylens.sites import SITES, Activations, additivity_error
-
-if TYPE_CHECKING:
-    from entropylens.trace import TraceConfig
 
 ADDITIVE_TOL = 1e-5  # relative; fp32 residual streams measure ~1e-7
 

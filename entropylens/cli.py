@@ -13,90 +13,28 @@ from rich.console import Console
 from rich.table import Table
 
 from entropylens.cli_print import out, print_bupo, print_layer_table, print_outcome_table, print_run
+from entropylens.config import TraceConfig
 from entropylens.errors import UserError
+from entropylens.options import build, cli_options, parse_limit
+from entropylens.rewards import RULES_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.splitlines()[0])
 err = Console(stderr=True)
 
 
-def _reward_help() -> str:
-    from entropylens.rewards import RULES_HELP
-
-    return RULES_HELP
-
-
-def _parse_limit(limit: str) -> int | None:
-    if limit == "all":
-        return None
-    try:
-        value = int(limit)
-    except ValueError:
-        raise UserError(f"--limit takes a positive integer or 'all', got {limit!r}") from None
-    if value <= 0:
-        raise UserError(f"--limit must be a positive integer (or 'all'), got {value}")
-    return value
-
-
 @app.command()
+@cli_options(TraceConfig)
 def trace(
-    model: str = typer.Option("smollm2", help="`smollm2` (embedded), a local folder, a .gguf file or a hub id"),
-    prompts: str = typer.Option("arith", help="built-in set (arith, word, mixed, digits) or a .jsonl/.parquet/"
-                                ".csv/.txt file"),
-    limit: str = typer.Option("8", help="first N prompts, or 'all'"),
-    generate: bool = typer.Option(True, "--generate/--no-generate", help="sample a response per prompt first"),
-    max_new_tokens: int = typer.Option(32, help="response length cap"),
-    temperature: float = typer.Option(1.0, help="sampling temperature (0 = greedy)"),
-    top_p: float = typer.Option(1.0, help="nucleus sampling"),
-    lens: str = typer.Option("bupo", help="bupo (unembedding only, the paper's) | logit (final norm first) | both"),
-    sites: str = typer.Option("attn_in,attn,ffn_in,ffn,layer", help="comma-separated sites to decode"),
-    positions: str = typer.Option("all", help="all | response (only positions that predict response tokens)"),
-    backend: str = typer.Option("nnsight", help="nnsight | transformer-lens"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
-    device_map: str = typer.Option(None, help="spread the model over devices with accelerate: auto | balanced | "
-                                   "sequential | a .json file {module: cpu|cuda:N|disk} (replaces --device)"),
-    remote: bool = typer.Option(False, help="run a hub model on NDIF through nnsight (needs NDIF_API_KEY); "
-                                "entropies are reduced remotely, only per-token statistics come back"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | float64"),
-    batch_size: int = typer.Option(4, help="prompts per traced forward"),
-    name: str = typer.Option(None, help="run folder name (default: timestamp + model + prompts)"),
-    seed: int = typer.Option(0, help="seed for built-in prompt sets and sampling"),
-    split: str = typer.Option("all", help="all | train | test (built-in sets)"),
-    cache: str = typer.Option("cache", help="folder holding runs/ and models/"),
-    enable_thinking: bool = typer.Option(False, help="Qwen3 chat templates: thinking mode"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint (only when asked)"),
-    compile: bool = typer.Option(False, "--compile/--no-compile",
-                                 help="the torch.compile decode kernel (= --kernel compiled; ~15 s to compile once)"),
-    kernel: str = typer.Option("auto", help="decode kernel: auto (native C kernel on CPU when a C compiler is "
-                               "present, else eager) | native | compiled | eager"),
-    long_prompts: str = typer.Option("reject", help="prompts beyond the model's context: reject | truncate (keeps "
-                                     "the last tokens that fit; the manifest records how many were dropped)"),
-    samples: int = typer.Option(1, help="responses per prompt, each its own sequence (seeded per prompt, "
-                                "independent of --batch-size)"),
-    reward: str = typer.Option("exact", help="rule scoring each response against the prompt's reference: "
-                               + _reward_help()),
-    bad_references: str = typer.Option("error", help="a reference present but empty or malformed: error (one line "
-                                       "naming the row) | null (score that row null)"),
+    options: dict,
     resume: str = typer.Option(None, help="finish the interrupted run RUN with its stored settings"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
     """Trace internal-policy entropies of a model over a prompt set into cache/runs/<run>/."""
     from entropylens.dist import close, shard_from_env
-    from entropylens.trace import TraceConfig, TraceInterrupted, config_from_run, run_trace
+    from entropylens.trace import TraceInterrupted, config_from_run, run_trace
 
     shard = shard_from_env()  # under `torchrun --nproc-per-node N -m entropylens trace ...`
-    if resume:
-        cfg = config_from_run(cache, resume)
-    else:
-        cfg = TraceConfig(
-            model=model, prompts=prompts, limit=_parse_limit(limit), generate=generate,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, lens=lens,
-            sites=tuple(s.strip() for s in sites.split(",") if s.strip()), positions=positions,
-            backend=backend, device=device, device_map=device_map, remote=remote, dtype=dtype,
-            batch_size=batch_size, name=name, seed=seed,
-            split=split, cache=cache, enable_thinking=enable_thinking, trust_remote_code=trust_remote_code,
-            compile=compile, kernel=kernel,
-            long_prompts=long_prompts, samples=samples, reward=reward, bad_references=bad_references,
-        )
+    cfg = config_from_run(options["cache"], resume) if resume else build(TraceConfig, options)
     try:
         run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet, shard=shard)
     except KeyboardInterrupt as e:  # click would turn it into a silent Abort
@@ -122,7 +60,7 @@ def runs(cache: str = typer.Option("cache", help="folder holding runs/")) -> Non
     table = Table()
     cols = ["run_id", "kind", "model", "prompts", "n_tokens", "lens", "status", "created"]
     for c in cols:
-        table.add_column(c)
+        table.add_column(c, no_wrap=c == "run_id", min_width=max(map(len, df.run_id)) if c == "run_id" else None)
     for row in df[cols].itertuples(index=False):
         table.add_row(*["" if v is None or v != v else str(v) for v in row])
     out.print(table)
@@ -254,7 +192,7 @@ def bupo(
     micro_batch_size: int = typer.Option(_B.micro_batch_size, help="rollouts per forward/backward chunk"),
     group_sampling: bool = typer.Option(_B.group_sampling, help="one seeded generate per prompt, as under torchrun "
                                         "(samples independent of rank and batch; slower on CPU)"),
-    reward: str = typer.Option(_B.reward, help=_reward_help()),
+    reward: str = typer.Option(_B.reward, help=RULES_HELP),
     save_every: int = typer.Option(_B.save_every, help="write the resumable training state every N steps "
                                    "(and on Ctrl-C); 0 = only on Ctrl-C"),
     train_prompts: str = typer.Option("all", help="first N training prompts, or 'all'"),
@@ -296,7 +234,7 @@ def bupo(
             num_generations=num_generations, max_new_tokens=max_new_tokens, temperature=temperature,
             learning_rate=lr, weight_decay=weight_decay, beta=beta, micro_batch_size=micro_batch_size,
             reward=reward, save_every=save_every, group_sampling=group_sampling,
-            train_prompts=None if train_prompts == "all" else _parse_limit(train_prompts),
+            train_prompts=None if train_prompts == "all" else parse_limit(train_prompts),
             layer_trace_prompts=layer_trace_prompts, eval_prompts=eval_prompts, eval_samples=eval_samples,
             ks=k_values, trace_prompts=trace_prompts, trace_positions=trace_positions, batch_size=batch_size,
             device=device, dtype=dtype, seed=seed, name=name, cache=cache, enable_thinking=enable_thinking,

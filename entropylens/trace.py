@@ -9,101 +9,26 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Iterator
 
 import torch
 
 from entropylens import __version__
-from entropylens.backends import BACKENDS, make_backend
+from entropylens.backends import make_backend
 from entropylens.batch import ADDITIVE_TOL, GroupSampler, Sequences, generate, trace_batch
-from entropylens.decode import DEFAULT_BLOCK_BYTES, KERNELS, resolve_kernel
+from entropylens.config import TraceConfig
+from entropylens.decode import DEFAULT_BLOCK_BYTES, resolve_kernel
 from entropylens.dist import Shard
 from entropylens.errors import UserError
 from entropylens.lens import make_lens
 from entropylens.models import LoadedModel, load_model
 from entropylens.prompts import Prompt, load_prompts, prompts_sha256, render
 from entropylens.remote import RemoteModel, connect
-from entropylens.rewards import REWARDS, score, trace_references
-from entropylens.sites import SITES, find_layout
+from entropylens.rewards import score, trace_references
+from entropylens.sites import find_layout
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
-
-POSITIONS = ("all", "response")
-LONG_PROMPTS = ("reject", "truncate")
-
-
-@dataclass
-class TraceConfig:
-    """Everything that defines a trace run; stored in the manifest so `--resume` can rebuild it."""
-
-    model: str = "smollm2"  # `smollm2` (embedded), a local folder, a .gguf file or a hub id
-    prompts: str = "arith"  # built-in set name or a prompt file (.jsonl/.parquet/.csv/.txt)
-    limit: int | None = 8  # first N prompts; None = all
-    generate: bool = True  # sample a response per prompt before tracing
-    max_new_tokens: int = 32  # response length cap
-    temperature: float = 1.0  # sampling temperature (0 = greedy)
-    top_p: float = 1.0  # nucleus sampling
-    lens: str = "bupo"  # bupo | logit | both
-    sites: tuple[str, ...] = SITES  # which of attn_in, attn, ffn_in, ffn, layer to decode
-    positions: str = "all"  # all | response: decode every position or only those predicting response tokens
-    backend: str = "nnsight"  # nnsight | transformer-lens
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    device_map: str | None = None  # accelerate placement over several devices: auto | balanced | sequential | x.json
-    remote: bool = False  # run the model on NDIF (nnsight); entropies are reduced there, only statistics return
-    dtype: str = "float32"  # model weights/activations dtype
-    batch_size: int = 4  # prompts per traced forward
-    name: str | None = None  # run folder name (default: timestamp + model + prompts)
-    seed: int = 0  # prompt shuffling (built-ins) and sampling
-    cache: str = "cache"  # root folder holding runs/ and models/
-    enable_thinking: bool = False  # Qwen3 chat templates: thinking mode
-    trust_remote_code: bool = False  # only when asked
-    compile: bool = False  # the torch.compile decode kernel (same as kernel="compiled"; ~15 s one-off compile)
-    kernel: str = "auto"  # decode kernel, decode.KERNELS: auto = native (C) on CPU with a compiler, else eager
-    parent_run: str | None = None  # link to a parent run (BuPO before/after)
-    split: str = "all"  # all | train | test (built-in sets)
-    long_prompts: str = "reject"  # reject | truncate: prompts beyond the context (truncate keeps the last tokens)
-    samples: int = 1  # responses per prompt, each its own sequence; N > 1 samples per prompt (batch-independent)
-    reward: str = "exact"  # rule scoring responses against the reference (entropylens.rewards.RULES)
-    bad_references: str = "error"  # error | null: a present but empty/malformed reference stops the run or scores null
-    extra: dict = field(default_factory=dict)  # free-form provenance recorded in the manifest
-
-    def lenses(self) -> list[str]:
-        return ["bupo", "logit"] if self.lens == "both" else [self.lens]
-
-    def validate(self) -> None:
-        if self.lens not in ("bupo", "logit", "both"):
-            raise UserError(f"unknown --lens {self.lens!r}; choose bupo, logit or both")
-        bad = [s for s in self.sites if s not in SITES]
-        if bad or not self.sites:
-            raise UserError(f"unknown site {bad[0] if bad else '(none)'}; choose from {', '.join(SITES)}")
-        if self.backend not in BACKENDS:
-            raise UserError(f"unknown --backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.positions not in POSITIONS:
-            raise UserError(f"unknown --positions {self.positions!r}; choose all or response")
-        if self.long_prompts not in LONG_PROMPTS:
-            raise UserError(f"unknown --long-prompts {self.long_prompts!r}; choose reject or truncate")
-        for name in ("max_new_tokens",):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.reward not in REWARDS:
-            raise UserError(f"unknown --reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
-        if self.bad_references not in ("error", "null"):
-            raise UserError(f"unknown --bad-references {self.bad_references!r}; choose error or null")
-        for name in ("batch_size", "limit", "samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if self.kernel not in KERNELS:
-            raise UserError(f"unknown --kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-        if self.remote and (self.backend != "nnsight" or self.device_map):
-            raise UserError("--remote runs through nnsight on NDIF's machines: drop --backend/--device-map")
-        if self.positions == "response" and not self.generate:
-            raise UserError("--positions response needs --generate (there is no response to decode)")
-        if self.samples > 1 and (not self.generate or self.temperature == 0):
-            raise UserError("--samples > 1 needs sampling: --generate with --temperature > 0")
 
 
 # ---------------------------------------------------------------- prompts and memory
