@@ -15,12 +15,16 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import pyarrow.parquet as pq
 
-from app.server import create_app
-from app.views.flows import build_compare, build_dh, build_flow
-from app.views.tokens import build_heatmap, cell_detail
-from entropylens.synthetic import SyntheticRun, write_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic runs are test data
+
+from app.server import create_app  # noqa: E402
+from app.views.flows import build_compare, build_dh, build_flow  # noqa: E402
+from app.views.tokens import build_heatmap, cell_detail  # noqa: E402
+from synthetic import SyntheticRun, write_run  # noqa: E402
 
 BIG = "bench-llama-40L"
 SMALL = "bench-qwen3-28L"

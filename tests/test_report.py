@@ -14,7 +14,7 @@ from plotly.offline import get_plotlyjs
 
 from entropylens.errors import UserError
 from entropylens.report import ReportConfig, build_report, depth_layers, paper_checks
-from entropylens.synthetic import SyntheticRun, write_run
+from synthetic import SyntheticRun, write_run
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from tiny import V, build_tiny, wrap
 from entropylens.stages import read_stages
 from entropylens.store import load_entropy
-from entropylens.synthetic import SyntheticRun, write_run
+from synthetic import SyntheticRun, write_run
 from entropylens.trace import TraceConfig, run_trace
 
 ANALYSES = Path(__file__).resolve().parents[2] / "analyses"

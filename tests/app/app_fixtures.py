@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from entropylens.synthetic import SyntheticRun, write_bupo_run, write_run
+from synthetic import SyntheticRun, write_bupo_run, write_run
 
 # Newest first in the table: llama-after (child of llama-base), qwen3-base, llama-base.
 RUNS = {

@@ -14,7 +14,7 @@ import torch
 from conftest import one_line, run_main
 from entropylens.errors import UserError
 from entropylens.models import load_model
-from entropylens.synthetic import SyntheticRun, write_run
+from synthetic import SyntheticRun, write_run
 from test_concurrency import dash_call, flow_figure
 
 ROOT = Path(__file__).resolve().parents[2]
