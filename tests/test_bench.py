@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from entropylens.bench import BenchConfig, run_bench
 from entropylens.errors import UserError
-
-
-def _check_columns(df) -> None:
-    """Derived columns recomputed from the raw ones."""
-    a = df.attrs
-    for r in df.itertuples():
-        assert r.tokens_per_s == pytest.approx(a["tokens"] / r.seconds)
-        rows = a["entropylens_rows_per_token"] if r.method.startswith(("entropylens", "floor")) \
-            else a["recipe_rows_per_token"]
-        assert r.gflops == pytest.approx(2 * a["d_model"] * a["vocab"] * rows * a["tokens"] / r.seconds / 1e9)
-    recipes = df[~df.method.str.startswith(("entropylens", "floor"))]
-    best = recipes.tokens_per_s.max()
-    assert (df.x_faster_recipe * best).to_numpy() == pytest.approx(df.tokens_per_s.to_numpy())
-    floor = df.set_index("method").loc["floor"]
-    assert floor.frac_floor_flops == pytest.approx(1.0) and math.isnan(floor.max_abs_dH)
 
 
 def test_model_mode_every_method_matches_fp64(tiny_folder):
@@ -34,7 +17,6 @@ def test_model_mode_every_method_matches_fp64(tiny_folder):
     assert df.attrs["tokens"] == 16 and df.attrs["layers"] == 3 and df.attrs["additive"]
     assert (df.attrs["recipe_rows_per_token"], df.attrs["entropylens_rows_per_token"]) == (5 * 3 + 1, 4 * 3 + 1)
     assert (df.dropna(subset=["max_abs_dH"]).max_abs_dH < 1e-4).all()
-    _check_columns(df)
 
 
 def test_random_head_mode_matches_fp64():
@@ -43,7 +25,26 @@ def test_random_head_mode_matches_fp64():
     assert list(df.method) == ["recipe", "entropylens", "floor"]
     assert (df.attrs["vocab"], df.attrs["d_model"], df.attrs["tokens"]) == (3001, 48, 300)
     assert (df.dropna(subset=["max_abs_dH"]).max_abs_dH < 1e-4).all()
-    _check_columns(df)
+
+
+def test_accuracy_column_sees_an_error_in_one_method(monkeypatch):
+    """max|ΔH| is measured against bench's own fp64 reference: an entropylens result off by 1e-3 nats must
+    show as ~1e-3 in its row while the recipe's row stays exact (a column that could not fail would not)."""
+    import entropylens.bench as bench
+
+    real = bench.decode_layers
+
+    def off_by_1e3(*a, **kw):
+        res = real(*a, **kw)
+        for st in res.values():
+            st.entropy += 1e-3
+        return res
+
+    monkeypatch.setattr(bench, "decode_layers", off_by_1e3)
+    df = run_bench(BenchConfig(vocab=1001, d_model=32, tokens=64, sites=("attn", "layer"),
+                               methods=("entropylens-eager", "floor"))).set_index("method")
+    assert df.loc["recipe", "max_abs_dH"] < 1e-5
+    assert df.loc["entropylens-eager", "max_abs_dH"] == pytest.approx(1e-3, rel=1e-2)
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -39,7 +39,10 @@ def test_trace_runs_show_compare_end_to_end(tiny_folder, tmp_path):
     assert cli("trace", *common, "--name", "b", "--seed", "1").returncode == 0
 
     listing = cli("runs", "--cache", str(cache))
-    assert listing.returncode == 0 and "a" in listing.stdout and "complete" in listing.stdout
+    rows = [line.split("│") for line in listing.stdout.splitlines() if "│" in line]
+    listed = {cells[1].strip(): [c.strip() for c in cells] for cells in rows}  # run_id -> cells (header: ┃)
+    assert listing.returncode == 0 and set(listed) == {"a", "b"}, listing.stdout
+    assert all("complete" in cells for cells in listed.values())
     shown = cli("show", "a", "--cache", str(cache), "--lens", "bupo")
     assert shown.returncode == 0
     # the printed table is the stored summary: check one number

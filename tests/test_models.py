@@ -51,7 +51,14 @@ def test_folder_without_weights(tmp_path, tiny_folder):
 def test_layout_found_for_llama_and_qwen3_and_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    assert find_layout(build_tiny("qwen3")).site_names["attn"] == "self_attn"
+    hf_names = {"attn_in": "input_layernorm", "attn": "self_attn", "ffn_in": "post_attention_layernorm",
+                "ffn": "mlp"}
+    for arch in ("llama", "qwen3"):
+        model = build_tiny(arch)
+        lay = find_layout(model)
+        assert (lay.layers_path, lay.site_names, lay.final_norm_path, lay.n_layers) == (
+            "model.layers", hf_names, "model.norm", 3), arch
+        assert lay.final_norm(model) is model.model.norm and lay.layers(model) is model.model.layers
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100))
     lay = find_layout(gpt2)
     assert lay.layers_path == "transformer.h" and lay.site_names == {
@@ -71,3 +78,8 @@ def test_unknown_layout_names_what_is_missing():
 def test_bad_device_and_dtype():
     with pytest.raises(UserError, match="dtype"):
         load_model("x", dtype="float8")
+    with pytest.raises(UserError, match="unknown --device 'gpu0'"):
+        load_model("x", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is available"):
+            load_model("x", device="cuda")
