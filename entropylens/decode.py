@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +35,6 @@ DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
 # fp32 logits carry ~6e-8·|z| rounding; rows whose top logit exceeds this are redone in fp64 so every
 # entropy stays within 1e-4 nats (measured: |z| = 135 -> 1.2e-5 nats in fp32).
 EXACT_GUARD = 500.0
-PRECISIONS = ("exact",)
 # The exactness guard recomputes a row's chunks in fp64 only where the chunk max is within this of the row's.
 REDO_MARGIN = 50.0
 KERNELS = ("auto", "native", "compiled", "eager")
@@ -75,14 +75,6 @@ def _ieee_matmul(device: torch.device) -> Iterator[None]:
         yield
     finally:
         cfg.fp32_precision = prev
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise UserError(
-            f"unknown precision {precision!r}; only 'exact' is offered (a bf16 mode measured slower and "
-            "less exact on CPU, see docs/performance.md)"
-        )
 
 
 def _check_finite(x: torch.Tensor) -> None:
@@ -145,7 +137,6 @@ def decode_rows(
     chunk: int = DEFAULT_CHUNK,
     dtype: torch.dtype = torch.float32,
     guard: float | None = EXACT_GUARD,
-    precision: str = "exact",
     compile: bool = False,
     kernel: str = "auto",
 ) -> Stats:
@@ -154,7 +145,6 @@ def decode_rows(
     `kernel` picks the per-chunk kernel (`resolve_kernel`; `compile=True` = "compiled"): all give the same
     results within ~1e-6 nats, see docs/performance.md.
     """
-    _check_precision(precision)
     kernel = resolve_kernel(kernel, compile, x.device, dtype)
     x = x.to(dtype)
     _check_finite(x)
@@ -211,6 +201,106 @@ def _patch(res: Stats, rows: torch.Tensor, exact: Stats, k0: int = 0) -> None:
     res.redone += rows.numel()
 
 
+@dataclass
+class _Rows:
+    """Where each site's rows sit in the GEMM operand of a block of n tokens, in output order:
+    [direct sites, L each][H^0][H^1..H^L]. The GEMM fills everything up to H^0 (all of it without the
+    additive trick); with the trick the layer sums after H^0 are made from the attn and ffn rows."""
+
+    L: int
+    direct: list[str]  # sites decoded from their own vectors, in order
+    want_layer: bool
+    trick: bool  # raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j): saves L GEMM rows per token
+
+    @property
+    def per_token(self) -> int:
+        return self.L * len(self.direct) + (self.L + 1 if self.want_layer else 0)
+
+    @property
+    def gemm_per_token(self) -> int:
+        return self.per_token - (self.L if self.trick else 0)
+
+    @property
+    def outs(self) -> list[str]:
+        return self.direct + (["layer"] if self.want_layer else [])
+
+    def offsets(self, n: int) -> tuple[int, int, int]:
+        """Row offsets of A^1, F^1 and H^0 in a block of n tokens (the trick's inputs and output)."""
+        return self.L * self.direct.index("attn") * n, self.L * self.direct.index("ffn") * n, self.L * len(
+            self.direct) * n
+
+    def operand(self, h0: torch.Tensor, acts: dict[str, torch.Tensor], b0: int, n: int) -> torch.Tensor:
+        """Every row of tokens [b0, b0 + n), fp32, in output order: (per_token * n, d)."""
+        ops = [acts[s][:, b0 : b0 + n] for s in self.direct]
+        if self.want_layer:
+            ops += [h0[None, b0 : b0 + n], acts["layer"][:, b0 : b0 + n]]
+        return torch.cat(ops).to(torch.float32).reshape(-1, h0.shape[1])
+
+    def split(self, res: Stats, n: int) -> dict[str, Stats]:
+        """A block's Stats -> site -> (L or L + 1, n) views (the guard still patches them in place)."""
+        out, k = {}, 0
+        for s in self.outs:
+            rows = (self.L + 1 if s == "layer" else self.L) * n
+            out[s] = Stats(res.entropy[k : k + rows], res.top1[k : k + rows], res.p1[k : k + rows]).reshape(-1, n)
+            k += rows
+        return out
+
+
+class _GuardQueue:
+    """Rows for the exactness guard, redone together across blocks (fewer, larger fp64 GEMMs), at most
+    `cap` at a time so the fp64 buffers stay within the block budget."""
+
+    def __init__(self, lens: Lens, chunk: int, cap: int):
+        self.lens, self.chunk, self.cap = lens, chunk, cap
+        self.pending: list[tuple[Stats, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # res, rows, x, maxima
+        self.redone = 0
+
+    def add(self, res: Stats, rows: torch.Tensor, x: torch.Tensor, chunk_max: torch.Tensor) -> None:
+        if rows.numel():
+            self.pending.append((res, rows, x, chunk_max))
+            self.redone += rows.numel()
+            if sum(p[1].numel() for p in self.pending) >= self.cap:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        cat = lambda i: torch.cat([p[i] for p in self.pending])  # noqa: E731
+        exact = _exact_rows(cat(2), cat(3), self.lens, None, self.chunk)
+        k0 = 0
+        for res, rows, _, _ in self.pending:
+            _patch(res, rows, exact, k0)
+            k0 += rows.numel()
+        self.pending.clear()
+
+
+def _layer_sums(plan: _Rows, n: int) -> Callable[[torch.Tensor], None]:
+    """The trick's `combine`: raw(H^l) = raw(H^0) + Σ_{j≤l} (raw(A^j) + raw(F^j)), summed in place."""
+    ia, jf, h = plan.offsets(n)
+    L = plan.L
+
+    def combine(Z: torch.Tensor) -> None:
+        torch.add(Z[ia : ia + L * n], Z[jf : jf + L * n], out=Z[h + n :])
+        for r in range(h + n, Z.shape[0], n):  # 5x faster than cumsum_ along dim 0
+            Z[r : r + n] += Z[r - n : r]
+
+    return combine
+
+
+def _decode_block(vecs: torch.Tensor, plan: _Rows, n: int, W: torch.Tensor, lens: Lens, chunk: int,
+                  kernel: str) -> tuple[OnlineLSE, torch.Tensor | None]:
+    """Stream V for one block's rows; returns the accumulators and the row scale."""
+    scale = lens.row_scale(vecs)
+    combine, layers = None, None
+    if plan.trick:
+        if kernel == "native" and scale is None and lens.bias is None and not lens.softcap:
+            layers = (*plan.offsets(n), n, plan.L)  # the kernel sums and folds the layer rows in one pass
+        else:
+            combine = _layer_sums(plan, n)
+    X = vecs[: plan.gemm_per_token * n]  # the rows that need a GEMM
+    return _stream(X, W, lens, plan.per_token * n, combine, scale, None, chunk, kernel, layers), scale
+
+
 def decode_layers(
     h0: torch.Tensor,
     acts: dict[str, torch.Tensor],
@@ -220,7 +310,6 @@ def decode_layers(
     chunk: int = DEFAULT_CHUNK,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     guard: float | None = EXACT_GUARD,
-    precision: str = "exact",
     compile: bool = False,
     kernel: str = "auto",
 ) -> dict[str, Stats]:
@@ -231,83 +320,36 @@ def decode_layers(
     (checked by the caller with sites.additivity_error). The first site's Stats carries `redone`; every
     site's Stats carries `kernel`, the per-chunk kernel used (`kernel`/`compile` as in `decode_rows`).
     """
-    _check_precision(precision)
     kernel = resolve_kernel(kernel, compile, h0.device, torch.float32)
     L, N, d = acts["attn"].shape
-    want_layer = "layer" in sites
     direct = [s for s in sites if s != "layer"]
     # The trick saves L GEMM rows only when A^l and F^l are decoded anyway; otherwise decode H^l directly.
-    trick = want_layer and additive and "attn" in direct and "ffn" in direct
-    # Z rows per token block, in output order: [direct sites, L each][H^0][H^1..H^L]. The GEMM fills
-    # everything up to H^0 (all of it without the trick), `combine` the layer sums after it.
-    n_rows = L * len(direct) + (L + 1 if want_layer else 0)
-    n_gemm = n_rows - (L if trick else 0)
+    trick = "layer" in sites and additive and "attn" in direct and "ffn" in direct
+    plan = _Rows(L, direct, "layer" in sites, trick)
     W = lens.W.to(h0.device, torch.float32).contiguous()
-    V = W.shape[0]
-    chunk = min(chunk, V)
+    chunk = min(chunk, W.shape[0])
     n_bufs = 2 if kernel == "eager" else 1  # (rows, chunk) fp32 buffers per block: fused kernels need no scratch
-    block = max(1, min(N, block_bytes // (n_bufs * n_rows * chunk * 4)))
-    outs = direct + (["layer"] if want_layer else [])
-    parts: dict[str, list[Stats]] = {s: [] for s in outs}
-    # Rows for the exactness guard, redone together across blocks (fewer, larger fp64 GEMMs), at most
-    # `cap` at a time so the fp64 buffers stay within block_bytes: (res, rows, vecs[rows], chunk maxima).
-    pending: list[tuple[Stats, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    cap = max(1, block_bytes // (8 * (chunk + d)))
-
-    def redo_pending() -> None:
-        if pending:
-            cat = lambda i: torch.cat([p[i] for p in pending])  # noqa: E731
-            exact = _exact_rows(cat(2), cat(3), lens, None, chunk)
-            k0 = 0
-            for res, rows, _, _ in pending:
-                _patch(res, rows, exact, k0)
-                k0 += rows.numel()
-            pending.clear()
-
-    redone = 0
+    block = max(1, min(N, block_bytes // (n_bufs * plan.per_token * chunk * 4)))
+    queue = _GuardQueue(lens, chunk, cap=max(1, block_bytes // (8 * (chunk + d))))
+    parts: dict[str, list[Stats]] = {s: [] for s in plan.outs}
     with _ieee_matmul(h0.device):
         for b0 in range(0, N, block):
             n = min(N, b0 + block) - b0
-            ops = [acts[s][:, b0 : b0 + n] for s in direct]
-            if want_layer:
-                ops += [h0[None, b0 : b0 + n], acts["layer"][:, b0 : b0 + n]]
-            vecs = torch.cat(ops).to(torch.float32).reshape(-1, d)  # (n_rows * n, d), output order
+            vecs = plan.operand(h0, acts, b0, n)  # (per_token * n, d)
             _check_finite(vecs)
-            X = vecs[: n_gemm * n]  # (n_gemm * n, d): the rows that need a GEMM
-            scale = lens.row_scale(vecs)
-            combine, layers = None, None
-            if trick:
-                ia, jf, h = L * direct.index("attn") * n, L * direct.index("ffn") * n, L * len(direct) * n
-
-                def combine(Z: torch.Tensor, ia=ia, jf=jf, h=h, n=n) -> None:
-                    # raw(H^l) = raw(H^0) + Σ_{j≤l} (raw(A^j) + raw(F^j)), summed over layers in place
-                    torch.add(Z[ia : ia + L * n], Z[jf : jf + L * n], out=Z[h + n :])
-                    for r in range(h + n, Z.shape[0], n):  # 5x faster than cumsum_ along dim 0
-                        Z[r : r + n] += Z[r - n : r]
-
-            if trick and kernel == "native" and scale is None and lens.bias is None and not lens.softcap:
-                combine, layers = None, (ia, jf, h, n, L)  # the kernel sums and folds them in one pass
-            acc = _stream(X, W, lens, n_rows * n, combine, scale, None, chunk, kernel, layers)
+            acc, scale = _decode_block(vecs, plan, n, W, lens, chunk, kernel)
             res = acc.result()
             if guard is not None:
                 big = acc.best.abs()  # (rows,) top final logit: what fp32 rounding scales with
                 if trick:
-                    big = _taint_sums(big, scale, L, n, ia, jf, h)
+                    big = _taint_sums(big, scale, L, n, *plan.offsets(n))
                 rows = (big > guard).nonzero().squeeze(1)
-                if rows.numel():
-                    pending.append((res, rows, vecs[rows], acc.chunk_maxima()[rows]))
-                    redone += rows.numel()
-                    if sum(p[1].numel() for p in pending) >= cap:
-                        redo_pending()
-            k = 0
-            for s in outs:
-                rows = (L + 1 if s == "layer" else L) * n
-                sl = Stats(res.entropy[k : k + rows], res.top1[k : k + rows], res.p1[k : k + rows])
-                parts[s].append(sl.reshape(-1, n))  # a view: redo_pending still patches it
-                k += rows
-        redo_pending()
+                queue.add(res, rows, vecs[rows], acc.chunk_maxima()[rows])
+            for s, st in plan.split(res, n).items():
+                parts[s].append(st)
+        queue.flush()
     result = {s: _cat(p) for s, p in parts.items()}
-    next(iter(result.values())).redone = redone
+    next(iter(result.values())).redone = queue.redone
     for r in result.values():
         r.kernel = kernel
     return result

@@ -164,11 +164,6 @@ def test_site_subsets():
             check(res[s], lens, _all_rows(h0, acts, s))
 
 
-def test_unknown_precision_is_a_user_error():
-    with pytest.raises(UserError):
-        decode_rows(torch.randn(2, 24), make_lens(), precision="fast")
-
-
 
 def _eager_fused(monkeypatch):
     """Run the fused path with the uncompiled kernel: tests its merge algebra without paying a compile."""
