@@ -118,7 +118,7 @@ def _guarded(run_id: str, run_dir: Path) -> Iterator[None]:
                         f"fix permissions, then `entropylens trace --resume {run_id}`") from None
 
 
-def _open_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool) -> RunWriter:
+def _new_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool) -> RunWriter:
     """A RunWriter; a default (timestamped) name taken by a trace started in the same second gets a suffix."""
     if resume or cfg.name is not None:
         return RunWriter(cfg.cache, run_id, manifest, resume=resume)
@@ -130,6 +130,34 @@ def _open_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool) ->
             if not Path(cfg.cache, "runs", rid).exists():
                 raise
     raise UserError(f"99 runs named {run_id}-*: pass --name")
+
+
+def _open_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool, shard: Shard | None) -> RunWriter:
+    """Rank 0 creates (or reopens, checking the prompts) the run folder; the other ranks join it."""
+    writer = None
+    if shard is None or shard.is_main:
+        writer = _new_writer(cfg, run_id, manifest, resume)
+        run_id = writer.run_dir.name
+        if resume and writer.previous_manifest["prompts"]["sha256"] != manifest["prompts"]["sha256"]:
+            raise UserError(f"run {run_id!r} was traced on different prompts; cannot resume it with these")
+    if shard is not None:
+        shard.barrier()  # rank 0 has created the folder and cleared a killed run's half-written parts
+        if writer is None:
+            writer = RunWriter.join(cfg.cache, run_id)
+    return writer
+
+
+def _load(cfg: TraceConfig, console, shard: Shard | None, loaded: LoadedModel | None,
+          remote: RemoteModel | None) -> tuple[LoadedModel, RemoteModel | None]:
+    """The model (given, loaded here, or NDIF's through `connect`) with its remote handle, if any."""
+    if cfg.remote and remote is None:
+        with console.status(f"connecting to NDIF for {cfg.model} ..."):
+            loaded, remote = connect(cfg.model)
+    if loaded is None:
+        with console.status(f"loading model {cfg.model} ..."):
+            loaded = load_model(cfg.model, cfg.dtype, _rank_device(cfg.device, shard), Path(cfg.cache),
+                                cfg.trust_remote_code, cfg.device_map)
+    return loaded, remote
 
 
 def config_from_run(cache: str, run_id: str) -> TraceConfig:
@@ -154,6 +182,47 @@ def _merge_timings(by_rank: list[dict]) -> dict:
     """Work summed over ranks (CPU/GPU seconds); load is the slowest rank's; total is rank 0's wall time."""
     out = {k: round(sum(t[k] for t in by_rank), 3) for k in ("generate_s", "trace_s", "decode_s")}
     return {"load_s": round(max(t["load_s"] for t in by_rank), 3), **out}
+
+
+def _records(loaded: LoadedModel, cfg: TraceConfig, seqs: Sequences, src: list[int], responses: list[list[int]],
+             prompts: list[Prompt], refs: list) -> list[dict]:
+    """responses.jsonl rows of one batch, each response scored against its prompt's reference."""
+    records = []
+    for q, i, p, r, text in zip(seqs.prompt_idx, src, seqs.prompt_ids, responses, seqs.texts):
+        response = loaded.tokenizer.decode(r, skip_special_tokens=True)
+        reward, correct = score(response, refs[i], cfg.reward) if cfg.generate else (None, None)
+        records.append({"prompt_idx": q, "prompt": text, "response": response, "answer": prompts[i].answer,
+                        "n_prompt_tokens": len(p), "n_response_tokens": len(r), "source_idx": i,
+                        "sample": q % cfg.samples, "reward": reward, "correct": correct})
+    return records
+
+
+def _manifest(cfg: TraceConfig, loaded: LoadedModel, lenses: list, prompts: list[Prompt], refs: list,
+              dropped: list[int], remote: RemoteModel | None, shard: Shard | None) -> dict:
+    """The run's manifest as the trace starts (docs/storage.md); timings and checks are added at the end."""
+    info = loaded.info
+    return {
+        "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
+        "backend": f"nnsight-remote ({remote.mode})" if remote else cfg.backend,
+        "precision": "exact (fp64 on the serving side)" if remote else "exact",
+        "device": "remote" if remote else str(getattr(loaded.model, "hf_device_map", None) or loaded.device),
+        "positions": cfg.positions,
+        "prompts": {"source": cfg.prompts, "sha256": prompts_sha256(prompts), "n": len(prompts),
+                    "limit": cfg.limit, "split": cfg.split},
+        "generation": {"generate": cfg.generate, "max_new_tokens": cfg.max_new_tokens,
+                       "temperature": cfg.temperature, "top_p": cfg.top_p},
+        "seed": cfg.seed, "batch_size": cfg.batch_size, "parent_run": cfg.parent_run,
+        "samples": cfg.samples, "n_sequences": len(prompts) * cfg.samples,
+        "outcome": {"reward": cfg.reward, "bad_references": cfg.bad_references,
+                    "scored_null": [i for i, r in enumerate(refs) if r is None]},
+        "shards": {"world_size": shard.world_size if shard else 1, "batch_to_rank": "batch mod world_size"},
+        "long_prompts": {"mode": cfg.long_prompts, "truncated": [
+            {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
+        "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
+        # the per-chunk decode kernel `auto` chose here (decode.resolve_kernel), so a run says how it was made
+        "decode_kernel": None if remote else resolve_kernel(cfg.kernel, cfg.compile, lenses[0][1].W.device,
+                                                            torch.float32),
+    }
 
 
 def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
@@ -181,13 +250,7 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
     timings = {"load_s": 0.0, "generate_s": 0.0, "trace_s": 0.0, "decode_s": 0.0}
     t0 = time.perf_counter()
-    if cfg.remote and remote is None:
-        with console.status(f"connecting to NDIF for {cfg.model} ..."):
-            loaded, remote = connect(cfg.model)
-    if loaded is None:
-        with console.status(f"loading model {cfg.model} ..."):
-            loaded = load_model(cfg.model, cfg.dtype, _rank_device(cfg.device, shard), Path(cfg.cache),
-                                cfg.trust_remote_code, cfg.device_map)
+    loaded, remote = _load(cfg, console, shard, loaded, remote)
     timings["load_s"] = time.perf_counter() - t0
     info = loaded.info
     layout = find_layout(loaded.model)
@@ -201,37 +264,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     run_id = cfg.name if resume else new_run_id(cfg.name, tag=f"{info.family}-{Path(cfg.prompts).stem}")
     if shard is not None:
         run_id = shard.broadcast(run_id)  # a timestamped name must be the same on every rank
-    manifest = {
-        "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
-        "backend": f"nnsight-remote ({remote.mode})" if remote else cfg.backend,
-        "precision": "exact (fp64 on the serving side)" if remote else "exact",
-        "device": "remote" if remote else str(getattr(loaded.model, "hf_device_map", None) or loaded.device),
-        "positions": cfg.positions,
-        "prompts": {"source": cfg.prompts, "sha256": prompts_sha256(prompts), "n": len(prompts),
-                    "limit": cfg.limit, "split": cfg.split},
-        "generation": {"generate": cfg.generate, "max_new_tokens": cfg.max_new_tokens,
-                       "temperature": cfg.temperature, "top_p": cfg.top_p},
-        "seed": cfg.seed, "batch_size": cfg.batch_size, "parent_run": cfg.parent_run,
-        "samples": cfg.samples, "n_sequences": len(prompts) * cfg.samples,
-        "outcome": {"reward": cfg.reward, "bad_references": cfg.bad_references,
-                    "scored_null": [i for i, (p, r) in enumerate(zip(prompts, refs)) if r is None]},
-        "shards": {"world_size": shard.world_size if shard else 1, "batch_to_rank": "batch mod world_size"},
-        "long_prompts": {"mode": cfg.long_prompts, "truncated": [
-            {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
-        "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
-        # the per-chunk decode kernel `auto` chose here (decode.resolve_kernel), so a run says how it was made
-        "decode_kernel": None if remote else resolve_kernel(cfg.kernel, cfg.compile, lenses[0][1].W.device,
-                                                            torch.float32),
-    }
-    if main:
-        writer = _open_writer(cfg, run_id, manifest, resume)
-        run_id = writer.run_dir.name
-        if resume and writer.previous_manifest["prompts"]["sha256"] != manifest["prompts"]["sha256"]:
-            raise UserError(f"run {run_id!r} was traced on different prompts; cannot resume it with these")
-    if shard is not None:
-        shard.barrier()  # rank 0 has created the folder and cleared a killed run's half-written parts
-        if not main:
-            writer = RunWriter.join(cfg.cache, run_id)
+    manifest = _manifest(cfg, loaded, lenses, prompts, refs, dropped, remote, shard)
+    writer = _open_writer(cfg, run_id, manifest, resume, shard)
+    run_id = writer.run_dir.name
     done = writer.done_batches()
     n = cfg.samples  # sequence q is sample q % n of prompt q // n (with n = 1: the prompt itself)
     batches = [list(range(i, min(i + cfg.batch_size, len(prompts) * n)))
@@ -248,22 +283,13 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
             t0 = time.perf_counter()
             src = [q // n for q in idx]
             batch_ids = [prompt_ids[i] for i in src]
-            if sampler is None:  # one response per prompt: one batched generate, seeded per batch
-                responses = generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b, remote=remote)
-            else:
-                responses = [sampler(q // n, q % n) for q in idx]
+            responses = (generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b, remote=remote)
+                         if sampler is None else [sampler(q // n, q % n) for q in idx])  # per batch / per prompt
             timings["generate_s"] += time.perf_counter() - t0
             seqs = Sequences(idx, [texts[i] for i in src], batch_ids, responses, [prompts[i].answer for i in src])
             tokens, entropy, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings, remote)
             worst_err, n_tok = max(worst_err, err), n_tok + len(tokens)
-            records = []
-            for q, i, p, r in zip(idx, src, batch_ids, responses):
-                text = loaded.tokenizer.decode(r, skip_special_tokens=True)
-                reward, correct = score(text, refs[i], cfg.reward) if cfg.generate else (None, None)
-                records.append({"prompt_idx": q, "prompt": texts[i], "response": text, "answer": prompts[i].answer,
-                                "n_prompt_tokens": len(p), "n_response_tokens": len(r), "source_idx": i,
-                                "sample": q % n, "reward": reward, "correct": correct})
-            writer.write_batch(b, tokens, entropy, records)
+            writer.write_batch(b, tokens, entropy, _records(loaded, cfg, seqs, src, responses, prompts, refs))
             rate = n_tok / max(timings["trace_s"] + timings["decode_s"], 1e-9)
             completed = len(writer.done_batches()) if shard is not None else None  # every rank's batches
             bar.update(task, advance=None if completed else 1, completed=completed,
