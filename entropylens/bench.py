@@ -295,7 +295,8 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
                 gemm_rows = our_rows if name in OURS else recipe_rows
                 kern = KERNEL_OF.get(name, "")
                 row = dict(
-                    method=name, kernel=f"{default} (default)" if kern == "auto" else kern, seconds=dt, tokens_per_s=N / dt, gflops=2 * d * V * gemm_rows * N / dt / 1e9,
+                    method=name, kernel=f"{default} (default)" if kern == "auto" else kern, seconds=dt,
+                    tokens_per_s=N / dt, gflops=2 * d * V * gemm_rows * N / dt / 1e9,
                     max_abs_dH=None if H is None else _max_err(H, ref), peak_extra_gib=mem.extra_gib,
                 )
                 prev = best.get(name)

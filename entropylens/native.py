@@ -4,7 +4,8 @@ Per row of a finished (R, C) fp32 logit chunk it does, in one call and with no (
 row max and first argmax (top-1), then Σ e^u and Σ u·e^u with u = z − m' centred on the new running max
 m' = max(m, chunk max), merged into the row's fp64 (m, s, t) accumulators exactly as `OnlineLSE._merge`.
 A row of a chunk (8 KiB at C = 2048) stays in L1 between the max and the sums, so the chunk is read from
-L2/L3 once. e^u uses a Cody–Waite range reduction and Cephes' degree-7 expf polynomial (about 1 ulp), written so the compiler vectorises it for the ISA torch dispatches to (AVX-512, AVX2 or plain);
+L2/L3 once. e^u uses a Cody–Waite range reduction and Cephes' degree-7 expf polynomial (about 1 ulp),
+written so the compiler vectorises it for the ISA torch dispatches to (AVX-512, AVX2 or plain);
 sums run in fp32 over 256-logit blocks and in fp64 across blocks.
 
 Threads: built with -fopenmp, the kernel's row loop runs on the OpenMP team that torch's (MKL) GEMMs use —

