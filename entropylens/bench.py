@@ -24,7 +24,7 @@ import gc
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +35,7 @@ from entropylens import native
 from entropylens.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_layers, resolve_kernel
 from entropylens.errors import UserError
 from entropylens.lens import Lens, make_lens
+from entropylens.options import option, parse_csv
 from entropylens.sites import SITES, additivity_error, find_layout
 
 METHODS = ("transformer-lens", "nnsight", "entropylens", "entropylens-eager", "entropylens-compiled", "floor")
@@ -71,21 +72,36 @@ def machine() -> dict[str, str]:
 
 @dataclass
 class BenchConfig:
-    """What `entropylens bench` measures."""
+    """What `entropylens bench` measures; its fields are the command's options."""
 
-    model: str = "smollm2"  # model spec for models.load_model (ignored with vocab/d_model)
-    batch: int = 4  # sequences
-    seq: int = 128  # tokens per sequence
-    sites: tuple[str, ...] = SITES  # sites decoded per layer
-    methods: tuple[str, ...] = METHODS  # which methods to run, in this order
-    vocab: int | None = None  # random-head mode: vocabulary size (e.g. 151936)
-    d_model: int | None = None  # random-head mode: width (e.g. 1024)
-    tokens: int = 4096  # random-head mode: token rows
-    ref_rows: int = 64  # rows per site sampled for the fp64 reference
-    threads: int | None = None  # torch threads (None: torch's default)
-    repeats: int = 1  # round-robin runs of every method; each reports its fastest
-    seed: int = 0
-    cache: Path = field(default_factory=lambda: Path("cache"))
+    model: str = option("smollm2", "model spec (ignored with --vocab/--d-model)")
+    batch: int = option(4, "sequences")
+    seq: int = option(128, "tokens per sequence")
+    sites: tuple[str, ...] = option(SITES, "comma-separated sites", parse=parse_csv, shown=",".join(SITES))
+    methods: tuple[str, ...] = option(METHODS, "methods to run, in order (entropylens = the default path, kernel "
+                                      "auto)", parse=parse_csv, shown=",".join(METHODS))
+    vocab: int | None = option(None, "random-head mode: vocabulary size (e.g. 151936)")
+    d_model: int | None = option(None, "random-head mode: width (e.g. 1024)")
+    tokens: int = option(4096, "random-head mode: token rows")
+    ref_rows: int = option(64, "rows per site sampled for the fp64 reference", cli=False)
+    threads: int | None = option(None, "torch threads")
+    repeats: int = option(1, "round-robin runs of every method; each reports its fastest")
+    seed: int = option(0, "seeds the token batch, the random head and the reference rows", cli=False)
+    cache: Path = option(Path("cache"), "folder holding models/", parse=Path, shown="cache")
+
+    def validate(self) -> None:
+        """Mistakes that need no model: one UserError line each."""
+        for name in ("batch", "seq", "tokens", "repeats"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if (self.vocab is None) != (self.d_model is None):
+            raise UserError("random-head mode needs both --vocab and --d-model")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        bad_sites = [s for s in self.sites if s not in SITES]
+        if bad_sites or not self.sites:
+            raise UserError(f"unknown site {bad_sites[0] if bad_sites else ''!r}; choose from {', '.join(SITES)}")
 
 
 class PeakRSS:
@@ -234,18 +250,11 @@ def _gemm_rows(sites, L: int, additive: bool) -> tuple[int, int]:
 
 def run_bench(cfg: BenchConfig) -> pd.DataFrame:
     """Run every method once (after one warm-up of the decode path) and return one row per method."""
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    random_head = cfg.vocab is not None or cfg.d_model is not None
-    if random_head and not (cfg.vocab and cfg.d_model):
-        raise UserError("random-head mode needs both --vocab and --d-model")
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    bad_sites = [s for s in cfg.sites if s not in SITES]
-    if bad_sites or not cfg.sites:
-        raise UserError(f"unknown site {bad_sites[0] if bad_sites else ''!r}; choose from {', '.join(SITES)}")
+    random_head = cfg.vocab is not None
     setup = _random_methods if random_head else _model_methods
     with torch.no_grad():
         lens, h0, stacked, additive, ref, methods = setup(cfg)

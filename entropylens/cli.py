@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from entropylens.cli_print import out, print_bupo, print_layer_table, print_outcome_table, print_run
+from entropylens.bench import BenchConfig
 from entropylens.config import TraceConfig
 from entropylens.errors import UserError
 from entropylens.options import build, cli_options, parse_limit
@@ -121,29 +122,12 @@ def app_cmd(
 
 
 @app.command()
-def bench(
-    model: str = typer.Option("smollm2", help="model spec (ignored with --vocab/--d-model)"),
-    batch: int = typer.Option(4, help="sequences"),
-    seq: int = typer.Option(128, help="tokens per sequence"),
-    sites: str = typer.Option("attn_in,attn,ffn_in,ffn,layer", help="comma-separated sites"),
-    methods: str = typer.Option("transformer-lens,nnsight,entropylens,entropylens-eager,entropylens-compiled,floor",
-                                help="methods to run, in order (entropylens = the default path, kernel auto)"),
-    vocab: int = typer.Option(None, help="random-head mode: vocabulary size (e.g. 151936)"),
-    d_model: int = typer.Option(None, help="random-head mode: width (e.g. 1024)"),
-    tokens: int = typer.Option(4096, help="random-head mode: token rows"),
-    threads: int = typer.Option(None, help="torch threads"),
-    repeats: int = typer.Option(1, help="round-robin runs of every method; each reports its fastest"),
-    cache: str = typer.Option("cache"),
-) -> None:
+@cli_options(BenchConfig)
+def bench(options: dict) -> None:
     """Decode engine vs the TransformerLens and nnsight recipes vs the fp32 GEMM floor, in one process."""
-    from entropylens.bench import BenchConfig, run_bench
+    from entropylens.bench import run_bench
 
-    for name, value in (("batch", batch), ("seq", seq), ("tokens", tokens), ("repeats", repeats)):
-        if value <= 0:
-            raise UserError(f"--{name} must be a positive integer, got {value}")
-    cfg = BenchConfig(model=model, batch=batch, seq=seq, sites=tuple(sites.split(",")),
-                      methods=tuple(methods.split(",")), vocab=vocab, d_model=d_model, tokens=tokens,
-                      threads=threads, repeats=repeats, cache=Path(cache))
+    cfg = build(BenchConfig, options)
     df = run_bench(cfg)
     heads = {"method": "method", "seconds": "s", "tokens_per_s": "tok/s", "gflops": "GFLOP/s",
              "max_abs_dH": "max|ΔH|", "peak_extra_gib": "peak GiB", "x_faster_recipe": "× recipe",
