@@ -1,0 +1,80 @@
+"""Options declared once on a dataclass: typer sees the fields, the command gets the config back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from entropylens.cli import app as cli_app
+from entropylens.config import TraceConfig
+from entropylens.errors import UserError
+from entropylens.options import build, cli_options, option, parse_csv, parse_limit
+
+
+@dataclass
+class Inner:
+    lr: float = option(0.5, "learning rate", flags=("--lr", "-l"))
+    hidden: int = option(3, "not on the command line", cli=False)
+
+
+@dataclass
+class Outer:
+    name: str = option("x", "a name")
+    limit: int | None = option(8, "first N, or 'all'", parse=parse_limit)
+    sites: tuple[str, ...] = option(("a", "b"), "comma-separated", parse=parse_csv, shown="a,b")
+    verbose: bool = option(False, "talk more")
+    inner: Inner = field(default_factory=Inner)
+
+
+def _app(seen: list) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    @cli_options(Outer)
+    def run(options: dict, quiet: bool = typer.Option(False, help="own option")) -> None:
+        seen.append((build(Outer, options), quiet))
+
+    return app
+
+
+def test_fields_become_options_and_come_back_as_the_config():
+    seen: list = []
+    r = CliRunner().invoke(_app(seen), ["--limit", "all", "--sites", "c, d", "--verbose", "-l", "0.1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    cfg, quiet = seen[0]
+    assert cfg == Outer(name="x", limit=None, sites=("c", "d"), verbose=True, inner=Inner(lr=0.1)) and quiet
+
+
+def test_defaults_and_help_are_the_fields():
+    seen: list = []
+    r = CliRunner().invoke(_app(seen), [])
+    assert r.exit_code == 0 and seen[0] == (Outer(), False)
+    text = CliRunner().invoke(_app([]), ["--help"], env={"COLUMNS": "200"}).output
+    for flag, help_ in (("--name", "a name"), ("--limit", "first N, or 'all'"), ("--sites", "comma-separated"),
+                        ("--verbose", "talk more"), ("--lr", "learning rate"), ("--quiet", "own option")):
+        assert flag in text and help_ in text, flag
+    assert "--hidden" not in text and "[default: a,b]" in text and "[default: 8]" in text
+
+
+def test_trace_command_offers_every_config_field_and_nothing_else():
+    """`entropylens trace --help` lists exactly TraceConfig's command-line fields (+ --resume, --quiet)."""
+    command = typer.main.get_command(cli_app).commands["trace"]
+    names = {p.name for p in command.params}
+    assert names - {"resume", "quiet"} == {f.name for f in fields(TraceConfig) if f.metadata["cli"]}
+
+
+def test_parsers_fail_in_one_line():
+    with pytest.raises(UserError, match="positive integer or 'all'"):
+        parse_limit("many")
+    with pytest.raises(UserError, match="positive integer"):
+        parse_limit("0")
+    assert parse_csv(" a, ,b ") == ("a", "b")
+
+
+def test_a_parameter_shadowing_a_field_is_refused():
+    with pytest.raises(TypeError, match="shadow"):
+        @cli_options(Outer)
+        def bad(options: dict, name: str = "y") -> None: ...
