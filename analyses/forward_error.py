@@ -20,6 +20,11 @@ vectors normed by the model's final norm in fp64.
 
     nice -n 5 .venv/bin/python analyses/forward_error.py                         # 32 … 2048 tokens, both lenses
     .venv/bin/python analyses/forward_error.py --lengths 32,128 --lens bupo --positions 8   # a quick look
+    nice -n 5 .venv/bin/python analyses/forward_error.py --rope-fp64 --lens bupo --lengths 32,512,2048 --positions 8
+
+`--rope-fp64` adds a third model, float64 with its RoPE angles computed in fp64 (transformers computes them in fp32
+in every dtype, so the float64 model above shares that rounding), and the kinds `rope` (float64 forward vs float64
+forward with fp64 angles) and `exact` (the stored fp32 entropies vs the latter).
 
 Writes <out>/forward-error.csv (one row per length, lens, position and error kind: max and mean over the
 position's site × layer rows) and <out>/forward-error.png; prints the machine, torch, threads and the table.
@@ -84,6 +89,24 @@ def stored(run, lens: str, n_layers: int, T: int) -> dict[str, np.ndarray]:
     return out
 
 
+def rope_in_fp64(model) -> None:
+    """Make a Llama-style model compute its RoPE angles and their cos/sin in fp64 (default RoPE type only)."""
+    rot = model.model.rotary_emb
+    cfg = model.config
+    params = getattr(cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if params.get("rope_type", "default") != "default":
+        sys.exit(f"--rope-fp64 handles the default RoPE only, not {params['rope_type']!r}")
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+    def forward(x, position_ids):
+        freqs = position_ids[..., None].double() * inv.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * rot.attention_scaling).to(x.dtype), (emb.sin() * rot.attention_scaling).to(x.dtype)
+
+    rot.forward = forward
+
+
 def tool(acts, positions: np.ndarray, model, lens: str) -> dict[str, np.ndarray]:
     """site -> (L + 1, K) entropies the tool stores for these positions: `decode_layers` as a trace calls it
     (entropylens.batch._decode_local: the lens from the model's head, the additive `layer` trick when the
@@ -143,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default="cache", help="holds models/ (the embedded SmolLM2 is dequantised there)")
     ap.add_argument("--out", default="docs/figures", help="folder for forward-error.csv and .png")
     ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--rope-fp64", action="store_true",
+                    help="also load a float64 model whose RoPE angles are computed in fp64 (transformers computes them "
+                         "in fp32 in every dtype) and report `rope` = |fp64 forward − fp64 forward with fp64 RoPE| "
+                         "and `exact` = |stored fp32 trace − the latter|")
     ap.add_argument("--from-csv", help="print the table and draw the figure from a forward-error.csv; measure nothing")
     args = ap.parse_args(argv)
     if args.from_csv:
@@ -163,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     norm64 = find_layout(m64.model).final_norm(m64.model)
     cap32 = make_backend("nnsight", m32.model, tok, find_layout(m32.model))
     cap64 = make_backend("nnsight", m64.model, tok, find_layout(m64.model))
+    cap64r = None
+    if args.rope_fp64:
+        m64r = load_model("smollm2", dtype="float64", cache=Path(args.cache))
+        rope_in_fp64(m64r.model)
+        cap64r = make_backend("nnsight", m64r.model, tok, find_layout(m64r.model))
     L = find_layout(m32.model).n_layers
     print(f"models loaded in {time.perf_counter() - t_start:.0f} s", flush=True)
 
@@ -175,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         pos = np.unique(np.linspace(0, T - 1, min(T, args.positions)).round().astype(int))
         with torch.no_grad():
             a32, a64 = cap32.capture(ids[None]), cap64.capture(ids[None])
+            a64r = None if cap64r is None else cap64r.capture(ids[None])
         t1 = time.perf_counter()
         for lens in lenses:
             s32, s64 = tool(a32, pos, m32.model, lens), tool(a64, pos, m64.model, lens)
@@ -192,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             ref64 = reference(a64, pos, W64, norm64, lens)
             err = {"decode": errors(s32, ref32, None), "forward": errors(ref32, ref64, None),
                    "total": errors(s32, ref64, None), "fp64_trace": errors(s64, ref64, None)}
+            if a64r is not None:
+                ref64r = reference(a64r, pos, W64, norm64, lens)
+                err |= {"rope": errors(ref64, ref64r, None), "exact": errors(s32, ref64r, None)}
             for kind, e in err.items():
                 for k, p in enumerate(pos):
                     rows.append({"length": T, "lens": lens, "position": int(p), "kind": kind,
@@ -199,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)  # rows so far: a long run that is stopped keeps what it measured
         pd.DataFrame(rows).to_csv(out / "forward-error.csv", index=False, float_format="%.4g")
         done = pd.DataFrame([r for r in rows if r["length"] == T])
-        worst = " · ".join(f"{k} {done[done['kind'] == k]['max'].max():.1e}" for k in KINDS)
+        worst = " · ".join(f"{k} {done[done['kind'] == k]['max'].max():.1e}" for k in done["kind"].unique())
         print(f"length {T}: forwards {t1 - t0:.0f} s, decodes + fp64 references {time.perf_counter() - t1:.0f} s "
               f"({len(pos)} positions, {len(lenses)} lens(es)); max |ΔH| {worst}", flush=True)
 
@@ -212,7 +248,8 @@ def report(df: pd.DataFrame, out: Path, draw: bool) -> int:
     table = (df.groupby(["lens", "length", "kind"], sort=False)
                .agg(max=("max", "max"), mean=("mean", "mean"), positions=("position", "size")).reset_index())
     wide = table.pivot_table(index=["lens", "length"], columns="kind", values=["max", "mean"])
-    wide = wide.reindex(columns=[(m, k) for k in KINDS for m in ("max", "mean")])
+    kinds = [k for k in (*KINDS, "rope", "exact") if k in set(df["kind"])]
+    wide = wide.reindex(columns=[(m, k) for k in kinds for m in ("max", "mean")])
     pd.set_option("display.width", 200)
     print("\n|ΔH| in nats, over every site × layer at the sampled positions (max over rows, mean of rows):")
     print(wide.to_string(float_format=lambda v: f"{v:.2e}"))
