@@ -1,4 +1,4 @@
-"""entropylens: internal-policy entropy of language models (see DESIGN §1).
+"""entropylens: internal-policy entropy of language models (definitions: docs/definitions.md).
 
 The library (docs/api.md): `trace`, `decode`, `load`, `Run`, imported on first use so that `import entropylens`
 stays light. `entropylens.trace` and `entropylens.decode` are also the names of the modules that do the work;

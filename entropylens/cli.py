@@ -1,4 +1,4 @@
-"""Command line: `entropylens trace | runs | show | compare | app | bupo | bench` (DESIGN §5).
+"""Command line: `entropylens trace | runs | show | compare | report | app | bupo | bench` (README: Command line).
 
 Every user mistake is an `UserError`, printed as one line with exit code 2 — never a traceback.
 """

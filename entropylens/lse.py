@@ -1,6 +1,6 @@
 """Online log-sum-exp accumulators: entropy, top-1 and log p(target) of rows streamed over vocabulary chunks.
 
-Per row, kept in fp64 across chunks (DESIGN §2):
+Per row, kept in fp64 across chunks (docs/definitions.md#computation):
 
     m = running max,  s = Σ e^{z-m},  t = Σ (z-m) e^{z-m}    ->    H = log s − t / s
 
