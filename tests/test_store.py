@@ -232,10 +232,10 @@ def test_crash_during_finalize_never_looks_complete(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         real(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", crash_on_entropy)
+    monkeypatch.setattr(os, "replace", crash_on_entropy)
     with pytest.raises(KeyboardInterrupt):
         w.finalize(V, L)
-    monkeypatch.setattr(store.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert (w.run_dir / "tokens.parquet").exists()  # merged early, but the run is not complete
     assert store.read_manifest(w.run_dir)["status"] == "running"
     with pytest.raises(UserError, match="not complete"):
