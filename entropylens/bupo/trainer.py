@@ -43,12 +43,11 @@ from entropylens.bupo.grpo import (
     LOSS_AGGS, LossScale, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
 )
 from entropylens.rewards import check_references, get_reward
-from entropylens.bupo.rollout import (
-    Rollouts, decoder_layers, final_norm, generate_groups, generate_rollouts, group_seed, policy_logits,
-)
+from entropylens.bupo.rollout import Rollouts, generate_groups, generate_rollouts, group_seed, policy_logits
 from entropylens.errors import UserError
 from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
+from entropylens.sites import decoder_layers, final_norm
 from entropylens.store import read_manifest, write_atomic, write_json
 
 
