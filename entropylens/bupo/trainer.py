@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import entropylens
 from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import (
-    STATE_FILE, Interrupted, deferred_sigint, load_state, save_checkpoint, save_state, tied_head_key,
+    STATE_FILE, Interrupted, deferred_sigint, load_state, save_checkpoint, save_state,
 )
 from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
 from entropylens.bupo.grpo import (
@@ -48,6 +48,7 @@ from entropylens.errors import UserError
 from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
 from entropylens.sites import decoder_layers, final_norm
+from entropylens.models import describe_model
 from entropylens.store import read_manifest, write_atomic, write_json
 
 
@@ -373,15 +374,11 @@ def _update_effect(model, ro: Rollouts, adv: torch.Tensor, before: torch.Tensor,
     return [signal, float((before * m).sum()), float((lp * m).sum()), float((adv[:, None] * (lp - before) * m).sum())]
 
 
-def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None, acc=None) -> dict:
-    c = model.config
-    info = {
-        "id": cfg.model_id or getattr(c, "_name_or_path", ""),
-        "architecture": (getattr(c, "architectures", None) or [type(model).__name__])[0],
-        "family": c.model_type, "n_layers": len(decoder_layers(model)), "d_model": c.hidden_size,
-        "vocab_size": c.vocab_size, "tie_word_embeddings": tied_head_key(model) is not None,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    } | (extra or {})
+def _manifest(cfg: BupoConfig, model, prompts, out: Path, info: dict | None, acc=None) -> dict:
+    if info is None:  # a model handed over in memory: described as the loaders describe theirs
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        model_id = cfg.model_id or getattr(model.config, "_name_or_path", "")
+        info = describe_model(model, model_id, "memory", "unknown", dtype).to_dict()
     dist = {} if acc is None else {"distributed": {
         "world_size": acc.num_processes, "type": str(acc.distributed_type).split(".")[-1],
         "backend": acc.state.backend, "prompts_per_rank": cfg.prompts_per_step // acc.num_processes}}
