@@ -128,7 +128,6 @@ def compute_summary(entropy: pd.DataFrame, vocab_size: int, n_layers: int, outco
 
 # ---------------------------------------------------------------- outcomes (stored side; analysis: outcomes.py)
 
-OUTCOMES = ("all", "correct", "wrong")
 OUTCOMES_SCHEMA = pa.schema([
     ("prompt_idx", pa.int32()), ("source_idx", pa.int32()), ("sample", pa.int32()),
     ("reward", pa.float64()), ("correct", pa.bool_()), ("n_response_tokens", pa.int32()),

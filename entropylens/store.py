@@ -28,7 +28,7 @@ from entropylens.runfolder import (  # noqa: F401  (re-exported: store is where 
     resolve_run, write_atomic, write_json, write_parquet,
 )
 from entropylens.schema import (  # noqa: F401  (re-exported)
-    ENTROPY_SCHEMA, ENTROPY_SORT, LENSES, OUTCOME_KEYS, OUTCOMES, OUTCOMES_SCHEMA, QUANTITIES, RESPONSE_KEYS, SITES,
+    ENTROPY_SCHEMA, ENTROPY_SORT, LENSES, OUTCOME_KEYS, OUTCOMES_SCHEMA, QUANTITIES, RESPONSE_KEYS, SITES,
     SUMMARY_ROLES, SUMMARY_SCHEMA, TOKEN_ROLES, TOKENS_SCHEMA, TOKENS_SORT, _check_values, _response_line,
     _to_table, compute_summary, outcome_sets, outcomes_table, summary_by_outcome,
 )
