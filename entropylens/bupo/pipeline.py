@@ -19,7 +19,6 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,8 @@ from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model
 from entropylens.prompts import load_prompts
 from entropylens.sites import SITES
-from entropylens.store import layer_table, new_run_id, read_manifest, resolve_run, write_json
+from entropylens.runfolder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
+from entropylens.store import layer_table
 from entropylens.trace import TraceConfig, run_trace
 
 ALGOS = ("bupo", "grpo")
@@ -180,10 +180,6 @@ def before_after_table(base_dir: Path, trained_dir: Path) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _update_manifest(run_dir: Path, **fields: Any) -> None:
-    write_json(run_dir / "manifest.json", read_manifest(run_dir) | fields)
-
-
 def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) -> BupoResult:
     """Choose k, evaluate and trace the base model, train, then evaluate and re-trace the checkpoint.
 
@@ -234,7 +230,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     if not (resume and _trained(run_dir)):
         try:
             train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
-                  model_info=loaded.info.to_dict(), resume=resume)
+                  model_info=loaded.info.to_dict(), resume=resume, finish=False)
         except Interrupted as e:
             e.run_id = run_id
             raise
@@ -242,15 +238,19 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     gc.collect()
 
     def after_training() -> tuple[dict, dict, str, pd.DataFrame]:
-        try:  # the trainer marked its part complete; the run is complete once evaluated and re-traced
-            _update_manifest(run_dir, status="running", finished=None, stage="evaluate", layer_choice=layer_choice,
-                             runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
-            write_json(run_dir / "run_config.json", asdict(cfg) | {"name": run_id, "layer_choice": layer_choice})
+        # the trainer left the run `running` at stage "trained"; it is complete once evaluated and re-traced
+        folder = RunFolder.open(run_dir)
+        if folder.manifest.get("status") != "running":  # resumed after a failure past training
+            folder = RunFolder.start(run_dir, {}, resume=True)
+        try:
+            folder.update(stage="evaluate", layer_choice=layer_choice,
+                          runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
+            folder.write_json("run_config.json", asdict(cfg) | {"name": run_id, "layer_choice": layer_choice})
             trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
             _log(progress, f"evaluating the trained model ({ckpt}) ...")
             eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
             gain = gains(eval_base, eval_trained, cfg.ks)
-            write_json(run_dir / "eval.json", {
+            folder.write_json("eval.json", {
                 "config": asdict(ecfg), "prompts": {"source": eval_source, "split": eval_split, "n": len(eval_set)},
                 "interval": "95 %, percentile bootstrap over prompts (10,000 resamples); gain: paired",
                 "base": eval_base, "trained": eval_trained, "gain": gain,
@@ -261,11 +261,10 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
                                  cfg.trace_positions, base_name, progress, str(ckpt))
             table = before_after_table(runs / base_name, trained_dir)
         except BaseException as e:
-            _update_manifest(run_dir, status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+            folder.fail(f"{type(e).__name__}: {e}")
             raise
-        _update_manifest(run_dir, status="complete", stage="done", finished=_now(), files=read_manifest(run_dir)
-                         ["files"] | {"eval": "eval.json", "run_config": "run_config.json"},
-                         pipeline_s=round(time.perf_counter() - t0, 1))
+        files = folder.manifest["files"] | {"eval": "eval.json", "run_config": "run_config.json"}
+        folder.complete(stage="done", files=files, pipeline_s=round(time.perf_counter() - t0, 1))
         return eval_trained, gain, trained_dir.name, table
 
     eval_trained, gain, trained_name, table = distributed.main_only(acc, after_training)
@@ -331,6 +330,3 @@ def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg:
         "layer": k, "evidence": evidence, "layer_run": layer_run, "eval_base": eval_base, "base_run": base_dir.name})
     return k, evidence, layer_run, eval_base, base_dir.name
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

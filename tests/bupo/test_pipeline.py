@@ -11,6 +11,7 @@ from conftest import make_model, make_tokenizer
 
 from entropylens.bupo.pipeline import BupoRunConfig, run_bupo
 from entropylens.errors import UserError
+from entropylens.runfolder import RunFolder
 from entropylens.store import read_manifest
 
 TINY = dict(steps=2, internal_steps=1, prompts_per_step=2, num_generations=2, max_new_tokens=6,
@@ -31,9 +32,18 @@ def boundary_folder(tmp_path_factory):
     return folder
 
 
-def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path):
+def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path, monkeypatch):
+    statuses, write = [], RunFolder.write_manifest
+
+    def spy(folder):  # every manifest the trainer run's folder writes: its status goes running -> complete once
+        if folder.run_dir.name == "r":
+            statuses.append(folder.manifest["status"])
+        write(folder)
+
+    monkeypatch.setattr(RunFolder, "write_manifest", spy)
     r = run_bupo(BupoRunConfig(model=str(boundary_folder), layer="auto", cache=str(tmp_path), name="r", **TINY),
                  progress=False)
+    assert statuses[0] == "running" and statuses[-1] == "complete" and statuses.count("complete") == 1
     entropy = pd.read_parquet(tmp_path / "runs" / "r-layer" / "entropy.parquet")
     assert set(entropy["lens"]) == {"bupo"} and set(entropy["role"]) == {"response"}  # response positions only
     assert entropy["H_attn"].isna().all() and entropy["H_ffn"].notna().any()  # FFN sites only
