@@ -18,7 +18,7 @@ import gc
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ from entropylens.store import layer_table
 from entropylens.trace import TraceConfig, run_trace
 
 ALGOS = ("bupo", "grpo")
+# The default k: the embedded SmolLM2 has no layer with a positive mean FFN dH under the bupo lens (every one
+# is negative, -1.8 to -10.3 nats), so `--layer auto` refuses it; 15 is the middle of its 30 layers.
+DEFAULT_LAYER = 15
 
 
 @dataclass
@@ -49,9 +52,8 @@ class BupoRunConfig:
     eval_prompts_source: str | None = None  # held-out prompt source; None = `prompts`' test split
     algo: str = "bupo"  # bupo (internal phase first) | grpo (internal_steps forced to 0)
     # k, 1-indexed, or `auto`: the last layer whose mean FFN dH over response tokens is positive (traced
-    # first). The default is a number because the embedded SmolLM2 has no such layer under the bupo lens
-    # (every mean FFN dH is negative, -1.8 to -10.3 nats), so `auto` refuses it; 15 is its middle layer.
-    layer: str = "15"
+    # first). The default is a number (DEFAULT_LAYER) because `auto` refuses the embedded SmolLM2.
+    layer: str = str(DEFAULT_LAYER)
     internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 4 (bupo), 0 (grpo)
     steps: int = 24  # total optimiser steps
     prompts_per_step: int = 8  # B: prompts sampled per step
@@ -85,6 +87,12 @@ class BupoRunConfig:
         if self.algo == "grpo":
             return 0
         return self.steps // 4 if self.internal_steps is None else self.internal_steps
+
+    def trainer_config(self, layer: int, **run: Any) -> BupoConfig:
+        """The trainer's config: every BupoConfig field this command has, by name (no copied list), with k,
+        the resolved internal steps and `run` (model_id, parent_run); the rest keep BupoConfig's defaults."""
+        shared = {f.name: getattr(self, f.name) for f in fields(BupoConfig) if f.name in self.__dataclass_fields__}
+        return BupoConfig(**shared | {"internal_layer": layer, "internal_steps": self.resolved_internal_steps()} | run)
 
     def validate(self) -> None:
         """Mistakes that need no model: one UserError line each."""
@@ -218,14 +226,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
     trace_n = min(cfg.trace_prompts, len(eval_set))
 
-    bcfg = BupoConfig(
-        internal_layer=k, internal_steps=cfg.resolved_internal_steps(), steps=cfg.steps,
-        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, beta=cfg.beta, micro_batch_size=cfg.micro_batch_size, reward=cfg.reward,
-        group_sampling=cfg.group_sampling, save_every=cfg.save_every, seed=cfg.seed,
-        enable_thinking=cfg.enable_thinking, model_id=loaded.info.id, parent_run=base_name,
-    )
+    bcfg = cfg.trainer_config(k, model_id=loaded.info.id, parent_run=base_name)
     ckpt = run_dir / "checkpoint"
     if not (resume and _trained(run_dir)):
         try:
