@@ -26,6 +26,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains, per_prompt
+from entropylens.bupo.pipeline import DEFAULT_LAYER
 from entropylens.bupo.trainer import BupoConfig, train
 from entropylens.errors import UserError
 from entropylens.intervals import fmt_ci, paired_gain_ci
@@ -42,7 +43,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--prompts", default="digits", help="built-in set or file with a train/test split")
-    p.add_argument("--layer", type=int, default=15, help="k (SmolLM2 has no layer with mean FFN ΔH > 0: see notes)")
+    p.add_argument("--layer", type=int, default=DEFAULT_LAYER,
+                   help="k (SmolLM2 has no layer with mean FFN ΔH > 0: see notes)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the BuPO-vs-GRPO comparison (>= 3)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--bupo-frac", type=float, default=0.25, help="BuPO's internal phase as a fraction of --steps")

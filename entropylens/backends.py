@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from entropylens.errors import UserError
-from entropylens.sites import SITES, Activations, Layout, first_tensor
+from entropylens.sites import SITES, Activations, Layout, first_tensor, get_path
 
 BACKENDS = ("nnsight", "transformer-lens")
 
@@ -40,13 +40,7 @@ class NnsightBackend:
 
     def capture(self, input_ids: torch.Tensor) -> Activations:
         lay = self.layout
-        envoy = self.lm
-        for part in lay.layers_path.split("."):
-            envoy = getattr(envoy, part)
-        layers = envoy
-        final_norm = self.lm
-        for part in lay.final_norm_path.split("."):
-            final_norm = getattr(final_norm, part)
+        layers, final_norm = get_path(self.lm, lay.layers_path), get_path(self.lm, lay.final_norm_path)
         n = lay.site_names
         saved: dict[str, list] = {s: [] for s in SITES}
         with torch.no_grad(), self.lm.trace(input_ids):

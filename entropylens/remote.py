@@ -22,8 +22,9 @@ import torch
 
 from entropylens.decode import Stats
 from entropylens.errors import UserError
-from entropylens.models import LoadedModel, ModelInfo
-from entropylens.sites import Layout, find_layout
+from entropylens.models import LoadedModel, describe_model
+from entropylens.lens import softcap_of
+from entropylens.sites import Layout, find_layout, get_path
 
 MODES = ("ndif", "local")  # a real NDIF request | the same request simulated here
 
@@ -47,12 +48,6 @@ class RemoteModel:
             lm = LanguageModel(model, tokenizer=tokenizer)
         return cls(lm, find_layout(model), mode)
 
-    def _envoy(self, path: str):
-        obj = self.lm
-        for part in path.split("."):
-            obj = getattr(obj, part)
-        return obj
-
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, seed: int, **sampling) -> torch.Tensor:
         """Sampled continuations (B, T + new), seeded on the serving side."""
@@ -72,10 +67,10 @@ class RemoteModel:
         import nnsight
 
         lm, lay = self.lm, self.layout
-        layers, norm, head = self._envoy(lay.layers_path), self._envoy(lay.final_norm_path), lm.lm_head
+        layers, norm, head = (get_path(lm, p) for p in (lay.layers_path, lay.final_norm_path, lay.head_path))
         names = lay.site_names  # site -> submodule attribute of a decoder layer
         order = [s for s in ("attn_in", "attn", "ffn_in", "ffn") if s in sites]  # execution order
-        cap = getattr(lm.config, "final_logit_softcapping", None)
+        cap = softcap_of(lm.config)  # the lens reads W_U, bias and soft-cap as lens.read_head does
         use_norm = ["logit" == name for name in lenses]
         want_layer = "layer" in sites
         # Everything inside this block runs on the serving side: it may use only torch, nnsight and the names
@@ -139,11 +134,6 @@ def connect(model_id: str, mode: str = "ndif") -> tuple[LoadedModel, RemoteModel
     model, tok, cfg = lm._model, lm.tokenizer, lm.config
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    info = ModelInfo(
-        id=model_id, source="ndif", revision=getattr(cfg, "_commit_hash", None) or "unknown",
-        architecture=type(model).__name__, family=getattr(cfg, "model_type", "unknown"),
-        n_layers=int(cfg.num_hidden_layers), d_model=int(cfg.hidden_size), vocab_size=int(cfg.vocab_size),
-        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        dtype=str(getattr(cfg, "torch_dtype", "remote")), max_positions=getattr(cfg, "max_position_embeddings", None),
-    )
+    info = describe_model(model, model_id, "ndif", getattr(cfg, "_commit_hash", None) or "unknown",
+                          str(getattr(cfg, "torch_dtype", "remote")))
     return LoadedModel(model, tok, info), RemoteModel(lm, find_layout(model), mode)

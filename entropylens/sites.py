@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from entropylens.errors import UserError
+from entropylens.lens import read_head
 
 SITES = ("attn_in", "attn", "ffn_in", "ffn", "layer")
 
@@ -32,13 +33,38 @@ FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "m
 UNSUPPORTED_EXTRAS = ("post_feedforward_layernorm", "pre_feedforward_layernorm")
 
 
-def _get(root: torch.nn.Module, dotted: str):
+def get_path(root, dotted: str):
+    """`root.a.b` for "a.b", or None where a part is missing; the one lookup of model parts, for modules and
+    nnsight envoys alike (tracer backends, remote traces, the trainer)."""
     obj = root
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
             return None
     return obj
+
+
+def _find(model: torch.nn.Module, paths: tuple[str, ...], kind: type, what: str) -> str:
+    """The first of `paths` that holds a `kind` in `model`, or a UserError naming what was tried."""
+    found = next((p for p in paths if isinstance(get_path(model, p), kind)), None)
+    if found is None:
+        raise UserError(f"unsupported architecture {type(model).__name__}: no {what} found (tried {', '.join(paths)})")
+    return found
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers (1-indexed in the paper: layer l is element l - 1)."""
+    return get_path(model, _find(model, LAYER_LISTS, torch.nn.ModuleList, "decoder layer list"))
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm applied after the last decoder layer."""
+    return get_path(model, _find(model, FINAL_NORMS, torch.nn.Module, "final norm"))
+
+
+def module_path(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    """The dotted name of `module` inside `model` (None if it is not one of its modules)."""
+    return next((name for name, m in model.named_modules() if m is module), None)
 
 
 @dataclass
@@ -49,22 +75,20 @@ class Layout:
     site_names: dict[str, str]  # site -> attribute name inside a decoder layer
     final_norm_path: str
     n_layers: int
+    head_path: str = "lm_head"  # the output embedding (unembedding W_U)
 
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        return _get(model, self.layers_path)
+        return get_path(model, self.layers_path)
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
-        return _get(model, self.final_norm_path)
+        return get_path(model, self.final_norm_path)
 
 
 def find_layout(model: torch.nn.Module) -> Layout:
     """Find decoder layers, their four sub-modules and the final norm, or say exactly what is missing."""
     arch = type(model).__name__
-    layers_path = next((p for p in LAYER_LISTS if isinstance(_get(model, p), torch.nn.ModuleList)), None)
-    if layers_path is None:
-        tried = ", ".join(LAYER_LISTS)
-        raise UserError(f"unsupported architecture {arch}: no decoder layer list found (tried {tried})")
-    first = _get(model, layers_path)[0]
+    layers_path = _find(model, LAYER_LISTS, torch.nn.ModuleList, "decoder layer list")
+    first = get_path(model, layers_path)[0]
     extras = [n for n in UNSUPPORTED_EXTRAS if hasattr(first, n)]
     if extras:
         raise UserError(
@@ -80,10 +104,9 @@ def find_layout(model: torch.nn.Module) -> Layout:
                 f"(tried {', '.join(candidates)}; found {', '.join(n for n, _ in first.named_children())})"
             )
         names[site] = name
-    final = next((p for p in FINAL_NORMS if isinstance(_get(model, p), torch.nn.Module)), None)
-    if final is None:
-        raise UserError(f"unsupported architecture {arch}: no final norm found (tried {', '.join(FINAL_NORMS)})")
-    return Layout(layers_path, names, final, len(_get(model, layers_path)))
+    final = _find(model, FINAL_NORMS, torch.nn.Module, "final norm")
+    head = module_path(model, read_head(model)[0]) or "lm_head"
+    return Layout(layers_path, names, final, len(get_path(model, layers_path)), head)
 
 
 @dataclass
@@ -93,9 +116,6 @@ class Activations:
     h0: torch.Tensor  # (B, T, d) input of layer 1
     sites: dict[str, list[torch.Tensor]]  # site -> L tensors (B, T, d)
     final_normed: torch.Tensor  # (B, T, d) final_norm(H^L): the model's own head input
-
-    def stacked(self, site: str) -> torch.Tensor:
-        return torch.stack(self.sites[site])  # (L, B, T, d)
 
 
 def first_tensor(x) -> torch.Tensor:

@@ -232,10 +232,10 @@ def test_crash_during_finalize_never_looks_complete(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         real(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", crash_on_entropy)
+    monkeypatch.setattr(os, "replace", crash_on_entropy)
     with pytest.raises(KeyboardInterrupt):
         w.finalize(V, L)
-    monkeypatch.setattr(store.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert (w.run_dir / "tokens.parquet").exists()  # merged early, but the run is not complete
     assert store.read_manifest(w.run_dir)["status"] == "running"
     with pytest.raises(UserError, match="not complete"):
@@ -332,3 +332,37 @@ def test_new_run_id():
     for bad in ("../x", ".hidden", "a b", "x" * 129):
         with pytest.raises(UserError):
             store.new_run_id(bad)
+
+
+def test_run_folder_sets_status_once(tmp_path):
+    """Any kind of run (here a trainer-like one): running at start, complete once, never back to running."""
+    from entropylens.runfolder import RunFolder
+
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    folder = RunFolder.start(run, {"run_id": "t", "kind": "bupo", "created": "then"})
+    assert store.read_manifest(run)["status"] == "running"
+    with pytest.raises(ValueError, match="status"):
+        folder.update(status="complete")
+    folder.update(stage="trained")
+    folder.complete(stage="done")
+    m = store.read_manifest(run)
+    assert (m["status"], m["stage"], m["error"]) == ("complete", "done", None) and m["finished"]
+    with pytest.raises(ValueError, match="already complete"):
+        folder.complete()
+    with pytest.raises(UserError, match="already complete"):
+        RunFolder.start(run, {"kind": "bupo"}, resume=True)
+    assert not list(run.glob("*.tmp"))
+
+
+def test_run_folder_resume_keeps_what_was_recorded(tmp_path):
+    from entropylens.runfolder import RunFolder
+
+    run = tmp_path / "r"
+    run.mkdir()
+    RunFolder.start(run, {"created": "first", "kind": "bupo"}).fail("boom")
+    assert store.read_manifest(run)["status"] == "failed"
+    folder = RunFolder.start(run, {"created": "second", "extra": 1}, resume=True)
+    m = store.read_manifest(run)
+    assert (m["status"], m["error"], m["created"], m["extra"]) == ("running", None, "first", 1)
+    assert folder.manifest == m

@@ -1,15 +1,13 @@
-"""What a training run leaves on disk: the final checkpoint (safetensors + config + tokenizer, loadable by
-`AutoModelForCausalLM.from_pretrained`) and the resumable state (`state.pt`: weights, optimizer, RNG, step,
+"""What a training run leaves on disk: the final checkpoint (`entropylens.models.save_checkpoint`, the writer
+the model cache uses too: safetensors + config + tokenizer, loadable by `AutoModelForCausalLM.from_pretrained`)
+and the resumable state (`state.pt`: weights, optimizer, RNG, step,
 prompt order and the metrics so far), each written crash-safe so a killed run never leaves half a file;
 and how Ctrl-C stops a run: after the step in progress, with the state saved.
 """
 
 from __future__ import annotations
 
-import copy
-import os
 import random
-import shutil
 import signal
 import threading
 from contextlib import contextmanager
@@ -17,53 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from entropylens.errors import UserError
+from entropylens.models import save_checkpoint  # noqa: F401  (the one model-folder writer, re-exported)
 from entropylens.store import write_atomic
 
 STATE_FILE = "state.pt"
-
-
-def tied_head_key(model: nn.Module) -> str | None:
-    """State-dict key of the output embedding when it shares storage with the input embedding."""
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
-        return None
-    for name, module in model.named_modules():
-        if module is head:
-            return f"{name}.weight"
-    return None
-
-
-def save_checkpoint(model: nn.Module, tokenizer, path: str | Path, state: dict | None = None) -> Path:
-    """Write safetensors + config + tokenizer (works for GGUF-loaded models, which refuse save_pretrained).
-
-    `state` replaces `model.state_dict()` when the parameters are sharded (FSDP's gathered full state).
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tied = tied_head_key(model)
-    state = model.state_dict() if state is None else state
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != tied}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(model.config)
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:  # GGUF weights are dequantised in memory; any other scheme we cannot write
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        if method != "gguf":
-            raise UserError("cannot save a quantized (non-GGUF) model's weights as a plain checkpoint")
-        del config.quantization_config  # else the reload claims to be quantized and refuses training/saving
-    config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
 
 
 def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, *, step: int, rng: random.Random,

@@ -18,8 +18,7 @@ import gc
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,14 @@ from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model
 from entropylens.prompts import load_prompts
 from entropylens.sites import SITES
-from entropylens.store import layer_table, new_run_id, read_manifest, resolve_run, write_json
+from entropylens.runfolder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
+from entropylens.store import layer_table
 from entropylens.trace import TraceConfig, run_trace
 
 ALGOS = ("bupo", "grpo")
+# The default k: the embedded SmolLM2 has no layer with a positive mean FFN dH under the bupo lens (every one
+# is negative, -1.8 to -10.3 nats), so `--layer auto` refuses it; 15 is the middle of its 30 layers.
+DEFAULT_LAYER = 15
 
 
 @dataclass
@@ -49,9 +52,8 @@ class BupoRunConfig:
     eval_prompts_source: str | None = None  # held-out prompt source; None = `prompts`' test split
     algo: str = "bupo"  # bupo (internal phase first) | grpo (internal_steps forced to 0)
     # k, 1-indexed, or `auto`: the last layer whose mean FFN dH over response tokens is positive (traced
-    # first). The default is a number because the embedded SmolLM2 has no such layer under the bupo lens
-    # (every mean FFN dH is negative, -1.8 to -10.3 nats), so `auto` refuses it; 15 is its middle layer.
-    layer: str = "15"
+    # first). The default is a number (DEFAULT_LAYER) because `auto` refuses the embedded SmolLM2.
+    layer: str = str(DEFAULT_LAYER)
     internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 4 (bupo), 0 (grpo)
     steps: int = 24  # total optimiser steps
     prompts_per_step: int = 8  # B: prompts sampled per step
@@ -85,6 +87,12 @@ class BupoRunConfig:
         if self.algo == "grpo":
             return 0
         return self.steps // 4 if self.internal_steps is None else self.internal_steps
+
+    def trainer_config(self, layer: int, **run: Any) -> BupoConfig:
+        """The trainer's config: every BupoConfig field this command has, by name (no copied list), with k,
+        the resolved internal steps and `run` (model_id, parent_run); the rest keep BupoConfig's defaults."""
+        shared = {f.name: getattr(self, f.name) for f in fields(BupoConfig) if f.name in self.__dataclass_fields__}
+        return BupoConfig(**shared | {"internal_layer": layer, "internal_steps": self.resolved_internal_steps()} | run)
 
     def validate(self) -> None:
         """Mistakes that need no model: one UserError line each."""
@@ -180,10 +188,6 @@ def before_after_table(base_dir: Path, trained_dir: Path) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _update_manifest(run_dir: Path, **fields: Any) -> None:
-    write_json(run_dir / "manifest.json", read_manifest(run_dir) | fields)
-
-
 def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) -> BupoResult:
     """Choose k, evaluate and trace the base model, train, then evaluate and re-trace the checkpoint.
 
@@ -222,19 +226,12 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
     trace_n = min(cfg.trace_prompts, len(eval_set))
 
-    bcfg = BupoConfig(
-        internal_layer=k, internal_steps=cfg.resolved_internal_steps(), steps=cfg.steps,
-        prompts_per_step=cfg.prompts_per_step, num_generations=cfg.num_generations,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, beta=cfg.beta, micro_batch_size=cfg.micro_batch_size, reward=cfg.reward,
-        group_sampling=cfg.group_sampling, save_every=cfg.save_every, seed=cfg.seed,
-        enable_thinking=cfg.enable_thinking, model_id=loaded.info.id, parent_run=base_name,
-    )
+    bcfg = cfg.trainer_config(k, model_id=loaded.info.id, parent_run=base_name)
     ckpt = run_dir / "checkpoint"
     if not (resume and _trained(run_dir)):
         try:
             train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
-                  model_info=loaded.info.to_dict(), resume=resume)
+                  model_info=loaded.info.to_dict(), resume=resume, finish=False)
         except Interrupted as e:
             e.run_id = run_id
             raise
@@ -242,15 +239,19 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     gc.collect()
 
     def after_training() -> tuple[dict, dict, str, pd.DataFrame]:
-        try:  # the trainer marked its part complete; the run is complete once evaluated and re-traced
-            _update_manifest(run_dir, status="running", finished=None, stage="evaluate", layer_choice=layer_choice,
-                             runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
-            write_json(run_dir / "run_config.json", asdict(cfg) | {"name": run_id, "layer_choice": layer_choice})
+        # the trainer left the run `running` at stage "trained"; it is complete once evaluated and re-traced
+        folder = RunFolder.open(run_dir)
+        if folder.manifest.get("status") != "running":  # resumed after a failure past training
+            folder = RunFolder.start(run_dir, {}, resume=True)
+        try:
+            folder.update(stage="evaluate", layer_choice=layer_choice,
+                          runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
+            folder.write_json("run_config.json", asdict(cfg) | {"name": run_id, "layer_choice": layer_choice})
             trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
             _log(progress, f"evaluating the trained model ({ckpt}) ...")
             eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
             gain = gains(eval_base, eval_trained, cfg.ks)
-            write_json(run_dir / "eval.json", {
+            folder.write_json("eval.json", {
                 "config": asdict(ecfg), "prompts": {"source": eval_source, "split": eval_split, "n": len(eval_set)},
                 "interval": "95 %, percentile bootstrap over prompts (10,000 resamples); gain: paired",
                 "base": eval_base, "trained": eval_trained, "gain": gain,
@@ -261,11 +262,10 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
                                  cfg.trace_positions, base_name, progress, str(ckpt))
             table = before_after_table(runs / base_name, trained_dir)
         except BaseException as e:
-            _update_manifest(run_dir, status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+            folder.fail(f"{type(e).__name__}: {e}")
             raise
-        _update_manifest(run_dir, status="complete", stage="done", finished=_now(), files=read_manifest(run_dir)
-                         ["files"] | {"eval": "eval.json", "run_config": "run_config.json"},
-                         pipeline_s=round(time.perf_counter() - t0, 1))
+        files = folder.manifest["files"] | {"eval": "eval.json", "run_config": "run_config.json"}
+        folder.complete(stage="done", files=files, pipeline_s=round(time.perf_counter() - t0, 1))
         return eval_trained, gain, trained_dir.name, table
 
     eval_trained, gain, trained_name, table = distributed.main_only(acc, after_training)
@@ -331,6 +331,3 @@ def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg:
         "layer": k, "evidence": evidence, "layer_run": layer_run, "eval_base": eval_base, "base_run": base_dir.name})
     return k, evidence, layer_run, eval_base, base_dir.name
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

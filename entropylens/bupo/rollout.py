@@ -3,10 +3,11 @@
 `generate_rollouts` samples G completions per prompt from the full model (KV cache, left
 padding, pure temperature sampling: no top-k/top-p, so the sampling distribution is exactly
 softmax(logits / T)). `policy_logits` re-scores them in one forward and returns both the
-output policy's logits and the internal layer policy pi^k = softmax(H^k W_U^T) (lens `bupo`:
-raw residual, no final norm, head bias and soft-cap applied), with H^k read by a forward hook
-on decoder layer k (1-indexed). The trainer samples with `generate_groups`: one seeded call per
-prompt, so that a batch sharded over ranks samples what one process sampling it whole would.
+output policy's logits and the internal layer policy pi^k = softmax(H^k W_U^T) (lens `bupo` of
+`entropylens.lens`, the tracer's: raw residual, no final norm, head bias and soft-cap applied), with
+H^k read by a forward hook on decoder layer k (1-indexed; layers found by `entropylens.sites`).
+The trainer samples with `generate_groups`: one seeded call per prompt, so that a batch sharded over
+ranks samples what one process sampling it whole would.
 """
 
 from __future__ import annotations
@@ -22,36 +23,8 @@ from transformers import GenerationConfig
 
 from entropylens.bupo.grpo import completion_mask
 from entropylens.errors import UserError
-from entropylens.sites import FINAL_NORMS, LAYER_LISTS
-
-
-def _find(model: nn.Module, paths: tuple[str, ...], kind: type[nn.Module], what: str) -> nn.Module:
-    for path in paths:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, kind):
-            return obj
-    raise UserError(f"{type(model).__name__}: found no {what} (tried {', '.join(paths)})")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers, looked up where `entropylens.sites` looks for them."""
-    return _find(model, LAYER_LISTS, nn.ModuleList, "decoder layer list")
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied after the last decoder layer (frozen with the upper layers in the internal phase)."""
-    return _find(model, FINAL_NORMS, nn.Module, "final norm")
-
-
-def unembed(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Lens `bupo`: h W_U^T (+ bias, + final soft-cap) in fp32, since raw residuals give logits near +-100."""
-    head = model.get_output_embeddings()
-    bias = None if getattr(head, "bias", None) is None else head.bias.float()
-    logits = F.linear(h.float(), head.weight.float(), bias)  # (n, T, V)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return logits if not cap else cap * torch.tanh(logits / cap)
+from entropylens.lens import live_lens
+from entropylens.sites import decoder_layers
 
 
 def eos_and_pad_ids(model: nn.Module, tokenizer) -> tuple[list[int], int]:
@@ -210,8 +183,8 @@ def policy_logits(
             lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, P - 1 : P + T - 1])
         ),  # (n, T, d) raw residual H^k
         model.get_output_embeddings().register_forward_hook(
-            lambda _m, _i, _o: captured.append(unembed(model, captured[0]))
-        ),  # (n, T, V)
+            lambda _m, _i, _o: captured.append(live_lens(model).logits_fp32(captured[0]))
+        ),  # (n, T, V) lens `bupo` in fp32 on the parameters as the forward holds them
     ]
     try:
         out = (runner or model)(input_ids=input_ids, attention_mask=attn, position_ids=pos,

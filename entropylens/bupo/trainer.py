@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +35,20 @@ from tqdm.auto import tqdm
 import entropylens
 from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import (
-    STATE_FILE, Interrupted, deferred_sigint, load_state, save_checkpoint, save_state, tied_head_key,
+    STATE_FILE, Interrupted, deferred_sigint, load_state, save_checkpoint, save_state,
 )
 from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
 from entropylens.bupo.grpo import (
     LOSS_AGGS, LossScale, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
 )
 from entropylens.rewards import check_references, get_reward
-from entropylens.bupo.rollout import (
-    Rollouts, decoder_layers, final_norm, generate_groups, generate_rollouts, group_seed, policy_logits,
-)
+from entropylens.bupo.rollout import Rollouts, generate_groups, generate_rollouts, group_seed, policy_logits
 from entropylens.errors import UserError
 from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
-from entropylens.store import read_manifest, write_atomic, write_json
+from entropylens.sites import decoder_layers, final_norm
+from entropylens.models import describe_model
+from entropylens.runfolder import RunFolder, _now, write_atomic
 
 
 @dataclass
@@ -196,6 +195,7 @@ def train(
     model_info: dict | None = None,
     reward_fn: Callable[[str, str], float] | None = None,
     resume: bool = False,
+    finish: bool = True,
 ) -> Path:
     """Train all of `model`'s parameters in place with BuPO; write metrics, config, manifest and checkpoint.
 
@@ -206,7 +206,8 @@ def train(
     `reward_fn(completion, answer) -> float` overrides `config.reward` (e.g. a format reward).
     Under a distributed launcher every rank calls this with the same arguments; rank 0 writes the files.
     Every `config.save_every` steps (and on Ctrl-C) the resumable state goes to `out_dir/state.pt`;
-    `resume=True` continues from it (or starts afresh if there is none).
+    `resume=True` continues from it (or starts afresh if there is none). `finish=False` leaves the run
+    `running` at stage "trained" for a caller that does more in the same run folder (the bupo pipeline).
     """
     acc = distributed.accelerator(cpu=next(model.parameters()).device.type == "cpu")
     config.validate(len(decoder_layers(model)), len(prompts), 1 if acc is None else acc.num_processes)
@@ -218,13 +219,13 @@ def train(
         render = lambda p, tok: render_prompt(p, tok, enable_thinking=config.enable_thinking)  # noqa: E731
     if reward_fn is None:
         check_references(prompts, config.reward, "training prompt")
-    manifest = _manifest(config, model, prompts, out, model_info, acc)
+    folder = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / "manifest.json").is_file():  # keep what the first attempt recorded
-            manifest = read_manifest(out) | {"status": "running", "error": None, "interrupted": None}
-        write_json(out / "manifest.json", manifest)
-        write_json(out / "config.json", asdict(config))
+        folder = RunFolder.start(out, _manifest(config, model, prompts, out, model_info, acc), resume=resume)
+        if "interrupted" in folder.manifest:  # resumed after Ctrl-C
+            folder.update(interrupted=None)
+        folder.write_json("config.json", asdict(config))
     t_start, flags = time.perf_counter(), [p.requires_grad for p in model.parameters()]
     try:
         reward_fn = reward_fn or get_reward(config.reward)
@@ -236,12 +237,11 @@ def train(
         ckpt = distributed.main_only(acc, lambda: save_checkpoint(model, tokenizer, out / "checkpoint", state))
     except Interrupted as e:  # Ctrl-C: the state of the last whole step is on disk; the run stays resumable
         if main:
-            write_json(out / "manifest.json", manifest | {"interrupted": f"after step {e.step}", "finished": _now()})
+            folder.update(interrupted=f"after step {e.step}", finished=_now())
         raise
     except BaseException as e:
         if main:
-            manifest.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
-            write_json(out / "manifest.json", manifest)
+            folder.fail(f"{type(e).__name__}: {e}")
         raise
     finally:  # loaders freeze models for tracing; hand the model back as it came
         for p, flag in zip(model.parameters(), flags):
@@ -250,9 +250,8 @@ def train(
             acc.free_memory()  # drops the accelerator's references to the wrapper and the optimizer
     if main:
         (out / STATE_FILE).unlink(missing_ok=True)  # the checkpoint supersedes it
-        manifest.update(status="complete", stage="trained", finished=_now(), n_tokens=n_tokens,
-                        timings={"total_s": round(time.perf_counter() - t_start, 3)})
-        write_json(out / "manifest.json", manifest)
+        done = dict(stage="trained", n_tokens=n_tokens, timings={"total_s": round(time.perf_counter() - t_start, 3)})
+        folder.complete(**done) if finish else folder.update(**done)
     distributed.barrier(acc)  # nobody returns before rank 0 has written everything
     return ckpt
 
@@ -374,21 +373,16 @@ def _update_effect(model, ro: Rollouts, adv: torch.Tensor, before: torch.Tensor,
     return [signal, float((before * m).sum()), float((lp * m).sum()), float((adv[:, None] * (lp - before) * m).sum())]
 
 
-def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None, acc=None) -> dict:
-    c = model.config
-    info = {
-        "id": cfg.model_id or getattr(c, "_name_or_path", ""),
-        "architecture": (getattr(c, "architectures", None) or [type(model).__name__])[0],
-        "family": c.model_type, "n_layers": len(decoder_layers(model)), "d_model": c.hidden_size,
-        "vocab_size": c.vocab_size, "tie_word_embeddings": tied_head_key(model) is not None,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    } | (extra or {})
+def _manifest(cfg: BupoConfig, model, prompts, out: Path, info: dict | None, acc=None) -> dict:
+    if info is None:  # a model handed over in memory: described as the loaders describe theirs
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        model_id = cfg.model_id or getattr(model.config, "_name_or_path", "")
+        info = describe_model(model, model_id, "memory", "unknown", dtype).to_dict()
     dist = {} if acc is None else {"distributed": {
         "world_size": acc.num_processes, "type": str(acc.distributed_type).split(".")[-1],
         "backend": acc.state.backend, "prompts_per_rank": cfg.prompts_per_step // acc.num_processes}}
     return dist | {
-        "run_id": out.name, "status": "running", "error": None, "created": _now(), "finished": None,
-        "kind": "bupo", "model": info, "config": asdict(cfg),
+        "run_id": out.name, "created": _now(), "kind": "bupo", "model": info, "config": asdict(cfg),
         "bupo": {"layer": cfg.internal_layer, "internal_steps": cfg.internal_steps, "steps": cfg.steps,
                  "algo": "bupo" if cfg.internal_steps else "grpo"},
         "prompts": {"source": prompts[0].source, "n": len(prompts), "sha256": prompts_sha256(list(prompts))},
@@ -399,6 +393,3 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, extra: dict | None, ac
         "files": {"metrics": "metrics.jsonl", "config": "config.json", "checkpoint": "checkpoint"},
     }
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from entropylens.bupo.pipeline import BupoRunConfig, run_bupo
+from entropylens.bupo.pipeline import DEFAULT_LAYER, BupoRunConfig, run_bupo
 from entropylens.errors import UserError
+from entropylens.bupo.trainer import BupoConfig
+from entropylens.runfolder import RunFolder
 from entropylens.store import read_manifest
 
 TINY = dict(steps=2, internal_steps=1, prompts_per_step=2, num_generations=2, max_new_tokens=6,
@@ -31,9 +33,18 @@ def boundary_folder(tmp_path_factory):
     return folder
 
 
-def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path):
+def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path, monkeypatch):
+    statuses, write = [], RunFolder.write_manifest
+
+    def spy(folder):  # every manifest the trainer run's folder writes: its status goes running -> complete once
+        if folder.run_dir.name == "r":
+            statuses.append(folder.manifest["status"])
+        write(folder)
+
+    monkeypatch.setattr(RunFolder, "write_manifest", spy)
     r = run_bupo(BupoRunConfig(model=str(boundary_folder), layer="auto", cache=str(tmp_path), name="r", **TINY),
                  progress=False)
+    assert statuses[0] == "running" and statuses[-1] == "complete" and statuses.count("complete") == 1
     entropy = pd.read_parquet(tmp_path / "runs" / "r-layer" / "entropy.parquet")
     assert set(entropy["lens"]) == {"bupo"} and set(entropy["role"]) == {"response"}  # response positions only
     assert entropy["H_attn"].isna().all() and entropy["H_ffn"].notna().any()  # FFN sites only
@@ -48,6 +59,19 @@ def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path
     assert json.loads((tmp_path / "runs" / "r" / "config.json").read_text())["internal_layer"] == 2
     assert json.loads((tmp_path / "runs" / "r" / "run_config.json").read_text())["layer_choice"]["layer"] == 2
     assert m["bupo"]["internal_steps"] == 1 and m["status"] == "complete" and m["parent_run"] == "r-base"
+
+
+def test_trainer_config_takes_every_shared_field_by_name():
+    cfg = BupoRunConfig(steps=9, num_generations=3, learning_rate=1e-3, seed=7, max_new_tokens=5, save_every=2)
+    b = cfg.trainer_config(4, model_id="m", parent_run="p")
+    assert (b.internal_layer, b.internal_steps, b.model_id, b.parent_run) == (4, 2, "m", "p")
+    shared = set(BupoConfig.__dataclass_fields__) & set(BupoRunConfig.__dataclass_fields__) - {"internal_steps"}
+    assert shared >= {"steps", "prompts_per_step", "num_generations", "max_new_tokens", "temperature",
+                      "learning_rate", "weight_decay", "beta", "micro_batch_size", "group_sampling", "reward",
+                      "save_every", "seed", "enable_thinking"}
+    assert all(getattr(b, name) == getattr(cfg, name) for name in shared)
+    assert b.loss_agg == BupoConfig.loss_agg and b.epsilon_high == BupoConfig.epsilon_high  # trainer defaults
+    assert BupoRunConfig().layer == str(DEFAULT_LAYER)
 
 
 def test_grpo_has_no_internal_phase_and_no_positive_layer_is_a_user_error(tmp_path):

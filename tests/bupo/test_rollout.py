@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from entropylens.bupo.grpo import token_logprobs
-from entropylens.bupo.rollout import final_norm, generate_rollouts, policy_logits, unembed
+from entropylens.bupo.rollout import generate_rollouts, policy_logits
+from entropylens.lens import live_lens
+from entropylens.sites import final_norm
 
 TEXTS = ["1+2=", "what is 40+2?", "7*6"]  # different lengths -> left padding matters
 
@@ -73,15 +75,47 @@ def test_top_layer_policy_skips_the_final_norm(model, tokenizer):
     hook.remove()
     P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
     h = captured[0][:, P - 1 : P + T - 1]
-    assert torch.allclose(internal, unembed(model, h), atol=1e-5)
+    assert torch.allclose(internal, live_lens(model).logits_fp32(h), atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(model.lm_head(final_norm(model)(h)), output, atol=1e-5)
     assert not torch.allclose(internal, output, atol=1e-2)
 
 
-def test_unembed_applies_bias_and_softcap(model):
+def test_live_lens_applies_bias_and_softcap(model):
     h = torch.randn(2, 3, 32)
     model.config.final_logit_softcapping = 5.0
-    got = unembed(model, h)
+    got = live_lens(model).logits_fp32(h)
     assert got.abs().max() < 5.0
     assert torch.allclose(got, 5.0 * torch.tanh(h @ model.lm_head.weight.T / 5.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("k", [1, 2])
+def test_trainer_pi_k_is_the_tracers_lens(model, tokenizer, k, softcap):
+    """pi^k as the trainer optimises it (policy_logits -> log_softmax) = the tracer's decode of the same H^k
+    (make_lens("bupo") + the decode engine): entropy within 1e-5 nats; log p of the sampled tokens within
+    1e-5 nats + 1e-5 relative (the trainer's logits are fp32: ~6e-8·|z| rounding at log p ~ -30)."""
+    from entropylens.decode import decode_rows
+    from entropylens.lens import make_lens
+
+    model.config.final_logit_softcapping = softcap
+    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=5)
+    P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
+    captured = []
+    keep = lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o)  # noqa: E731
+    hook = model.model.layers[k - 1].register_forward_hook(keep)
+    model.requires_grad_(True)
+    try:
+        internal, _ = policy_logits(model, ro, layer=k)
+    finally:
+        hook.remove()
+    internal.sum().backward()  # differentiable: the gradient reaches W_U
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    logp = F.log_softmax(internal.detach().double(), -1)  # (n, T, V)
+    H_trainer = -(logp.exp() * logp).sum(-1)
+    lp_trainer = logp.gather(-1, ro.completion_ids[..., None])[..., 0]
+    h = captured[0][:, P - 1 : P + T - 1].detach()  # (n, T, d) the same hidden states H^k
+    lens = make_lens("bupo", model, final_norm(model))
+    stats = decode_rows(h.reshape(-1, h.shape[-1]), lens, targets=ro.completion_ids.reshape(-1))
+    assert (stats.entropy.double().reshape(H_trainer.shape) - H_trainer).abs().max() < 1e-5
+    assert torch.allclose(stats.logp_target.double().reshape(lp_trainer.shape), lp_trainer, rtol=1e-5, atol=1e-5)

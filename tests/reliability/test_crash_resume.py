@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FAST, assert_same_run, one_line, popen, run_main
-from entropylens import store
+from entropylens import runfolder, store
 from entropylens.errors import UserError
 
 N_BATCHES = 16  # enough batches that a kill lands mid-run even on a fast, idle machine
-_REAL_COMMIT = store._commit
+_REAL_COMMIT = runfolder._commit
 
 
 def done_batches(run: Path) -> int:
@@ -97,7 +97,7 @@ def _full_disk_from(monkeypatch, trigger: str, persistent: bool) -> list[str]:
     The failure hits `_commit` (after the data went to `*.tmp`, before the rename), as a full disk would
     at fsync; `persistent` keeps the disk full, so the writer cannot even record the failure.
     """
-    real, hits = store._commit, []
+    real, hits = runfolder._commit, []
 
     def commit(tmp: Path, path: Path) -> None:
         if trigger in tmp.name or (persistent and hits):
@@ -105,7 +105,7 @@ def _full_disk_from(monkeypatch, trigger: str, persistent: bool) -> list[str]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
         real(tmp, path)
 
-    monkeypatch.setattr(store, "_commit", commit)
+    monkeypatch.setattr(runfolder, "_commit", commit)
     return hits
 
 
@@ -130,7 +130,7 @@ def test_disk_full_stops_with_one_line_keeps_batches_and_resumes(small_folder, t
     if finalize:
         assert (run / "tokens.parquet").exists()  # merged before the failure, yet not readable as complete
 
-    monkeypatch.setattr(store, "_commit", _REAL_COMMIT)  # space freed
+    monkeypatch.setattr(runfolder, "_commit", _REAL_COMMIT)  # space freed
     code, _, err = run_main(monkeypatch, capsys, "trace", "--resume", "d", "--cache", str(cache), "--quiet")
     assert code == 0, err
     assert not list(run.rglob("*.tmp"))

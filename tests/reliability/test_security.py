@@ -114,7 +114,8 @@ def test_malformed_runs_show_a_message_not_a_stack_trace(cache, client, run_id, 
 
 def test_no_pickle_or_remote_code_on_the_reading_path():
     """Dashboard and store read JSON and Parquet only; remote model code is never on by default."""
-    reading = [*sorted((ROOT / "app").rglob("*.py")), ROOT / "entropylens" / "store.py"]
+    reading = [*sorted((ROOT / "app").rglob("*.py")),
+               *(ROOT / "entropylens" / f"{name}.py" for name in ("store", "runfolder", "schema"))]
     for path in reading:
         src = path.read_text()
         for word in ("pickle", "torch.load", "trust_remote_code", "eval(", "exec(", "allow_pickle"):
