@@ -9,7 +9,7 @@ Softmax ignores a per-row shift, so W is centred over the vocabulary (W − mean
 soft-cap: this shrinks raw-residual logits (massive activations reach |z| ~ 4e4 in SmolLM2) and with them
 the fp32 rounding, without changing any distribution. Because x ↦ x W^T is linear, the raw logits of
 H^l = H^{l-1} + A^l + F^l are the sums of the raw
-logits of the three terms: the decode engine uses that to skip the `layer` GEMM (DESIGN §2).
+logits of the three terms: the decode engine uses that to skip the `layer` GEMM (docs/definitions.md#computation).
 """
 
 from __future__ import annotations

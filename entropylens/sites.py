@@ -1,4 +1,4 @@
-"""The five sites of a decoder layer, found generically in any HF causal LM (DESIGN §1).
+"""The five sites of a decoder layer, found generically in any HF causal LM (docs/definitions.md#sites).
 
     a_in^l = input_layernorm(H^{l-1})   -> site `attn_in`
     A^l    = self_attn(a_in^l)          -> site `attn`

@@ -1,4 +1,4 @@
-"""Data-parallel BuPO under `torchrun` / `accelerate launch` (DESIGN §8): one Accelerator, shards, rank-0 work.
+"""Data-parallel BuPO under `torchrun` / `accelerate launch` (docs/scaling.md): one Accelerator, shards, rank-0 work.
 
 A plain `entropylens bupo` (WORLD_SIZE unset or 1) never builds an Accelerator: `accelerator()` is None
 and every helper here falls back to the one-process behaviour. Under a launcher each rank holds a

@@ -1,4 +1,4 @@
-"""Held-out evaluation: Avg@K and Pass@K from n sampled completions per prompt (DESIGN §7).
+"""Held-out evaluation: Avg@K and Pass@K from n sampled completions per prompt (docs/definitions.md#evaluation).
 
 Avg@K is the mean accuracy over samples (its expectation does not depend on K, so all n samples
 are used); Pass@K uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, K) / C(n, K).

@@ -1,4 +1,4 @@
-"""GRPO core as pure tensor functions (DESIGN §7).
+"""GRPO core as pure tensor functions (docs/definitions.md#bupo).
 
 Shapes: N = B * G rollouts (B prompts, G generations each, grouped consecutively:
 rollout i belongs to prompt i // G), T = completion length (padded), V = vocabulary.

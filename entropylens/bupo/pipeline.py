@@ -1,4 +1,6 @@
-"""`entropylens bupo`: pick the layer, evaluate + trace the base model, train, evaluate + re-trace (DESIGN §7).
+"""`entropylens bupo`: pick the layer, evaluate + trace the base model, train, evaluate + re-trace.
+
+Definitions (π^k, the objective, the paper's settings): docs/definitions.md#bupo.
 
 One call of `run_bupo` does the whole loop and leaves, under `<cache>/runs/`:
 

@@ -1,4 +1,6 @@
-"""BuPO trainer: GRPO whose first `internal_steps` steps optimise the internal layer policy pi^k (DESIGN §7).
+"""BuPO trainer: GRPO whose first `internal_steps` steps optimise the internal layer policy pi^k.
+
+Definitions (π^k, the objective, the paper's settings): docs/definitions.md#bupo.
 
 Per step: sample prompts -> G rollouts each from the full model -> rewards -> group advantages ->
 log-probs of the sampled tokens under the phase's policy (pi^k while step < internal_steps, else
