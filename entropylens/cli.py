@@ -14,10 +14,10 @@ from rich.table import Table
 
 from entropylens.cli_print import out, print_bupo, print_layer_table, print_outcome_table, print_run
 from entropylens.bench import BenchConfig
+from entropylens.bupo.pipeline import BupoRunConfig
 from entropylens.config import TraceConfig
 from entropylens.errors import UserError
-from entropylens.options import build, cli_options, parse_limit
-from entropylens.rewards import RULES_HELP
+from entropylens.options import build, cli_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.splitlines()[0])
 err = Console(stderr=True)
@@ -147,53 +147,10 @@ def bench(options: dict) -> None:
     wide.print(table)
 
 
-def _bupo_defaults():
-    from entropylens.bupo.pipeline import BupoRunConfig
-
-    return BupoRunConfig()
-
-
-_B = _bupo_defaults()  # the command's defaults are the config's: written once, in entropylens/bupo/pipeline.py
-
-
 @app.command()
+@cli_options(BupoRunConfig)
 def bupo(
-    model: str = typer.Option(_B.model, help="`smollm2` (embedded), a local folder, a .gguf file or a hub id"),
-    prompts: str = typer.Option(_B.prompts, help="training prompts: built-in set (train split) or a prompt file"),
-    eval_prompts_source: str = typer.Option(None, "--eval-source", help="held-out prompts (default: test split)"),
-    algo: str = typer.Option(_B.algo, help="bupo (train pi^k first) | grpo (no internal phase)"),
-    layer: str = typer.Option(_B.layer, help="k (1-indexed) or auto: last layer with positive mean FFN dH "
-                              f"(SmolLM2 has none, hence the default {_B.layer} of its 30)"),
-    internal_steps: int = typer.Option(None, help="steps on pi^k first (default: steps // 4; grpo: 0)"),
-    steps: int = typer.Option(_B.steps, help="total optimiser steps"),
-    prompts_per_step: int = typer.Option(_B.prompts_per_step, help="B: prompts per step (over all processes)"),
-    num_generations: int = typer.Option(_B.num_generations, "--num-generations", "-G", help="G: rollouts per prompt"),
-    max_new_tokens: int = typer.Option(_B.max_new_tokens, help="completion cap (training, evaluation, traces)"),
-    temperature: float = typer.Option(_B.temperature, help="sampling temperature"),
-    lr: float = typer.Option(_B.learning_rate, help="AdamW learning rate (paper: 1e-6 over many more steps)"),
-    weight_decay: float = typer.Option(_B.weight_decay, help="AdamW weight decay"),
-    beta: float = typer.Option(_B.beta, help="KL penalty to the initial model"),
-    micro_batch_size: int = typer.Option(_B.micro_batch_size, help="rollouts per forward/backward chunk"),
-    group_sampling: bool = typer.Option(_B.group_sampling, help="one seeded generate per prompt, as under torchrun "
-                                        "(samples independent of rank and batch; slower on CPU)"),
-    reward: str = typer.Option(_B.reward, help=RULES_HELP),
-    save_every: int = typer.Option(_B.save_every, help="write the resumable training state every N steps "
-                                   "(and on Ctrl-C); 0 = only on Ctrl-C"),
-    train_prompts: str = typer.Option("all", help="first N training prompts, or 'all'"),
-    layer_trace_prompts: int = typer.Option(_B.layer_trace_prompts, help="training prompts traced to choose k"),
-    eval_prompts: int = typer.Option(_B.eval_prompts, help="held-out prompts for Avg@K / Pass@K"),
-    eval_samples: int = typer.Option(_B.eval_samples, help="completions per held-out prompt"),
-    ks: str = typer.Option(",".join(map(str, _B.ks)), help="comma-separated K values (each <= --eval-samples)"),
-    trace_prompts: int = typer.Option(_B.trace_prompts, help="held-out prompts traced before and after training"),
-    trace_positions: str = typer.Option(_B.trace_positions, help="response | all: positions decoded in the traces"),
-    batch_size: int = typer.Option(_B.batch_size, help="prompts per traced forward / evaluation batch"),
-    device: str = typer.Option(_B.device, help="cpu | cuda | cuda:N | auto"),
-    dtype: str = typer.Option(_B.dtype, help="float32 | bfloat16 | float16 | float64"),
-    seed: int = typer.Option(_B.seed, help="prompt order, sampling, evaluation, traces"),
-    name: str = typer.Option(None, help="trainer run id (traces get -layer, -base, -trained suffixes)"),
-    cache: str = typer.Option(_B.cache, help="folder holding runs/ and models/"),
-    enable_thinking: bool = typer.Option(False, help="Qwen3 chat templates: thinking mode"),
-    trust_remote_code: bool = typer.Option(False, help="allow model code from the checkpoint (only when asked)"),
+    options: dict,
     resume: str = typer.Option(None, help="continue the interrupted run RUN with its stored settings"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
@@ -203,27 +160,9 @@ def bupo(
     """
     from entropylens.bupo.checkpoint import Interrupted
     from entropylens.bupo.distributed import rank
-    from entropylens.bupo.pipeline import BupoRunConfig, config_from_run, run_bupo
+    from entropylens.bupo.pipeline import config_from_run, run_bupo
 
-    if resume:
-        cfg = config_from_run(cache, resume)
-    else:
-        try:
-            k_values = tuple(int(k) for k in ks.split(",") if k.strip())
-        except ValueError:
-            raise UserError(f"--ks takes comma-separated integers like 1,4, got {ks!r}") from None
-        cfg = BupoRunConfig(
-            model=model, prompts=prompts, eval_prompts_source=eval_prompts_source, algo=algo, layer=layer,
-            internal_steps=internal_steps, steps=steps, prompts_per_step=prompts_per_step,
-            num_generations=num_generations, max_new_tokens=max_new_tokens, temperature=temperature,
-            learning_rate=lr, weight_decay=weight_decay, beta=beta, micro_batch_size=micro_batch_size,
-            reward=reward, save_every=save_every, group_sampling=group_sampling,
-            train_prompts=None if train_prompts == "all" else parse_limit(train_prompts),
-            layer_trace_prompts=layer_trace_prompts, eval_prompts=eval_prompts, eval_samples=eval_samples,
-            ks=k_values, trace_prompts=trace_prompts, trace_positions=trace_positions, batch_size=batch_size,
-            device=device, dtype=dtype, seed=seed, name=name, cache=cache, enable_thinking=enable_thinking,
-            trust_remote_code=trust_remote_code,
-        )
+    cfg = config_from_run(options["cache"], resume) if resume else build(BupoRunConfig, options)
     try:
         r = run_bupo(cfg, progress=not quiet, resume=bool(resume))
     except Interrupted as e:

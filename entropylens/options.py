@@ -107,17 +107,36 @@ def build(cls: type, options: dict[str, Any]) -> Any:
     return cls(**kw)
 
 
-def parse_limit(text: str) -> int | None:
-    """A count or 'all' (None)."""
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise UserError(f"--limit takes a positive integer or 'all', got {text!r}") from None
-    if value <= 0:
-        raise UserError(f"--limit must be a positive integer (or 'all'), got {value}")
-    return value
+def count_or_all(flag: str) -> Callable[[str], int | None]:
+    """A parser for `flag`: a positive count, or 'all' (None)."""
+
+    def parse(text: str) -> int | None:
+        if text == "all":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise UserError(f"{flag} takes a positive integer or 'all', got {text!r}") from None
+        if value <= 0:
+            raise UserError(f"{flag} must be a positive integer (or 'all'), got {value}")
+        return value
+
+    return parse
+
+
+parse_limit = count_or_all("--limit")
+
+
+def ints(flag: str) -> Callable[[str], tuple[int, ...]]:
+    """A parser for `flag`: comma-separated integers, e.g. K values `1,4`."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(k) for k in text.split(",") if k.strip())
+        except ValueError:
+            raise UserError(f"{flag} takes comma-separated integers like 1,4, got {text!r}") from None
+
+    return parse
 
 
 def parse_csv(text: str) -> tuple[str, ...]:

@@ -8,6 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from entropylens.bench import BenchConfig
+from entropylens.bupo.pipeline import BupoRunConfig
 from entropylens.cli import app as cli_app
 from entropylens.config import TraceConfig
 from entropylens.errors import UserError
@@ -59,11 +61,12 @@ def test_defaults_and_help_are_the_fields():
     assert "--hidden" not in text and "[default: a,b]" in text and "[default: 8]" in text
 
 
-def test_trace_command_offers_every_config_field_and_nothing_else():
-    """`entropylens trace --help` lists exactly TraceConfig's command-line fields (+ --resume, --quiet)."""
-    command = typer.main.get_command(cli_app).commands["trace"]
+@pytest.mark.parametrize("name,config", [("trace", TraceConfig), ("bupo", BupoRunConfig), ("bench", BenchConfig)])
+def test_each_command_offers_its_config_fields_and_nothing_else(name, config):
+    """A command's options are exactly its config's command-line fields (+ --resume, --quiet)."""
+    command = typer.main.get_command(cli_app).commands[name]
     names = {p.name for p in command.params}
-    assert names - {"resume", "quiet"} == {f.name for f in fields(TraceConfig) if f.metadata["cli"]}
+    assert names - {"resume", "quiet"} == {f.name for f in fields(config) if f.metadata["cli"]}
 
 
 def test_parsers_fail_in_one_line():

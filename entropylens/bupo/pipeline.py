@@ -29,10 +29,11 @@ import pandas as pd
 from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import Interrupted
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
-from entropylens.rewards import check_references
+from entropylens.rewards import RULES_HELP, check_references
 from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
 from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model
+from entropylens.options import count_or_all, ints, option
 from entropylens.prompts import load_prompts
 from entropylens.sites import SITES
 from entropylens.runfolder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
@@ -49,41 +50,45 @@ DEFAULT_LAYER = 15
 class BupoRunConfig:
     """The `entropylens bupo` command. Defaults: SmolLM2 learning the built-in `digits` task (README: time, gain)."""
 
-    model: str = "smollm2"  # `smollm2` (embedded), a local folder, a .gguf file or a hub id
-    prompts: str = "digits"  # training prompts: built-in set or file (built-ins/`split` column: train split)
-    eval_prompts_source: str | None = None  # held-out prompt source; None = `prompts`' test split
-    algo: str = "bupo"  # bupo (internal phase first) | grpo (internal_steps forced to 0)
-    # k, 1-indexed, or `auto`: the last layer whose mean FFN dH over response tokens is positive (traced
-    # first). The default is a number (DEFAULT_LAYER) because `auto` refuses the embedded SmolLM2.
-    layer: str = str(DEFAULT_LAYER)
-    internal_steps: int | None = None  # steps on pi^k before the switch; None = steps // 4 (bupo), 0 (grpo)
-    steps: int = 24  # total optimiser steps
-    prompts_per_step: int = 8  # B: prompts sampled per step
-    num_generations: int = 4  # G: rollouts per prompt (the GRPO group)
-    max_new_tokens: int = 12  # completion cap for training, evaluation and traces
-    temperature: float = 1.0  # sampling temperature everywhere (and for scoring log-probs)
-    learning_rate: float = 2e-5  # AdamW lr; above the paper's 1e-6 so that a 24-step run visibly learns
-    weight_decay: float = 0.0  # AdamW weight decay
-    beta: float = 0.0  # KL penalty to the initial model (paper: 0)
-    micro_batch_size: int = 32  # rollouts per forward/backward chunk
-    group_sampling: bool = False  # one seeded generate per prompt (as under a launcher) instead of one per step
-    reward: str = "exact"  # a rule of entropylens.rewards.RULES
-    save_every: int = 10  # resumable state every N steps (and on Ctrl-C); 0 = only on Ctrl-C
-    train_prompts: int | None = None  # use only the first N training prompts (None = all)
-    layer_trace_prompts: int = 8  # training prompts traced to choose k with --layer auto
-    eval_prompts: int = 76  # held-out prompts for Avg@K / Pass@K (digits' whole test split)
-    eval_samples: int = 4  # completions per held-out prompt (n >= every K)
-    ks: tuple[int, ...] = (1, 4)  # K values reported as avg@K and pass@K
-    trace_prompts: int = 4  # held-out prompts traced before and after training (first N of the eval set)
-    trace_positions: str = "response"  # response | all: positions decoded in the traces
-    batch_size: int = 8  # prompts per traced forward / per evaluation generate call
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    dtype: str = "float32"  # weights dtype for training and tracing
-    seed: int = 0  # prompt order, sampling, evaluation and traces
-    name: str | None = None  # trainer run id (default: timestamp + algo + prompts)
-    cache: str = "cache"  # folder holding runs/ and models/
-    enable_thinking: bool = False  # Qwen3 chat templates: thinking mode
-    trust_remote_code: bool = False  # only when asked
+    model: str = option("smollm2", "`smollm2` (embedded), a local folder, a .gguf file or a hub id")
+    prompts: str = option("digits", "training prompts: built-in set (train split) or a prompt file")
+    eval_prompts_source: str | None = option(None, "held-out prompts (default: test split)", flags=("--eval-source",))
+    algo: str = option("bupo", "bupo (train pi^k first) | grpo (no internal phase)")
+    layer: str = option(str(DEFAULT_LAYER), "k (1-indexed) or auto: last layer with positive mean FFN dH "
+                        f"(SmolLM2 has none, hence the default {DEFAULT_LAYER} of its 30)")
+    internal_steps: int | None = option(None, "steps on pi^k first (default: steps // 4; grpo: 0)")
+    steps: int = option(24, "total optimiser steps")
+    prompts_per_step: int = option(8, "B: prompts per step (over all processes)")
+    num_generations: int = option(4, "G: rollouts per prompt", flags=("--num-generations", "-G"))
+    max_new_tokens: int = option(12, "completion cap (training, evaluation, traces)")
+    temperature: float = option(1.0, "sampling temperature")
+    # above the paper's 1e-6 so that a 24-step run visibly learns
+    learning_rate: float = option(2e-5, "AdamW learning rate (paper: 1e-6 over many more steps)", flags=("--lr",))
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    beta: float = option(0.0, "KL penalty to the initial model")
+    micro_batch_size: int = option(32, "rollouts per forward/backward chunk")
+    group_sampling: bool = option(False, "one seeded generate per prompt, as under torchrun (samples independent "
+                                  "of rank and batch; slower on CPU)")
+    reward: str = option("exact", RULES_HELP)
+    save_every: int = option(10, "write the resumable training state every N steps (and on Ctrl-C); 0 = only on "
+                             "Ctrl-C")
+    train_prompts: int | None = option(None, "first N training prompts, or 'all'",
+                                       parse=count_or_all("--train-prompts"), shown="all")
+    layer_trace_prompts: int = option(8, "training prompts traced to choose k")
+    eval_prompts: int = option(76, "held-out prompts for Avg@K / Pass@K")  # digits' whole test split
+    eval_samples: int = option(4, "completions per held-out prompt")
+    ks: tuple[int, ...] = option((1, 4), "comma-separated K values (each <= --eval-samples)", parse=ints("--ks"),
+                                 shown="1,4")
+    trace_prompts: int = option(4, "held-out prompts traced before and after training")
+    trace_positions: str = option("response", "response | all: positions decoded in the traces")
+    batch_size: int = option(8, "prompts per traced forward / evaluation batch")
+    device: str = option("cpu", "cpu | cuda | cuda:N | auto")
+    dtype: str = option("float32", "float32 | bfloat16 | float16 | float64")
+    seed: int = option(0, "prompt order, sampling, evaluation, traces")
+    name: str | None = option(None, "trainer run id (traces get -layer, -base, -trained suffixes)")
+    cache: str = option("cache", "folder holding runs/ and models/")
+    enable_thinking: bool = option(False, "Qwen3 chat templates: thinking mode")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint (only when asked)")
 
     def resolved_internal_steps(self) -> int:
         if self.algo == "grpo":
