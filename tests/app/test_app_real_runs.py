@@ -35,7 +35,8 @@ def test_views_on_real_runs_match_the_parquet(real_cache):
 
     band = 0.05
     fig, _ = build_dh(real_cache, "tiny-llama", "logit", "response", band)
-    ent = load_entropy(real_cache / "runs" / "tiny-llama", filters=[("lens", "==", "logit"), ("role", "==", "response")])
+    ent = load_entropy(real_cache / "runs" / "tiny-llama",
+                       filters=[("lens", "==", "logit"), ("role", "==", "response")])
     for axis, col in (("x", "dH_attn"), ("x2", "dH_ffn")):  # one bar per layer 1..3 in each panel
         g = ent[ent["layer"] >= 1].groupby("layer")[col]
         bars = {x: (y, e, t.name) for t in fig.data if t.xaxis == axis for x, y, e in zip(t.x, t.y, t.error_y.array)}
