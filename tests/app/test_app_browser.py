@@ -184,7 +184,7 @@ def test_long_titles_and_the_no_boundary_note_stay_clear_at_1500_px(dash_duo, tm
     panel's title, and the titles end inside the figure."""
     import json
 
-    from entropylens.synthetic import SyntheticRun, write_run
+    from synthetic import SyntheticRun, write_run
 
     run = write_run(tmp_path, SyntheticRun("no-boundary", n_layers=6, vocab_size=80, boundary=0, seed=5))
     m = json.loads((run / "manifest.json").read_text())
