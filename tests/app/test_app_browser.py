@@ -188,7 +188,7 @@ def test_long_titles_and_the_no_boundary_note_stay_clear_at_1500_px(dash_duo, tm
 
     run = write_run(tmp_path, SyntheticRun("no-boundary", n_layers=6, vocab_size=80, boundary=0, seed=5))
     m = json.loads((run / "manifest.json").read_text())
-    m["model"]["id"] = "some-organisation/A-Rather-Long-Model-Name-70B-Instruct-v0.3-preview-2026"
+    m["model"]["id"] = "some-organisation/A-Rather-Long-Model-Name-70B-Instruct-v0.3-preview-2026-with-a-long-suffix"
     (run / "manifest.json").write_text(json.dumps(m))
     dash_duo.driver.set_window_size(1500, 1500)
     dash_duo.start_server(create_app(tmp_path))
