@@ -70,7 +70,7 @@ def flow_figure(s: pd.DataFrame, m: dict, run_id: str, lens: str, role: str, sit
     `s`: summary rows of one lens and role (any outcomes), `m`: the run's manifest."""
     fig = go.Figure()
     for site, oc in ((x, o) for x in sites for o in outcomes_of(outcome)):
-        d = s[(s["quantity"] == f"H_{site}") & (s["outcome"] == oc)].sort_values("layer")
+        d = s[(s["quantity"] == f"H_{site}") & (s["outcome"] == oc)].dropna(subset=["mean"]).sort_values("layer")
         if d.empty or d["count"].eq(0).all():
             continue
         color = SITE_COLORS[site]
