@@ -1,4 +1,5 @@
-"""Shared look (colours, empty figures) and the figure + CSV download block used by every view."""
+"""The figure + CSV download block used by every view, and the empty figure that says why (colours and the
+figures themselves: entropylens.figures, shared with the report)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dcc, html, no_update
 
 from entropylens.errors import UserError
-
-# One colour per site (single-run views) and per model family (compare view); stable everywhere.
-SITE_COLORS = {"layer": "#222222", "attn_in": "#9ecae1", "attn": "#1f77b4", "ffn_in": "#fdae6b", "ffn": "#e6550d"}
-SITE_LABELS = {"layer": "layer H^l", "attn_in": "attention input", "attn": "attention A^l",
-               "ffn_in": "FFN input", "ffn": "FFN F^l"}
-FAMILY_COLORS = {"llama": "#1f77b4", "qwen3": "#d62728", "qwen2": "#ff7f0e", "qwen": "#d62728",
-                 "mistral": "#9467bd", "gemma": "#2ca02c", "gemma2": "#2ca02c", "gpt2": "#7f7f7f"}
-_FALLBACK = ["#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
-TEMPLATE = "plotly_white"
-
-
-def family_color(family: str) -> str:
-    """Fixed colour for a model family, so Llama is the same blue in every figure."""
-    return FAMILY_COLORS.get(family, _FALLBACK[sum(map(ord, family)) % len(_FALLBACK)])
+from entropylens.figures import TEMPLATE
 
 
 def message_figure(text: str) -> go.Figure:

@@ -153,14 +153,3 @@ def load_metrics(run_dir: Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{run_dir.name} has no metrics.jsonl; pick a BuPO trainer run")
     return pd.read_json(path, lines=True)
-
-
-def complete_trace_run(cache: Path, run_id: str | None) -> tuple[Path, dict]:
-    """(folder, manifest) of a finished trace run; UserError (shown in the figure) for anything else."""
-    if not run_id:
-        raise UserError("select a run in the table above")
-    run = resolve_run(cache, run_id)
-    m = read_manifest(run)
-    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
-        raise UserError(f"{run_id} is not a complete trace run (status {m.get('status')}, kind {m.get('kind')})")
-    return run, m

@@ -99,13 +99,12 @@ def compare(
     cache: str = typer.Option("cache"),
 ) -> None:
     """Per-layer difference B − A of mean entropies and ΔH."""
+    from entropylens.stages import layer_difference
     from entropylens.store import layer_table, resolve_run
 
-    a = layer_table(resolve_run(cache, run_a), lens=lens, role=role).set_index("layer")
-    b = layer_table(resolve_run(cache, run_b), lens=lens, role=role).set_index("layer")
-    if len(a) != len(b):
-        raise UserError(f"runs have different depths ({len(a) - 1} vs {len(b) - 1} layers); compare needs one model")
-    print_layer_table((b - a).reset_index(), f"{run_b} − {run_a} · lens {lens} · {role} tokens")
+    a = layer_table(resolve_run(cache, run_a), lens=lens, role=role)
+    b = layer_table(resolve_run(cache, run_b), lens=lens, role=role)
+    print_layer_table(layer_difference(a, b), f"{run_b} − {run_a} · lens {lens} · {role} tokens")
 
 
 @app.command("app")

@@ -14,6 +14,8 @@ import numpy as np
 
 N_BOOT = 10_000
 LEVEL = 0.95
+Z95 = 1.96  # two-sided 95 % normal quantile, as stored in stages.json (`*_ci95`)
+CI95_TOKENS = "95 % interval of the mean, 1.96·std/√n over tokens"  # how figures name `normal_ci95` bars
 
 
 def bootstrap_means(values: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
@@ -48,6 +50,16 @@ def paired_gain_ci(base: Sequence[float], trained: Sequence[float], level: float
     lo, hi = np.quantile(boots, [a, 1.0 - a])
     return {"gain": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size),
             "p_le_0": float((boots <= 0).mean()), "method": f"paired bootstrap over units, {n_boot} resamples"}
+
+
+def normal_ci95(std, count):
+    """Half-width of the 95 % normal-approximation interval of a mean, 1.96·std/√count, treating the `count`
+    values as independent (tokens of one response are not: see `pooled_mean_diff_ci` for intervals over
+    responses). NaN where count < 2. Scalars or arrays / Series alike."""
+    std, count = np.asarray(std, dtype=np.float64), np.asarray(count, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(count > 1, Z95 * std / np.sqrt(count), np.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def fmt_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:

@@ -1,36 +1,27 @@
 """Paper-style figures from cached runs and a self-contained report (`entropylens report`).
 
-Why: researchers put figures in papers and slides, not dashboards. Every figure here is a pure
-function of stored run data (summary / entropy Parquet, stages) returning a Plotly figure, so the
-`analyses/` scripts, the report and tests share one implementation. The HTML report inlines
-plotly.js once and works offline; the Markdown summary links PNG/SVG files written by kaleido.
+Why: researchers put figures in papers and slides, not dashboards. The figures are entropylens.figures' (the
+dashboard draws the same ones); the `fig_*` functions here take a loaded `Run`, so the `analyses/` scripts, the
+notebook API, the report and tests share one implementation. The HTML report inlines plotly.js once and works
+offline; the Markdown summary links PNG/SVG files written by kaleido; notes are CommonMark (markdown-it-py).
 """
 
 from __future__ import annotations
 
 import html
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
+from entropylens import figures
 from entropylens.errors import UserError
 from entropylens.report_outcome import outcome_section
-from entropylens.stages import READINGS, StageConfig, describe, run_stages, stages_table, to_json, write_stages
-from entropylens.store import load_entropy, load_summary, read_manifest, resolve_run
+from entropylens.stages import (StageConfig, complete_trace_run, describe, run_stages, stages_table, to_json,
+                                write_stages)
+from entropylens.store import load_entropy, load_summary
 
-# Same look as the dashboard (app/common.py, app/views/flows.py); copied so the library needs no Dash.
-SITE_COLORS = {"layer": "#222222", "attn_in": "#9ecae1", "attn": "#1f77b4", "ffn_in": "#fdae6b", "ffn": "#e6550d"}
-SITE_LABELS = {"layer": "layer H^l", "attn_in": "attention input", "attn": "attention A^l",
-               "ffn_in": "FFN input", "ffn": "FFN F^l"}
-FAMILY_COLORS = {"llama": "#1f77b4", "qwen3": "#d62728", "qwen2": "#ff7f0e", "mistral": "#9467bd",
-                 "gemma": "#2ca02c", "gemma2": "#2ca02c", "gpt2": "#7f7f7f"}
-READING_COLORS = {"exploration": "#e6550d", "integration": "#9e9e9e", "convergence": "#3182bd"}
-TEMPLATE = "plotly_white"
 IMAGE_FORMATS = ("png", "svg")
 
 
@@ -51,81 +42,33 @@ class Run:
 
 def load_run(cache: Path | str, run_id: str, cfg: StageConfig) -> Run:
     """Resolve, check and load a complete trace run with its stages."""
-    path = resolve_run(cache, run_id)
-    m = read_manifest(path)
-    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
-        raise UserError(f"{run_id} is not a complete trace run (status {m.get('status')}, kind {m.get('kind')})")
+    path, m = complete_trace_run(cache, run_id)
     return Run(run_id, path, m, load_summary(path), run_stages(path, cfg))
 
 
-def _sel(run: Run, lens: str, role: str, quantity: str) -> pd.DataFrame:
+def _rows(run: Run, lens: str, role: str) -> pd.DataFrame:
+    """Summary rows of one lens and role, outcome `all` (a summary without the column is all `all`)."""
     s = run.summary
-    return s[(s["lens"] == lens) & (s["role"] == role) & (s["quantity"] == quantity)].sort_values("layer")
+    s = s if "outcome" in s.columns else s.assign(outcome="all")
+    return s[(s["lens"] == lens) & (s["role"] == role) & (s["outcome"] == "all")]
 
 
 def fig_trajectory(run: Run, lens: str, role: str) -> go.Figure:
     """Fig. 2 style: mean entropy of the layer, attention and FFN policies per layer (IQR band)."""
-    fig = go.Figure()
-    for site in ("layer", "attn", "ffn"):
-        d = _sel(run, lens, role, f"H_{site}").dropna(subset=["mean"])
-        color = SITE_COLORS[site]
-        fig.add_trace(go.Scatter(x=pd.concat([d["layer"], d["layer"][::-1]]), y=pd.concat([d["q75"], d["q25"][::-1]]),
-                                 fill="toself", fillcolor=color, opacity=0.15, line={"width": 0},
-                                 hoverinfo="skip", showlegend=False))
-        fig.add_trace(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=SITE_LABELS[site],
-                                 line={"color": color, "width": 2.5}, marker={"size": 5}))
-    st = run.stages["lenses"][lens]
-    fig.add_hline(y=math.log(run.manifest["model"]["vocab_size"]), line={"dash": "dot", "color": "#888"},
-                  annotation_text="log V", annotation_position="bottom right")
-    fig.add_hline(y=st["collapse_threshold"], line={"dash": "dash", "color": "#2ca02c"},
-                  annotation_text=f"{run.stages['params']['collapse_frac']:.0%} of log V")
-    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.18},
-                      title=f"Internal policy entropy — {run.label} · lens {lens} · {role} tokens (mean, IQR)",
-                      xaxis_title="layer l (0 = embedding)", yaxis_title="entropy H (nats)")
-    return fig
+    frac = run.stages.get("params", {}).get("collapse_frac", StageConfig.collapse_frac)
+    return figures.flow_figure(_rows(run, lens, role), run.manifest, run.run_id, lens, role, collapse_frac=frac)
 
 
 def fig_delta(run: Run, lens: str, role: str) -> go.Figure:
     """Fig. 3 style: mean ΔH of attention and FFN per layer, coloured by reading; boundary marked."""
-    st = run.stages["lenses"][lens]
-    band = run.stages["params"]["band"]
-    pl = pd.DataFrame(st["per_layer"])
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
-                        subplot_titles=("attention: ΔH_attn = H(A^l) − H(attn input)",
-                                        "FFN: ΔH_ffn = H(F^l) − H(FFN input)"))
-    for row, module in ((1, "attn"), (2, "ffn")):
-        for reading in READINGS:
-            d = pl[pl[f"{module}_reading"] == reading]
-            fig.add_trace(go.Bar(x=d["layer"], y=d[f"dH_{module}"], name=reading, legendgroup=reading,
-                                 marker_color=READING_COLORS[reading], showlegend=row == 1,
-                                 error_y={"type": "data", "array": d[f"dH_{module}_ci95"], "thickness": 1}),
-                          row=row, col=1)
-        fig.add_hrect(y0=-band, y1=band, fillcolor="#9e9e9e", opacity=0.12, line_width=0, row=row, col=1)
-    if st["boundary_layer"] is not None:
-        fig.add_vline(x=st["boundary_layer"] + 0.5, line={"dash": "dash", "color": "#000"})
-    fig.update_layout(template=TEMPLATE, barmode="overlay", legend={"orientation": "h", "y": -0.15},
-                      title=f"Entropy change — {run.label} · lens {lens} · {role} tokens "
-                            f"(|ΔH| ≤ {band:g} nats = integration; boundary l={st['boundary_layer']})")
-    fig.update_yaxes(title_text="ΔH (nats)")
-    fig.update_xaxes(title_text="layer l", row=2, col=1)
-    return fig
+    return figures.delta_figure(run.stages["lenses"][lens]["per_layer"], run.manifest, run.run_id, lens, role,
+                                run.stages["params"]["band"])
 
 
 def fig_families(runs: list[Run], lens: str, role: str, quantity: str = "H_layer") -> go.Figure:
     """Runs overlaid on relative depth l/L with normalised entropy H / log V (family = colour)."""
-    fig = go.Figure()
-    for i, run in enumerate(runs):
-        d = _sel(run, lens, role, quantity)
-        fam = run.manifest["model"].get("family") or "?"
-        color = FAMILY_COLORS.get(fam, ["#8c564b", "#e377c2", "#17becf", "#bcbd22"][i % 4])
-        fig.add_trace(go.Scatter(x=d["rel_depth"], y=d["mean_norm"], mode="lines+markers", name=run.label,
-                                 line={"color": color, "width": 2.5, "dash": ["solid", "dash", "dot"][i % 3]},
-                                 customdata=d["layer"], hovertemplate="l/L %{x:.2f} (layer %{customdata})"))
-    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.18},
-                      title=f"Families on relative depth — {quantity} / log V · lens {lens} · {role} tokens",
-                      xaxis_title="relative depth l / L", yaxis_title="normalised entropy H / log V",
-                      yaxis_range=[0, 1.05])
-    return fig
+    return figures.families_figure([(r.run_id, r.manifest, _rows(r, lens, role)) for r in runs], quantity, role,
+                                   [lens])[0]
 
 
 def depth_layers(n_layers: int) -> dict[str, int]:
@@ -146,45 +89,12 @@ def token_entropies(run: Run, lens: str, role: str) -> pd.DataFrame:
 
 def fig_token_distributions(run: Run, lens: str, role: str) -> go.Figure:
     """Per-token entropy distributions (violins) of early / middle / late layers, per site."""
-    df = token_entropies(run, lens, role)
-    order = sorted(df["depth"].unique(), key=lambda s: int(re.search(r"l=(\d+)", s).group(1)))
-    fig = go.Figure()
-    for site in ("layer", "attn", "ffn"):
-        fig.add_trace(go.Violin(x=df["depth"], y=df[f"H_{site}"], name=SITE_LABELS[site], box_visible=True,
-                                meanline_visible=True, line_color=SITE_COLORS[site], spanmode="hard",
-                                points=False))
-    fig.update_layout(template=TEMPLATE, violinmode="group", legend={"orientation": "h", "y": -0.18},
-                      xaxis={"categoryorder": "array", "categoryarray": order},
-                      title=f"Per-token entropy distributions — {run.label} · lens {lens} · {role} tokens "
-                            f"({len(df) // max(1, len(order))} tokens)", yaxis_title="entropy H (nats)")
-    return fig
+    return figures.token_distributions_figure(token_entropies(run, lens, role), run.manifest, run.run_id, lens, role)
 
 
 def fig_boundary(run: Run, lens: str) -> go.Figure:
-    """Boundary-layer evidence: FFN ΔH mean ± 95 % CI and median per layer, with H_layer / log V."""
-    st = run.stages["lenses"][lens]
-    pl = pd.DataFrame(st["per_layer"])
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    colors = ["#e6550d" if v > 0 else "#3182bd" for v in pl["dH_ffn"]]
-    fig.add_trace(go.Bar(x=pl["layer"], y=pl["dH_ffn"], name="FFN ΔH mean ± 95% CI", marker_color=colors,
-                         error_y={"type": "data", "array": pl["dH_ffn_ci95"], "thickness": 1}), secondary_y=False)
-    fig.add_trace(go.Scatter(x=pl["layer"], y=pl["dH_ffn_median"], mode="markers", name="FFN ΔH median",
-                             marker={"symbol": "diamond", "color": "#000", "size": 6}), secondary_y=False)
-    fig.add_trace(go.Scatter(x=pl["layer"], y=pl["H_layer_norm"], mode="lines", name="H_layer / log V",
-                             line={"color": SITE_COLORS["layer"], "dash": "dot"}), secondary_y=True)
-    k, c = st["boundary_layer"], st["collapse_layer"]
-    if k is not None:
-        fig.add_vline(x=k, line={"dash": "dash", "color": "#e6550d"}, annotation_text=f"boundary l={k}",
-                      annotation_position="top left")
-    if c is not None:
-        fig.add_vline(x=c, line={"dash": "dash", "color": "#2ca02c"}, annotation_text=f"collapse l={c}",
-                      annotation_position="bottom left")
-    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.18},
-                      title=f"Boundary layer (last FFN ΔH > 0) — {run.label} · lens {lens} · {st['role']} tokens")
-    fig.update_yaxes(title_text="FFN ΔH (nats)", secondary_y=False)
-    fig.update_yaxes(title_text="H_layer / log V", range=[0, 1.05], secondary_y=True)
-    fig.update_xaxes(title_text="layer l")
-    return fig
+    """Boundary-layer evidence: FFN ΔH mean ± 95 % interval and median per layer, with H_layer / log V."""
+    return figures.boundary_figure(run.stages["lenses"][lens], run.manifest, run.run_id, lens)
 
 
 def paper_checks(stages_lens: dict) -> list[dict]:
@@ -316,37 +226,16 @@ def _run_html(run: Run) -> str:
 
 
 def _notes_html(text: str) -> str:
-    """A small Markdown subset (headings, bullets, paragraphs, `code`, ``` blocks) as HTML."""
-    out, para, in_code = [], [], False
+    """Markdown (CommonMark + tables) as HTML, raw HTML escaped; headings one level down (a note's `##` sits
+    under the report's run headings)."""
+    from markdown_it import MarkdownIt
 
-    def inline(s: str) -> str:
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s))
-
-    def flush() -> None:
-        if para:
-            out.append(f"<p>{inline(' '.join(para))}</p>")
-            para.clear()
-
-    for line in text.splitlines():
-        if line.startswith("```"):
-            flush()
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-        elif in_code:
-            out.append(html.escape(line))
-        elif line.startswith("#"):
-            flush()
-            level = min(6, len(line) - len(line.lstrip("#")) + 1)
-            out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.lstrip().startswith(("- ", "* ")):
-            flush()
-            out.append(f"<ul><li>{inline(line.lstrip()[2:])}</li></ul>")
-        elif not line.strip():
-            flush()
-        else:
-            para.append(line.strip())
-    flush()
-    return "\n".join(out)
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(text)
+    for t in tokens:
+        if t.type in ("heading_open", "heading_close"):
+            t.tag = f"h{min(6, int(t.tag[1]) + 1)}"
+    return md.renderer.render(tokens, md.options, {})
 
 
 def _html(cfg: ReportConfig, runs: list[Run], figs: list, notes: str, outcome_md: list[str]) -> str:

@@ -1,7 +1,7 @@
-"""Outcome figures and tables for `entropylens report` and the dashboard: where right and wrong answers part.
+"""The report's outcome section: where right and wrong answers part (Markdown, tables, figures).
 
-Pure functions of `entropylens.outcomes` tables returning Plotly figures, so the report, the dashboard and tests
-share one implementation. Every number carries its n (responses, not tokens) and a 95 % interval.
+The figures are entropylens.figures' `auroc_figure` and `outcome_diff_figure` (the dashboard's 'Right vs wrong'
+tab draws the same ones). Every number carries its n (responses, not tokens) and a 95 % interval.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from entropylens.figures import auroc_figure, outcome_diff_figure
 from entropylens.intervals import fmt_ci
-from entropylens.outcomes import H_SITES, auroc_table, baseline_aurocs, best_separators, outcome_diff
-from entropylens.store import load_outcomes
-
-SITE_ORDER = [s[2:] for s in H_SITES]
-TEMPLATE = "plotly_white"
+from entropylens.outcomes import auroc_table, baseline_aurocs, best_separators, outcome_diff
+from entropylens.store import load_outcomes, read_manifest
 
 
 def rests_on(table: pd.DataFrame, run_dir: Path | str | None = None) -> str:
@@ -27,43 +25,6 @@ def rests_on(table: pd.DataFrame, run_dir: Path | str | None = None) -> str:
         out = load_outcomes(run_dir)
         text += f" from {out.loc[out['correct'].notna(), 'source_idx'].nunique()} prompts"
     return text
-
-
-def fig_auroc_heatmap(table: pd.DataFrame, lens: str, title: str = "") -> go.Figure:
-    """Site × layer heatmap of AUROC (mean response-token entropy predicting a wrong answer; 0.5 = chance)."""
-    t = table[table["lens"] == lens]
-    z = t.pivot(index="site", columns="layer", values="auroc").reindex(SITE_ORDER)
-    lo = t.pivot(index="site", columns="layer", values="lo").reindex(SITE_ORDER)
-    hi = t.pivot(index="site", columns="layer", values="hi").reindex(SITE_ORDER)
-    text = [[f"{z.iat[i, j]:.3f} [{lo.iat[i, j]:.3f}, {hi.iat[i, j]:.3f}]" if pd.notna(z.iat[i, j]) else ""
-             for j in range(z.shape[1])] for i in range(z.shape[0])]
-    fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(z.columns), y=list(z.index), zmin=0.0, zmax=1.0, zmid=0.5,
-                               colorscale="RdBu_r", customdata=text, colorbar={"title": "AUROC"},
-                               hovertemplate="%{y} · layer %{x}<br>AUROC %{customdata}<extra></extra>"))
-    fig.update_layout(template=TEMPLATE, title=title or f"AUROC of mean response-token entropy for a wrong answer "
-                      f"· lens {lens} · {rests_on(t)}")
-    fig.update_xaxes(title_text="layer l")
-    fig.update_yaxes(title_text="site")
-    return fig
-
-
-def fig_outcome_diff(diff: pd.DataFrame, title: str = "") -> go.Figure:
-    """Correct − wrong per layer with 95 % intervals (bootstrap over responses), one line per quantity."""
-    fig = go.Figure()
-    colors = {"H_layer": "#222222", "dH_attn": "#1f77b4", "dH_ffn": "#e6550d", "H_attn": "#1f77b4",
-              "H_ffn": "#e6550d"}
-    for q, d in diff.dropna(subset=["diff"]).groupby("quantity", sort=False):
-        fig.add_trace(go.Scatter(x=d["layer"], y=d["diff"], mode="lines+markers", name=f"{q}: correct − wrong",
-                                 line={"color": colors.get(q)},
-                                 error_y={"type": "data", "symmetric": False, "array": d["hi"] - d["diff"],
-                                          "arrayminus": d["diff"] - d["lo"], "thickness": 1}))
-    fig.add_hline(y=0, line={"dash": "dot", "color": "#888"})
-    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.18},
-                      title=title or f"correct − wrong per layer (95 % interval, bootstrap over responses) · "
-                      f"{rests_on(diff)}")
-    fig.update_xaxes(title_text="layer l")
-    fig.update_yaxes(title_text="difference (nats)")
-    return fig
 
 
 def best_markdown(table: pd.DataFrame, k: int = 5) -> list[str]:
@@ -91,12 +52,12 @@ def outcome_section(run_id: str, run_dir: Path, lenses: list[str], tables: Path
           *best_markdown(auc), "",
           "Baselines an internal cell must beat (same responses and resamples): " + "; ".join(
               f"{r.baseline} {fmt_ci(r.auroc, r.lo, r.hi)}" for r in baseline_aurocs(run_dir).itertuples()) + ".", ""]
-    figs = []
+    figs, model_id = [], read_manifest(run_dir)["model"]["id"]
     for lens in lenses:
         diff = outcome_diff(run_dir, lens=lens)
         diff.to_csv(tables / f"outcome-{run_id}-{lens}.csv", index=False)
         figs += [(f"auroc-{run_id}-{lens}", f"AUROC for a wrong answer, site × layer ({run_id}, {lens})",
-                  fig_auroc_heatmap(auc, lens)),
+                  auroc_figure(auc, lens, model_id)),
                  (f"outcome-{run_id}-{lens}", f"Correct − wrong per layer ({run_id}, {lens})",
-                  fig_outcome_diff(diff))]
+                  outcome_diff_figure(diff, lens, model_id))]
     return md, figs

@@ -6,6 +6,11 @@ need the same numbers — the FFN ΔH sign per layer, the boundary layer (last l
 and the first layer whose layer-policy entropy falls below a fraction of log V. `stages.json` in the
 run folder (docs/storage.md) holds them, computed from summary.parquet only.
 
+The derived quantities every entry point shares live here once: `boundary_layer` (and the trainer's
+`pick_boundary_layer`), `layer_difference` (B − A per layer: `entropylens compare`, the BuPO pipeline's
+before/after table, the dashboard's before/after view) and `complete_trace_run` (the guard of the report and
+every dashboard view that reads a trace).
+
 Readings of a mean ΔH per layer, with an integration band `b` in nats:
     ΔH > b  -> exploration,   |ΔH| <= b -> integration,   ΔH < -b -> convergence.
 """
@@ -22,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from entropylens.errors import UserError
-from entropylens.store import SUMMARY_ROLES, load_summary, read_manifest
+from entropylens.intervals import normal_ci95
+from entropylens.store import SUMMARY_ROLES, load_summary, read_manifest, resolve_run
 
 STAGES_FILE = "stages.json"
 STAGES_VERSION = 1
@@ -95,23 +101,74 @@ def detect_stages(summary: pd.DataFrame, lens: str, vocab_size: int, cfg: StageC
             row[q] = _f(r["mean"])
             row[f"{q}_std"] = _f(r["std"])
             row[f"{q}_median"] = _f(r["median"])
-            row[f"{q}_ci95"] = _f(1.96 * r["std"] / math.sqrt(r["count"])) if r["count"] > 1 else float("nan")
+            row[f"{q}_ci95"] = _f(normal_ci95(r["std"], r["count"]))
             row[f"{module}_reading"] = classify(row[q], cfg.band) if math.isfinite(row[q]) else "n/a"
         row["count"] = int(wide["dH_ffn"].loc[layer, "count"])
         per_layer.append(row)
-    positive = [r["layer"] for r in per_layer if r["dH_ffn"] > 0]
     threshold = cfg.collapse_frac * log_v
     h = wide["H_layer"]["mean"]
     below = [int(layer) for layer, v in h.items() if v < threshold]
     stays = [k for k in below if all(v < threshold for layer, v in h.items() if layer >= k)]
     return {
         "lens": lens, "role": cfg.role, "n_layers": int(max(layers)), "vocab_size": int(vocab_size), "log_v": log_v,
-        "boundary_layer": max(positive) if positive else None,
+        "boundary_layer": boundary_layer(pd.DataFrame(per_layer)),
         "collapse_threshold": threshold, "first_below": below[0] if below else None,
         "collapse_layer": stays[0] if stays else None,
         "stages": {m: segments(layers, [r[f"{m}_reading"] for r in per_layer]) for m in MODULES},
         "per_layer": per_layer,
     }
+
+
+def boundary_layer(table: pd.DataFrame) -> int | None:
+    """The paper's boundary layer: the last layer whose mean FFN entropy change is positive (None if none).
+
+    `table`: one row per layer with columns `layer` and `dH_ffn` (mean; NaN counts as not positive)."""
+    positive = table.loc[table["dH_ffn"] > 0, "layer"]
+    return int(positive.max()) if len(positive) else None
+
+
+def pick_boundary_layer(layer_table: pd.DataFrame) -> tuple[int, str]:
+    """The BuPO trainer's `--layer auto`: `boundary_layer` of a per-layer table, with its evidence as text;
+    UserError when the table is malformed or no layer qualifies."""
+    missing = {"layer", "dH_ffn"} - set(layer_table.columns)
+    if missing:
+        raise UserError(f"layer table lacks column(s) {sorted(missing)}; need one row per layer with dH_ffn")
+    t = layer_table.dropna(subset=["dH_ffn"]).sort_values("layer")
+    if t["layer"].duplicated().any():
+        raise UserError("layer table has several rows per layer; pass the per-layer mean of dH_ffn")
+    k = boundary_layer(t)
+    if k is None:
+        raise UserError("no layer has a positive mean FFN entropy change; pick --layer K by hand")
+    v = float(t.loc[t["layer"] == k, "dH_ffn"].iloc[0])
+    above = t[t["layer"] > k]["dH_ffn"]
+    rest = f"the {len(above)} layer(s) above are <= 0 (max {above.max():+.3f})" if len(above) else "top layer"
+    return k, f"layer {k} of {int(t['layer'].max())}: last with mean dH_ffn > 0 ({v:+.3f} nats); {rest}"
+
+
+def layer_difference(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer B − A of two runs' layer tables (`store.layer_table`: a `layer` column and one column per
+    quantity): the same columns, rows of layers present in both. UserError when the depths differ."""
+    a, b = a.set_index("layer"), b.set_index("layer")
+    if len(a) != len(b):
+        raise UserError(f"runs have different depths ({len(a) - 1} vs {len(b) - 1} layers); compare needs one model")
+    return (b - a).reset_index()
+
+
+def is_complete_trace(manifest: dict) -> bool:
+    """Whether a manifest describes a finished trace run (what figures and stages read)."""
+    return manifest.get("status") == "complete" and manifest.get("kind", "trace") == "trace"
+
+
+def complete_trace_run(cache: Path | str, run_id: str | None) -> tuple[Path, dict]:
+    """(folder, manifest) of a finished trace run in `cache`; UserError for an empty id, a bad or missing run,
+    an unfinished one or a trainer run."""
+    if not run_id:
+        raise UserError("no run given: select a run in the table above")
+    run = resolve_run(cache, run_id)
+    m = read_manifest(run)
+    if not is_complete_trace(m):
+        raise UserError(f"{run_id} is not a complete trace run (status {m.get('status')}, kind {m.get('kind')})")
+    return run, m
 
 
 def _f(x) -> float:

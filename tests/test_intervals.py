@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from entropylens.intervals import bootstrap_means, fmt_ci, mean_ci, paired_gain_ci
+from entropylens.intervals import bootstrap_means, fmt_ci, mean_ci, normal_ci95, paired_gain_ci
 
 
 def test_bootstrap_matches_the_exact_resampling_distribution():
@@ -50,3 +50,9 @@ def test_paired_gain_resamples_units_together():
 
 def test_format():
     assert fmt_ci(0.2314, 0.18, 0.2849) == "0.231 [0.180, 0.285]"
+
+
+def test_normal_ci95_half_width():
+    assert normal_ci95(2.0, 16) == pytest.approx(0.98)  # 1.96 * 2 / 4
+    assert np.isnan(normal_ci95(2.0, 1)) and np.isnan(normal_ci95(float("nan"), 9))
+    np.testing.assert_allclose(normal_ci95(np.array([1.0, 3.0, 1.0]), np.array([4, 9, 0])), [0.98, 1.96, np.nan])

@@ -115,3 +115,15 @@ def test_scored_run_gets_auroc_heatmap_best_five_and_its_n(tmp_path):
     pd.testing.assert_frame_equal(table, auroc_table(run), check_dtype=False)
     # baselines: response length is the same for every synthetic response, so its AUROC is exactly 0.5
     assert "response length 0.500 [0.500, 0.500]" in md and "output entropy H_final" in md
+
+
+def test_notes_are_commonmark_with_tables_and_raw_html_escaped(cache, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("| model | boundary |\n|---|---|\n| `llama-a` | 5 |\n\n<script>alert(1)</script>\n\n"
+                     "Inline <b>bold</b> and `a < b`.\n")
+    index = build_report(ReportConfig(runs=["qwen-b"], cache=str(cache), out=str(tmp_path / "r"), images=(),
+                                      notes=str(notes), write_stages=False))
+    page = index.read_text()
+    assert "<table>" in page and "<th>model</th>" in page and "<td><code>llama-a</code></td>" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "<code>a &lt; b</code>" in page

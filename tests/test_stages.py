@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from entropylens.errors import UserError
-from entropylens.stages import (StageConfig, classify, read_stages, run_stages, segments, stages_table,
-                                write_stages)
+from entropylens.stages import (StageConfig, boundary_layer, classify, complete_trace_run, layer_difference,
+                                pick_boundary_layer, read_stages, run_stages, segments, stages_table, write_stages)
 from entropylens.store import QUANTITIES, compute_summary
 
 V = 100  # log V = 4.605; 10 % of it = 0.4605 nats
@@ -116,3 +116,45 @@ def test_user_errors(tmp_path):
         run_stages(run, StageConfig(role="prompt"))  # the hand-built run has response tokens only
     with pytest.raises(UserError, match="stages.json"):
         read_stages(tmp_path)
+
+
+def test_ci95_is_the_normal_interval_of_the_tokens(tmp_path):
+    """stages.json's *_ci95: 1.96·std/√n of the n = 4 token values (mean ± 0.01 alternating), by plain numpy."""
+    st = run_stages(hand_built_run(tmp_path))["lenses"]["bupo"]
+    for row, dh in zip(st["per_layer"], DH_FFN):
+        values = np.array([dh + 0.01, dh - 0.01, dh + 0.01, dh - 0.01])
+        assert row["dH_ffn_ci95"] == pytest.approx(1.96 * values.std(ddof=1) / 2, rel=1e-4)
+
+
+def test_one_boundary_layer_for_stages_trainer_and_dashboard(tmp_path):
+    table = pd.DataFrame({"layer": [0, 1, 2, 3, 4], "dH_ffn": [float("nan"), 0.1, float("nan"), 0.2, -0.1]})
+    assert boundary_layer(table) == 3 and boundary_layer(table.assign(dH_ffn=-1.0)) is None
+    st = run_stages(hand_built_run(tmp_path))["lenses"]["bupo"]
+    # the trainer's `--layer auto` reads the same layer as the stages (and so the report and the dashboard)
+    k, evidence = pick_boundary_layer(pd.DataFrame(st["per_layer"]))
+    assert k == st["boundary_layer"] == boundary_layer(pd.DataFrame(st["per_layer"])) == 5
+    assert "layer 5 of 6" in evidence and "+0.200" in evidence
+
+
+def test_layer_difference_is_b_minus_a_of_one_depth():
+    a = pd.DataFrame({"layer": [0, 1, 2], "H_layer": [3.0, 2.0, 1.0], "dH_ffn": [float("nan"), 0.5, -0.2]})
+    b = a.assign(H_layer=[3.5, 2.0, 0.25], dH_ffn=[float("nan"), 0.1, 0.1])
+    d = layer_difference(a, b)
+    assert list(d.columns) == ["layer", "H_layer", "dH_ffn"] and list(d["layer"]) == [0, 1, 2]
+    np.testing.assert_allclose(d["H_layer"], [0.5, 0.0, -0.75])
+    np.testing.assert_allclose(d["dH_ffn"], [np.nan, -0.4, 0.3])
+    with pytest.raises(UserError, match="different depths"):
+        layer_difference(a, b.iloc[:2])
+
+
+def test_complete_trace_run_guard(tmp_path):
+    run = hand_built_run(tmp_path)
+    path, m = complete_trace_run(tmp_path, "hand")
+    assert path == run and m["model"]["id"] == "hand/built"
+    for change in ({"status": "running"}, {"status": "failed"}, {"kind": "bupo"}):
+        (run / "manifest.json").write_text(json.dumps({**m, **change}))
+        with pytest.raises(UserError, match="not a complete trace run"):
+            complete_trace_run(tmp_path, "hand")
+    for bad in ("", None, "missing", "../hand"):
+        with pytest.raises(UserError):
+            complete_trace_run(tmp_path, bad)

@@ -11,26 +11,20 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html
-from plotly.subplots import make_subplots
 
-from app.common import (DASHES, SITE_COLORS, SITE_LABELS, TEMPLATE, family_color, figure_block,
-                        register_view)
-from app.data import complete_trace_run, load_summary, read_manifest, resolve_run
+from app.common import figure_block, register_view
+from app.data import load_summary, read_manifest, resolve_run
+from entropylens import figures
 from entropylens.errors import UserError
-from entropylens.stages import READINGS, StageConfig, classify, describe, detect_stages, stages_table
+from entropylens.figures import SITE_LABELS, outcomes_of
+from entropylens.stages import (READINGS, StageConfig, complete_trace_run, describe, detect_stages, is_complete_trace,
+                                stages_table)
 
 ROLE_OPTIONS = [{"label": "response tokens", "value": "response"}, {"label": "prompt tokens", "value": "prompt"},
                 {"label": "all tokens", "value": "all"}]
-DH_COLORS = {"exploration": "#e6550d", "integration": "#9e9e9e", "convergence": "#3182bd"}
 MODULE_LABELS = {"attn": "attention", "ffn": "FFN"}  # stages table rows, in the ΔH figure's order
 OUTCOME_OPTIONS = [{"label": "all responses", "value": "all"}, {"label": "correct", "value": "correct"},
                    {"label": "wrong", "value": "wrong"}, {"label": "both overlaid", "value": "both"}]
-OUTCOME_STYLE = {"all": ("solid", "#444444"), "correct": ("solid", "#2ca02c"), "wrong": ("dash", "#d62728")}
-
-
-def outcomes_of(outcome: str | None) -> list[str]:
-    """The summary outcomes a selector value draws: `both` overlays correct and wrong."""
-    return ["correct", "wrong"] if outcome == "both" else [outcome or "all"]
 
 
 def _run_summary(cache: Path, run_id: str | None, lens: str, role: str,
@@ -56,113 +50,32 @@ def stage_config(band: float | None, role: str, collapse_frac: float | None = St
     return cfg
 
 
-def boundary_layer(dh: pd.DataFrame) -> int | None:
-    """The paper's boundary layer: the last layer whose mean FFN entropy change is positive."""
-    pos = dh[(dh["quantity"] == "dH_ffn") & (dh["mean"] > 0)]
-    return int(pos["layer"].max()) if not pos.empty else None
-
-
 def build_flow(cache: Path, run_id: str | None, lens: str, role: str, spread: str,
                sites: list[str], outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
     """Mean entropy per layer of each chosen site with a std or IQR band (`both`: correct solid, wrong dashed)."""
     m, s = _run_summary(cache, run_id, lens, role, outcome)
     s = s[s["quantity"].isin([f"H_{x}" for x in sites])].sort_values("layer")
-    fig = go.Figure()
-    for site, oc in ((x, o) for x in sites for o in outcomes_of(outcome)):
-        d = s[(s["quantity"] == f"H_{site}") & (s["outcome"] == oc)]
-        if d.empty or d["count"].eq(0).all():
-            continue
-        if outcome == "both":
-            n = int(d["count"].max())
-            fig.add_trace(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=f"{SITE_LABELS[site]} · "
-                                     f"{oc}", line={"color": SITE_COLORS[site], "width": 2.5,
-                                                    "dash": OUTCOME_STYLE[oc][0]}, marker={"size": 5},
-                                     hovertemplate=f"layer %{{x}}<br>H = %{{y:.3f}} nats ({oc}, {n} tokens)"
-                                     f"<extra>{site}</extra>"))
-            continue
-        lo, hi = (d["mean"] - d["std"], d["mean"] + d["std"]) if spread == "std" else (d["q25"], d["q75"])
-        color = SITE_COLORS[site]
-        fig.add_trace(go.Scatter(x=pd.concat([d["layer"], d["layer"][::-1]]), y=pd.concat([hi, lo[::-1]]),
-                                 fill="toself", fillcolor=color, opacity=0.15, line={"width": 0},
-                                 hoverinfo="skip", showlegend=False, name=f"{site} band"))
-        fig.add_trace(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=SITE_LABELS[site],
-                                 line={"color": color, "width": 2.5}, marker={"size": 5},
-                                 hovertemplate="layer %{x}<br>H = %{y:.3f} nats<extra>" + site + "</extra>"))
-    band = "± 1 std" if spread == "std" else "IQR band"
-    band = "correct solid, wrong dashed" if outcome == "both" else band
-    which = "" if outcome in (None, "all") else f" · {outcome} responses"
-    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
-                      title=f"Entropy flow — {m['model']['id']} · lens {lens} · {role} tokens{which} (mean, {band})",
-                      xaxis_title="layer l (0 = embedding)", yaxis_title="entropy H (nats)")
-    fig.update_xaxes(dtick=1 if m["model"]["n_layers"] <= 40 else None)
+    fig = figures.flow_figure(s, m, run_id, lens, role, sites, spread, outcome)
     return fig, s.drop(columns=["rel_depth"], errors="ignore").assign(run_id=run_id)
 
 
 def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float,
              outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
-    """dH_attn and dH_ffn per layer, coloured exploration / integration / convergence; boundary marked.
+    """dH_attn and dH_ffn per layer (95 % interval over tokens), coloured exploration / integration /
+    convergence, boundary marked: the stages of entropylens.stages, as the report draws them.
     `both`: correct and wrong responses side by side."""
-    if outcome == "both":
-        return _dh_both(cache, run_id, lens, role, band)
     m, s = _run_summary(cache, run_id, lens, role, outcome)
-    s = s[s["quantity"].isin(["dH_attn", "dH_ffn"])].sort_values("layer").copy()
-    band = stage_config(band, role).band
-    s["reading"] = [classify(x, band) for x in s["mean"]]
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("attention: ΔH_attn = H(A^l) − H(attn input)",
-                                        "FFN: ΔH_ffn = H(F^l) − H(FFN input)"))
-    for row, q in ((1, "dH_attn"), (2, "dH_ffn")):
-        for reading, color in DH_COLORS.items():
-            d = s[(s["quantity"] == q) & (s["reading"] == reading)]
-            fig.add_trace(go.Bar(x=d["layer"], y=d["mean"], name=reading, marker_color=color, legendgroup=reading,
-                                 showlegend=row == 1, error_y={"type": "data", "array": d["std"], "thickness": 1,
-                                                               "color": "#555", "visible": True},
-                                 hovertemplate="layer %{x}<br>ΔH = %{y:.3f} nats<extra>" + reading + "</extra>"),
-                          row=row, col=1)
-        fig.add_hrect(y0=-band, y1=band, fillcolor="#9e9e9e", opacity=0.12, line_width=0, row=row, col=1)
-    k = boundary_layer(s)
-    if k is not None:
-        fig.add_vline(x=k + 0.5, line={"dash": "dash", "color": "#000"})
-        fig.add_annotation(text=f"boundary layer l={k} (last FFN ΔH > 0)", x=k + 0.5, y=0.98, xref="x2",
-                           yref="y2 domain", showarrow=False, xanchor="left", yanchor="top", bgcolor="white",
-                           font={"size": 12})
-    else:
-        fig.add_annotation(text="no layer with FFN ΔH > 0", x=0.5, y=1.06, xref="paper", yref="paper",
-                           showarrow=False)
-    fig.update_layout(template=TEMPLATE, barmode="overlay", legend={"orientation": "h", "y": -0.12},
-                      title=f"Entropy change — {m['model']['id']} · lens {lens} · {role} tokens"
-                            + ("" if outcome in (None, "all") else f" · {outcome} responses")
-                            + f" (|ΔH| ≤ {band:g} nats reads as integration)")
-    fig.update_yaxes(title_text="ΔH (nats)")
-    fig.update_xaxes(title_text="layer l", dtick=1 if m["model"]["n_layers"] <= 40 else None, row=2, col=1)
-    out = s.pivot_table(index="layer", columns="quantity", values="mean").reset_index()
-    return fig, out.assign(run_id=run_id, boundary_layer=k)
-
-
-def _dh_both(cache: Path, run_id: str | None, lens: str, role: str, band: float) -> tuple[go.Figure, pd.DataFrame]:
-    """ΔH of attention and FFN per layer, correct and wrong responses side by side (± 1 std)."""
-    m, s = _run_summary(cache, run_id, lens, role, "both")
-    s = s[s["quantity"].isin(["dH_attn", "dH_ffn"])].dropna(subset=["mean"]).sort_values("layer")
-    band = stage_config(band, role).band
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("attention: ΔH_attn, correct vs wrong", "FFN: ΔH_ffn, correct vs wrong"))
-    for row, q in ((1, "dH_attn"), (2, "dH_ffn")):
-        for oc in ("correct", "wrong"):
-            d = s[(s["quantity"] == q) & (s["outcome"] == oc)]
-            fig.add_trace(go.Bar(x=d["layer"], y=d["mean"], name=f"{oc} responses", legendgroup=oc,
-                                 marker_color=OUTCOME_STYLE[oc][1], showlegend=row == 1,
-                                 error_y={"type": "data", "array": d["std"], "thickness": 1, "color": "#555"},
-                                 hovertemplate="layer %{x}<br>ΔH = %{y:.3f} nats<extra>" + oc + "</extra>"),
-                          row=row, col=1)
-        fig.add_hrect(y0=-band, y1=band, fillcolor="#9e9e9e", opacity=0.12, line_width=0, row=row, col=1)
-    fig.update_layout(template=TEMPLATE, barmode="group", legend={"orientation": "h", "y": -0.12},
-                      title=f"Entropy change — {m['model']['id']} · lens {lens} · {role} tokens · correct vs wrong "
-                            "(mean ± 1 std over tokens; the 'Right vs wrong' tab has intervals over responses)")
-    fig.update_yaxes(title_text="ΔH (nats)")
-    fig.update_xaxes(title_text="layer l", dtick=1 if m["model"]["n_layers"] <= 40 else None, row=2, col=1)
-    out = s.pivot_table(index="layer", columns=["quantity", "outcome"], values="mean")
-    out.columns = [f"{q}_{o}" for q, o in out.columns]
-    return fig, out.reset_index().assign(run_id=run_id)
+    cfg = stage_config(band, role)
+    if outcome == "both":
+        s = s[s["quantity"].isin(["dH_attn", "dH_ffn"])].dropna(subset=["mean"]).sort_values("layer")
+        out = s.pivot_table(index="layer", columns=["quantity", "outcome"], values="mean")
+        out.columns = [f"{q}_{o}" for q, o in out.columns]
+        return (figures.delta_outcomes_figure(s, m, run_id, lens, role, cfg.band),
+                out.reset_index().assign(run_id=run_id))
+    d = detect_stages(s, lens, m["model"]["vocab_size"], cfg)
+    fig = figures.delta_figure(d["per_layer"], m, run_id, lens, role, cfg.band, outcome)
+    cols = ["layer", "dH_attn", "dH_attn_ci95", "dH_ffn", "dH_ffn_ci95"]
+    return fig, pd.DataFrame(d["per_layer"])[cols].assign(run_id=run_id, boundary_layer=d["boundary_layer"])
 
 
 def build_stages(cache: Path, run_id: str | None, lens: str, role: str, band: float | None,
@@ -221,38 +134,12 @@ def build_compare(cache: Path, run_ids: list[str] | None, quantity: str, role: s
     With an outcome, only scored runs draw (`both`: correct solid, wrong dotted)."""
     if not run_ids:
         raise UserError("select one or more runs in the table above")
-    fig, frames, per_family = go.Figure(), [], {}
-    y_col = "mean_norm" if normalise else "mean"
     runs = [(run_id, read_manifest(resolve_run(cache, run_id)), resolve_run(cache, run_id)) for run_id in run_ids]
-    runs = [r for r in runs if r[1].get("status") == "complete" and r[1].get("kind", "trace") == "trace"]
-    model_ids = [m["model"]["id"] for _, m, _ in runs]
-    for run_id, m, run in runs:
-        fam = m["model"].get("family", "?")
-        i = per_family.setdefault(fam, 0)  # runs of one family share its colour, differ by dash
-        per_family[fam] += 1
-        s = load_summary(run, outcome=None)
-        for lens, oc in ((x, o) for x in lenses for o in outcomes_of(outcome)):
-            d = s[(s["lens"] == lens) & (s["role"] == role) & (s["quantity"] == quantity)
-                  & (s["outcome"] == oc)].sort_values("layer")
-            if d.empty or d["count"].eq(0).all():
-                continue
-            name = f"{m['model']['id']} · {lens}" + (f" · {run_id}" if model_ids.count(m["model"]["id"]) > 1 else "")
-            name += "" if oc == "all" else f" · {oc}"
-            dash = "dot" if oc == "wrong" else DASHES[i % len(DASHES)]
-            fig.add_trace(go.Scatter(
-                x=d["rel_depth"], y=d[y_col], mode="lines+markers", name=name,
-                line={"color": family_color(fam), "dash": dash, "width": 2.5},
-                marker={"symbol": "circle" if lens == "bupo" else "x", "size": 7},
-                opacity=1.0 if lens == "bupo" else 0.6,
-                customdata=d["layer"], hovertemplate="l/L %{x:.2f} (layer %{customdata})<br>%{y:.3f}"))
-            frames.append(d.assign(run_id=run_id, model=m["model"]["id"], family=fam))
+    runs = [(run_id, m, load_summary(run, outcome=None)) for run_id, m, run in runs if is_complete_trace(m)]
+    fig, frames = figures.families_figure(runs, quantity, role, lenses, normalise, outcome)
     if not frames:
         scored = "" if outcome in (None, "all") else " and scored responses"
         raise UserError(f"no complete trace run among the selection has {quantity} for {role} tokens{scored}")
-    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
-                      title=f"Compare families — {quantity} · {role} tokens",
-                      xaxis_title="relative depth l / L",
-                      yaxis_title="normalised entropy H / log V" if normalise else "entropy H (nats)")
     return fig, pd.concat(frames, ignore_index=True)
 
 

@@ -1,6 +1,6 @@
 """Right vs wrong: correct − wrong per layer with intervals, the AUROC heatmap, and a response's outcome line.
 
-The figures are entropylens.report_outcome's (the report draws the same ones); the statistics come from
+The figures are entropylens.figures' (the report draws the same ones); the statistics come from
 entropylens.outcomes, bootstrapped over responses and cached per run (app.data.outcome_stats).
 """
 
@@ -13,9 +13,10 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
 from app.common import figure_block, register_view
-from app.data import complete_trace_run, load_outcomes, outcome_stats, read_manifest, resolve_run
+from app.data import load_outcomes, outcome_stats, read_manifest, resolve_run
 from entropylens.errors import UserError
-from entropylens.report_outcome import fig_auroc_heatmap, fig_outcome_diff
+from entropylens.figures import auroc_figure, outcome_diff_figure
+from entropylens.stages import complete_trace_run
 
 TAB = "Right vs wrong"  # the figures are computed only while their tab is open (bootstraps take seconds on big runs)
 QUANTITY_OPTIONS = [{"label": "H_layer", "value": "H_layer"}, {"label": "ΔH attention", "value": "dH_attn"},
@@ -28,22 +29,14 @@ def build_outcome_diff(cache: Path, run_id: str | None, lens: str,
     run, m = complete_trace_run(cache, run_id)
     diff, _ = outcome_stats(run, lens)
     diff = diff[diff["quantity"].isin(quantities or ["H_layer"])]
-    fig = fig_outcome_diff(diff)
-    fig.update_layout(title=f"Correct − wrong — {m['model']['id']} · lens {lens} · response tokens · "
-                            f"{int(diff['n_correct'].iloc[0])} correct vs {int(diff['n_wrong'].iloc[0])} wrong "
-                            "responses (95 % interval, bootstrap over responses)")
-    return fig, diff.assign(run_id=run_id, lens=lens)
+    return outcome_diff_figure(diff, lens, m["model"]["id"]), diff.assign(run_id=run_id, lens=lens)
 
 
 def build_auroc(cache: Path, run_id: str | None, lens: str) -> tuple[go.Figure, pd.DataFrame]:
     """Site × layer AUROC of the mean response-token entropy for predicting a wrong answer."""
     run, m = complete_trace_run(cache, run_id)
     _, auc = outcome_stats(run, lens)
-    fig = fig_auroc_heatmap(auc, lens)
-    n_c, n_w = int(auc["n_correct"].iloc[0]), int(auc["n_wrong"].iloc[0])
-    fig.update_layout(title=f"AUROC for a wrong answer — {m['model']['id']} · lens {lens} · {n_c} correct vs "
-                            f"{n_w} wrong responses (0.5 = chance; hover for the 95 % interval)")
-    return fig, auc[auc["lens"] == lens].assign(run_id=run_id)
+    return auroc_figure(auc, lens, m["model"]["id"]), auc[auc["lens"] == lens].assign(run_id=run_id)
 
 
 def outcome_line(cache: Path, run_id: str | None, prompt_idx: int | None) -> str:

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html, no_update
 
-from app.common import SITE_LABELS, TEMPLATE, figure_block, register_view
-from app.data import prompt_ids, read_entropy, read_manifest, read_tokens, resolve_run, sequence_vocab
+from app.common import figure_block, register_view
+from app.data import prompt_ids, read_entropy, read_tokens, resolve_run, sequence_vocab
 from entropylens.errors import UserError
+from entropylens.figures import SITE_LABELS, heatmap_figure, show_token
+from entropylens.stages import complete_trace_run
 
 SITES = list(SITE_LABELS)
-MAX_TICK_LABELS = 120
-
-
-def _show(text: str) -> str:
-    """Token text made visible on an axis (whitespace and newlines spelled out)."""
-    return text.replace("\n", "↵").replace(" ", "·") if text.strip() != text or "\n" in text else text
+__all__ = ["build_heatmap", "cell_detail", "heatmap_figure", "layout", "register"]  # heatmap_figure: entropylens.run
 
 
 def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | None, site: str,
@@ -31,10 +27,7 @@ def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | 
     """Entropy (or dH) per token position and layer of one prompt at one site."""
     if not run_id or prompt_idx is None:
         raise UserError("select a complete trace run in the table above and a prompt")
-    run = resolve_run(cache, run_id)
-    m = read_manifest(run)
-    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
-        raise UserError(f"{run_id} is not a complete trace run")
+    run, m = complete_trace_run(cache, run_id)
     if quantity == "dH" and site not in ("attn", "ffn", "layer"):
         raise UserError("ΔH is defined for the attention, FFN and layer sites only")
     col = f"{quantity}_{site}"
@@ -45,38 +38,6 @@ def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | 
     fig = heatmap_figure(rows, toks, m["model"]["id"], lens, int(prompt_idx), site, quantity)
     long = rows.merge(toks, on="position", how="left").sort_values(["layer", "position"])
     return fig, long.assign(run_id=run_id, lens=lens, prompt_idx=prompt_idx)
-
-
-def heatmap_figure(rows: pd.DataFrame, toks: pd.DataFrame, model_id: str, lens: str, prompt_idx: int, site: str,
-                   quantity: str) -> go.Figure:
-    """The heatmap of one prompt's entropy rows (position, layer, `<quantity>_<site>`) and its tokens (position,
-    token_text, role); also drawn by entropylens.api.Run.heatmap."""
-    col = f"{quantity}_{site}"
-    z = rows.pivot(index="layer", columns="position", values=col).sort_index()
-    z = z.reindex(columns=toks["position"])
-    # Categorical x labels "t: text" carry the token text to the axis and the hover without a
-    # per-cell string array (41k hover strings would triple the callback's JSON time).
-    labels = [f"{p}: {_show(t)}" for p, t in zip(toks["position"], toks["token_text"])]
-    is_dh = quantity == "dH"
-    fig = go.Figure(go.Heatmap(
-        z=z.to_numpy(), x=labels, y=z.index,
-        colorscale="RdBu_r" if is_dh else "Viridis", zmid=0 if is_dh else None,
-        colorbar={"title": {"text": "ΔH (nats)" if is_dh else "H (nats)"}},
-        hovertemplate="position %{x}<br>layer %{y}<br>" + ("ΔH" if is_dh else "H") + " = %{z:.3f} nats<extra></extra>"))
-    step = max(1, int(np.ceil(len(labels) / MAX_TICK_LABELS)))
-    fig.update_xaxes(type="category", tickmode="array", tickvals=labels[::step], ticktext=labels[::step],
-                     tickangle=-60, title_text="position t: token (its row predicts t+1)")
-    fig.update_yaxes(title_text="layer l", dtick=1 if len(z.index) <= 41 else None)
-    resp = toks.loc[toks["role"] == "response", "position"]
-    if not resp.empty:
-        first_generated = int(resp.min()) + 1  # rows from resp.min() on predict generated tokens
-        fig.add_vline(x=first_generated - 0.5, line={"color": "#ffffff", "width": 3, "dash": "dash"})
-        fig.add_annotation(text="generated response →", x=first_generated - 0.5, y=1.04, yref="paper",
-                           showarrow=False, xanchor="left")
-    fig.update_layout(template=TEMPLATE, margin={"b": 120},
-                      title=f"{'ΔH' if is_dh else 'Entropy'} per token and layer — {SITE_LABELS[site]} · "
-                            f"{model_id} · lens {lens} · prompt {prompt_idx} (click a cell for top-1 tokens)")
-    return fig
 
 
 def cell_detail(cache: Path, run_id: str, lens: str, prompt_idx: int, position: int, layer: int) -> pd.DataFrame:
@@ -92,7 +53,7 @@ def cell_detail(cache: Path, run_id: str, lens: str, prompt_idx: int, position: 
         tid = int(r[f"top1_{s}"])
         if tid < 0:
             continue  # site not traced at this layer
-        out.append({"site": SITE_LABELS[s], "top1_id": tid, "token": _show(vocab.get(tid, "")) or "(id only)",
+        out.append({"site": SITE_LABELS[s], "top1_id": tid, "token": show_token(vocab.get(tid, "")) or "(id only)",
                     "p1": round(float(r[f"p1_{s}"]), 4), "H (nats)": round(float(r[f"H_{s}"]), 4)})
     return pd.DataFrame(out, columns=["site", "top1_id", "token", "p1", "H (nats)"])
 
@@ -119,10 +80,7 @@ def register(app: Dash, cache: Path) -> None:
                   Input("focus-run", "value"), State("tokens-prompt", "value"), State("tokens-lens", "value"))
     def _options(run_id, prompt, lens):
         try:
-            run = resolve_run(cache, run_id or "")
-            m = read_manifest(run)
-            if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
-                return [], None, ["bupo"], "bupo"
+            run, m = complete_trace_run(cache, run_id)
             ids, lenses = prompt_ids(run), m.get("lens") or ["bupo"]
         except (UserError, OSError, ValueError):
             return [], None, ["bupo"], "bupo"

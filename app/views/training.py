@@ -10,42 +10,32 @@ import plotly.graph_objects as go
 from dash import Dash, dcc, html
 from plotly.subplots import make_subplots
 
-from app.common import SITE_COLORS, SITE_LABELS, TEMPLATE, figure_block, register_view
+from app.common import figure_block, register_view
 from app.data import load_metrics, load_summary, read_manifest, resolve_run
 from app.views.flows import ROLE_OPTIONS
 from entropylens.errors import UserError
+from entropylens.figures import SITE_COLORS, SITE_LABELS, TEMPLATE, two_line_title
+from entropylens.stages import complete_trace_run, layer_difference
+from entropylens.store import summary_layer_table
 
 FLOW_Q = ["H_layer", "H_attn", "H_ffn"]
 DH_Q = ["dH_attn", "dH_ffn"]
 
 
-def _trace_run(cache: Path, run_id: str) -> tuple[dict, Path]:
-    run = resolve_run(cache, run_id)
-    m = read_manifest(run)
-    if m.get("status") != "complete" or m.get("kind", "trace") != "trace":
-        raise UserError(f"{run_id} is not a complete trace run")
-    return m, run
-
-
 def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[go.Figure, pd.DataFrame]:
     """Per-layer child − parent difference of the entropy flow and of ΔH (BuPO before/after)."""
-    if not run_id:
-        raise UserError("select a run in the table above")
-    m, run = _trace_run(cache, run_id)
+    run, m = complete_trace_run(cache, run_id)
     parent_id = m.get("parent_run")
     if not parent_id:
         raise UserError(f"{run_id} has no parent_run: pick a run traced after training (its manifest names its parent)")
-    pm, prun = _trace_run(cache, parent_id)
-
-    def means(r: Path) -> pd.DataFrame:
-        s = load_summary(r)
-        s = s[(s["lens"] == lens) & (s["role"] == role) & s["quantity"].isin(FLOW_Q + DH_Q)]
-        return s.pivot_table(index="layer", columns="quantity", values="mean")
-
-    child, parent = means(run), means(prun)
-    if child.empty or parent.empty:
+    prun, _ = complete_trace_run(cache, parent_id)
+    try:
+        child, parent = (summary_layer_table(load_summary(r), lens, role) for r in (run, prun))
+        diff = layer_difference(parent, child).set_index("layer")[FLOW_Q + DH_Q].dropna(how="all")
+    except KeyError:  # a role with no rows pivots to no columns
+        diff = pd.DataFrame()
+    if diff.empty:
         raise UserError(f"both runs need a '{lens}' summary for {role} tokens")
-    diff = (child - parent).dropna(how="all")
     ev = _held_out_results(cache, run_id)
     titles = ["entropy flow: after − before", "entropy change ΔH: after − before"]
     if ev is not None:
@@ -65,8 +55,8 @@ def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[g
     if ev is not None:
         _accuracy_bars(fig, ev, row=3)
     fig.update_layout(template=TEMPLATE, barmode="group", legend={"orientation": "h", "y": -0.12},
-                      title=f"Before / after — {run_id} minus parent {parent_id}<br><sup>lens {lens} · {role} tokens"
-                            "</sup>")
+                      title=two_line_title(f"Before / after — {run_id} minus parent {parent_id}",
+                                           f"lens {lens} · {role} tokens · per-layer mean after − before"))
     fig.update_yaxes(title_text="difference (nats)", row=1, col=1)
     fig.update_yaxes(title_text="difference (nats)", row=2, col=1)
     fig.update_xaxes(title_text="layer l", row=2, col=1)
@@ -146,7 +136,7 @@ def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataF
                            x=s0, y=0.02, xref="x", yref="y domain", showarrow=False, xanchor="left",
                            yanchor="bottom", bgcolor="white")
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.08},
-                      title=f"Training — {run_id} · {m['model'].get('id', '?')}")
+                      title=two_line_title(f"Training — {run_id} · {m['model'].get('id', '?')}"))
     fig.update_xaxes(title_text="step", row=6, col=1)
     return fig, df
 

@@ -30,13 +30,14 @@ from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import Interrupted
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
 from entropylens.rewards import RULES_HELP, check_references
-from entropylens.bupo.trainer import BupoConfig, pick_boundary_layer, train
+from entropylens.bupo.trainer import BupoConfig, train
 from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model
 from entropylens.options import count_or_all, ints, option
 from entropylens.prompts import load_prompts
 from entropylens.sites import SITES
 from entropylens.runfolder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
+from entropylens.stages import layer_difference, pick_boundary_layer
 from entropylens.store import layer_table
 from entropylens.trace import TraceConfig, run_trace
 
@@ -188,10 +189,10 @@ def before_after_table(base_dir: Path, trained_dir: Path) -> pd.DataFrame:
     """Per layer mean H_layer and dH_ffn over response tokens, before, after and the change."""
     a = layer_table(base_dir, lens="bupo", role="response").set_index("layer")
     b = layer_table(trained_dir, lens="bupo", role="response").set_index("layer")
+    change = layer_difference(a.reset_index(), b.reset_index()).set_index("layer")  # trained − base
     out = pd.DataFrame({"H_layer_base": a["H_layer"], "H_layer_trained": b["H_layer"],
-                        "dH_ffn_base": a["dH_ffn"], "dH_ffn_trained": b["dH_ffn"]})
-    out.insert(2, "H_layer_change", out["H_layer_trained"] - out["H_layer_base"])
-    out["dH_ffn_change"] = out["dH_ffn_trained"] - out["dH_ffn_base"]
+                        "H_layer_change": change["H_layer"], "dH_ffn_base": a["dH_ffn"],
+                        "dH_ffn_trained": b["dH_ffn"], "dH_ffn_change": change["dH_ffn"]})
     return out.reset_index()
 
 

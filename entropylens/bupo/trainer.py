@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -102,23 +101,6 @@ class BupoConfig:
         if self.prompts_per_step % world_size:
             raise UserError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of "
                             f"processes ({world_size}): each rank takes an equal block of whole prompt groups")
-
-
-def pick_boundary_layer(layer_table: pd.DataFrame) -> tuple[int, str]:
-    """The paper's choice of k: the last layer whose mean FFN entropy change (response tokens) is positive."""
-    missing = {"layer", "dH_ffn"} - set(layer_table.columns)
-    if missing:
-        raise UserError(f"layer table lacks column(s) {sorted(missing)}; need one row per layer with dH_ffn")
-    t = layer_table.dropna(subset=["dH_ffn"]).sort_values("layer")
-    if t["layer"].duplicated().any():
-        raise UserError("layer table has several rows per layer; pass the per-layer mean of dH_ffn")
-    positive = t[t["dH_ffn"] > 0]
-    if positive.empty:
-        raise UserError("no layer has a positive mean FFN entropy change; pick --layer K by hand")
-    k, v = int(positive["layer"].iloc[-1]), float(positive["dH_ffn"].iloc[-1])
-    above = t[t["layer"] > k]["dH_ffn"]
-    rest = f"the {len(above)} layer(s) above are <= 0 (max {above.max():+.3f})" if len(above) else "top layer"
-    return k, f"layer {k} of {int(t['layer'].max())}: last with mean dH_ffn > 0 ({v:+.3f} nats); {rest}"
 
 
 def set_phase(model: nn.Module, layer: int, phase: str) -> None:

@@ -36,6 +36,21 @@ def arr(v) -> list:
         if isinstance(v, dict) else list(v)
 
 
+def boxes(duo, graph: str) -> dict:
+    """Screen boxes of a drawn graph: its svg, its title, and every annotation (subplot titles are annotations)."""
+    js = (f"const g = document.querySelector('#{graph} .js-plotly-plot'); const r = e => e.getBoundingClientRect();"
+          "const box = e => ({left: r(e).left, right: r(e).right, top: r(e).top, bottom: r(e).bottom});"
+          "return {svg: box(g.querySelector('.main-svg')), title: box(g.querySelector('.gtitle')),"
+          " notes: [...g.querySelectorAll('.annotation')].map(a => ({text: a.textContent, ...box(a)}))};")
+    return duo.driver.execute_script(js)
+
+
+def assert_title_fits(duo, graph: str) -> None:
+    """The figure title ends inside the figure (long model + lens + role + band titles once ran off the edge)."""
+    b = boxes(duo, graph)
+    assert b["svg"]["left"] <= b["title"]["left"] and b["title"]["right"] <= b["svg"]["right"], (graph, b)
+
+
 def open_tab(duo, label: str) -> None:
     for tab in duo.driver.find_elements("css selector", "#tabs .tab"):
         if tab.text.strip() == label:
@@ -55,12 +70,14 @@ def test_runs_flow_dh_and_compare(dash_duo, cache, screenshot):
     lines = [t for t in flow["data"] if t.get("showlegend") is not False]
     assert len(lines) == 3
     assert len(arr(lines[0]["x"])) == RUNS["llama-after"].n_layers + 1
+    assert_title_fits(dash_duo, "flow-graph")
     screenshot(dash_duo.driver, "flow")
 
     open_tab(dash_duo, "Entropy change ΔH")
     dh = figure(dash_duo, "dh-graph")
     texts = [a["text"] for a in dh["layout"].get("annotations", [])]
     assert any("boundary layer l=" in t for t in texts), texts
+    assert_title_fits(dash_duo, "dh-graph")
     # The stages table beside it: boundary of the focus run, FFN ranges that follow the band input.
     k, n = RUNS["llama-after"].boundary, RUNS["llama-after"].n_layers
     dash_duo.wait_for_contains_text("#stages-boundary", f"Boundary layer l={k} of {n}", timeout=30)
@@ -159,4 +176,30 @@ def test_outcome_selector_right_vs_wrong_and_token_outcome(dash_duo, cache, scre
     dash_duo.wait_for_contains_text("#tokens-outcome", "reference answer: 42", timeout=30)
     assert "outcome: " in dash_duo.find_element("#tokens-outcome").text
     screenshot(dash_duo.driver, "token_outcome")
+    assert dash_duo.get_logs() in ([], None)
+
+
+def test_long_titles_and_the_no_boundary_note_stay_clear_at_1500_px(dash_duo, tmp_path, screenshot):
+    """A run with no positive FFN ΔH and a long model name: the note sits in the FFN panel, not over the attention
+    panel's title, and the titles end inside the figure."""
+    import json
+
+    from synthetic import SyntheticRun, write_run
+
+    run = write_run(tmp_path, SyntheticRun("no-boundary", n_layers=6, vocab_size=80, boundary=0, seed=5))
+    m = json.loads((run / "manifest.json").read_text())
+    m["model"]["id"] = "some-organisation/A-Rather-Long-Model-Name-70B-Instruct-v0.3-preview-2026-with-a-long-suffix"
+    (run / "manifest.json").write_text(json.dumps(m))
+    dash_duo.driver.set_window_size(1500, 1500)
+    dash_duo.start_server(create_app(tmp_path))
+    assert_title_fits(dash_duo, "flow-graph") if figure(dash_duo, "flow-graph") else None
+    open_tab(dash_duo, "Entropy change ΔH")
+    figure(dash_duo, "dh-graph")
+    b = boxes(dash_duo, "dh-graph")
+    (note,) = [a for a in b["notes"] if a["text"] == "no layer with FFN ΔH > 0"]
+    (attn,) = [a for a in b["notes"] if a["text"].startswith("attention: ΔH_attn")]
+    (ffn,) = [a for a in b["notes"] if a["text"].startswith("FFN: ΔH_ffn")]
+    assert note["top"] >= attn["bottom"] and note["top"] >= ffn["bottom"], b  # below both panel titles
+    assert_title_fits(dash_duo, "dh-graph")
+    screenshot(dash_duo.driver, "entropy_change_no_boundary")
     assert dash_duo.get_logs() in ([], None)

@@ -30,7 +30,8 @@ def test_flow_by_outcome_is_the_layer_mean_of_those_responses(cache):
         fig, data = build_flow(cache, RUN, "bupo", "response", "std", ["ffn"], oc)
         (line,) = [t for t in fig.data if t.mode == "lines+markers"]
         want = e[e.prompt_idx.isin(ids(cache, flag))].groupby("layer")["H_ffn"].mean().dropna()
-        np.testing.assert_allclose(np.array(line.y)[1:], want.to_numpy(), rtol=1e-5)
+        assert list(line.x) == list(want.index)  # layers with FFN tokens (1..L): no undefined layer-0 point
+        np.testing.assert_allclose(np.array(line.y), want.to_numpy(), rtol=1e-5)
         assert set(data["outcome"]) == {oc}
     fig, _ = build_flow(cache, RUN, "bupo", "response", "std", ["layer", "ffn"], "both")
     assert sorted(t.name for t in fig.data) == ["FFN F^l · correct", "FFN F^l · wrong", "layer H^l · correct",

@@ -33,8 +33,22 @@ def test_views_on_real_runs_match_the_parquet(real_cache):
     np.testing.assert_allclose(np.asarray(line.y, dtype=float), expect.to_numpy(), rtol=1e-5)
     assert len(line.x) == 5  # layers 0..4
 
-    fig, _ = build_dh(real_cache, "tiny-llama", "logit", "response", 0.05)
-    assert len(fig.data) >= 2
+    band = 0.05
+    fig, _ = build_dh(real_cache, "tiny-llama", "logit", "response", band)
+    ent = load_entropy(real_cache / "runs" / "tiny-llama",
+                       filters=[("lens", "==", "logit"), ("role", "==", "response")])
+    for axis, col in (("x", "dH_attn"), ("x2", "dH_ffn")):  # one bar per layer 1..3 in each panel
+        g = ent[ent["layer"] >= 1].groupby("layer")[col]
+        bars = {x: (y, e, t.name) for t in fig.data if t.xaxis == axis for x, y, e in zip(t.x, t.y, t.error_y.array)}
+        assert sorted(bars) == [1, 2, 3], (col, bars)
+        for layer, (y, e, reading) in bars.items():
+            mean, std, n = g.mean()[layer], g.std()[layer], g.count()[layer]
+            assert y == pytest.approx(mean, rel=1e-4, abs=1e-6)
+            assert e == pytest.approx(1.96 * std / np.sqrt(n), rel=1e-3, abs=1e-6)  # the 95 % interval over tokens
+            assert reading == ("exploration" if y > band else "convergence" if y < -band else "integration")
+    positive = ent[ent["layer"] >= 1].groupby("layer")["dH_ffn"].mean().loc[lambda m: m > 0]
+    note = "no layer with FFN ΔH > 0" if positive.empty else f"boundary layer l={positive.index.max()} "
+    assert any(a.text.startswith(note) for a in fig.layout.annotations)
 
     fig, _ = build_compare(real_cache, ["tiny-llama", "tiny-qwen3"], "H_layer", "response", ["bupo", "logit"], True)
     assert len(fig.data) == 4

@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from entropylens.bupo.rollout import generate_rollouts
 from entropylens.bupo.checkpoint import save_checkpoint
 from entropylens.bupo.trainer import (
-    BupoConfig, _no_grad_logp, _score_chunk, _update, pick_boundary_layer, set_phase, train,
+    BupoConfig, _no_grad_logp, _score_chunk, _update, set_phase, train,
 )
 from entropylens.errors import UserError
+from entropylens.stages import pick_boundary_layer
 
 TEXTS = ["1+2=", "what is 40+2?", "7*6"]
 EXPECTED_KEYS = {"step", "phase", "reward/mean", "reward/std", "entropy/layer_k", "entropy/output",
