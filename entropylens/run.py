@@ -159,7 +159,7 @@ class Run:
     def heatmap(self, prompt: int = 0, lens: str | None = None, site: str = "layer",
                 quantity: str = "H") -> go.Figure:
         """Entropy (quantity "H") or ΔH ("dH") per token position and layer of one prompt (the dashboard's)."""
-        from app.views.tokens import heatmap_figure
+        from entropylens.figures import heatmap_figure
 
         if site not in SITES:
             raise UserError(f"unknown site {site!r}; choose from {', '.join(SITES)}")

@@ -19,7 +19,7 @@ from entropylens.figures import SITE_LABELS, heatmap_figure, show_token
 from entropylens.stages import complete_trace_run
 
 SITES = list(SITE_LABELS)
-__all__ = ["build_heatmap", "cell_detail", "heatmap_figure", "layout", "register"]  # heatmap_figure: entropylens.run
+__all__ = ["build_heatmap", "cell_detail", "layout", "register"]
 
 
 def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | None, site: str,
