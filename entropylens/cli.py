@@ -18,6 +18,7 @@ from entropylens.bupo.pipeline import BupoRunConfig
 from entropylens.config import TraceConfig
 from entropylens.errors import UserError
 from entropylens.options import build, cli_options
+from entropylens.report import ReportConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.splitlines()[0])
 err = Console(stderr=True)
@@ -174,33 +175,24 @@ def bupo(
 
 
 @app.command()
+@cli_options(ReportConfig)
 def report(
+    options: dict,
     runs: list[str] = typer.Argument(..., help="run ids under CACHE/runs (one or more)"),
-    out: str = typer.Option("report", "-o", "--out", help="output folder (index.html, README.md, figures/, tables/)"),
-    cache: str = typer.Option("cache", help="folder holding runs/"),
-    role: str = typer.Option("response", help="response | prompt | all tokens"),
-    band: float = typer.Option(0.05, help="nats: |mean ΔH| <= band reads as integration"),
-    collapse_frac: float = typer.Option(0.10, help="layer-policy collapse threshold as a fraction of log V"),
-    images: str = typer.Option("png,svg", help="static image formats (png, svg), or 'none'"),
-    title: str = typer.Option("entropylens report", help="report heading"),
-    notes: str = typer.Option(None, help="Markdown file included as the discussion"),
-    write_stages: bool = typer.Option(True, "--write-stages/--no-write-stages",
-                                      help="also write stages.json into each run folder"),
 ) -> None:
     """Paper-style figures, stage table and a self-contained HTML + Markdown report from cached runs."""
     import shlex
 
-    from entropylens.report import ReportConfig, build_report
+    from entropylens.report import build_report
 
-    fmts = () if images == "none" else tuple(f.strip() for f in images.split(",") if f.strip())
-    command = shlex.join(["entropylens", "report", *runs, "-o", out, "--cache", cache, "--role", role,
-                          "--band", f"{band:g}", "--collapse-frac", f"{collapse_frac:g}", "--images", images,
-                          "--title", title] + (["--notes", notes] if notes else []))
-    index = build_report(ReportConfig(runs=list(runs), out=out, cache=cache, role=role, band=band,
-                                      collapse_frac=collapse_frac, images=fmts, write_stages=write_stages,
-                                      title=title, notes=notes, command=command))
-    out_console = Console()
-    out_console.print(f"[bold green]report[/] {index}  ·  {Path(out) / 'README.md'}  ·  {Path(out) / 'figures'}")
+    o = options
+    command = shlex.join(["entropylens", "report", *runs, "-o", o["out"], "--cache", o["cache"], "--role", o["role"],
+                          "--band", f"{o['band']:g}", "--collapse-frac", f"{o['collapse_frac']:g}",
+                          "--images", ",".join(o["images"]) or "none", "--title", o["title"]]
+                         + (["--notes", o["notes"]] if o["notes"] else []))
+    index = build_report(build(ReportConfig, o | {"runs": list(runs), "command": command}))
+    out = Path(o["out"])
+    Console().print(f"[bold green]report[/] {index}  ·  {out / 'README.md'}  ·  {out / 'figures'}")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 
 from entropylens import figures
 from entropylens.errors import UserError
+from entropylens.options import option
 from entropylens.report_outcome import outcome_section
 from entropylens.stages import (StageConfig, complete_trace_run, describe, run_stages, stages_table, to_json,
                                 write_stages)
@@ -120,21 +121,27 @@ def paper_checks(stages_lens: dict) -> list[dict]:
     ]
 
 
+def _image_formats(text: str) -> tuple[str, ...]:
+    """`--images png,svg` or `none`."""
+    return () if text == "none" else tuple(f.strip() for f in text.split(",") if f.strip())
+
+
 @dataclass
 class ReportConfig:
     """What `entropylens report` gathers and where it writes."""
 
-    runs: list[str]  # run ids under cache/runs (one or more)
-    out: str = "report"  # output folder: index.html, README.md, figures/, tables/
-    cache: str = "cache"  # folder holding runs/
-    role: str = "response"  # which tokens' statistics: response | prompt | all
-    band: float = 0.05  # nats: |mean ΔH| <= band reads as integration
-    collapse_frac: float = 0.10  # collapse threshold as a fraction of log V
-    images: tuple[str, ...] = IMAGE_FORMATS  # static formats written by kaleido; () = none
-    write_stages: bool = True  # also write stages.json into each run folder (the dashboard reads it)
-    title: str = "entropylens report"  # heading of both documents
-    notes: str | None = None  # optional Markdown file whose text is included (discussion of results)
-    command: str | None = None  # the command line to print as "regenerate with"
+    runs: list[str] = option([], "run ids under CACHE/runs (one or more)", cli=False)  # the command's arguments
+    out: str = option("report", "output folder (index.html, README.md, figures/, tables/)", flags=("-o", "--out"))
+    cache: str = option("cache", "folder holding runs/")
+    role: str = option("response", "response | prompt | all tokens")
+    band: float = option(0.05, "nats: |mean ΔH| <= band reads as integration")
+    collapse_frac: float = option(0.10, "layer-policy collapse threshold as a fraction of log V")
+    images: tuple[str, ...] = option(IMAGE_FORMATS, "static image formats (png, svg), or 'none'",
+                                     parse=_image_formats, shown=",".join(IMAGE_FORMATS))
+    write_stages: bool = option(True, "also write stages.json into each run folder (the dashboard reads it)")
+    title: str = option("entropylens report", "report heading")
+    notes: str | None = option(None, "Markdown file included as the discussion")
+    command: str | None = option(None, "the command line printed as 'regenerate with'", cli=False)
 
 
 def build_report(cfg: ReportConfig) -> Path:

@@ -13,6 +13,7 @@ from entropylens.bupo.pipeline import BupoRunConfig
 from entropylens.cli import app as cli_app
 from entropylens.config import TraceConfig
 from entropylens.errors import UserError
+from entropylens.report import ReportConfig
 from entropylens.options import build, cli_options, option, parse_csv, parse_limit
 
 
@@ -61,12 +62,13 @@ def test_defaults_and_help_are_the_fields():
     assert "--hidden" not in text and "[default: a,b]" in text and "[default: 8]" in text
 
 
-@pytest.mark.parametrize("name,config", [("trace", TraceConfig), ("bupo", BupoRunConfig), ("bench", BenchConfig)])
+@pytest.mark.parametrize("name,config", [("trace", TraceConfig), ("bupo", BupoRunConfig), ("bench", BenchConfig),
+                                         ("report", ReportConfig)])
 def test_each_command_offers_its_config_fields_and_nothing_else(name, config):
     """A command's options are exactly its config's command-line fields (+ --resume, --quiet)."""
     command = typer.main.get_command(cli_app).commands[name]
     names = {p.name for p in command.params}
-    assert names - {"resume", "quiet"} == {f.name for f in fields(config) if f.metadata["cli"]}
+    assert names - {"resume", "quiet", "runs"} == {f.name for f in fields(config) if f.metadata["cli"]}
 
 
 def test_parsers_fail_in_one_line():
