@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from entropylens.errors import UserError
+from entropylens.schema import LENSES  # the stored vocabulary: one list, importable without torch
 
-LENSES = ("bupo", "logit")
 
 
 @dataclass

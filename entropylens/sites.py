@@ -17,8 +17,8 @@ import torch
 
 from entropylens.errors import UserError
 from entropylens.lens import read_head
+from entropylens.schema import SITES  # noqa: F401  (re-exported: the stored vocabulary, one list, no torch)
 
-SITES = ("attn_in", "attn", "ffn_in", "ffn", "layer")
 
 # Attribute names tried in order; the first one present wins.
 LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
