@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from entropylens.errors import UserError
 
@@ -58,6 +59,20 @@ def accelerator(cpu: bool) -> Accelerator | None:
         check_supported(acc)
         _ACCELERATOR = acc
     return _ACCELERATOR
+
+
+def close() -> None:
+    """Leave the process group once the job is done, on every rank.
+
+    Without it gloo's worker threads outlive the interpreter and a rank can abort at exit (SIGABRT,
+    "terminate called without an active exception") after all its work succeeded. Call it only on
+    success: a rank that fails while others sit in a collective would hang here instead of exiting.
+    """
+    global _ACCELERATOR
+    if _ACCELERATOR is not None:
+        _ACCELERATOR.wait_for_everyone()
+        dist.destroy_process_group()
+        _ACCELERATOR = None
 
 
 def check_supported(acc: Accelerator) -> None:

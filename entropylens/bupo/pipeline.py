@@ -277,6 +277,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
         return eval_trained, gain, trained_dir.name, table
 
     eval_trained, gain, trained_name, table = distributed.main_only(acc, after_training)
+    distributed.close()
     return BupoResult(run_dir, ckpt, k, evidence, layer_run, base_name, trained_name, eval_base,
                       eval_trained, gain, table)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from conftest import make_model, make_tokenizer
 
+from entropylens.bupo import distributed
 from entropylens.bupo.grpo import LOSS_AGGS
 from entropylens.bupo.trainer import BupoConfig, train
 from entropylens.prompts import Prompt
@@ -33,6 +34,7 @@ def main(out: Path, steps: int, lr: float) -> None:
                          max_new_tokens=8, learning_rate=lr, weight_decay=1.0, micro_batch_size=3,
                          loss_agg=loss_agg, seed=1, group_sampling=True)  # as the ranks sample
         train(cfg, model, make_tokenizer(), PROMPTS, out / loss_agg, progress=False, reward_fn=char_reward)
+    distributed.close()
 
 
 if __name__ == "__main__":
