@@ -36,15 +36,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[s
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
-    """(field, resolved type) of every command-line field, nested dataclasses flattened in order."""
+def _fields(cls: type, defaults: Any = None) -> list[tuple[dataclasses.Field, type, Any]]:
+    """(field, resolved type, default) of every command-line field, nested dataclasses flattened in order.
+    A nested field's default is read from the instance its parent holds by default (`defaults`), so a command
+    can embed a config with its own defaults."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
         if dataclasses.is_dataclass(hints[f.name]):
-            out += _fields(hints[f.name])
+            out += _fields(hints[f.name], default)
         elif f.metadata.get("cli", False):
-            out.append((f, hints[f.name]))
+            out.append((f, hints[f.name], default))
     return out
 
 
@@ -52,8 +55,8 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _parameter(f: dataclasses.Field, hint: type) -> inspect.Parameter:
-    meta, default = f.metadata, _default(f)
+def _parameter(f: dataclasses.Field, hint: type, default: Any) -> inspect.Parameter:
+    meta = f.metadata
     if meta["parse"] is not None:  # typed as a string on the command line, parsed into the field
         hint, default = str, meta["shown"] if meta["shown"] is not None else default
         default = None if default is None else str(default)
@@ -68,7 +71,9 @@ def cli_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     """Decorate a command `fn(options, **own)`: typer sees `cls`'s fields as options next to fn's own
     parameters; fn receives the fields' parsed values in `options` (a dict for `build`)."""
     fields = _fields(cls)
-    names = {f.name for f, _ in fields}
+    names = {f.name for f, _, _ in fields}
+    if len(names) < len(fields):
+        raise TypeError(f"{cls.__name__}: two command-line fields share a name")
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = list(inspect.signature(fn).parameters.values())[1:]
@@ -77,12 +82,12 @@ def cli_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             options = {}
-            for f, _ in fields:
+            for f, _, _ in fields:
                 value, parse = kwargs.pop(f.name), f.metadata["parse"]
                 options[f.name] = parse(value) if parse is not None and value is not None else value
             return fn(options, **kwargs)
 
-        params = [_parameter(f, hint) for f, hint in fields]
+        params = [_parameter(f, hint, default) for f, hint, default in fields]
         params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints[p.name]) for p in own]
         clash = names & {p.name for p in own}
         if clash:
@@ -95,16 +100,30 @@ def cli_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return decorate
 
 
-def build(cls: type, options: dict[str, Any]) -> Any:
-    """The config `cls` from flat option values; nested dataclass fields are built from the same dict."""
+def build(cls: type, options: dict[str, Any], defaults: Any = None) -> Any:
+    """The config `cls` from flat option values (missing ones keep their defaults); a nested dataclass field is
+    its default instance with the options it declares replaced."""
     hints = typing.get_type_hints(cls)
     kw = {}
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            kw[f.name] = build(hints[f.name], options)
-        elif f.name in options:
+            inner = _default(f) if defaults is None else getattr(defaults, f.name)
+            kw[f.name] = build(hints[f.name], options, inner)
+        elif f.metadata.get("cli", False) and f.name in options:
             kw[f.name] = options[f.name]
-    return cls(**kw)
+    return cls(**kw) if defaults is None else dataclasses.replace(defaults, **kw)
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """The option values that `build` turns back into `config` (e.g. to store what a run was started with)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= flatten(value)
+        elif f.metadata.get("cli", False):
+            out[f.name] = value
+    return out
 
 
 def count_or_all(flag: str) -> Callable[[str], int | None]:

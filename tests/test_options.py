@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import pytest
 import typer
@@ -14,7 +14,7 @@ from entropylens.cli import app as cli_app
 from entropylens.config import TraceConfig
 from entropylens.errors import UserError
 from entropylens.report import ReportConfig
-from entropylens.options import build, cli_options, option, parse_csv, parse_limit
+from entropylens.options import build, cli_options, flatten, option, parse_csv, parse_limit
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Outer:
     limit: int | None = option(8, "first N, or 'all'", parse=parse_limit)
     sites: tuple[str, ...] = option(("a", "b"), "comma-separated", parse=parse_csv, shown="a,b")
     verbose: bool = option(False, "talk more")
-    inner: Inner = field(default_factory=Inner)
+    inner: Inner = field(default_factory=lambda: Inner(lr=0.25, hidden=7))  # embedded with its own defaults
 
 
 def _app(seen: list) -> typer.Typer:
@@ -48,7 +48,9 @@ def test_fields_become_options_and_come_back_as_the_config():
     r = CliRunner().invoke(_app(seen), ["--limit", "all", "--sites", "c, d", "--verbose", "-l", "0.1", "--quiet"])
     assert r.exit_code == 0, r.output
     cfg, quiet = seen[0]
-    assert cfg == Outer(name="x", limit=None, sites=("c", "d"), verbose=True, inner=Inner(lr=0.1)) and quiet
+    assert cfg == Outer(name="x", limit=None, sites=("c", "d"), verbose=True, inner=Inner(lr=0.1, hidden=7)) and quiet
+    assert build(Outer, flatten(cfg)) == cfg and flatten(cfg) == dict(name="x", limit=None, sites=("c", "d"),
+                                                                     verbose=True, lr=0.1)
 
 
 def test_defaults_and_help_are_the_fields():
@@ -60,6 +62,7 @@ def test_defaults_and_help_are_the_fields():
                         ("--verbose", "talk more"), ("--lr", "learning rate"), ("--quiet", "own option")):
         assert flag in text and help_ in text, flag
     assert "--hidden" not in text and "[default: a,b]" in text and "[default: 8]" in text
+    assert "[default: 0.25]" in text  # the embedding config's default, not Inner's own 0.5
 
 
 @pytest.mark.parametrize("name,config", [("trace", TraceConfig), ("bupo", BupoRunConfig), ("bench", BenchConfig),
@@ -68,7 +71,7 @@ def test_each_command_offers_its_config_fields_and_nothing_else(name, config):
     """A command's options are exactly its config's command-line fields (+ --resume, --quiet)."""
     command = typer.main.get_command(cli_app).commands[name]
     names = {p.name for p in command.params}
-    assert names - {"resume", "quiet", "runs"} == {f.name for f in fields(config) if f.metadata["cli"]}
+    assert names - {"resume", "quiet", "runs"} == set(flatten(config()))
 
 
 def test_parsers_fail_in_one_line():

@@ -20,7 +20,7 @@ import gc
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ import pandas as pd
 from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import Interrupted
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
-from entropylens.rewards import RULES_HELP, check_references
+from entropylens.rewards import check_references
 from entropylens.bupo.trainer import BupoConfig, train
 from entropylens.errors import UserError
 from entropylens.models import LoadedModel, load_model
-from entropylens.options import count_or_all, ints, option
+from entropylens.options import build, count_or_all, flatten, ints, option
 from entropylens.prompts import load_prompts
 from entropylens.sites import SITES
 from entropylens.runfolder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
@@ -45,6 +45,8 @@ ALGOS = ("bupo", "grpo")
 # The default k: the embedded SmolLM2 has no layer with a positive mean FFN dH under the bupo lens (every one
 # is negative, -1.8 to -10.3 nats), so `--layer auto` refuses it; 15 is the middle of its 30 layers.
 DEFAULT_LAYER = 15
+TRAIN_DEFAULTS = BupoConfig(internal_layer=DEFAULT_LAYER, steps=24, num_generations=4, max_new_tokens=12,
+                            learning_rate=2e-5, micro_batch_size=32, save_every=10)
 
 
 @dataclass
@@ -58,21 +60,9 @@ class BupoRunConfig:
     layer: str = option(str(DEFAULT_LAYER), "k (1-indexed) or auto: last layer with positive mean FFN dH "
                         f"(SmolLM2 has none, hence the default {DEFAULT_LAYER} of its 30)")
     internal_steps: int | None = option(None, "steps on pi^k first (default: steps // 4; grpo: 0)")
-    steps: int = option(24, "total optimiser steps")
-    prompts_per_step: int = option(8, "B: prompts per step (over all processes)")
-    num_generations: int = option(4, "G: rollouts per prompt", flags=("--num-generations", "-G"))
-    max_new_tokens: int = option(12, "completion cap (training, evaluation, traces)")
-    temperature: float = option(1.0, "sampling temperature")
-    # above the paper's 1e-6 so that a 24-step run visibly learns
-    learning_rate: float = option(2e-5, "AdamW learning rate (paper: 1e-6 over many more steps)", flags=("--lr",))
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    beta: float = option(0.0, "KL penalty to the initial model")
-    micro_batch_size: int = option(32, "rollouts per forward/backward chunk")
-    group_sampling: bool = option(False, "one seeded generate per prompt, as under torchrun (samples independent "
-                                  "of rank and batch; slower on CPU)")
-    reward: str = option("exact", RULES_HELP)
-    save_every: int = option(10, "write the resumable training state every N steps (and on Ctrl-C); 0 = only on "
-                             "Ctrl-C")
+    # the trainer's knobs, with this command's defaults: a 24-step run on `digits` that visibly learns
+    # (learning rate above the paper's 1e-6, short completions, 4 rollouts per prompt)
+    train: BupoConfig = field(default_factory=lambda: replace(TRAIN_DEFAULTS))
     train_prompts: int | None = option(None, "first N training prompts, or 'all'",
                                        parse=count_or_all("--train-prompts"), shown="all")
     layer_trace_prompts: int = option(8, "training prompts traced to choose k")
@@ -85,22 +75,19 @@ class BupoRunConfig:
     batch_size: int = option(8, "prompts per traced forward / evaluation batch")
     device: str = option("cpu", "cpu | cuda | cuda:N | auto")
     dtype: str = option("float32", "float32 | bfloat16 | float16 | float64")
-    seed: int = option(0, "prompt order, sampling, evaluation, traces")
     name: str | None = option(None, "trainer run id (traces get -layer, -base, -trained suffixes)")
     cache: str = option("cache", "folder holding runs/ and models/")
-    enable_thinking: bool = option(False, "Qwen3 chat templates: thinking mode")
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (only when asked)")
 
     def resolved_internal_steps(self) -> int:
         if self.algo == "grpo":
             return 0
-        return self.steps // 4 if self.internal_steps is None else self.internal_steps
+        return self.train.steps // 4 if self.internal_steps is None else self.internal_steps
 
     def trainer_config(self, layer: int, **run: Any) -> BupoConfig:
-        """The trainer's config: every BupoConfig field this command has, by name (no copied list), with k,
-        the resolved internal steps and `run` (model_id, parent_run); the rest keep BupoConfig's defaults."""
-        shared = {f.name: getattr(self, f.name) for f in fields(BupoConfig) if f.name in self.__dataclass_fields__}
-        return BupoConfig(**shared | {"internal_layer": layer, "internal_steps": self.resolved_internal_steps()} | run)
+        """The trainer's config for layer k: `train` with k, the resolved internal steps and `run` (model_id,
+        parent_run)."""
+        return replace(self.train, internal_layer=layer, internal_steps=self.resolved_internal_steps(), **run)
 
     def validate(self) -> None:
         """Mistakes that need no model: one UserError line each."""
@@ -108,22 +95,24 @@ class BupoRunConfig:
             raise UserError(f"unknown --algo {self.algo!r}; choose bupo or grpo")
         if self.layer != "auto" and not (self.layer.isdigit() and int(self.layer) >= 1):
             raise UserError(f"--layer takes 'auto' or a layer number >= 1 (1-indexed), got {self.layer!r}")
-        if self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}")
+        if self.train.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.train.steps}")
         if self.algo == "grpo" and self.internal_steps:
             raise UserError("--algo grpo has no internal phase; drop --internal-steps (or use --algo bupo)")
-        if not 0 <= self.resolved_internal_steps() <= self.steps:
-            raise UserError(f"--internal-steps must be in 0..--steps ({self.steps}), got {self.internal_steps}")
-        for name in ("prompts_per_step", "layer_trace_prompts", "eval_prompts", "eval_samples", "trace_prompts",
-                     "batch_size", "max_new_tokens"):
+        if not 0 <= self.resolved_internal_steps() <= self.train.steps:
+            raise UserError(f"--internal-steps must be in 0..--steps ({self.train.steps}), got {self.internal_steps}")
+        for name in ("layer_trace_prompts", "eval_prompts", "eval_samples", "trace_prompts", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.train.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.train.max_new_tokens}")
         if self.train_prompts is not None and self.train_prompts < 1:
             raise UserError(f"--train-prompts must be >= 1, got {self.train_prompts}")
         if not self.ks or any(not 1 <= k <= self.eval_samples for k in self.ks):
             raise UserError(f"every K in --ks must be in 1..--eval-samples ({self.eval_samples}), got {self.ks}")
         if self.trace_positions not in ("response", "all"):
             raise UserError(f"--trace-positions must be response or all, got {self.trace_positions!r}")
+        self.trainer_config(DEFAULT_LAYER).check()
 
 
 @dataclass
@@ -159,10 +148,11 @@ def _splits(cfg: BupoRunConfig) -> tuple[str, str, str]:
 
 def _trace(cfg: BupoRunConfig, loaded: LoadedModel, name: str, prompts: str, split: str, limit: int,
            positions: str, parent: str | None, progress: bool, model: str, sites: tuple[str, ...] = SITES) -> Path:
-    tc = TraceConfig(model=model, prompts=prompts, split=split, limit=limit, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, lens="bupo", sites=sites, positions=positions, device=cfg.device,
-                     dtype=cfg.dtype, batch_size=cfg.batch_size, name=name, seed=cfg.seed, cache=cfg.cache,
-                     enable_thinking=cfg.enable_thinking, trust_remote_code=cfg.trust_remote_code,
+    t = cfg.train
+    tc = TraceConfig(model=model, prompts=prompts, split=split, limit=limit, max_new_tokens=t.max_new_tokens,
+                     temperature=t.temperature, lens="bupo", sites=sites, positions=positions, device=cfg.device,
+                     dtype=cfg.dtype, batch_size=cfg.batch_size, name=name, seed=t.seed, cache=cfg.cache,
+                     enable_thinking=t.enable_thinking, trust_remote_code=cfg.trust_remote_code,
                      parent_run=parent)
     return run_trace(tc, progress=progress, loaded=loaded)
 
@@ -207,16 +197,16 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     cfg.validate()
     acc = distributed.accelerator(cpu=cfg.device == "cpu")
     world = 1 if acc is None else acc.num_processes
-    if cfg.prompts_per_step % world:
-        raise UserError(f"--prompts-per-step ({cfg.prompts_per_step}) must be divisible by the number of "
+    if cfg.train.prompts_per_step % world:
+        raise UserError(f"--prompts-per-step ({cfg.train.prompts_per_step}) must be divisible by the number of "
                         f"processes ({world}): each rank samples an equal block of whole prompt groups")
     progress = progress and distributed.is_main(acc)
     t0 = time.perf_counter()
     train_split, eval_source, eval_split = _splits(cfg)
-    train_set = load_prompts(cfg.prompts, limit=cfg.train_prompts, seed=cfg.seed, split=train_split)
-    eval_set = load_prompts(eval_source, limit=cfg.eval_prompts, seed=cfg.seed, split=eval_split)
-    check_references(train_set, cfg.reward, "training prompt")
-    check_references(eval_set, cfg.reward, "held-out prompt")
+    train_set = load_prompts(cfg.prompts, limit=cfg.train_prompts, seed=cfg.train.seed, split=train_split)
+    eval_set = load_prompts(eval_source, limit=cfg.eval_prompts, seed=cfg.train.seed, split=eval_split)
+    check_references(train_set, cfg.train.reward, "training prompt")
+    check_references(eval_set, cfg.train.reward, "held-out prompt")
     runs = Path(cfg.cache) / "runs"
     run_id = cfg.name if resume else distributed.main_only(acc, lambda: _claim_run_id(cfg, runs))
     run_dir = runs / run_id
@@ -224,9 +214,10 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     _log(progress, f"loading model {cfg.model} ..." + (f" ({world} processes)" if world > 1 else ""))
     loaded = distributed.main_first(acc, lambda: load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache),
                                                              cfg.trust_remote_code))  # rank 0 fills the cache
-    ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=cfg.temperature,
-                      max_new_tokens=cfg.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=cfg.reward,
-                      seed=cfg.seed, enable_thinking=cfg.enable_thinking)
+    t = cfg.train
+    ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=t.temperature,
+                      max_new_tokens=t.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=t.reward,
+                      seed=t.seed, enable_thinking=t.enable_thinking)
     before = distributed.main_only(acc, lambda: _stored_before(run_dir) if resume else None)
     if before is None:
         before = distributed.main_only(acc, lambda: _before_training(cfg, loaded, run_id, ecfg, eval_set, progress))
@@ -254,7 +245,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
         try:
             folder.update(stage="evaluate", layer_choice=layer_choice,
                           runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
-            folder.write_json("run_config.json", asdict(cfg) | {"name": run_id, "layer_choice": layer_choice})
+            folder.write_json("run_config.json", flatten(cfg) | {"name": run_id, "layer_choice": layer_choice})
             trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
             _log(progress, f"evaluating the trained model ({ckpt}) ...")
             eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
@@ -287,8 +278,8 @@ def config_from_run(cache: str, run_id: str) -> BupoRunConfig:
     path = resolve_run(cache, run_id) / "run_config.json"
     if not path.is_file():
         raise UserError(f"run {run_id!r} is not a resumable bupo run (no run_config.json)")
-    stored = {k: v for k, v in json.loads(path.read_text()).items() if k in BupoRunConfig.__dataclass_fields__}
-    return BupoRunConfig(**stored | {"ks": tuple(stored["ks"]), "cache": cache, "name": run_id})
+    stored = json.loads(path.read_text())  # the command's option values (flat)
+    return build(BupoRunConfig, stored | {"ks": tuple(stored["ks"]), "cache": cache, "name": run_id})
 
 
 def _trained(run_dir: Path) -> bool:
@@ -335,7 +326,7 @@ def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg:
                       cfg.trace_positions, None, progress, cfg.model)
     run_dir = Path(cfg.cache) / "runs" / run_id  # created only now: a run that fails before this leaves nothing
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run_config.json", asdict(cfg) | {"name": run_id})  # what --resume rebuilds
+    write_json(run_dir / "run_config.json", flatten(cfg) | {"name": run_id})  # what --resume rebuilds
     write_json(run_dir / "before.json", {
         "layer": k, "evidence": evidence, "layer_run": layer_run, "eval_base": eval_base, "base_run": base_dir.name})
     return k, evidence, layer_run, eval_base, base_dir.name

@@ -42,9 +42,10 @@ from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
 from entropylens.bupo.grpo import (
     LOSS_AGGS, LossScale, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
 )
-from entropylens.rewards import check_references, get_reward
+from entropylens.rewards import RULES_HELP, check_references, get_reward
 from entropylens.bupo.rollout import Rollouts, generate_groups, generate_rollouts, group_seed, policy_logits
 from entropylens.errors import UserError
+from entropylens.options import option
 from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
 from entropylens.sites import decoder_layers, final_norm
@@ -54,38 +55,42 @@ from entropylens.runfolder import RunFolder, _now, write_atomic
 
 @dataclass
 class BupoConfig:
-    """Everything one BuPO (or, with internal_steps=0, plain GRPO) run needs. Names follow TRL/verl."""
+    """Everything one BuPO (or, with internal_steps=0, plain GRPO) run needs. Names follow TRL/verl.
 
-    internal_layer: int  # k: 1-indexed decoder layer whose policy pi^k = softmax(H^k W_U^T) is trained first
-    internal_steps: int = 20  # steps on pi^k before switching to the output policy (paper: 20-30; 0 = GRPO)
-    steps: int = 50  # total optimiser steps (internal + output phase)
-    prompts_per_step: int = 8  # B: prompts per step, over all ranks (rollouts per step = B * num_generations)
-    num_generations: int = 8  # G: rollouts per prompt, the GRPO group (paper: 8)
-    max_new_tokens: int = 128  # completion length limit
-    temperature: float = 1.0  # sampling temperature, also used when scoring log-probs
-    learning_rate: float = 1e-6  # AdamW learning rate, constant (paper: 1e-6)
-    weight_decay: float = 0.0  # AdamW weight decay (never applied to frozen params)
-    max_grad_norm: float = 1.0  # global gradient-norm clip
-    epsilon_low: float = 0.2  # clip range below 1 for the ratio (paper: 0.2)
-    epsilon_high: float = 0.2  # clip range above 1 (DAPO's clip-higher if > epsilon_low)
-    beta: float = 0.0  # k3 KL penalty to the frozen initial model's same policy (paper: 0, no KL)
-    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
-    num_iterations: int = 1  # optimiser steps per rollout batch (mu); > 1 adds a no-grad old-log-prob pass
-    micro_batch_size: int = 16  # rollouts per forward/backward chunk, per rank (gradients accumulate exactly)
-    # one seeded generate per prompt, so a group's samples do not depend on its rank or batch (always on under
-    # a launcher); off: one batched generate per step, ~1.7x faster on 2 CPU cores for SmolLM2 (B = G = 4)
-    group_sampling: bool = False
-    reward: str = "exact"  # a rule of entropylens.rewards.RULES (exact, boxed, number, math_verify)
-    save_every: int = 0  # write the resumable state (weights, optimizer, RNG, metrics) every N steps; 0 = never
-    seed: int = 0  # seeds prompt sampling and generation
-    enable_thinking: bool = False  # passed to the chat template (Qwen3's thinking mode)
-    model_id: str = ""  # recorded in the manifest (model.config._name_or_path if empty)
-    parent_run: str | None = None  # trace run this training started from, for before/after comparisons
+    The defaults are the paper's settings; `entropylens bupo` embeds this config with its own (shorter) ones.
+    """
 
-    def validate(self, n_layers: int, n_prompts: int, world_size: int = 1) -> None:
-        """Raise UserError on settings that cannot work with this model, prompt set and number of ranks."""
-        if not 1 <= self.internal_layer <= n_layers:
-            raise UserError(f"internal_layer must be in 1..{n_layers}, got {self.internal_layer}")
+    # k: 1-indexed decoder layer whose policy pi^k = softmax(H^k W_U^T) is trained first
+    internal_layer: int = option(cli=False)
+    # steps on pi^k before switching to the output policy (paper: 20-30; 0 = GRPO)
+    internal_steps: int = option(20, cli=False)
+    steps: int = option(50, "total optimiser steps (internal + output phase)")
+    prompts_per_step: int = option(8, "B: prompts per step, over all processes (rollouts per step = B * G)")
+    num_generations: int = option(8, "G: rollouts per prompt, the GRPO group (paper: 8)",
+                                  flags=("--num-generations", "-G"))
+    max_new_tokens: int = option(128, "completion length cap (bupo: also for evaluation and traces)")
+    temperature: float = option(1.0, "sampling temperature, also used when scoring log-probs")
+    learning_rate: float = option(1e-6, "AdamW learning rate, constant (paper: 1e-6)", flags=("--lr",))
+    weight_decay: float = option(0.0, "AdamW weight decay (never applied to frozen parameters)")
+    max_grad_norm: float = option(1.0, "global gradient-norm clip")
+    epsilon_low: float = option(0.2, "clip range below 1 for the ratio (paper: 0.2)")
+    epsilon_high: float = option(0.2, "clip range above 1 (DAPO's clip-higher if > --epsilon-low)")
+    beta: float = option(0.0, "k3 KL penalty to the frozen initial model's same policy (paper: 0)")
+    loss_agg: str = option("token_mean", " | ".join(LOSS_AGGS))
+    num_iterations: int = option(1, "mu: optimiser steps per rollout batch (> 1 adds an old-log-prob pass)")
+    micro_batch_size: int = option(16, "rollouts per forward/backward chunk, per process (exact accumulation)")
+    group_sampling: bool = option(False, "one seeded generate per prompt, as under torchrun (samples independent "
+                                  "of rank and batch; off: one batched generate per step, ~1.7x faster on CPU)")
+    reward: str = option("exact", RULES_HELP)
+    save_every: int = option(0, "write the resumable state every N steps (and on Ctrl-C); 0 = only on Ctrl-C")
+    seed: int = option(0, "prompt order and sampling (bupo: also evaluation and traces)")
+    enable_thinking: bool = option(False, "Qwen3 chat templates: thinking mode")
+    model_id: str = option("", cli=False)  # recorded in the manifest (model.config._name_or_path if empty)
+    # trace run this training started from, for before/after comparisons
+    parent_run: str | None = option(None, cli=False)
+
+    def check(self) -> None:
+        """Mistakes that need no model: one UserError line each."""
         if not 0 <= self.internal_steps <= self.steps:
             raise UserError(f"internal_steps must be in 0..steps ({self.steps}), got {self.internal_steps}")
         if self.num_generations < 2:
@@ -94,10 +99,21 @@ class BupoConfig:
             raise UserError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
         if self.temperature <= 0 or self.num_iterations < 1 or self.micro_batch_size < 1:
             raise UserError("temperature must be > 0, num_iterations and micro_batch_size >= 1")
-        if n_prompts < 1 or self.prompts_per_step < 1:
-            raise UserError("need at least one prompt and prompts_per_step >= 1")
+        if self.prompts_per_step < 1:
+            raise UserError("prompts_per_step must be >= 1")
         if self.save_every < 0:
             raise UserError(f"save_every must be >= 0 (0 = never), got {self.save_every}")
+        if not 0 <= self.epsilon_low < 1 or self.epsilon_high < 0:
+            raise UserError(f"epsilon_low must be in [0, 1) and epsilon_high >= 0, got {self.epsilon_low}, "
+                            f"{self.epsilon_high}")
+
+    def validate(self, n_layers: int, n_prompts: int, world_size: int = 1) -> None:
+        """Raise UserError on settings that cannot work with this model, prompt set and number of ranks."""
+        self.check()
+        if not 1 <= self.internal_layer <= n_layers:
+            raise UserError(f"internal_layer must be in 1..{n_layers}, got {self.internal_layer}")
+        if n_prompts < 1:
+            raise UserError("need at least one prompt")
         if self.prompts_per_step % world_size:
             raise UserError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of "
                             f"processes ({world_size}): each rank takes an equal block of whole prompt groups")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from entropylens.bupo.pipeline import DEFAULT_LAYER, BupoRunConfig, run_bupo
+from entropylens.bupo.pipeline import DEFAULT_LAYER, TRAIN_DEFAULTS, BupoRunConfig, run_bupo
+from entropylens.options import build, flatten
 from entropylens.errors import UserError
 from entropylens.bupo.trainer import BupoConfig
 from entropylens.runfolder import RunFolder
@@ -42,8 +43,8 @@ def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path
         write(folder)
 
     monkeypatch.setattr(RunFolder, "write_manifest", spy)
-    r = run_bupo(BupoRunConfig(model=str(boundary_folder), layer="auto", cache=str(tmp_path), name="r", **TINY),
-                 progress=False)
+    cfg = build(BupoRunConfig, dict(model=str(boundary_folder), layer="auto", cache=str(tmp_path), name="r", **TINY))
+    r = run_bupo(cfg, progress=False)
     assert statuses[0] == "running" and statuses[-1] == "complete" and statuses.count("complete") == 1
     entropy = pd.read_parquet(tmp_path / "runs" / "r-layer" / "entropy.parquet")
     assert set(entropy["lens"]) == {"bupo"} and set(entropy["role"]) == {"response"}  # response positions only
@@ -61,26 +62,29 @@ def test_layer_auto_is_last_layer_with_positive_ffn_dh(boundary_folder, tmp_path
     assert m["bupo"]["internal_steps"] == 1 and m["status"] == "complete" and m["parent_run"] == "r-base"
 
 
-def test_trainer_config_takes_every_shared_field_by_name():
-    cfg = BupoRunConfig(steps=9, num_generations=3, learning_rate=1e-3, seed=7, max_new_tokens=5, save_every=2)
+def test_the_command_embeds_the_trainer_config_with_its_own_defaults():
+    """Each trainer knob is declared once (on BupoConfig); the command holds a BupoConfig, not copies of its fields."""
+    cfg = build(BupoRunConfig, dict(steps=9, num_generations=3, learning_rate=1e-3, seed=7, max_new_tokens=5,
+                                    save_every=2, epsilon_high=0.28, name="x"))
     b = cfg.trainer_config(4, model_id="m", parent_run="p")
     assert (b.internal_layer, b.internal_steps, b.model_id, b.parent_run) == (4, 2, "m", "p")
-    shared = set(BupoConfig.__dataclass_fields__) & set(BupoRunConfig.__dataclass_fields__) - {"internal_steps"}
-    assert shared >= {"steps", "prompts_per_step", "num_generations", "max_new_tokens", "temperature",
-                      "learning_rate", "weight_decay", "beta", "micro_batch_size", "group_sampling", "reward",
-                      "save_every", "seed", "enable_thinking"}
-    assert all(getattr(b, name) == getattr(cfg, name) for name in shared)
-    assert b.loss_agg == BupoConfig.loss_agg and b.epsilon_high == BupoConfig.epsilon_high  # trainer defaults
-    assert BupoRunConfig().layer == str(DEFAULT_LAYER)
+    assert (b.steps, b.num_generations, b.learning_rate, b.seed, b.max_new_tokens, b.save_every, b.epsilon_high) == (
+        9, 3, 1e-3, 7, 5, 2, 0.28)
+    assert b.loss_agg == BupoConfig.loss_agg and b.prompts_per_step == TRAIN_DEFAULTS.prompts_per_step
+    assert not set(BupoConfig.__dataclass_fields__) & set(BupoRunConfig.__dataclass_fields__) - {"internal_steps"}
+    default = BupoRunConfig()  # the command's defaults differ from the paper's, and apply where not given
+    assert default.layer == str(DEFAULT_LAYER) and default.train.learning_rate == 2e-5 != BupoConfig.learning_rate
+    assert BupoRunConfig().train is not BupoRunConfig().train  # no shared mutable default
+    assert build(BupoRunConfig, flatten(cfg)) == cfg  # what run_config.json stores rebuilds the config
 
 
 def test_grpo_has_no_internal_phase_and_no_positive_layer_is_a_user_error(tmp_path):
-    cfg = BupoRunConfig(algo="grpo", steps=5)
-    assert cfg.resolved_internal_steps() == 0 and BupoRunConfig(steps=9).resolved_internal_steps() == 2
+    cfg = build(BupoRunConfig, dict(algo="grpo", steps=5))
+    assert cfg.resolved_internal_steps() == 0 and build(BupoRunConfig, dict(steps=9)).resolved_internal_steps() == 2
     folder = tmp_path / "m"
     make_model(layers=2).save_pretrained(folder)  # random toy: every FFN sharpens (dH_ffn < 0)
     make_tokenizer().save_pretrained(folder)
     with pytest.raises(UserError, match="no layer has a positive"):
-        run_bupo(BupoRunConfig(model=str(folder), layer="auto", cache=str(tmp_path / "c"), name="g", **TINY),
-                 progress=False)
+        cfg = build(BupoRunConfig, dict(model=str(folder), layer="auto", cache=str(tmp_path / "c"), name="g", **TINY))
+        run_bupo(cfg, progress=False)
     assert not (tmp_path / "c" / "runs" / "g").exists()  # nothing trained
