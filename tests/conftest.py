@@ -27,12 +27,6 @@ def smol_tokenizer(pytestconfig):
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smol_tokenizer):
-    """The name most tests use (tests/bupo overrides it with a toy character tokenizer)."""
-    return smol_tokenizer
-
-
-@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, smol_tokenizer) -> Path:
     """A tiny Llama saved as a transformers folder (safetensors + config + tokenizer)."""
     folder = tmp_path_factory.mktemp("tiny-llama")

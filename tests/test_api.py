@@ -27,10 +27,10 @@ FILES = ("tokens.parquet", "entropy.parquet", "summary.parquet", "responses.json
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tokenizer):
+def tiny_run(tmp_path_factory, smol_tokenizer):
     """One saved run of a tiny Llama in memory (module-scoped: most Run tests only read it)."""
     cache = tmp_path_factory.mktemp("api-cache")
-    return el.trace(build_tiny("llama"), PROMPTS, tokenizer=tokenizer, name="tiny", cache=str(cache), **SMALL)
+    return el.trace(build_tiny("llama"), PROMPTS, tokenizer=smol_tokenizer, name="tiny", cache=str(cache), **SMALL)
 
 
 # ---------------------------------------------------------------- trace = the CLI
@@ -89,12 +89,12 @@ def test_spec_string_and_save_false(tiny_folder, tmp_path):
     assert kept.manifest["status"] == "complete" and kept.manifest["timings"]["load_s"] > 0
 
 
-def test_resume_an_interrupted_in_memory_trace(tokenizer, tmp_path, monkeypatch):
+def test_resume_an_interrupted_in_memory_trace(smol_tokenizer, tmp_path, monkeypatch):
     """Ctrl-C after the first batch, then resume= with the same model: the files of an uninterrupted run."""
     import entropylens.trace as trace_mod
 
     model = build_tiny("llama")
-    kw = dict(tokenizer=tokenizer, max_new_tokens=4, batch_size=1, quiet=True)
+    kw = dict(tokenizer=smol_tokenizer, max_new_tokens=4, batch_size=1, quiet=True)
     whole = el.trace(model, PROMPTS, name="whole", cache=str(tmp_path / "a"), **kw)
     real, calls = trace_mod.trace_batch, []
 
@@ -111,35 +111,35 @@ def test_resume_an_interrupted_in_memory_trace(tokenizer, tmp_path, monkeypatch)
     with pytest.raises(UserError) as e:
         el.trace(resume="cut", cache=str(tmp_path / "b"))
     _one_line(e, "was traced from a model in memory; pass it again")
-    done = el.trace(model, tokenizer=tokenizer, resume="cut", cache=str(tmp_path / "b"), quiet=True)
+    done = el.trace(model, tokenizer=smol_tokenizer, resume="cut", cache=str(tmp_path / "b"), quiet=True)
     assert done.manifest["status"] == "complete"
     for f in FILES:
         assert (done.path / f).read_bytes() == (whole.path / f).read_bytes(), f
 
 
-def test_limit_default_warns_when_it_drops_prompts(tokenizer, tmp_path):
+def test_limit_default_warns_when_it_drops_prompts(smol_tokenizer, tmp_path):
     many = [f"What is {i} + 1?" for i in range(9)]
     with pytest.warns(UserWarning, match="first 8 of 9 prompts"):
-        run = el.trace(build_tiny("llama"), many, tokenizer=tokenizer, generate=False, save=False, quiet=True,
+        run = el.trace(build_tiny("llama"), many, tokenizer=smol_tokenizer, generate=False, save=False, quiet=True,
                        sites="layer", cache=str(tmp_path))
     assert run.manifest["prompts"]["n"] == 8
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run = el.trace(build_tiny("llama"), many, tokenizer=tokenizer, generate=False, save=False, quiet=True,
+        run = el.trace(build_tiny("llama"), many, tokenizer=smol_tokenizer, generate=False, save=False, quiet=True,
                        sites="layer", limit=None, cache=str(tmp_path))
     assert run.manifest["prompts"]["n"] == 9
 
 
-def test_dataframe_prompts_keep_answers(tokenizer, tmp_path):
+def test_dataframe_prompts_keep_answers(smol_tokenizer, tmp_path):
     df = pd.DataFrame({"question": ["What is 2 + 3?", "What is 4 + 4?"], "answer": [5, 8]})
-    run = el.trace(build_tiny("llama"), df, tokenizer=tokenizer, generate=False, sites=("layer",), save=False,
+    run = el.trace(build_tiny("llama"), df, tokenizer=smol_tokenizer, generate=False, sites=("layer",), save=False,
                    quiet=True, cache=str(tmp_path), device="cpu", dtype="float32")  # as the model is: accepted
     assert run.responses["answer"].tolist() == ["5", "8"]
 
 
 # ---------------------------------------------------------------- model kinds
 
-def test_three_model_kinds_give_the_same_entropies(tokenizer, tmp_path):
+def test_three_model_kinds_give_the_same_entropies(smol_tokenizer, tmp_path):
     """transformers, nnsight LanguageModel and TransformerLens TransformerBridge wrap the same weights."""
     from nnsight import LanguageModel
     from transformer_lens.model_bridge import TransformerBridge
@@ -147,10 +147,10 @@ def test_three_model_kinds_give_the_same_entropies(tokenizer, tmp_path):
     base = build_tiny("llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lm = LanguageModel(copy.deepcopy(base), tokenizer=tokenizer)
-        bridge = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(base), tokenizer=tokenizer)
+        lm = LanguageModel(copy.deepcopy(base), tokenizer=smol_tokenizer)
+        bridge = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(base), tokenizer=smol_tokenizer)
     kw = dict(prompts=PROMPTS[:2], save=False, max_new_tokens=5, lens="both", quiet=True, cache=str(tmp_path))
-    runs = {"transformers": el.trace(base, tokenizer=tokenizer, **kw), "nnsight": el.trace(lm, **kw),
+    runs = {"transformers": el.trace(base, tokenizer=smol_tokenizer, **kw), "nnsight": el.trace(lm, **kw),
             "transformer-lens": el.trace(bridge, **kw)}
     ref = runs["transformers"]
     cols = [c for c in ref.entropy.columns if c.startswith(("H_", "dH_"))]
@@ -165,7 +165,7 @@ def test_three_model_kinds_give_the_same_entropies(tokenizer, tmp_path):
         worst = max(worst, diff)
         assert np.array_equal(np.isnan(run.entropy[cols].to_numpy()), np.isnan(ref.entropy[cols].to_numpy()))
     print(f"max |ΔH| between model kinds: {worst:.2e} nats")
-    assert ref.entropy["H_layer"].min() < 0.5 * math.log(len(tokenizer))  # far from uniform: the check has teeth
+    assert ref.entropy["H_layer"].min() < 0.5 * math.log(len(smol_tokenizer))  # far from uniform: the check has teeth
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():  # the user's bridge still works after being traced
         assert torch.isfinite(bridge(ids, return_type="logits")).all()
@@ -248,7 +248,7 @@ def test_decode_matches_fp64_at_large_logits(lens):
         assert naive_err > 1e-4 > err  # these rows are hard: a plain fp32 softmax misses the 1e-4 contract
 
 
-def test_decode_bare_matrix_and_model_kinds_agree(tokenizer):
+def test_decode_bare_matrix_and_model_kinds_agree(smol_tokenizer):
     from nnsight import LanguageModel
 
     model = build_tiny("qwen3")
@@ -256,7 +256,7 @@ def test_decode_bare_matrix_and_model_kinds_agree(tokenizer):
     by_model = el.decode(hidden, model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lm = LanguageModel(model, tokenizer=tokenizer)
+        lm = LanguageModel(model, tokenizer=smol_tokenizer)
     for other in (el.decode(hidden, model.lm_head.weight), el.decode(hidden, lm)):
         np.testing.assert_allclose(other.entropy.numpy(), by_model.entropy.numpy(), atol=1e-5)
         assert torch.equal(other.top1, by_model.top1)
@@ -310,8 +310,9 @@ def test_figures_are_the_report_and_dashboard_figures(tiny_run):
                                   z.to_numpy())
 
 
-def test_compare_and_in_memory_heatmap(tiny_run, tokenizer, tmp_path):
-    other = el.trace(build_tiny("qwen3"), PROMPTS[:2], tokenizer=tokenizer, save=False, cache=str(tmp_path), **SMALL)
+def test_compare_and_in_memory_heatmap(tiny_run, smol_tokenizer, tmp_path):
+    other = el.trace(build_tiny("qwen3"), PROMPTS[:2], tokenizer=smol_tokenizer, save=False, cache=str(tmp_path),
+                     **SMALL)
     fig = tiny_run.compare(other, quantity="H_ffn")
     assert len(fig.data) == 2
     s = other.summary
@@ -343,8 +344,8 @@ def _one_line(excinfo, needle: str) -> None:
     (dict(device="cuda:1"), "device='cuda:1', but the model in memory is on cpu"),
     (dict(device_map="auto"), "device_map= applies when entropylens loads the model"),
 ])
-def test_trace_bad_input(tokenizer, tmp_path, kwargs, needle):
-    args = dict(model=build_tiny("llama"), prompts=PROMPTS[:1], tokenizer=tokenizer, cache=str(tmp_path),
+def test_trace_bad_input(smol_tokenizer, tmp_path, kwargs, needle):
+    args = dict(model=build_tiny("llama"), prompts=PROMPTS[:1], tokenizer=smol_tokenizer, cache=str(tmp_path),
                 quiet=True, save=False) | kwargs
     with pytest.raises(UserError) as e:
         el.trace(**args)

@@ -18,12 +18,12 @@ from entropylens.trace import TraceConfig, run_trace
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen3", True)])
-def test_remote_trace_matches_local_engine(tokenizer, tmp_path, arch, tied):
+def test_remote_trace_matches_local_engine(smol_tokenizer, tmp_path, arch, tied):
     model = build_tiny(arch, tied=tied)
     common = dict(limit=3, max_new_tokens=5, batch_size=2, lens="both", cache=str(tmp_path))
-    local = run_trace(TraceConfig(name="local", **common), progress=False, loaded=wrap(model, tokenizer))
-    sim = RemoteModel.wrap(model, tokenizer, mode="local")
-    far = run_trace(TraceConfig(name="far", **common), progress=False, loaded=wrap(model, tokenizer), remote=sim)
+    local = run_trace(TraceConfig(name="local", **common), progress=False, loaded=wrap(model, smol_tokenizer))
+    sim = RemoteModel.wrap(model, smol_tokenizer, mode="local")
+    far = run_trace(TraceConfig(name="far", **common), progress=False, loaded=wrap(model, smol_tokenizer), remote=sim)
     # Same seeded samples (the seed is set on the serving side), same rows.
     a, b = load_tokens(local), load_tokens(far)
     pd.testing.assert_frame_equal(a.drop(columns=["H_final", "logprob_target"]),
@@ -43,9 +43,9 @@ def test_remote_trace_matches_local_engine(tokenizer, tmp_path, arch, tied):
     assert m["backend"] == "nnsight-remote (local)" and m["device"] == "remote"
 
 
-def test_only_per_token_statistics_come_back(tokenizer):
+def test_only_per_token_statistics_come_back(smol_tokenizer):
     model = build_tiny("llama")
-    sim = RemoteModel.wrap(model, tokenizer, mode="local")
+    sim = RemoteModel.wrap(model, smol_tokenizer, mode="local")
     ids = torch.randint(0, 1000, (2, 7))
     final, per_lens = sim.decode(ids, torch.full((2, 7), -1), ["bupo", "logit"], SITES)
     L = model.config.num_hidden_layers

@@ -56,9 +56,9 @@ def fp64_reference(model: torch.nn.Module, ids: list[int]) -> dict[str, dict[str
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen3", False), ("llama", True)])
-def test_matches_fp64_reference(tokenizer, tmp_path, arch, tied):
+def test_matches_fp64_reference(smol_tokenizer, tmp_path, arch, tied):
     model = build_tiny(arch, tied=tied)
-    run = trace(wrap(model, tokenizer), tmp_path)
+    run = trace(wrap(model, smol_tokenizer), tmp_path)
     tokens, ent = load_tokens(run), load_entropy(run)
     L = model.config.num_hidden_layers
     worst = 0.0
@@ -79,9 +79,9 @@ def test_matches_fp64_reference(tokenizer, tmp_path, arch, tied):
     assert ent.H_layer.min() < 0.5 * math.log(V)
 
 
-def test_logit_lens_on_last_layer_is_the_output_policy(tokenizer, tmp_path):
+def test_logit_lens_on_last_layer_is_the_output_policy(smol_tokenizer, tmp_path):
     model = build_tiny("qwen3")
-    run = trace(wrap(model, tokenizer), tmp_path)
+    run = trace(wrap(model, smol_tokenizer), tmp_path)
     L = model.config.num_hidden_layers
     last = load_entropy(run, filters=[("lens", "==", "logit"), ("layer", "==", L)])
     tokens = load_tokens(run)
@@ -89,9 +89,9 @@ def test_logit_lens_on_last_layer_is_the_output_policy(tokenizer, tmp_path):
     np.testing.assert_allclose(merged.H_layer, merged.H_final, atol=1e-5)
 
 
-def test_columns_roles_and_bounds(tokenizer, tmp_path):
+def test_columns_roles_and_bounds(smol_tokenizer, tmp_path):
     model = build_tiny("llama")
-    run = trace(wrap(model, tokenizer), tmp_path, lens="bupo")
+    run = trace(wrap(model, smol_tokenizer), tmp_path, lens="bupo")
     ent = load_entropy(run)
     np.testing.assert_allclose(ent.dH_attn, ent.H_attn - ent.H_attn_in, equal_nan=True, atol=1e-6)
     np.testing.assert_allclose(ent.dH_ffn, ent.H_ffn - ent.H_ffn_in, equal_nan=True, atol=1e-6)
@@ -113,8 +113,8 @@ def test_columns_roles_and_bounds(tokenizer, tmp_path):
     assert m["decode_kernel"] == ("native" if native.available() else "eager")
 
 
-def test_parquet_readable_by_duckdb_and_pandas(tokenizer, tmp_path):
-    run = trace(wrap(build_tiny("llama"), tokenizer), tmp_path, lens="bupo")
+def test_parquet_readable_by_duckdb_and_pandas(smol_tokenizer, tmp_path):
+    run = trace(wrap(build_tiny("llama"), smol_tokenizer), tmp_path, lens="bupo")
     cols = duckdb.sql(f"select * from '{run / 'entropy.parquet'}' limit 1").columns
     assert set(cols) >= {"lens", "prompt_idx", "position", "layer", "role", *QUANTITIES,
                          *(f"top1_{s}" for s in SITES), *(f"p1_{s}" for s in SITES)}
@@ -130,12 +130,12 @@ def test_parquet_readable_by_duckdb_and_pandas(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("dtype,atol", [("float64", 1e-5), ("float32", 5e-5)])
-def test_backends_agree(tokenizer, tmp_path, dtype, atol):
+def test_backends_agree(smol_tokenizer, tmp_path, dtype, atol):
     """Same sites captured by both tracers. In fp64 they agree far inside 1e-5 nats; in fp32 the
     TransformerBridge recomputes the norms with its own fp32 rounding (~2e-7 relative), which the
     deliberately sharp tiny model (entropies down to 0.09 nats) turns into up to ~1.2e-5 nats."""
     model = build_tiny("qwen3").to(getattr(torch, dtype))
-    loaded = wrap(model, tokenizer)
+    loaded = wrap(model, smol_tokenizer)
     a = load_entropy(trace(loaded, tmp_path, name="nn", backend="nnsight", limit=2))
     b = load_entropy(trace(loaded, tmp_path, name="tl", backend="transformer-lens", limit=2))
     assert len(a) == len(b)
@@ -144,8 +144,8 @@ def test_backends_agree(tokenizer, tmp_path, dtype, atol):
     assert (a.top1_layer == b.top1_layer).mean() > 0.99
 
 
-def test_positions_response_packs_only_response_rows(tokenizer, tmp_path):
-    loaded = wrap(build_tiny("llama"), tokenizer)
+def test_positions_response_packs_only_response_rows(smol_tokenizer, tmp_path):
+    loaded = wrap(build_tiny("llama"), smol_tokenizer)
     full = load_entropy(trace(loaded, tmp_path, name="all", lens="bupo"))
     resp = load_entropy(trace(loaded, tmp_path, name="resp", lens="bupo", positions="response"))
     assert set(resp.role) == {"response"}
@@ -153,8 +153,8 @@ def test_positions_response_packs_only_response_rows(tokenizer, tmp_path):
     np.testing.assert_allclose(resp.H_layer, ref.H_layer, atol=1e-6, equal_nan=True)
 
 
-def test_generation_is_seeded(tokenizer, tmp_path):
-    loaded = wrap(build_tiny("llama"), tokenizer)
+def test_generation_is_seeded(smol_tokenizer, tmp_path):
+    loaded = wrap(build_tiny("llama"), smol_tokenizer)
     a = load_tokens(trace(loaded, tmp_path, name="a", seed=1, lens="bupo", sites=("layer",)))
     b = load_tokens(trace(loaded, tmp_path, name="b", seed=1, lens="bupo", sites=("layer",)))
     c = load_tokens(trace(loaded, tmp_path, name="c", seed=2, lens="bupo", sites=("layer",)))
@@ -163,11 +163,11 @@ def test_generation_is_seeded(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2"])
-def test_other_families_trace_generically(tokenizer, tmp_path, arch):
+def test_other_families_trace_generically(smol_tokenizer, tmp_path, arch):
     """No per-model code: the layout is found, the residual is additive, and the logit lens on H^L
     (RMSNorm or GPT-2's LayerNorm folded into W) reproduces the model's own output policy."""
     model = build_tiny(arch)
-    run = trace(wrap(model, tokenizer), tmp_path, limit=2)
+    run = trace(wrap(model, smol_tokenizer), tmp_path, limit=2)
     L = model.config.num_hidden_layers
     last = load_entropy(run, filters=[("lens", "==", "logit"), ("layer", "==", L)])
     merged = last.merge(load_tokens(run), on=["prompt_idx", "position"])

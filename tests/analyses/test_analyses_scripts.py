@@ -35,12 +35,12 @@ def script(name: str):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tokenizer) -> Path:
+def cache(tmp_path_factory, smol_tokenizer) -> Path:
     """A tiny Llama traced with both lenses (2 prompts, 5 new tokens) and a synthetic Qwen3 run."""
     root = tmp_path_factory.mktemp("cache")
     cfg = TraceConfig(prompts="arith", limit=2, max_new_tokens=5, batch_size=2, lens="both", cache=str(root),
                       name="tiny")
-    run_trace(cfg, progress=False, loaded=wrap(build_tiny("llama"), tokenizer))
+    run_trace(cfg, progress=False, loaded=wrap(build_tiny("llama"), smol_tokenizer))
     write_run(root, SyntheticRun("synth-qwen", family="qwen3", n_layers=6, vocab_size=V))
     return root
 

@@ -16,12 +16,13 @@ from entropylens.trace import TraceConfig, run_trace
 
 
 @pytest.fixture(scope="module")
-def real_cache(tmp_path_factory, tokenizer):
+def real_cache(tmp_path_factory, smol_tokenizer):
     cache = tmp_path_factory.mktemp("real-cache")
     for arch, layers in (("llama", 3), ("qwen3", 4)):
         cfg = TraceConfig(prompts="arith", limit=2, max_new_tokens=5, batch_size=2, lens="both",
                           cache=str(cache), name=f"tiny-{arch}")
-        run_trace(cfg, progress=False, loaded=wrap(build_tiny(arch, layers=layers), tokenizer, name=f"tiny-{arch}"))
+        loaded = wrap(build_tiny(arch, layers=layers), smol_tokenizer, name=f"tiny-{arch}")
+        run_trace(cfg, progress=False, loaded=loaded)
     return cache
 
 

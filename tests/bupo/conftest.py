@@ -40,7 +40,7 @@ def make_model(tied: bool = False, layers: int = 3, seed: int = 0) -> LlamaForCa
 
 
 @pytest.fixture
-def tokenizer():
+def char_tokenizer():
     return make_tokenizer()
 
 

@@ -24,15 +24,15 @@ def test_summarize():
     assert out["pass@4"] == pytest.approx(2 / 3)
 
 
-def test_evaluate_runs_on_a_tiny_model(model, tokenizer, prompts):
+def test_evaluate_runs_on_a_tiny_model(model, char_tokenizer, prompts):
     def starts_with_digit(text, answer):
         return float(text[:1].isdigit())
 
     cfg = EvalConfig(n_samples=4, ks=(1, 2), max_new_tokens=4, prompts_per_batch=3)
-    out = evaluate(cfg, model, tokenizer, prompts, reward_fn=starts_with_digit)
+    out = evaluate(cfg, model, char_tokenizer, prompts, reward_fn=starts_with_digit)
     assert out["n_prompts"] == 4 and [len(r) for r in out["correct"]] == [4] * 4
     flat = [x for r in out["correct"] for x in r]
     assert out["avg@1"] == pytest.approx(sum(flat) / len(flat))
     assert out["pass@2"] >= out["pass@1"]
     with pytest.raises(UserError):
-        evaluate(EvalConfig(n_samples=2, ks=(4,)), model, tokenizer, prompts)
+        evaluate(EvalConfig(n_samples=2, ks=(4,)), model, char_tokenizer, prompts)

@@ -25,8 +25,8 @@ def _independent_output_logprobs(model, ro, temperature):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_sampling_and_scoring_use_the_same_tempered_policy(model, tokenizer, temperature):
-    ro = generate_rollouts(model, tokenizer, TEXTS, 2, temperature, 8, seed=0, keep_scores=True)
+def test_sampling_and_scoring_use_the_same_tempered_policy(model, char_tokenizer, temperature):
+    ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, temperature, 8, seed=0, keep_scores=True)
     assert ro.prompt_mask.min() == 0  # left padding present
     with torch.no_grad():
         _, output = policy_logits(model, ro, layer=1)
@@ -40,18 +40,18 @@ def test_sampling_and_scoring_use_the_same_tempered_policy(model, tokenizer, tem
     assert torch.allclose(scored[m].double(), independent[m], atol=1e-5)
 
 
-def test_generation_is_seeded(model, tokenizer):
-    a = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=3)
-    b = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=3)
-    c = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=4)
+def test_generation_is_seeded(model, char_tokenizer):
+    a = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 6, seed=3)
+    b = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 6, seed=3)
+    c = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 6, seed=4)
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert not torch.equal(a.completion_ids, c.completion_ids)
     assert len(a.texts) == 6 and torch.equal(a.prompt_ids[0], a.prompt_ids[1])  # groups are consecutive
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_internal_policy_is_raw_residual_through_unembedding(model, tokenizer, k):
-    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 5, seed=1)
+def test_internal_policy_is_raw_residual_through_unembedding(model, char_tokenizer, k):
+    ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 5, seed=1)
     ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
     attn = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -64,9 +64,9 @@ def test_internal_policy_is_raw_residual_through_unembedding(model, tokenizer, k
     assert torch.allclose(internal.double(), expected, atol=1e-4)
 
 
-def test_top_layer_policy_skips_the_final_norm(model, tokenizer):
+def test_top_layer_policy_skips_the_final_norm(model, char_tokenizer):
     """k = L reads the last layer's raw output: final_norm of it reproduces the model's own logits."""
-    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 5, seed=2)
+    ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 5, seed=2)
     L = model.config.num_hidden_layers
     captured = []
     hook = model.model.layers[L - 1].register_forward_hook(lambda m, i, o: captured.append(o))
@@ -91,7 +91,7 @@ def test_live_lens_applies_bias_and_softcap(model):
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("k", [1, 2])
-def test_trainer_pi_k_is_the_tracers_lens(model, tokenizer, k, softcap):
+def test_trainer_pi_k_is_the_tracers_lens(model, char_tokenizer, k, softcap):
     """pi^k as the trainer optimises it (policy_logits -> log_softmax) = the tracer's decode of the same H^k
     (make_lens("bupo") + the decode engine): entropy within 1e-5 nats; log p of the sampled tokens within
     1e-5 nats + 1e-5 relative (the trainer's logits are fp32: ~6e-8·|z| rounding at log p ~ -30)."""
@@ -99,7 +99,7 @@ def test_trainer_pi_k_is_the_tracers_lens(model, tokenizer, k, softcap):
     from entropylens.lens import make_lens
 
     model.config.final_logit_softcapping = softcap
-    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=5)
+    ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 6, seed=5)
     P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
     captured = []
     keep = lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o)  # noqa: E731

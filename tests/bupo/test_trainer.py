@@ -43,10 +43,10 @@ def _cfg(**kw):
     return BupoConfig(**{**base, **kw})
 
 
-def test_internal_phase_leaves_upper_layers_and_final_norm_bit_identical(tmp_path, tokenizer, prompts):
+def test_internal_phase_leaves_upper_layers_and_final_norm_bit_identical(tmp_path, char_tokenizer, prompts):
     model = make_model(layers=3).requires_grad_(False)  # as entropylens.models.load_model hands it over
     before = _snapshot(model)
-    train(_cfg(internal_layer=2), model, tokenizer, prompts, tmp_path / "run", progress=False,
+    train(_cfg(internal_layer=2), model, char_tokenizer, prompts, tmp_path / "run", progress=False,
           reward_fn=length_reward)
     assert not _changed(model, before, "model.layers.2.") and not _changed(model, before, "model.norm.")
     for prefix in ("model.layers.0.", "model.layers.1.", "lm_head.", "model.embed_tokens."):
@@ -54,10 +54,10 @@ def test_internal_phase_leaves_upper_layers_and_final_norm_bit_identical(tmp_pat
     assert not any(p.requires_grad for p in model.parameters())  # flags restored
 
 
-def test_after_the_switch_every_layer_moves_and_files_are_written(tmp_path, tokenizer, prompts):
+def test_after_the_switch_every_layer_moves_and_files_are_written(tmp_path, char_tokenizer, prompts):
     model = make_model(layers=3)
     before = _snapshot(model)
-    ckpt = train(_cfg(steps=2, internal_steps=1), model, tokenizer, prompts, tmp_path / "run", progress=False,
+    ckpt = train(_cfg(steps=2, internal_steps=1), model, char_tokenizer, prompts, tmp_path / "run", progress=False,
                  reward_fn=length_reward)
     for prefix in ("model.layers.0.", "model.layers.1.", "model.layers.2.", "model.norm.", "lm_head."):
         assert _changed(model, before, prefix), prefix
@@ -89,9 +89,9 @@ def _reinforce_grads(model, ro, adv, k, temperature):
 
 
 @pytest.mark.parametrize("phase", ["internal", "output"])
-def test_one_update_gradient_equals_reinforce_with_baseline(model, tokenizer, phase):
+def test_one_update_gradient_equals_reinforce_with_baseline(model, char_tokenizer, phase):
     cfg = _cfg(internal_layer=2, temperature=0.8, micro_batch_size=4)  # 6 rollouts -> uneven micro-batches
-    ro = generate_rollouts(model, tokenizer, TEXTS, 2, cfg.temperature, 6, seed=0)
+    ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, cfg.temperature, 6, seed=0)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.25, 2.0, 0.0])
     set_phase(model, cfg.internal_layer, phase)
     model.zero_grad(set_to_none=True)
@@ -108,9 +108,9 @@ def test_one_update_gradient_equals_reinforce_with_baseline(model, tokenizer, ph
         assert torch.allclose(got[n].double(), ref[n].double(), atol=1e-6, rtol=1e-4), n
 
 
-def test_separate_old_logprob_pass_gives_ratio_exactly_one(model, tokenizer):
+def test_separate_old_logprob_pass_gives_ratio_exactly_one(model, char_tokenizer):
     cfg = _cfg(micro_batch_size=4)
-    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=0)
+    ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 6, seed=0)
     for phase in ("internal", "output"):
         old = _no_grad_logp(model, ro, cfg, phase)
         new = torch.cat([_score_chunk(model, ro, cfg.internal_layer, s, phase, 1.0)[0].detach()
@@ -118,50 +118,50 @@ def test_separate_old_logprob_pass_gives_ratio_exactly_one(model, tokenizer):
         assert torch.equal(torch.exp(new - old), torch.ones_like(old))
 
 
-def test_kl_and_multiple_iterations_run(tmp_path, tokenizer, prompts):
+def test_kl_and_multiple_iterations_run(tmp_path, char_tokenizer, prompts):
     model = make_model()
     cfg = _cfg(steps=2, beta=0.1, num_iterations=2, loss_agg="seq_mean_token_mean")
-    train(cfg, model, tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=length_reward)
+    train(cfg, model, char_tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=length_reward)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_checkpoint_reloads_with_same_logits(tmp_path, tokenizer, tied):
+def test_checkpoint_reloads_with_same_logits(tmp_path, char_tokenizer, tied):
     model = make_model(tied=tied)
-    path = save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
+    path = save_checkpoint(model, char_tokenizer, tmp_path / "checkpoint")
     again = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([[4, 5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-6)
     assert (again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()) == tied
-    assert AutoTokenizer.from_pretrained(path)("7*6").input_ids == tokenizer("7*6").input_ids
+    assert AutoTokenizer.from_pretrained(path)("7*6").input_ids == char_tokenizer("7*6").input_ids
 
 
-def test_checkpoint_of_a_gguf_derived_model_is_not_marked_quantized(tmp_path, tokenizer):
+def test_checkpoint_of_a_gguf_derived_model_is_not_marked_quantized(tmp_path, char_tokenizer):
     model = make_model()
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
-    path = save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
+    path = save_checkpoint(model, char_tokenizer, tmp_path / "checkpoint")
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     assert getattr(AutoModelForCausalLM.from_pretrained(path), "hf_quantizer", None) is None
     assert model.config.quantization_config["quant_method"] == "gguf"  # the live model is untouched
 
 
-def test_failed_run_is_marked_failed(tmp_path, tokenizer, prompts):
+def test_failed_run_is_marked_failed(tmp_path, char_tokenizer, prompts):
     def broken(text, answer):
         raise RuntimeError("reward exploded")
 
     with pytest.raises(RuntimeError):
-        train(_cfg(), make_model(), tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=broken)
+        train(_cfg(), make_model(), char_tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=broken)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "reward exploded" in manifest["error"]
 
 
-def test_bad_config_is_a_user_error(tmp_path, tokenizer, prompts):
+def test_bad_config_is_a_user_error(tmp_path, char_tokenizer, prompts):
     with pytest.raises(UserError):
-        train(_cfg(internal_layer=4), make_model(layers=3), tokenizer, prompts, tmp_path, progress=False)
+        train(_cfg(internal_layer=4), make_model(layers=3), char_tokenizer, prompts, tmp_path, progress=False)
     with pytest.raises(UserError):
-        train(_cfg(loss_agg="sum"), make_model(), tokenizer, prompts, tmp_path, progress=False)
+        train(_cfg(loss_agg="sum"), make_model(), char_tokenizer, prompts, tmp_path, progress=False)
 
 
 def test_pick_boundary_layer():
@@ -178,11 +178,11 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_no_signal_steps_are_logged_as_such_and_move_nothing(tmp_path, tokenizer, prompts):
+def test_no_signal_steps_are_logged_as_such_and_move_nothing(tmp_path, char_tokenizer, prompts):
     model = make_model()
     before = _snapshot(model)
     # no weight decay: AdamW would shrink the weights even with zero gradients (as in TRL; momentum does too)
-    train(_cfg(steps=2, weight_decay=0.0), model, tokenizer, prompts, tmp_path / "run", progress=False,
+    train(_cfg(steps=2, weight_decay=0.0), model, char_tokenizer, prompts, tmp_path / "run", progress=False,
           reward_fn=lambda t, a: 1.0)
     for r in _rows(tmp_path / "run"):
         assert r["signal/groups_frac"] == 0.0 and r["signal/tokens"] == 0 and r["optim/grad_norm"] == 0.0
@@ -193,9 +193,9 @@ def test_no_signal_steps_are_logged_as_such_and_move_nothing(tmp_path, tokenizer
     assert not _changed(model, before, "")
 
 
-def test_signal_counts_groups_and_tokens_with_advantage(tmp_path, tokenizer, prompts):
+def test_signal_counts_groups_and_tokens_with_advantage(tmp_path, char_tokenizer, prompts):
     # only the prompt whose answer is "3" has rewards that differ within its group
-    train(_cfg(steps=2, prompts_per_step=4), make_model(), tokenizer, prompts, tmp_path / "run", progress=False,
+    train(_cfg(steps=2, prompts_per_step=4), make_model(), char_tokenizer, prompts, tmp_path / "run", progress=False,
           reward_fn=lambda t, a: float(len(t)) if a == "3" else 0.0)
     for r in _rows(tmp_path / "run"):
         assert r["signal/groups_frac"] == 0.25  # 1 group of 4 per step (each step is one epoch of the 4 prompts)
@@ -204,11 +204,11 @@ def test_signal_counts_groups_and_tokens_with_advantage(tmp_path, tokenizer, pro
 
 
 @pytest.mark.parametrize("phase", ["internal", "output"])
-def test_update_effect_is_the_trained_policy_before_and_after_the_step(model, tokenizer, phase):
+def test_update_effect_is_the_trained_policy_before_and_after_the_step(model, char_tokenizer, phase):
     from entropylens.bupo.trainer import _update_effect
 
     cfg = _cfg(internal_layer=2, micro_batch_size=4)
-    ro = generate_rollouts(model, tokenizer, TEXTS, 2, 1.0, 6, seed=0)
+    ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 6, seed=0)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0, 0.0])  # 3 prompts x G = 2
     set_phase(model, cfg.internal_layer, phase)
     ref_before = _no_grad_logp(model, ro, cfg, phase)  # (N, T) independent forward before the step
