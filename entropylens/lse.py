@@ -13,7 +13,6 @@ pass; the native one (`entropylens.native`, the default on CPU) one fused read p
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,18 +182,20 @@ def _chunk_sums(z: torch.Tensor, ref: torch.Tensor):
 _compiled: Callable | None = None  # built on first use, then shared by every decode in the process
 
 
-def _separate_inductor_cache() -> None:
-    """Under ATEN_CPU_CAPABILITY (e.g. avx2 on an AVX-512 machine) use a cache of inductor kernels of its own.
+def _pin_inductor_isa() -> None:
+    """Make the vector width inductor compiles for part of its cache keys (`cpp.simdlen`).
 
-    Measured with torch 2.13: a kernel cached by an un-narrowed process and reloaded under
-    ATEN_CPU_CAPABILITY=avx2 gives sums 50-100 % off (1.57 nats in the bench), while a fresh cache under
-    the same setting is exact. Only an unset TORCHINDUCTOR_CACHE_DIR is changed, and only when narrowed.
+    Measured with torch 2.13 on an AVX-512 machine: a graph cached by a process that generated 16-lane loops
+    and reloaded under ATEN_CPU_CAPABILITY=avx2 (where `at::vec` is 8 lanes wide) skips half of every row:
+    sums 50-100 % off, 1.57 nats in the bench. Inductor picks the ISA from ATEN_CPU_CAPABILITY but does not
+    key its FX-graph cache on it, while `cpp.simdlen` is in the key. Pinning it to the width inductor would
+    pick anyway changes no kernel; it only keeps kernels of different widths apart in one cache folder.
     """
-    cap = os.environ.get("ATEN_CPU_CAPABILITY")
-    if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{cap}"
+    if inductor_config.cpp.simdlen is None and pick_vec_isa().bit_width():
+        inductor_config.cpp.simdlen = pick_vec_isa().bit_width()
 
 
 def _compiled_sums(z: torch.Tensor, ref: torch.Tensor):
@@ -210,7 +211,7 @@ def _compiled_sums(z: torch.Tensor, ref: torch.Tensor):
         return _chunk_sums(z, ref)
     try:
         if _compiled is None:
-            _separate_inductor_cache()
+            _pin_inductor_isa()
             _compiled = torch.compile(_chunk_sums, dynamic=True, fullgraph=True)
         return _compiled(z, ref)
     except Exception as err:  # a toolchain problem (no C++ compiler, unsupported platform), not numerics
