@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from entropylens.config import TraceConfig
-from entropylens.decode import Stats, decode_layers, decode_rows
+from entropylens.decode import Stats, decode_layers, decode_rows, exact_matmul
 from entropylens.lens import make_lens
 from entropylens.models import LoadedModel
 from entropylens.remote import RemoteModel
@@ -60,7 +60,8 @@ def generate(loaded: LoadedModel, prompt_ids: list[list[int]], cfg: TraceConfig,
         out = remote.generate(ids, mask, seed, **kw)
     else:
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        with exact_matmul():  # the same samples whatever matmul precision the caller set
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     stops, responses = stop_ids(loaded), []
     for row in out[:, T:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
@@ -133,7 +134,8 @@ def _decode_local(loaded: LoadedModel, backend, layout, lenses, cfg: TraceConfig
                   timings: dict) -> tuple[Stats, dict[str, dict[str, Stats]], float]:
     """Capture every site in one forward, then the streaming decode engine on the packed rows."""
     t0 = time.perf_counter()
-    acts = backend.capture(ids)
+    with exact_matmul():  # the traced forward in true fp32 too, whatever precision the caller set for speed
+        acts = backend.capture(ids)
     timings["trace_s"] += time.perf_counter() - t0
     dev = lenses[0][1].W.device  # decode where W_U lives (under a device map, sites come from several devices)
     acts = Activations(acts.h0.to(dev), {s: [x.to(dev) for x in xs] for s, xs in acts.sites.items()},

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny import V, build_tiny, wrap  # noqa: F401  (re-exported for tests in this folder)
 
@@ -34,3 +35,11 @@ def tiny_folder(tmp_path_factory, smol_tokenizer) -> Path:
     model.save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def medium_precision():
+    """What a notebook sets for speed: oneDNN may then round fp32 GEMM inputs to bf16 (AMX / AVX512-BF16 CPUs)."""
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision("highest")

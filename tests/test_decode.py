@@ -242,3 +242,12 @@ def test_a_process_narrowed_to_avx2_never_reloads_wider_kernels(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         errors += [float(x) for x in r.stdout.split()]
     assert max(errors) < 1e-6, errors
+
+
+def test_decode_stays_fp32_when_the_caller_lowered_matmul_precision(medium_precision):
+    lens = make_lens(V=4096, d=576, seed=3)
+    h0, acts = layer_inputs(L=2, N=16, d=576)
+    res = decode_layers(h0, acts, SITES, lens, additive=True)
+    for s, x in (("attn", acts["attn"]), ("layer", torch.cat([h0[None], acts["layer"]]))):
+        check(res[s], lens, x.reshape(-1, 576))
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # the caller's choice is restored

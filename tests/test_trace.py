@@ -57,7 +57,16 @@ def fp64_reference(model: torch.nn.Module, ids: list[int]) -> dict[str, dict[str
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen3", False), ("llama", True)])
 def test_matches_fp64_reference(smol_tokenizer, tmp_path, arch, tied):
-    model = build_tiny(arch, tied=tied)
+    assert_matches_fp64(build_tiny(arch, tied=tied), smol_tokenizer, tmp_path)
+
+
+def test_stays_exact_when_the_caller_lowered_matmul_precision(smol_tokenizer, tmp_path, medium_precision):
+    """The traced forward and the decode run true fp32 GEMMs whatever precision a notebook set for speed."""
+    assert_matches_fp64(build_tiny("llama"), smol_tokenizer, tmp_path)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # the caller's setting is back
+
+
+def assert_matches_fp64(model, smol_tokenizer, tmp_path):
     run = trace(wrap(model, smol_tokenizer), tmp_path)
     tokens, ent = load_tokens(run), load_entropy(run)
     L = model.config.num_hidden_layers
