@@ -101,15 +101,16 @@ def cli_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def build(cls: type, options: dict[str, Any], defaults: Any = None) -> Any:
-    """The config `cls` from flat option values (missing ones keep their defaults); a nested dataclass field is
-    its default instance with the options it declares replaced."""
+    """The config `cls` from flat values (missing ones keep their defaults). A nested dataclass field is its
+    default instance with the *options* it declares replaced: its other fields are set by code, and a value
+    in `options` under the same name belongs to the outer config (e.g. the bupo command's `internal_steps`)."""
     hints = typing.get_type_hints(cls)
     kw = {}
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             inner = _default(f) if defaults is None else getattr(defaults, f.name)
             kw[f.name] = build(hints[f.name], options, inner)
-        elif f.metadata.get("cli", False) and f.name in options:
+        elif f.name in options and (defaults is None or f.metadata.get("cli", False)):
             kw[f.name] = options[f.name]
     return cls(**kw) if defaults is None else dataclasses.replace(defaults, **kw)
 
