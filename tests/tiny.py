@@ -1,8 +1,16 @@
-"""Tiny random models built from configs, shared by every test folder (import: `from tiny import ...`)."""
+"""Tiny random models and tokenizers, shared by every test folder (import: `from tiny import ...`).
+
+SmolLM2-vocabulary models (`build_tiny`, with SmolLM2's real tokenizer: the `smol_tokenizer` fixture) for
+tracing; a character-vocabulary Llama and tokenizer (`make_char_llama`, `make_char_tokenizer`) for the trainer;
+a byte-level Llama and tokenizer (`make_byte_llama`, `make_byte_tokenizer`) for the fast CLI fault tests."""
 
 from __future__ import annotations
 
+import string
+
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from entropylens.models import LoadedModel, ModelInfo
 
@@ -46,3 +54,56 @@ def wrap(model: torch.nn.Module, tokenizer, name: str = "tiny") -> LoadedModel:
                      vocab_size=V, tie_word_embeddings=cfg.tie_word_embeddings, dtype="float32",
                      max_positions=cfg.max_position_embeddings)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+SPECIALS = ["<pad>", "<eos>", "<bos>"]
+VOCAB = SPECIALS + list(string.digits + string.ascii_letters + " +-*/=?.,{}\\$")
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character (digits, letters, arithmetic), no chat template: the trainer's toy tasks."""
+    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", padding_side="left"
+    )
+
+
+def make_char_llama(tied: bool = False, layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
+    """A tiny random Llama over the character vocabulary, peaked enough to sample varied answers and EOS."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=tied,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger weights: peaked, varied distributions, some EOS
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def make_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with 258 ids (no merges): a vocabulary 190x smaller than SmolLM2's keeps the
+    decode, and so every trace here, fast; bytes make any input (emoji, invalid text) tokenizable."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={"<eos>": 0, "<bos>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}},
+                              merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", bos_token="<bos>", pad_token="<eos>")
+
+
+def make_byte_llama() -> LlamaForCausalLM:
+    """A random 2-layer Llama over the byte tokenizer (context: 256), entropies well below log V."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(make_byte_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=0,
+        pad_token_id=0))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model

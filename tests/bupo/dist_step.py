@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from conftest import make_model, make_tokenizer
+from tiny import make_char_llama, make_char_tokenizer
 
 from entropylens.bupo import distributed
 from entropylens.bupo.grpo import LOSS_AGGS
@@ -27,13 +27,13 @@ def char_reward(text: str, answer: str) -> float:  # varies across a random mode
 def main(out: Path, steps: int, lr: float) -> None:
     """One run per loss aggregation into out/<loss_agg>: one process start (the slow part) for all three."""
     for loss_agg in LOSS_AGGS:
-        model = make_model(layers=3).requires_grad_(False)  # frozen, as entropylens.models.load_model hands it over
+        model = make_char_llama(layers=3).requires_grad_(False)  # frozen, as models.load_model hands it over
         # internal phase first (upper layers frozen: weight decay would betray a zero gradient given to them),
         # uneven micro-batches (3 + 3 + 2 rollouts per rank)
         cfg = BupoConfig(internal_layer=2, internal_steps=1, steps=steps, prompts_per_step=4, num_generations=4,
                          max_new_tokens=8, learning_rate=lr, weight_decay=1.0, micro_batch_size=3,
                          loss_agg=loss_agg, seed=1, group_sampling=True)  # as the ranks sample
-        train(cfg, model, make_tokenizer(), PROMPTS, out / loss_agg, progress=False, reward_fn=char_reward)
+        train(cfg, model, make_char_tokenizer(), PROMPTS, out / loss_agg, progress=False, reward_fn=char_reward)
     distributed.close()
 
 

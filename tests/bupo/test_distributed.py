@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from tiny import make_char_llama, make_char_tokenizer
 from safetensors.torch import load_file
 
 from entropylens.bupo import distributed
@@ -23,7 +23,8 @@ from entropylens.bupo.trainer import BupoConfig
 from entropylens.errors import UserError
 
 HERE = Path(__file__).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}  # tiny.py
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 SAME = ("reward/mean", "reward/std", "entropy/layer_k", "entropy/output", "kl/output_vs_internal", "clip/frac",
         "completion/len_mean", "optim/grad_norm")
@@ -92,7 +93,7 @@ def test_loss_scale_combines_ranks():
 
 
 def test_a_group_samples_the_same_completions_in_any_batch():
-    model, tok = make_model(), make_tokenizer()
+    model, tok = make_char_llama(), make_char_tokenizer()
     texts = ["1+2=", "what is 40+2?", "7*6", "10-1 ="]
     seeds = [group_seed(0, 3, j) for j in range(4)]
     whole = generate_groups(model, tok, texts, 3, 1.0, 8, seeds)
@@ -136,7 +137,7 @@ def test_two_ranks_take_the_same_steps_as_one_process(one_and_two, loss_agg):
         for key in SAME:  # metrics reduced over ranks are the one-process values
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
     diff = max_weight_diff(one, two)
-    initial = make_model(layers=3).state_dict()
+    initial = make_char_llama(layers=3).state_dict()
     moved = max(float((w.double() - initial[k].double()).abs().max())
                 for k, w in load_file(one / "checkpoint" / "model.safetensors").items())
     print(f"{loss_agg}: max |w_1proc - w_2proc| = {diff:.3g} (largest move {moved:.3g})")
@@ -149,7 +150,7 @@ def test_two_ranks_take_the_same_steps_as_one_process(one_and_two, loss_agg):
 @pytest.fixture(scope="module")
 def digit_toy(tmp_path_factory) -> Path:
     """The toy model made to answer one-digit sums with (nearly) uniform digits, so exact-match rewards vary."""
-    model, tok = make_model(layers=3), make_tokenizer()
+    model, tok = make_char_llama(layers=3), make_char_tokenizer()
     digits = tok.convert_tokens_to_ids(list("0123456789"))
     torch.manual_seed(0)
     with torch.no_grad():  # a large constant coordinate 0 rides the residual stream to the head

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from tiny import make_char_llama, make_char_tokenizer
 
 from entropylens.bupo.pipeline import DEFAULT_LAYER, TRAIN_DEFAULTS, BupoRunConfig, run_bupo
 from entropylens.options import build, flatten
@@ -24,13 +24,13 @@ TINY = dict(steps=2, internal_steps=1, prompts_per_step=2, num_generations=2, ma
 def boundary_folder(tmp_path_factory):
     """A 4-layer toy whose layers 1-2 have near-zero FFN outputs (decoded: near uniform, so dH_ffn > 0)
     while layers 3-4 keep peaked ones (dH_ffn < 0): the boundary is layer 2, not the top layer."""
-    model = make_model(layers=4)
+    model = make_char_llama(layers=4)
     with torch.no_grad():
         for layer in model.model.layers[:2]:
             layer.mlp.down_proj.weight.mul_(1e-3)
     folder = tmp_path_factory.mktemp("boundary")
     model.save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -82,8 +82,8 @@ def test_grpo_has_no_internal_phase_and_no_positive_layer_is_a_user_error(tmp_pa
     cfg = build(BupoRunConfig, dict(algo="grpo", steps=5))
     assert cfg.resolved_internal_steps() == 0 and build(BupoRunConfig, dict(steps=9)).resolved_internal_steps() == 2
     folder = tmp_path / "m"
-    make_model(layers=2).save_pretrained(folder)  # random toy: every FFN sharpens (dH_ffn < 0)
-    make_tokenizer().save_pretrained(folder)
+    make_char_llama(layers=2).save_pretrained(folder)  # random toy: every FFN sharpens (dH_ffn < 0)
+    make_char_tokenizer().save_pretrained(folder)
     with pytest.raises(UserError, match="no layer has a positive"):
         cfg = build(BupoRunConfig, dict(model=str(folder), layer="auto", cache=str(tmp_path / "c"), name="g", **TINY))
         run_bupo(cfg, progress=False)

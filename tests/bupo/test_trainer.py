@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
+from tiny import make_char_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from entropylens.bupo.rollout import generate_rollouts
@@ -44,7 +44,7 @@ def _cfg(**kw):
 
 
 def test_internal_phase_leaves_upper_layers_and_final_norm_bit_identical(tmp_path, char_tokenizer, prompts):
-    model = make_model(layers=3).requires_grad_(False)  # as entropylens.models.load_model hands it over
+    model = make_char_llama(layers=3).requires_grad_(False)  # as entropylens.models.load_model hands it over
     before = _snapshot(model)
     train(_cfg(internal_layer=2), model, char_tokenizer, prompts, tmp_path / "run", progress=False,
           reward_fn=length_reward)
@@ -55,7 +55,7 @@ def test_internal_phase_leaves_upper_layers_and_final_norm_bit_identical(tmp_pat
 
 
 def test_after_the_switch_every_layer_moves_and_files_are_written(tmp_path, char_tokenizer, prompts):
-    model = make_model(layers=3)
+    model = make_char_llama(layers=3)
     before = _snapshot(model)
     ckpt = train(_cfg(steps=2, internal_steps=1), model, char_tokenizer, prompts, tmp_path / "run", progress=False,
                  reward_fn=length_reward)
@@ -119,7 +119,7 @@ def test_separate_old_logprob_pass_gives_ratio_exactly_one(model, char_tokenizer
 
 
 def test_kl_and_multiple_iterations_run(tmp_path, char_tokenizer, prompts):
-    model = make_model()
+    model = make_char_llama()
     cfg = _cfg(steps=2, beta=0.1, num_iterations=2, loss_agg="seq_mean_token_mean")
     train(cfg, model, char_tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=length_reward)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -128,7 +128,7 @@ def test_kl_and_multiple_iterations_run(tmp_path, char_tokenizer, prompts):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_checkpoint_reloads_with_same_logits(tmp_path, char_tokenizer, tied):
-    model = make_model(tied=tied)
+    model = make_char_llama(tied=tied)
     path = save_checkpoint(model, char_tokenizer, tmp_path / "checkpoint")
     again = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([[4, 5, 6, 7, 8]])
@@ -139,7 +139,7 @@ def test_checkpoint_reloads_with_same_logits(tmp_path, char_tokenizer, tied):
 
 
 def test_checkpoint_of_a_gguf_derived_model_is_not_marked_quantized(tmp_path, char_tokenizer):
-    model = make_model()
+    model = make_char_llama()
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
     path = save_checkpoint(model, char_tokenizer, tmp_path / "checkpoint")
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
@@ -152,16 +152,16 @@ def test_failed_run_is_marked_failed(tmp_path, char_tokenizer, prompts):
         raise RuntimeError("reward exploded")
 
     with pytest.raises(RuntimeError):
-        train(_cfg(), make_model(), char_tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=broken)
+        train(_cfg(), make_char_llama(), char_tokenizer, prompts, tmp_path / "run", progress=False, reward_fn=broken)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "reward exploded" in manifest["error"]
 
 
 def test_bad_config_is_a_user_error(tmp_path, char_tokenizer, prompts):
     with pytest.raises(UserError):
-        train(_cfg(internal_layer=4), make_model(layers=3), char_tokenizer, prompts, tmp_path, progress=False)
+        train(_cfg(internal_layer=4), make_char_llama(layers=3), char_tokenizer, prompts, tmp_path, progress=False)
     with pytest.raises(UserError):
-        train(_cfg(loss_agg="sum"), make_model(), char_tokenizer, prompts, tmp_path, progress=False)
+        train(_cfg(loss_agg="sum"), make_char_llama(), char_tokenizer, prompts, tmp_path, progress=False)
 
 
 def test_pick_boundary_layer():
@@ -179,7 +179,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_no_signal_steps_are_logged_as_such_and_move_nothing(tmp_path, char_tokenizer, prompts):
-    model = make_model()
+    model = make_char_llama()
     before = _snapshot(model)
     # no weight decay: AdamW would shrink the weights even with zero gradients (as in TRL; momentum does too)
     train(_cfg(steps=2, weight_decay=0.0), model, char_tokenizer, prompts, tmp_path / "run", progress=False,
@@ -195,8 +195,8 @@ def test_no_signal_steps_are_logged_as_such_and_move_nothing(tmp_path, char_toke
 
 def test_signal_counts_groups_and_tokens_with_advantage(tmp_path, char_tokenizer, prompts):
     # only the prompt whose answer is "3" has rewards that differ within its group
-    train(_cfg(steps=2, prompts_per_step=4), make_model(), char_tokenizer, prompts, tmp_path / "run", progress=False,
-          reward_fn=lambda t, a: float(len(t)) if a == "3" else 0.0)
+    train(_cfg(steps=2, prompts_per_step=4), make_char_llama(), char_tokenizer, prompts, tmp_path / "run",
+          progress=False, reward_fn=lambda t, a: float(len(t)) if a == "3" else 0.0)
     for r in _rows(tmp_path / "run"):
         assert r["signal/groups_frac"] == 0.25  # 1 group of 4 per step (each step is one epoch of the 4 prompts)
         total = r["completion/len_mean"] * 4 * 4

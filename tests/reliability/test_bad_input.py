@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import one_line, run_main
+from harness import one_line, run_main
 from entropylens.decode import decode_rows
 from entropylens.errors import UserError
 from entropylens.lens import Lens

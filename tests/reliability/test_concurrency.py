@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST, assert_same_run, popen, run_main
+from harness import FAST, assert_same_run, popen, run_main
 from entropylens import store
 from entropylens.errors import UserError
 from entropylens.trace import TraceConfig, run_trace

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST, assert_same_run, one_line, popen, run_main
+from harness import FAST, assert_same_run, one_line, popen, run_main
 from entropylens import runfolder, store
 from entropylens.errors import UserError
 

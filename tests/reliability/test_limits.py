@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import byte_tokenizer, one_line, run_main
+from harness import one_line, run_main
+from tiny import make_byte_tokenizer
 from entropylens import trace
 from entropylens.errors import UserError
 from entropylens.models import load_model
@@ -40,7 +41,7 @@ def test_refuses_a_batch_that_does_not_fit_and_suggests_one(loaded, tmp_path, mo
     """Free memory = decode buffers + `free_batches` prompts: refuse --batch-size 8, suggest floor(that) if >= 1."""
     cfg = TraceConfig(model="small", limit=3, batch_size=8, max_new_tokens=4, sites=("layer",), cache=str(tmp_path),
                       name="big")
-    T = max(len(byte_tokenizer()(p.text)["input_ids"]) for p in trace.load_prompts("arith", limit=3)) + 4
+    T = max(len(make_byte_tokenizer()(p.text)["input_ids"]) for p in trace.load_prompts("arith", limit=3)) + 4
     per_prompt = batch_bytes(loaded, 2, T) - batch_bytes(loaded, 1, T)
     free = batch_bytes(loaded, 1, T) - per_prompt + int(free_batches * per_prompt)  # fixed buffers + that many
     monkeypatch.setattr(trace, "available_bytes", lambda device: free)
@@ -66,7 +67,7 @@ def long_prompts_file(tmp_path, n_long: int):
 def test_long_prompts_rejected_by_default_with_one_line(small_folder, tmp_path, monkeypatch, capsys):
     path, long = long_prompts_file(tmp_path, 80)
     n = len(long)  # the byte tokenizer: one token per character, no special tokens added
-    assert len(byte_tokenizer()(long)["input_ids"]) == n > 256
+    assert len(make_byte_tokenizer()(long)["input_ids"]) == n > 256
     code, _, err = run_main(monkeypatch, capsys, "trace", "--model", str(small_folder), "--prompts", str(path),
                             "--limit", "all", "--max-new-tokens", "6", "--cache", str(tmp_path / "c"), "--quiet")
     assert code == 2
@@ -76,7 +77,7 @@ def test_long_prompts_rejected_by_default_with_one_line(small_folder, tmp_path, 
 
 def test_long_prompts_truncated_keep_the_last_tokens_and_say_so(small_folder, tmp_path, monkeypatch, capsys):
     path, long = long_prompts_file(tmp_path, 80)
-    tok = byte_tokenizer()
+    tok = make_byte_tokenizer()
     code, _, err = run_main(monkeypatch, capsys, "trace", "--model", str(small_folder), "--prompts", str(path),
                             "--limit", "all", "--max-new-tokens", "6", "--long-prompts", "truncate", "--sites",
                             "layer", "--batch-size", "2", "--name", "t", "--cache", str(tmp_path / "c"), "--quiet")

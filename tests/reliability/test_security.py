@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import one_line, run_main
+from harness import one_line, run_main
 from entropylens.errors import UserError
 from entropylens.models import load_model
 from synthetic import SyntheticRun, write_run
