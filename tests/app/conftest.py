@@ -46,3 +46,15 @@ def screenshot():
         return path
 
     return save
+
+
+@pytest.fixture(autouse=True)
+def settled(request):
+    """After a browser test, wait until the page has no callback in flight before dash_duo stops the server:
+    stopping it mid-request kills the request's thread with SystemExit (a PytestUnhandledThreadExceptionWarning)."""
+    duo = request.getfixturevalue("dash_duo") if "dash_duo" in request.fixturenames else None
+    yield
+    if duo is not None and duo.driver is not None:
+        from dash.testing.wait import until
+
+        until(duo._wait_for_callbacks, timeout=30, poll=0.2)
