@@ -23,7 +23,6 @@ from entropylens.errors import UserError
 from entropylens.schema import LENSES  # the stored vocabulary: one list, importable without torch
 
 
-
 @dataclass
 class Lens:
     name: str

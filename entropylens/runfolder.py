@@ -27,7 +27,7 @@ ROW_GROUP_ROWS = 1 << 18  # merged files: parts are buffered into row groups of 
 COMPRESSION = "zstd"
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -74,14 +74,15 @@ def _commit(tmp: Path, path: Path) -> None:
     _fsync(path.parent)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """A whole UTF-8 text file, crash-safe (*.tmp + fsync + rename)."""
     _tmp(path).write_text(text, encoding="utf-8")
     _commit(_tmp(path), path)
 
 
 def write_json(path: Path | str, obj: dict) -> None:
     """A whole JSON file, crash-safe (*.tmp + fsync + rename)."""
-    _write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+    write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_atomic(path: Path | str, write) -> None:
@@ -171,14 +172,14 @@ class RunFolder:
         """The run is done: every other file is written. Marks it `complete` (once) with `fields`."""
         if self.manifest.get("status") == "complete":
             raise ValueError(f"run {self.run_dir.name!r} is already complete")
-        self.manifest.update(fields, status="complete", error=None, finished=_now())
+        self.manifest.update(fields, status="complete", error=None, finished=utc_now())
         self.write_manifest()
 
     def fail(self, error: str) -> None:
         """Mark the run `failed` with `error`; what it wrote stays, so a resume can continue."""
         if self.manifest.get("status") == "complete":
             raise ValueError("fail after complete: the run is complete")
-        self.manifest.update(status="failed", error=error, finished=_now())
+        self.manifest.update(status="failed", error=error, finished=utc_now())
         self.write_manifest()
 
     def write_json(self, name: str, obj: dict) -> None:

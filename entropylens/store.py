@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from entropylens.errors import UserError
 from entropylens.runfolder import (  # noqa: F401  (re-exported: store is where callers find run folders)
-    COMPRESSION, ROW_GROUP_ROWS, RUN_ID_RE, STATUSES, RunFolder, _now, _write_text, new_run_id, read_manifest,
+    COMPRESSION, ROW_GROUP_ROWS, RUN_ID_RE, STATUSES, RunFolder, utc_now, write_text, new_run_id, read_manifest,
     resolve_run, write_atomic, write_json, write_parquet,
 )
 from entropylens.schema import (  # noqa: F401  (re-exported)
@@ -51,7 +51,7 @@ class RunWriter(RunFolder):
         runs = Path(cache) / "runs"
         self.run_dir = runs / run_id
         self.parts = self.run_dir / "parts"
-        created, self.previous_manifest = _now(), None  # on resume: the old manifest, to check settings
+        created, self.previous_manifest = utc_now(), None  # on resume: the old manifest, to check settings
         if resume:
             self.run_dir = resolve_run(cache, run_id)
             self.parts = self.run_dir / "parts"
@@ -134,7 +134,7 @@ class RunWriter(RunFolder):
         lines = [_response_line(r) for r in sorted(responses, key=lambda r: r.get("prompt_idx", -1))]
         for kind, table in (("tokens", tok), ("entropy", ent)):
             write_parquet(self._part(kind, batch_idx), [table], table.schema)
-        _write_text(self._part("responses", batch_idx), "".join(line + "\n" for line in lines))
+        write_text(self._part("responses", batch_idx), "".join(line + "\n" for line in lines))
 
     def update_manifest(self, **fields: Any) -> None:
         """Record more manifest fields (timings, versions...) atomically; status is the writer's."""
@@ -174,7 +174,7 @@ class RunWriter(RunFolder):
         write_parquet(d / "tokens.parquet", tokens, TOKENS_SCHEMA)
         write_parquet(d / "entropy.parquet", self._entropy_tables(batches), ENTROPY_SCHEMA)
         text = "".join(self._part("responses", b).read_text(encoding="utf-8") for b in batches)
-        _write_text(d / "responses.jsonl", text)
+        write_text(d / "responses.jsonl", text)
         outcomes = outcomes_table([json.loads(line) for line in text.splitlines()])
         write_parquet(d / "outcomes.parquet", [outcomes], OUTCOMES_SCHEMA)
         ent = pq.read_table(d / "entropy.parquet", columns=["lens", "prompt_idx", "layer", "role", *QUANTITIES])

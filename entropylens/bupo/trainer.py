@@ -50,7 +50,7 @@ from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
 from entropylens.sites import decoder_layers, final_norm
 from entropylens.models import describe_model
-from entropylens.runfolder import RunFolder, _now, write_atomic
+from entropylens.runfolder import RunFolder, utc_now, write_atomic
 
 
 @dataclass
@@ -237,7 +237,7 @@ def train(
         ckpt = distributed.main_only(acc, lambda: save_checkpoint(model, tokenizer, out / "checkpoint", state))
     except Interrupted as e:  # Ctrl-C: the state of the last whole step is on disk; the run stays resumable
         if main:
-            folder.update(interrupted=f"after step {e.step}", finished=_now())
+            folder.update(interrupted=f"after step {e.step}", finished=utc_now())
         raise
     except BaseException as e:
         if main:
@@ -382,7 +382,7 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, info: dict | None, acc
         "world_size": acc.num_processes, "type": str(acc.distributed_type).split(".")[-1],
         "backend": acc.state.backend, "prompts_per_rank": cfg.prompts_per_step // acc.num_processes}}
     return dist | {
-        "run_id": out.name, "created": _now(), "kind": "bupo", "model": info, "config": asdict(cfg),
+        "run_id": out.name, "created": utc_now(), "kind": "bupo", "model": info, "config": asdict(cfg),
         "bupo": {"layer": cfg.internal_layer, "internal_steps": cfg.internal_steps, "steps": cfg.steps,
                  "algo": "bupo" if cfg.internal_steps else "grpo"},
         "prompts": {"source": prompts[0].source, "n": len(prompts), "sha256": prompts_sha256(list(prompts))},
