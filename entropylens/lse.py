@@ -72,8 +72,8 @@ class OnlineLSE:
 
     def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None, layers: tuple | None = None) -> None:
         # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only).
-        # layers = (ia, jf, h, n, L), native kernel only: rows h + n.. are the additive `layer` sums, still
-        # unwritten; the kernel writes and folds them (native.layer_update).
+        # layers = (ia, jf, h, n, L), native kernel only: rows h + n.. are the additive `layer` sums, never
+        # written; the kernel makes and folds them in L1 (native.layer_update).
         assert layers is None or (self.native and self.targets is None)
         C = z.shape[1]
         if self.targets is not None:

@@ -37,6 +37,7 @@ from entropylens.errors import UserError
 
 SOURCE = r"""
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -133,36 +134,48 @@ void chunk_update(const float *z, int64_t ld, int64_t r0, int64_t r1, int64_t C,
     for (int64_t r = r0; r < r1; r++) row_fold(z + r * ld, C, offset, r, row_max(z + r * ld, C), a);
 }
 
-/* The additive `layer` rows, written and folded in one go: for token i (of n) and l = 1..nl, row
-   h + l n + i = row h + (l-1) n + i + (row ia + (l-1) n + i + row jf + (l-1) n + i), i.e. raw(H^l) =
-   raw(H^{l-1}) + (raw(A^l) + raw(F^l)) with torch's rounding, then its stats while it is in L1. */
-void layer_update(float *z, int64_t ld, int64_t ia, int64_t jf, int64_t h, int64_t n, int64_t nl,
+/* The additive `layer` rows, folded without being written: for token i (of n), raw(H^l) = raw(H^{l-1}) +
+   (raw(A^l) + raw(F^l)) with torch's rounding, l = 1..nl, where raw(H^0) is row h + i, A^l row ia + (l-1) n + i
+   and F^l row jf + (l-1) n + i of z. The running row raw(H^l) stays in a per-thread buffer in L1 (rows
+   h + n.. of z are left unwritten), so each step reads two rows of z instead of three and writes none;
+   its stats go to accumulator row h + l n + i. Returns 0, or 1 if a thread could not allocate its buffer. */
+int layer_update(float *z, int64_t ld, int64_t ia, int64_t jf, int64_t h, int64_t n, int64_t nl,
                   int64_t C, int64_t offset, double *m, double *s, double *t, double *best, int64_t *top1,
                   double *cmax, int nt) {
     acc_t a = {m, s, t, best, top1, cmax};
     int64_t Cv = C - C % L;
-    #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t i = 0; i < n; i++) {
-        for (int64_t l = 1; l <= nl; l++) {
-            int64_t r = h + l * n + i;
-            float *out = z + r * ld;
-            const float *prev = z + (r - n) * ld, *pa = z + (ia + (l - 1) * n + i) * ld;
-            const float *pf = z + (jf + (l - 1) * n + i) * ld;
-            float mx = -INFINITY;
-            if (Cv) {
-                vf vm = load(prev) + (load(pa) + load(pf));
-                memcpy(out, &vm, sizeof vm);
-                for (int64_t j = L; j < Cv; j += L) {
-                    vf v = load(prev + j) + (load(pa + j) + load(pf + j));
-                    memcpy(out + j, &v, sizeof v);
-                    vm = sel(v > vm, v, vm);
-                }
-                mx = hmax(vm);
-            }
-            for (int64_t j = Cv; j < C; j++) { out[j] = prev[j] + (pa[j] + pf[j]); mx = out[j] > mx ? out[j] : mx; }
-            row_fold(out, C, offset, r, mx, a);
+    int failed = 0;
+    #pragma omp parallel num_threads(nt)
+    {
+        float *run = malloc(C * sizeof(float));
+        if (!run) {
+            #pragma omp atomic write
+            failed = 1;
         }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            if (!run) continue;
+            memcpy(run, z + (h + i) * ld, C * sizeof(float));
+            for (int64_t l = 1; l <= nl; l++) {
+                const float *pa = z + (ia + (l - 1) * n + i) * ld, *pf = z + (jf + (l - 1) * n + i) * ld;
+                float mx = -INFINITY;
+                if (Cv) {
+                    vf vm = load(run) + (load(pa) + load(pf));
+                    memcpy(run, &vm, sizeof vm);
+                    for (int64_t j = L; j < Cv; j += L) {
+                        vf v = load(run + j) + (load(pa + j) + load(pf + j));
+                        memcpy(run + j, &v, sizeof v);
+                        vm = sel(v > vm, v, vm);
+                    }
+                    mx = hmax(vm);
+                }
+                for (int64_t j = Cv; j < C; j++) { run[j] += pa[j] + pf[j]; mx = run[j] > mx ? run[j] : mx; }
+                row_fold(run, C, offset, h + l * n + i, mx, a);
+            }
+        }
+        free(run);
     }
+    return failed;
 }
 """
 
@@ -225,7 +238,7 @@ def _build() -> ctypes.CDLL:
         lib.chunk_update.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
         lib.chunk_update.restype = None
         lib.layer_update.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
-        lib.layer_update.restype = None
+        lib.layer_update.restype = ctypes.c_int
         lib.openmp = omp
         return lib
     raise UserError(f"kernel='native': {cc} failed ({err}); use kernel='eager'")
@@ -262,14 +275,16 @@ def chunk_update(z: torch.Tensor, offset: int, m, s, t, best, top1, cmax, rows: 
 
 def layer_update(z: torch.Tensor, offset: int, ia: int, jf: int, h: int, n: int, nl: int,
                  m, s, t, best, top1, cmax) -> None:
-    """Write the additive `layer` rows h + n .. h + nl·n of z (raw(H^l) = raw(H^{l-1}) + raw(A^l) + raw(F^l),
-    A^l at rows ia + (l-1)·n, F^l at jf + (l-1)·n, n tokens each) and fold them, in one pass per row.
+    """Fold the additive `layer` rows h + n .. h + nl·n (raw(H^l) = raw(H^{l-1}) + raw(A^l) + raw(F^l), H^0 at
+    rows h .. h + n, A^l at ia + (l-1)·n, F^l at jf + (l-1)·n, n tokens each) into their accumulators.
 
-    The sums round exactly as decode's torch combine does; threads split the n tokens (OpenMP build) or
-    the whole call runs on one thread (serial build).
+    The sums round exactly as decode's torch combine does, but are never written to z: each token's
+    running row stays in a per-thread L1 buffer. Threads split the n tokens (OpenMP build) or the whole
+    call runs on one thread (serial build).
     """
     lib = load()
     assert z.dtype == torch.float32 and z.stride(1) == 1 and z.device.type == "cpu"
     nt = max(1, min(torch.get_num_threads(), n)) if lib.openmp else 1
-    lib.layer_update(z.data_ptr(), z.stride(0), ia, jf, h, n, nl, z.shape[1], offset,
-                     *[a.data_ptr() for a in (m, s, t, best, top1, cmax)], nt)
+    if lib.layer_update(z.data_ptr(), z.stride(0), ia, jf, h, n, nl, z.shape[1], offset,
+                        *[a.data_ptr() for a in (m, s, t, best, top1, cmax)], nt):
+        raise MemoryError(f"native.layer_update: no memory for a {z.shape[1]}-logit row buffer")

@@ -81,7 +81,7 @@ def test_native_rows_match_fp64(kw):
 def test_every_site_with_massive_activations_matches_fp64(kernel, additive, bias):
     """A massive F^2 (|z| in the thousands) through each kernel, guard on: every site within 1e-4 nats.
 
-    Native, additive, no bias: the kernel writes and folds the `layer` sums itself (native.layer_update).
+    Native, additive, no bias: the kernel makes and folds the `layer` sums itself (native.layer_update).
     """
     lens = make_lens(V=400, d=24, bias=bias)  # bupo: raw residual logits, |z| up to ~1e4 in the massive rows
     lens.W -= lens.W.mean(0)  # centred, as make_lens does for real models
