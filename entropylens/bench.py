@@ -13,6 +13,9 @@ one-off torch.compile time is measured before the timed runs and reported as att
 `entropylens` is the default path (`kernel="auto"`: the native C kernel where a compiler exists, else eager;
 column `kernel` says which, attrs["native_build_s"] its first-use build); `entropylens-eager` forces eager.
 attrs["machine"] names the CPU, its vector ISA, torch's dispatch level, threads and torch build.
+The command's last line names the ceiling: the floor's ratio to the faster recipe, which no exact fp32
+path that multiplies the same rows can pass (where the recipes themselves run near the floor's FLOP
+rate, as under AVX2, a ×N target above it is out of reach).
 `--vocab/--d-model` replaces the model with a random head and random activations (one layer) to show
 memory behaviour at Qwen3 scale; the recipe then runs on the same activations without a tracer.
 """

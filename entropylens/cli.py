@@ -145,6 +145,10 @@ def bench(options: dict) -> None:
     for row in df.itertuples(index=False):
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
     wide.print(table)
+    ceiling = df.set_index("method").x_faster_recipe.get("floor", float("nan"))
+    if ceiling == ceiling:  # the floor and a recipe both ran
+        wide.print(f"ceiling {ceiling:.2f}× the faster recipe: the floor, the GEMM alone ({a['entropylens_rows_per_token']} "
+                   f"rows per token; the recipes {a['recipe_rows_per_token']}), which no exact fp32 path beats")
 
 
 @app.command()
