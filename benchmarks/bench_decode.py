@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--d-model", type=int)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--repeats", type=int, default=1, help="round-robin runs; each method keeps its fastest")
+    ap.add_argument("--repeats", type=int, default=1, help="round-robin rounds: fastest run per method, ratios "
+                    "paired per round with a 95 %% interval")
     a = ap.parse_args()
     cfg = BenchConfig(model=a.model, batch=a.batch, seq=a.seq, sites=tuple(a.sites.split(",")),
                       methods=tuple(a.methods.split(",")), vocab=a.vocab, d_model=a.d_model,

@@ -1,11 +1,13 @@
 """Side-by-side benchmark: the hand-written TransformerLens and nnsight recipes vs entropylens vs the GEMM floor.
 
 Everything runs in ONE process on the same model and token batch, so the ratios are meaningful even on a
-shared machine (absolute tokens/s are not); with `repeats` > 1 the methods run round-robin and each keeps
-its fastest run. For each method it reports tokens/s, the ratio to the faster recipe, the fraction of the
-floor's FLOP rate, max |ΔH| against an fp64 reference on a sample of rows, and peak extra RSS (sampled
-every 2 ms above the RSS at the method's start; freed heap is returned to the OS with malloc_trim before
-each method so one method's garbage does not hide another's peak).
+shared machine (absolute tokens/s are not). With `repeats` = n > 1 the methods run round-robin n times:
+seconds, tokens/s and GFLOP/s are each method's fastest run, while the two ratios — × the faster recipe and
+the fraction of the floor's FLOP rate — are taken within each round and reported as the geometric mean over
+rounds with a 95 % t-interval (columns `*_lo`, `*_hi`; NaN for n = 1). Also: max |ΔH| against an fp64
+reference on a sample of rows, and peak extra RSS (sampled every 2 ms above the RSS at the method's start;
+freed heap is returned to the OS with malloc_trim before each method so one method's garbage does not hide
+another's peak).
 
 The recipe (what a researcher writes today) per hook point: logits = lm_head(act) (B, T, V) in fp32,
 log_softmax, then -Σ p log p — the `bupo` lens. `entropylens-compiled` is decode_layers(compile=True); its
@@ -37,6 +39,7 @@ import torch
 from entropylens import native
 from entropylens.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_layers, resolve_kernel
 from entropylens.errors import UserError
+from entropylens.intervals import ratio_ci95
 from entropylens.lens import Lens, make_lens
 from entropylens.options import option, parse_csv
 from entropylens.sites import SITES, additivity_error, find_layout
@@ -88,7 +91,8 @@ class BenchConfig:
     tokens: int = option(4096, "random-head mode: token rows")
     ref_rows: int = option(64, "rows per site sampled for the fp64 reference", cli=False)
     threads: int | None = option(None, "torch threads")
-    repeats: int = option(1, "round-robin runs of every method; each reports its fastest")
+    repeats: int = option(1, "round-robin rounds of every method: fastest run per method, ratios paired per round "
+                              "with a 95 % interval (n >= 2)")
     seed: int = option(0, "seeds the token batch, the random head and the reference rows", cli=False)
     cache: Path = option(Path("cache"), "folder holding models/", parse=Path, shown="cache")
 
@@ -251,6 +255,24 @@ def _gemm_rows(sites, L: int, additive: bool) -> tuple[int, int]:
     return recipe, recipe - (L if trick else 0)
 
 
+def _paired_ratios(rounds: dict[str, list[tuple[float, float]]], order: list[str]) -> dict[str, dict]:
+    """× faster recipe and fraction of the floor's FLOP rate, per method: each round's ratio is taken within
+    the round (against that round's faster recipe and floor), then their geometric mean and 95 % t-interval
+    over rounds (`intervals.ratio_ci95`), so a shared machine's drift between rounds cancels."""
+    n = len(rounds[order[0]])
+    recipes = [m for m in order if m not in OURS]
+    nan = {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": n}
+    out: dict[str, dict] = {"x_faster_recipe": {}, "frac_floor_flops": {}}
+    for m in order:
+        secs = [rounds[m][r][0] for r in range(n)]
+        out["x_faster_recipe"][m] = ratio_ci95([min(rounds[q][r][0] for q in recipes) / secs[r]
+                                                for r in range(n)]) if recipes else nan
+        rate = lambda q, r: rounds[q][r][1] / rounds[q][r][0]  # noqa: E731  FLOP/s of method q in round r
+        out["frac_floor_flops"][m] = ratio_ci95([rate(m, r) / rate("floor", r) for r in range(n)]) \
+            if "floor" in rounds else nan
+    return out
+
+
 def run_bench(cfg: BenchConfig) -> pd.DataFrame:
     """Run every method once (after one warm-up of the decode path) and return one row per method."""
     cfg.validate()
@@ -297,6 +319,7 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
             decode_layers(h0[:8], *small, compile=True)  # the one-off compile (warm if inductor's cache is)
         compile_s = time.perf_counter() - t0
         best: dict[str, dict] = {}
+        rounds: dict[str, list[tuple[float, float]]] = {}  # method -> (seconds, GEMM FLOPs) per round
         for _ in range(cfg.repeats):
             for name in order:
                 fn = floor if name == "floor" else methods[name]
@@ -304,11 +327,12 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
                     t0 = time.perf_counter()
                     H = fn()
                     dt = time.perf_counter() - t0
-                gemm_rows = our_rows if name in OURS else recipe_rows
+                flops = 2 * d * V * (our_rows if name in OURS else recipe_rows) * N
+                rounds.setdefault(name, []).append((dt, flops))
                 kern = KERNEL_OF.get(name, "")
                 row = dict(
                     method=name, kernel=f"{default} (default)" if kern == "auto" else kern, seconds=dt,
-                    tokens_per_s=N / dt, gflops=2 * d * V * gemm_rows * N / dt / 1e9,
+                    tokens_per_s=N / dt, gflops=flops / dt / 1e9,
                     max_abs_dH=None if H is None else _max_err(H, ref), peak_extra_gib=mem.extra_gib,
                 )
                 prev = best.get(name)
@@ -317,13 +341,11 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
                     row = {**(row if dt < prev["seconds"] else prev), "peak_extra_gib": peak}
                 best[name] = row
     df = pd.DataFrame([best[m] for m in order])
-    recipes = df[~df.method.isin(OURS)]
-    best = recipes.tokens_per_s.max() if len(recipes) else float("nan")
-    df["x_faster_recipe"] = df.tokens_per_s / best
-    floor_rate = df.loc[df.method == "floor", "gflops"]
-    df["frac_floor_flops"] = df.gflops / (floor_rate.iloc[0] if len(floor_rate) else float("nan"))
+    for col, per_method in _paired_ratios(rounds, order).items():
+        for k, suffix in (("mean", ""), ("lo", "_lo"), ("hi", "_hi")):
+            df[col + suffix] = [per_method[m][k] for m in order]
     df.attrs.update(tokens=N, d_model=d, vocab=V, layers=L, sites=",".join(cfg.sites), additive=additive,
                     recipe_rows_per_token=recipe_rows, entropylens_rows_per_token=our_rows,
-                    threads=torch.get_num_threads(), repeats=cfg.repeats, compile_s=round(compile_s, 1),
+                    threads=torch.get_num_threads(), rounds=cfg.repeats, compile_s=round(compile_s, 1),
                     default_kernel=default, native_build_s=round(build_s, 2), machine=machine())
     return df

@@ -133,17 +133,29 @@ def bench(options: dict) -> None:
              "max_abs_dH": "max|ΔH|", "peak_extra_gib": "peak GiB", "x_faster_recipe": "× recipe",
              "frac_floor_flops": "of floor"}
     a, mc = df.attrs, df.attrs["machine"]
-    wide = Console(width=max(out.width, 130))  # never truncate a column or wrap the header, even when piped
+    wide = Console(width=max(out.width, 150))  # never truncate a column or wrap the header, even when piped
     wide.print(f"CPU {mc['cpu']} · ISA {mc['isa']} · torch kernels {mc['torch_isa']} · {mc['threads']} threads · "
               f"torch {mc['torch']}")
     wide.print(f"default decode path: {a['default_kernel']} kernel (first-use build {a['native_build_s']} s); "
               f"compile_s {a['compile_s']} for entropylens-compiled")
-    table = Table(title=f"entropylens bench · {df.attrs['tokens']} tokens · d {df.attrs['d_model']} · "
-                  f"V {df.attrs['vocab']} · sites {df.attrs['sites']}", title_justify="left")
-    for col in df.columns:
+    n = a["rounds"]
+    table = Table(title=f"entropylens bench · {a['tokens']} tokens · d {a['d_model']} · V {a['vocab']} · sites "
+                  f"{a['sites']} · {n} round{'s' * (n > 1)}" + (" (times: fastest; ratios: geometric mean of the rounds' "
+                  "[95 % interval])" if n > 1 else ""), title_justify="left")
+    cols = [c for c in df.columns if not c.endswith(("_lo", "_hi"))]
+    for col in cols:
         table.add_column(heads.get(col, str(col)), justify="left" if col == "method" else "right", no_wrap=True)
-    for row in df.itertuples(index=False):
-        table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+
+    def cell(row, col) -> str:
+        v = row[col]
+        if not isinstance(v, float):
+            return str(v)
+        if n > 1 and col + "_lo" in row and row[col + "_lo"] == row[col + "_lo"]:
+            return f"{v:.3g} [{row[col + '_lo']:.2g}, {row[col + '_hi']:.2g}]"
+        return f"{v:.3g}"
+
+    for row in df.to_dict("records"):
+        table.add_row(*[cell(row, c) for c in cols])
     wide.print(table)
     ceiling = df.set_index("method").x_faster_recipe.get("floor", float("nan"))
     if ceiling == ceiling:  # the floor and a recipe both ran

@@ -62,6 +62,24 @@ def normal_ci95(std, count):
     return float(out) if out.ndim == 0 else out
 
 
+# Two-sided 95 % Student-t quantiles t_{0.975, df}; a df between two entries takes the lower one (wider).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def ratio_ci95(ratios: Sequence[float] | np.ndarray) -> dict[str, float | int]:
+    """Geometric mean of paired ratios (one per round of a benchmark) with a 95 % Student-t interval on their
+    logs: {mean, lo, hi, n}. Timing ratios are skewed and n is small (3-10 rounds), hence logs and t, not a
+    bootstrap. lo = hi = NaN when n < 2."""
+    x = np.log(np.asarray(ratios, dtype=np.float64))  # (n,)
+    n, m = x.size, float(np.exp(x.mean()))
+    if n < 2:
+        return {"mean": m, "lo": float("nan"), "hi": float("nan"), "n": n}
+    t = T975[max(k for k in T975 if k <= n - 1)] if n - 1 <= 120 else Z95
+    half = t * x.std(ddof=1) / np.sqrt(n)
+    return {"mean": m, "lo": float(np.exp(x.mean() - half)), "hi": float(np.exp(x.mean() + half)), "n": n}
+
+
 def fmt_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
     """`0.231 [0.180, 0.284]`: a number as users read it."""
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

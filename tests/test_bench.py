@@ -71,3 +71,22 @@ def test_cli_prints_every_column_and_refuses_bad_options_in_one_line():
     r = run("--vocab", "501")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == ["error: random-head mode needs both --vocab and "
                                                                    "--d-model"]
+
+
+def test_ratios_are_paired_within_rounds_so_drift_cancels():
+    """Round 2 runs on a machine twice as slow for every method: each round's ratios are the same, so the
+    interval collapses on them; the fastest-vs-fastest ratio (recipe's round 1 / ours round 2) would not."""
+    from entropylens.bench import _paired_ratios
+
+    F = 1e9  # GEMM FLOPs per method (the recipe's 5/4 of ours, as with the additive trick)
+    rounds = {"nnsight": [(10.0, 1.25 * F), (20.0, 1.25 * F), (10.0, 1.25 * F)],
+              "entropylens": [(4.0, F), (8.0, F), (4.0, F)],
+              "floor": [(3.0, F), (6.0, F), (3.0, F)]}
+    r = _paired_ratios(rounds, list(rounds))
+    x, f = r["x_faster_recipe"]["entropylens"], r["frac_floor_flops"]["entropylens"]
+    assert (x["mean"], x["lo"], x["hi"], x["n"]) == pytest.approx((2.5, 2.5, 2.5, 3))
+    assert (f["mean"], f["lo"], f["hi"]) == pytest.approx((0.75, 0.75, 0.75))
+    assert r["frac_floor_flops"]["nnsight"]["mean"] == pytest.approx(1.25 * 3 / 10)
+    rounds["entropylens"][1] = (6.0, F)  # one faster round: the interval opens around the geometric mean
+    x = _paired_ratios(rounds, list(rounds))["x_faster_recipe"]["entropylens"]
+    assert x["mean"] == pytest.approx((2.5 * 2.5 * 20 / 6) ** (1 / 3)) and x["lo"] < x["mean"] < x["hi"]
