@@ -139,9 +139,9 @@ def bench(options: dict) -> None:
     wide.print(f"default decode path: {a['default_kernel']} kernel (first-use build {a['native_build_s']} s); "
               f"compile_s {a['compile_s']} for entropylens-compiled")
     n = a["rounds"]
+    paired = " (times: fastest; ratios: geometric mean of the rounds' [95 % interval])" if n > 1 else ""
     table = Table(title=f"entropylens bench · {a['tokens']} tokens · d {a['d_model']} · V {a['vocab']} · sites "
-                  f"{a['sites']} · {n} round{'s' * (n > 1)}" + (" (times: fastest; ratios: geometric mean of the rounds' "
-                  "[95 % interval])" if n > 1 else ""), title_justify="left")
+                  f"{a['sites']} · {n} round{'s' * (n > 1)}{paired}", title_justify="left")
     cols = [c for c in df.columns if not c.endswith(("_lo", "_hi"))]
     for col in cols:
         table.add_column(heads.get(col, str(col)), justify="left" if col == "method" else "right", no_wrap=True)
@@ -157,10 +157,11 @@ def bench(options: dict) -> None:
     for row in df.to_dict("records"):
         table.add_row(*[cell(row, c) for c in cols])
     wide.print(table)
-    ceiling = df.set_index("method").x_faster_recipe.get("floor", float("nan"))
-    if ceiling == ceiling:  # the floor and a recipe both ran
-        wide.print(f"ceiling {ceiling:.2f}× the faster recipe: the floor, the GEMM alone ({a['entropylens_rows_per_token']} "
-                   f"rows per token; the recipes {a['recipe_rows_per_token']}), which no exact fp32 path beats")
+    floor = df.set_index("method").to_dict("index").get("floor", {})
+    if floor.get("x_faster_recipe", float("nan")) == floor.get("x_faster_recipe"):  # the floor and a recipe ran
+        wide.print(f"ceiling {cell(floor, 'x_faster_recipe')}× the faster recipe: the floor, the GEMM alone "
+                   f"({a['entropylens_rows_per_token']} rows per token; the recipes {a['recipe_rows_per_token']}), "
+                   "which no exact fp32 path beats")
 
 
 @app.command()

@@ -68,6 +68,7 @@ def test_cli_prints_every_column_and_refuses_bad_options_in_one_line():
     for head in ("recipe", "entropylens", "floor", "tok/s", "max|ΔH|", "peak GiB", "× recipe", "of floor"):
         assert head in r.stdout
     assert "× the faster recipe: the floor, the GEMM alone (2 rows per token; the recipes 2)" in r.stdout
+    assert r.stdout.splitlines()[-1].startswith("ceiling ")
     r = run("--vocab", "501")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == ["error: random-head mode needs both --vocab and "
                                                                    "--d-model"]
