@@ -261,15 +261,15 @@ def _paired_ratios(rounds: dict[str, list[tuple[float, float]]], order: list[str
     over rounds (`intervals.ratio_ci95`), so a shared machine's drift between rounds cancels."""
     n = len(rounds[order[0]])
     recipes = [m for m in order if m not in OURS]
+    secs = lambda q, r: rounds[q][r][0]  # noqa: E731  seconds of method q in round r
+    rate = lambda q, r: rounds[q][r][1] / rounds[q][r][0]  # noqa: E731  its GEMM FLOP/s
     nan = {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": n}
     out: dict[str, dict] = {"x_faster_recipe": {}, "frac_floor_flops": {}}
     for m in order:
-        secs = [rounds[m][r][0] for r in range(n)]
-        out["x_faster_recipe"][m] = ratio_ci95([min(rounds[q][r][0] for q in recipes) / secs[r]
+        out["x_faster_recipe"][m] = ratio_ci95([min(secs(q, r) for q in recipes) / secs(m, r)
                                                 for r in range(n)]) if recipes else nan
-        rate = lambda q, r: rounds[q][r][1] / rounds[q][r][0]  # noqa: E731  FLOP/s of method q in round r
-        out["frac_floor_flops"][m] = ratio_ci95([rate(m, r) / rate("floor", r) for r in range(n)]) \
-            if "floor" in rounds else nan
+        out["frac_floor_flops"][m] = ratio_ci95([rate(m, r) / rate("floor", r)
+                                                 for r in range(n)]) if "floor" in rounds else nan
     return out
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from entropylens.cli_print import out, print_bupo, print_layer_table, print_outcome_table, print_run
+from entropylens.cli_print import out, print_bench, print_bupo, print_layer_table, print_outcome_table, print_run
 from entropylens.bench import BenchConfig
 from entropylens.bupo.pipeline import BupoRunConfig
 from entropylens.config import TraceConfig
@@ -129,39 +129,7 @@ def bench(options: dict) -> None:
 
     cfg = build(BenchConfig, options)
     df = run_bench(cfg)
-    heads = {"method": "method", "seconds": "s", "tokens_per_s": "tok/s", "gflops": "GFLOP/s",
-             "max_abs_dH": "max|ΔH|", "peak_extra_gib": "peak GiB", "x_faster_recipe": "× recipe",
-             "frac_floor_flops": "of floor"}
-    a, mc = df.attrs, df.attrs["machine"]
-    wide = Console(width=max(out.width, 150))  # never truncate a column or wrap the header, even when piped
-    wide.print(f"CPU {mc['cpu']} · ISA {mc['isa']} · torch kernels {mc['torch_isa']} · {mc['threads']} threads · "
-              f"torch {mc['torch']}")
-    wide.print(f"default decode path: {a['default_kernel']} kernel (first-use build {a['native_build_s']} s); "
-              f"compile_s {a['compile_s']} for entropylens-compiled")
-    n = a["rounds"]
-    paired = " (times: fastest; ratios: geometric mean of the rounds' [95 % interval])" if n > 1 else ""
-    table = Table(title=f"entropylens bench · {a['tokens']} tokens · d {a['d_model']} · V {a['vocab']} · sites "
-                  f"{a['sites']} · {n} round{'s' * (n > 1)}{paired}", title_justify="left")
-    cols = [c for c in df.columns if not c.endswith(("_lo", "_hi"))]
-    for col in cols:
-        table.add_column(heads.get(col, str(col)), justify="left" if col == "method" else "right", no_wrap=True)
-
-    def cell(row, col) -> str:
-        v = row[col]
-        if not isinstance(v, float):
-            return str(v)
-        if n > 1 and col + "_lo" in row and row[col + "_lo"] == row[col + "_lo"]:
-            return f"{v:.3g} [{row[col + '_lo']:.2g}, {row[col + '_hi']:.2g}]"
-        return f"{v:.3g}"
-
-    for row in df.to_dict("records"):
-        table.add_row(*[cell(row, c) for c in cols])
-    wide.print(table)
-    floor = df.set_index("method").to_dict("index").get("floor", {})
-    if floor.get("x_faster_recipe", float("nan")) == floor.get("x_faster_recipe"):  # the floor and a recipe ran
-        wide.print(f"ceiling {cell(floor, 'x_faster_recipe')}× the faster recipe: the floor, the GEMM alone "
-                   f"({a['entropylens_rows_per_token']} rows per token; the recipes {a['recipe_rows_per_token']}), "
-                   "which no exact fp32 path beats")
+    print_bench(df)
 
 
 @app.command()

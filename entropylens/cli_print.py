@@ -1,8 +1,9 @@
-"""Tables the CLI prints (rich): a run's layer table, the correct − wrong split, the BuPO evaluation. Kept out of
-entropylens.cli so the command definitions stay readable in one sitting."""
+"""Tables the CLI prints (rich): a run's layer table, the correct − wrong split, the BuPO evaluation, the bench.
+Kept out of entropylens.cli so the command definitions stay readable in one sitting."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -87,3 +88,40 @@ def print_bupo(r) -> None:
     out.print("gain: trained − base, paired bootstrap over the same prompts; an interval that excludes 0 is a "
               "significant change at the 5 % level")
     print_layer_table(r.before_after, f"{r.trained_run} vs {r.base_run} · lens bupo · response tokens")
+
+
+def print_bench(df) -> None:
+    """`entropylens bench`'s table: the machine, one row per method, then the ceiling (the floor's ratio)."""
+    heads = {"method": "method", "seconds": "s", "tokens_per_s": "tok/s", "gflops": "GFLOP/s",
+             "max_abs_dH": "max|ΔH|", "peak_extra_gib": "peak GiB", "x_faster_recipe": "× recipe",
+             "frac_floor_flops": "of floor"}
+    a, mc = df.attrs, df.attrs["machine"]
+    wide = Console(width=max(out.width, 150))  # never truncate a column or wrap the header, even when piped
+    wide.print(f"CPU {mc['cpu']} · ISA {mc['isa']} · torch kernels {mc['torch_isa']} · {mc['threads']} threads · "
+              f"torch {mc['torch']}")
+    wide.print(f"default decode path: {a['default_kernel']} kernel (first-use build {a['native_build_s']} s); "
+              f"compile_s {a['compile_s']} for entropylens-compiled")
+    n = a["rounds"]
+    paired = " (times: fastest; ratios: geometric mean of the rounds' [95 % interval])" if n > 1 else ""
+    table = Table(title=f"entropylens bench · {a['tokens']} tokens · d {a['d_model']} · V {a['vocab']} · sites "
+                  f"{a['sites']} · {n} round{'s' * (n > 1)}{paired}", title_justify="left")
+    cols = [c for c in df.columns if not c.endswith(("_lo", "_hi"))]
+    for col in cols:
+        table.add_column(heads.get(col, str(col)), justify="left" if col == "method" else "right", no_wrap=True)
+
+    def cell(row, col) -> str:
+        v = row[col]
+        if not isinstance(v, float):
+            return str(v)
+        if n > 1 and not math.isnan(row.get(col + "_lo", math.nan)):
+            return f"{v:.3g} [{row[col + '_lo']:.2g}, {row[col + '_hi']:.2g}]"
+        return f"{v:.3g}"
+
+    for row in df.to_dict("records"):
+        table.add_row(*[cell(row, c) for c in cols])
+    wide.print(table)
+    floor = df.set_index("method").to_dict("index").get("floor")
+    if floor and not math.isnan(floor["x_faster_recipe"]):  # the floor and a recipe both ran
+        wide.print(f"ceiling {cell(floor, 'x_faster_recipe')}× the faster recipe: the floor, the GEMM alone "
+                   f"({a['entropylens_rows_per_token']} rows per token; the recipes {a['recipe_rows_per_token']}), "
+                   "which no exact fp32 path beats")
