@@ -140,31 +140,46 @@ def test_dataframe_prompts_keep_answers(smol_tokenizer, tmp_path):
 # ---------------------------------------------------------------- model kinds
 
 def test_three_model_kinds_give_the_same_entropies(smol_tokenizer, tmp_path):
-    """transformers, nnsight LanguageModel and TransformerLens TransformerBridge wrap the same weights."""
+    """transformers, nnsight LanguageModel and TransformerLens TransformerBridge wrap the same weights.
+
+    Error budget: the bridge runs HF's *eager* attention, the plain model its default SDPA kernel. The two
+    kernels sum in different orders, so their fp32 entropies differ by ~1e-5 nats here (1.2e-5 on AVX2, 1.19e-5
+    on AVX-512) while each stays ~1e-5 from a float64 trace of the same weights. So: the same ops must give the
+    same numbers (bridge = the eager model, nnsight = transformers, ≤ 1e-6), and every kind must stay within the
+    README's accuracy budget of a float64 trace (≤ 1e-4 nats), whatever the CPU's GEMM path.
+    """
     from nnsight import LanguageModel
     from transformer_lens.model_bridge import TransformerBridge
 
     base = build_tiny("llama")
+    eager = copy.deepcopy(base)
+    eager.config._attn_implementation = "eager"  # the attention the bridge rewires its copy to
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm = LanguageModel(copy.deepcopy(base), tokenizer=smol_tokenizer)
         bridge = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(base), tokenizer=smol_tokenizer)
     kw = dict(prompts=PROMPTS[:2], save=False, max_new_tokens=5, lens="both", quiet=True, cache=str(tmp_path))
     runs = {"transformers": el.trace(base, tokenizer=smol_tokenizer, **kw), "nnsight": el.trace(lm, **kw),
-            "transformer-lens": el.trace(bridge, **kw)}
+            "transformer-lens": el.trace(bridge, **kw), "eager": el.trace(eager, tokenizer=smol_tokenizer, **kw),
+            "fp64": el.trace(copy.deepcopy(base).double(), tokenizer=smol_tokenizer, dtype="float64", **kw)}
     ref = runs["transformers"]
     cols = [c for c in ref.entropy.columns if c.startswith(("H_", "dH_"))]
-    worst = 0.0
-    for kind, run in runs.items():
-        assert run.manifest["model"]["source"] == f"memory:{kind}"
-        assert run.tokens["token_id"].tolist() == ref.tokens["token_id"].tolist(), kind  # same sampled responses
-        diff = np.nanmax(np.abs(run.entropy[cols].to_numpy() - ref.entropy[cols].to_numpy()))
-        diff = max(diff, np.abs(run.tokens["H_final"] - ref.tokens["H_final"]).max())
-        assert diff < 1e-5, (kind, diff)
-        print(f"{kind} vs transformers: max |ΔH| {diff:.2e} nats")
-        worst = max(worst, diff)
-        assert np.array_equal(np.isnan(run.entropy[cols].to_numpy()), np.isnan(ref.entropy[cols].to_numpy()))
-    print(f"max |ΔH| between model kinds: {worst:.2e} nats")
+
+    def gap(a: str, b: str) -> float:
+        A, B = runs[a], runs[b]
+        assert A.tokens["token_id"].tolist() == B.tokens["token_id"].tolist(), (a, b)  # same sampled responses
+        assert np.array_equal(np.isnan(A.entropy[cols].to_numpy()), np.isnan(B.entropy[cols].to_numpy()))
+        diff = np.nanmax(np.abs(A.entropy[cols].to_numpy() - B.entropy[cols].to_numpy()))
+        return float(max(diff, np.abs(A.tokens["H_final"] - B.tokens["H_final"]).max()))
+
+    for kind in ("transformers", "nnsight", "transformer-lens"):
+        assert runs[kind].manifest["model"]["source"] == f"memory:{kind}"
+    same_ops = {("nnsight", "transformers"): gap("nnsight", "transformers"),
+                ("transformer-lens", "eager"): gap("transformer-lens", "eager")}
+    to_fp64 = {kind: gap(kind, "fp64") for kind in ("transformers", "nnsight", "transformer-lens", "eager")}
+    print(f"same ops: {same_ops}; vs float64: {to_fp64}; SDPA vs eager: {gap('transformers', 'eager'):.2e}")
+    assert max(same_ops.values()) <= 1e-6, same_ops
+    assert max(to_fp64.values()) <= 1e-4, to_fp64
     assert ref.entropy["H_layer"].min() < 0.5 * math.log(len(smol_tokenizer))  # far from uniform: the check has teeth
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():  # the user's bridge still works after being traced
