@@ -258,11 +258,11 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
             rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
             adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
             set_phase(model, cfg.internal_layer, phase)
-            s, first_norm, before = optimise_batch(model, runner, opt, params, ro, adv, ref_model, cfg, phase, acc)
+            s, grad_norm, before = optimise_batch(model, runner, opt, params, ro, adv, ref_model, cfg, phase, acc)
             effect = _update_effect(model, ro, adv, before, cfg, phase, after=phase == "internal")
             local = [s[k] for k in STAT_KEYS] + [ro.n_tokens, len(ro.texts), time.perf_counter() - t0] + effect
             per_rank = distributed.gather_rows(acc, torch.tensor([local], dtype=torch.float64))  # (W, 12)
-            row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, first_norm, G)
+            row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, grad_norm, G)
             total += int(per_rank[:, RANK_KEYS.index("tokens")].sum())
             rows.append(row)
             if rank == 0:

@@ -102,8 +102,8 @@ def optimise_batch(model, runner, opt, params: list[nn.Parameter], ro: Rollouts,
     Each mini-batch is an equal block of whole prompt groups, its loss normalised over itself (the global
     mini-batch's counts under DDP). With more than one step per batch, the ratio's old log-probs are the phase's
     policy before the first step (one pass without gradient, as verl's compute_log_prob); else the update's own,
-    detached (ratio 1). Returns the first pass's summed statistics, the first step's gradient norm, and the
-    trained policy's log-probs of the sampled tokens before the batch's first step (N, T).
+    detached (ratio 1). Returns the first pass's summed statistics, the mean gradient norm (before clipping) of its
+    optimiser steps, and the trained policy's log-probs of the sampled tokens before the batch's first step (N, T).
     """
     N, n_mb = ro.completion_ids.shape[0], cfg.mini_batches
     old = _no_grad_logp(model, ro, cfg, phase) if cfg.num_iterations > 1 or n_mb > 1 else None
@@ -123,7 +123,7 @@ def optimise_batch(model, runner, opt, params: list[nn.Parameter], ro: Rollouts,
             if it == 0:
                 s = {k: s[k] + part[k] / (n_mb if k == "loss" else 1) for k in STAT_KEYS}  # loss: mean of steps
     opt.zero_grad(set_to_none=True)
-    return s, norms[0], old if old is not None else torch.cat(before)
+    return s, sum(norms[:n_mb]) / n_mb, old if old is not None else torch.cat(before)
 
 
 @torch.no_grad()
