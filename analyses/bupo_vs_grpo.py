@@ -55,6 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--reward", default="exact")
+    p.add_argument("--objective", default="entropylens", help="entropylens | paper (docs/bupo-fidelity.md)")
+    p.add_argument("--mini-batches", type=int, default=1, help="optimiser steps per rollout batch (paper: 4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0.01)")
     p.add_argument("--eval-prompts", type=int, default=76)
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--ks", default="1,4")
@@ -63,6 +66,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-o", "--out", default="analyses/reports/bupo_vs_grpo")
     quick = ", ".join(f"{k}={v}" for k, v in QUICK.items())
     p.add_argument("--quick", action="store_true", help=f"tiny budget: {quick}")
+    p.add_argument("--only", default="", help="train only these comma-separated runs and write no report (to run "
+                   "parts of the plan in parallel processes; a later full invocation keeps them)")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -102,9 +107,17 @@ def run_all(args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     for r in plan(args):
         t0 = time.perf_counter()
         name = run_name(args, r)
+        if args.only and name not in args.only.split(","):
+            continue
         run_dir = Path(args.cache) / "runs" / name
         done = run_dir / "study.json"  # a finished run is kept: rerunning the script only does the missing ones
         if done.is_file():
+            kept = json.loads((run_dir / "config.json").read_text())
+            want = {"objective": args.objective, "mini_batches": args.mini_batches, "weight_decay": args.weight_decay,
+                    "learning_rate": args.lr, "steps": args.steps}
+            have = {"objective": "entropylens", "mini_batches": 1} | {k: kept.get(k) for k in want if k in kept}
+            if have != want:
+                raise UserError(f"{run_dir} was trained with {have}, not {want}: use another --tag")
             stored = json.loads(done.read_text())
             results.append({"layer": args.layer} | stored["row"])  # rows stored before the k sweep lack it
             per[name] = stored["eval"]
@@ -116,6 +129,7 @@ def run_all(args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                          steps=args.steps, prompts_per_step=args.prompts_per_step,
                          num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
                          learning_rate=args.lr, reward=args.reward, seed=r["seed"], micro_batch_size=32,
+                         objective=args.objective, mini_batches=args.mini_batches, weight_decay=args.weight_decay,
                          model_id=loaded.info.id)
         print(f"[{name}] training {cfg.internal_steps} + {cfg.steps - cfg.internal_steps} steps ...",
               file=sys.stderr, flush=True)
@@ -254,7 +268,9 @@ def report(args, results: pd.DataFrame, metrics: pd.DataFrame, per: dict, figs: 
         f"- model `{args.model}`; training prompts: `{args.prompts}` train split; held-out: its test split, "
         f"{base['n_prompts']} prompts × {base['n_samples']} samples at temperature 1, reward `{args.reward}`",
         f"- every run: {args.steps} steps × {args.prompts_per_step} prompts × G = {args.num_generations}, "
-        f"≤ {args.max_new_tokens} new tokens, lr {args.lr}, layer k = {args.layer}",
+        f"≤ {args.max_new_tokens} new tokens, lr {args.lr}, layer k = {args.layer}; objective `{args.objective}`, "
+        f"{args.mini_batches} optimiser step(s) per rollout batch, weight decay {args.weight_decay} "
+        "(docs/bupo-fidelity.md)",
         f"- BuPO: the first {int(round(args.bupo_frac * args.steps))} steps ({args.bupo_frac:.0%}) on π^k; GRPO: none; "
         f"seeds {args.seeds}; sweep of the internal phase on seed {plan(args)[0]['seed']}: "
         f"{sorted({0.0, args.bupo_frac, *[float(f) for f in str(args.sweep).split(',') if f]})}; "
@@ -297,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.only:
+        return 0
     figs = figures(args, results, metrics, per, out)
     print(report(args, results, metrics, per, figs, (time.perf_counter() - t0) / 60, out))
     return 0

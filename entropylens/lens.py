@@ -58,13 +58,14 @@ class Lens:
 
     def logits_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (..., V) of x (..., d) in fp32, differentiable in x and in W / bias: the
-        trainer's pi^k on `live_lens` (raw residuals give logits near +-100, hence fp32 at least)."""
-        bias = None if self.bias is None else self.bias.float()
+        trainer's pi^k on `live_lens` (raw residuals give logits near +-100, hence fp32 at least; fp64 stays)."""
+        dt = torch.promote_types(x.dtype, torch.float32)
+        bias = None if self.bias is None else self.bias.to(dt)
         s = self.row_scale(x.reshape(-1, x.shape[-1]))
         if s is None:
-            z = F.linear(x.float(), self.W.float(), bias)
+            z = F.linear(x.to(dt), self.W.to(dt), bias)
         else:
-            z = F.linear(x.float(), self.W.float()) * s.reshape(x.shape[:-1])[..., None]
+            z = F.linear(x.to(dt), self.W.to(dt)) * s.reshape(x.shape[:-1])[..., None]
             z = z if bias is None else z + bias
         return z if not self.softcap else self.softcap * torch.tanh(z / self.softcap)
 

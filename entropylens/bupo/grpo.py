@@ -15,6 +15,11 @@ import torch
 import torch.nn.functional as F
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# entropylens: the two-sided clip and the loss normalised over the whole (mini-)batch; paper: the authors' verl
+# fork (docs/bupo-fidelity.md): dual-clip at c for A < 0, log-ratio clamped, token-mean within each micro-batch
+OBJECTIVES = ("entropylens", "paper")
+PAPER_CLIP_RATIO_C = 10.0  # their run_code/*.sh: actor.clip_ratio_c=10.0
+PAPER_LOG_RATIO_CLAMP = 20.0  # verl core_algos.compute_policy_loss_vanilla: clamp(log_prob - old_log_prob, -20, 20)
 
 
 def group_advantages(rewards: torch.Tensor, G: int, eps: float = 1e-6) -> torch.Tensor:
@@ -63,23 +68,28 @@ def flush_denormal_grad(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 at least (fp64 stays fp64: the references' precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature)[ids] in fp32: the policy the tokens were sampled from."""
     logits = flush_denormal_grad(logits)  # (N, T, V)
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
+    logp = F.log_softmax(_fp32(logits) / temperature, dim=-1)  # (N, T, V)
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy in nats of softmax(logits / temperature), fp32."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
+    logp = F.log_softmax(_fp32(logits) / temperature, dim=-1)  # (N, T, V)
     return -(logp.exp() * logp).sum(-1)  # (N, T)
 
 
 def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float) -> torch.Tensor:
     """Exact KL(p || q) in nats per token, both distributions at the same temperature."""
-    logp = F.log_softmax(logits_p.float() / temperature, dim=-1)  # (N, T, V)
-    logq = F.log_softmax(logits_q.float() / temperature, dim=-1)  # (N, T, V)
+    logp = F.log_softmax(_fp32(logits_p) / temperature, dim=-1)  # (N, T, V)
+    logq = F.log_softmax(_fp32(logits_q) / temperature, dim=-1)  # (N, T, V)
     return (logp.exp() * (logp - logq)).sum(-1)  # (N, T)
 
 
@@ -90,18 +100,29 @@ def clipped_surrogate(
     mask: torch.Tensor,
     eps_low: float,
     eps_high: float,
+    clip_ratio_c: float | None = None,
+    log_ratio_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-clip per-token loss -min(r A, clip(r, 1-eps_low, 1+eps_high) A) and the clip indicator.
 
     logp, old_logp, mask: (N, T); adv: (N,). The indicator marks tokens whose clipped term is
-    the active one (gradient cut), counted only where mask is 1.
+    the active one (gradient cut), counted only where mask is 1. `clip_ratio_c` adds dual-clip PPO's
+    bound for A < 0 (loss at most -c A: a ratio above c gets no gradient) and `log_ratio_clamp` clamps
+    log r before the exp, both as verl does (the `paper` objective).
     """
-    ratio = torch.exp(logp - old_logp)  # (N, T)
+    log_ratio = logp - old_logp  # (N, T)
+    if log_ratio_clamp is not None:
+        log_ratio = torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)  # (N, T)
     a = adv[:, None]  # (N, 1)
     unclipped = ratio * a  # (N, T)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a  # (N, T)
     loss = -torch.minimum(unclipped, clipped)  # (N, T)
     is_clipped = ((ratio < 1.0 - eps_low) & (a < 0)) | ((ratio > 1.0 + eps_high) & (a > 0))  # (N, T)
+    if clip_ratio_c is not None:
+        neg = (a < 0).expand_as(loss)  # (N, T)
+        loss = torch.where(neg, torch.minimum(loss, -a * clip_ratio_c), loss)
+        is_clipped = is_clipped | (neg & (ratio > clip_ratio_c))
     return loss, is_clipped.float() * mask
 
 
@@ -159,14 +180,19 @@ class LossScale:
         return cls.from_ranks(cls.local(mask)[None])
 
 
-def chunk_weight(chunk_mask: torch.Tensor, full: torch.Tensor | LossScale, loss_agg: str) -> float:
+def chunk_weight(chunk_mask: torch.Tensor, full: torch.Tensor | LossScale, loss_agg: str,
+                 objective: str = "entropylens") -> float:
     """Weight that makes sum_c weight_c * aggregate_loss(chunk_c) == aggregate_loss(full batch).
 
     Lets the trainer split N rollouts into micro-batches and accumulate gradients exactly. `full` is
     the batch's mask (one process) or the global `LossScale` of a batch sharded over ranks, where the
-    ranks' weighted sums, averaged over ranks by DDP, equal the global batch's loss.
+    ranks' weighted sums, averaged over ranks by DDP, equal the global batch's loss. Under the `paper`
+    objective token_mean is verl's: each micro-batch's own token mean, weighted by its share of the
+    sequences (dp_actor's loss_scale_factor), which equals the batch's token mean only for one micro-batch.
     """
     scale = LossScale.of(full) if isinstance(full, torch.Tensor) else full
+    if loss_agg == "token_mean" and objective == "paper":
+        return scale.world_size * chunk_mask.shape[0] / scale.sequences
     if loss_agg == "token_mean":
         return scale.world_size * float(chunk_mask.sum()) / max(scale.tokens, 1.0)
     if loss_agg == "seq_mean_token_mean":
@@ -186,9 +212,19 @@ def grpo_loss(
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
     loss_agg: str = "token_mean",
+    objective: str = "entropylens",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scalar GRPO loss (clipped surrogate + beta * k3 KL to a reference) and the per-token clip flags."""
-    per_token, clipped = clipped_surrogate(logp, old_logp, adv, mask, epsilon_low, epsilon_high)  # (N, T)
+    """Scalar GRPO loss (clipped surrogate + beta * k3 KL to a reference) and the per-token clip flags.
+
+    objective "paper" adds verl's dual-clip (c = 10, the authors' setting) and log-ratio clamp (see
+    `clipped_surrogate`); with it, use `chunk_weight(..., objective="paper")` to accumulate micro-batches.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    paper = objective == "paper"
+    per_token, clipped = clipped_surrogate(logp, old_logp, adv, mask, epsilon_low, epsilon_high,
+                                           PAPER_CLIP_RATIO_C if paper else None,
+                                           PAPER_LOG_RATIO_CLAMP if paper else None)  # (N, T)
     if beta != 0.0:
         if ref_logp is None:
             raise ValueError("beta != 0 needs ref_logp")

@@ -53,6 +53,12 @@ class Rollouts:
     def n_tokens(self) -> int:
         return int(self.mask.sum())
 
+    def select(self, rows: slice) -> Rollouts:
+        """The rollouts `rows` (whole groups when the slice is), padding widths kept: a PPO mini-batch."""
+        scores = None if self.scores is None else tuple(s[rows] for s in self.scores)
+        return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows], self.mask[rows],
+                        self.texts[rows], scores)
+
 
 def sampling_config(
     model: nn.Module, tokenizer, temperature: float, max_new_tokens: int, keep_scores: bool = False

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,16 +37,17 @@ from entropylens.bupo.checkpoint import (
     STATE_FILE, Interrupted, deferred_sigint, load_state, save_checkpoint, save_state,
 )
 from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
-from entropylens.bupo.grpo import (
-    LOSS_AGGS, LossScale, chunk_weight, group_advantages, grpo_loss, token_entropy, token_kl, token_logprobs,
-)
+from entropylens.bupo.grpo import LOSS_AGGS, OBJECTIVES, group_advantages
 from entropylens.rewards import RULES_HELP, check_references, get_reward
-from entropylens.bupo.rollout import Rollouts, generate_groups, generate_rollouts, group_seed, policy_logits
+from entropylens.bupo.rollout import generate_groups, generate_rollouts, group_seed
+from entropylens.bupo.update import (  # noqa: F401  (_score_chunk, _update, _no_grad_logp: the tests' entry points)
+    _no_grad_logp, _score_chunk, _update, _update_effect, optimise_batch, set_phase,
+)
 from entropylens.errors import UserError
 from entropylens.options import option
 from entropylens.prompts import Prompt, prompts_sha256
 from entropylens.prompts import render as render_prompt
-from entropylens.sites import decoder_layers, final_norm
+from entropylens.sites import decoder_layers
 from entropylens.models import describe_model
 from entropylens.runfolder import RunFolder, utc_now, write_atomic
 
@@ -77,7 +76,14 @@ class BupoConfig:
     epsilon_high: float = option(0.2, "clip range above 1 (DAPO's clip-higher if > --epsilon-low)")
     beta: float = option(0.0, "k3 KL penalty to the frozen initial model's same policy (paper: 0)")
     loss_agg: str = option("token_mean", " | ".join(LOSS_AGGS))
-    num_iterations: int = option(1, "mu: optimiser steps per rollout batch (> 1 adds an old-log-prob pass)")
+    num_iterations: int = option(1, "mu: passes over each rollout batch (> 1 adds an old-log-prob pass)")
+    mini_batches: int = option(1, "PPO mini-batches: optimiser steps per pass, each on an equal block of whole "
+                               "prompt groups, the ratio taken against the log-probs before the first (> 1 adds "
+                               "an old-log-prob pass; paper: 4 = 128 / 32 prompts)")
+    objective: str = option("entropylens", "entropylens (default): two-sided clip, the loss normalised over the "
+                            "whole (mini-)batch | paper: the authors' verl loss: dual-clip c = 10 for A < 0, "
+                            "log-ratio clamped to +-20, token mean within each micro-batch (docs/bupo-fidelity.md; "
+                            "their schedule also has --mini-batches 4 --weight-decay 0.01)")
     micro_batch_size: int = option(16, "rollouts per forward/backward chunk, per process (exact accumulation)")
     group_sampling: bool = option(False, "one seeded generate per prompt, as under torchrun (samples independent "
                                   "of rank and batch; off: one batched generate per step, ~1.7x faster on CPU)")
@@ -101,6 +107,11 @@ class BupoConfig:
             raise UserError("temperature must be > 0, num_iterations and micro_batch_size >= 1")
         if self.prompts_per_step < 1:
             raise UserError("prompts_per_step must be >= 1")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.mini_batches < 1 or self.prompts_per_step % self.mini_batches:
+            raise UserError(f"mini_batches must be >= 1 and divide prompts_per_step ({self.prompts_per_step}), "
+                            f"got {self.mini_batches}")
         if self.save_every < 0:
             raise UserError(f"save_every must be >= 0 (0 = never), got {self.save_every}")
         if not 0 <= self.epsilon_low < 1 or self.epsilon_high < 0:
@@ -117,70 +128,9 @@ class BupoConfig:
         if self.prompts_per_step % world_size:
             raise UserError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of "
                             f"processes ({world_size}): each rank takes an equal block of whole prompt groups")
-
-
-def set_phase(model: nn.Module, layer: int, phase: str) -> None:
-    """Every parameter trains, except layers > k and the final norm during the internal phase."""
-    model.requires_grad_(True)
-    if phase == "internal":
-        for module in [*decoder_layers(model)[layer:], final_norm(model)]:
-            module.requires_grad_(False)
-
-
-def _score_chunk(model, ro: Rollouts, layer: int, rows: slice, phase: str, temperature: float, runner=None):
-    """Log-probs of the sampled tokens under the phase's policy, plus both policies' logits."""
-    internal, output = policy_logits(model, ro, layer, rows, runner)  # (n, T, V) each
-    policy = internal if phase == "internal" else output
-    return token_logprobs(policy, ro.completion_ids[rows], temperature), internal, output  # (n, T)
-
-
-def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, *, scale: LossScale | None = None,
-            runner=None, acc=None, keep_logp: list | None = None) -> dict[str, float]:
-    """One accumulated backward over all micro-batches; returns summed statistics for the metrics.
-
-    Sharded over ranks, `scale` is the global batch's (else this batch's) and `runner` the DDP/FSDP
-    wrapper of `model`: only the last micro-batch's backward all-reduces (the others run in no_sync).
-    `keep_logp`, if given, collects each micro-batch's log-probs of the sampled tokens (detached, (n, T)).
-    """
-    scale = scale or LossScale.of(ro.mask)
-    N, s = ro.completion_ids.shape[0], dict(loss=0.0, H_k=0.0, H_out=0.0, kl=0.0, clipped=0.0)
-    for start in range(0, N, cfg.micro_batch_size):
-        rows, last = slice(start, start + cfg.micro_batch_size), start + cfg.micro_batch_size >= N
-        with nullcontext() if acc is None or last else acc.no_sync(runner):
-            s = _accumulate(model, ro, adv, old, ref, cfg, phase, rows, scale, runner, s, keep_logp)
-    return s
-
-
-def _accumulate(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, rows: slice, scale: LossScale,
-                runner, s: dict[str, float], keep_logp: list | None = None) -> dict[str, float]:
-    """Forward and backward of one micro-batch, its loss weighted into the global batch's; adds to `s`."""
-    logp, internal, output = _score_chunk(model, ro, cfg.internal_layer, rows, phase, cfg.temperature, runner)
-    if keep_logp is not None:
-        keep_logp.append(logp.detach())  # (n, T)
-    m = ro.mask[rows]  # (n, T)
-    old_c = logp.detach() if old is None else old[rows]
-    loss, clipped = grpo_loss(logp, old_c, adv[rows], m, cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
-                              None if ref is None else ref[rows], cfg.loss_agg)
-    with torch.no_grad():
-        internal, output = internal.detach(), output.detach()
-        s["H_k"] += float((token_entropy(internal, cfg.temperature) * m).sum())
-        s["H_out"] += float((token_entropy(output, cfg.temperature) * m).sum())
-        s["kl"] += float((token_kl(output, internal, cfg.temperature) * m).sum())
-        s["clipped"] += float(clipped.sum())
-    del internal, output  # frees the graph of the branch that gets no gradient
-    w = chunk_weight(m, scale, cfg.loss_agg)
-    (loss * w).backward()
-    s["loss"] += loss.item() * w
-    return s
-
-
-@torch.no_grad()
-def _no_grad_logp(model, ro: Rollouts, cfg: BupoConfig, phase: str) -> torch.Tensor:
-    """Log-probs of the sampled tokens under the phase's policy, without gradient (old or reference)."""
-    starts = range(0, ro.completion_ids.shape[0], cfg.micro_batch_size)
-    rows = [slice(i, i + cfg.micro_batch_size) for i in starts]
-    return torch.cat([_score_chunk(model, ro, cfg.internal_layer, r, phase, cfg.temperature)[0]
-                      for r in rows])  # (N, T)
+        if (self.prompts_per_step // world_size) % self.mini_batches:
+            raise UserError(f"each process's {self.prompts_per_step // world_size} prompts must split into "
+                            f"{self.mini_batches} equal mini-batches")
 
 
 def train(
@@ -264,14 +214,6 @@ def _wrap(acc, model: nn.Module) -> nn.Module:
     return acc.prepare(model)
 
 
-def _clip(acc, params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip to the global gradient norm (over all ranks' shards under FSDP) and return that norm."""
-    if acc is None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    norm = acc.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP 2 returns a DTensor
-
-
 def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render, reward_fn, out: Path,
           progress: bool, acc, resume: bool = False) -> int:
     """The training steps; returns the number of completion tokens trained on (all ranks)."""
@@ -315,23 +257,12 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
                                        seed=seeds[0])
             rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
             adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
-            scale = LossScale.from_ranks(distributed.gather_rows(acc, LossScale.local(ro.mask)[None]))  # (W, 3)
             set_phase(model, cfg.internal_layer, phase)
-            old = _no_grad_logp(model, ro, cfg, phase) if cfg.num_iterations > 1 else None
-            ref = _no_grad_logp(ref_model, ro, cfg, phase) if ref_model is not None else None
-            passes, before = [], []  # metrics describe the first pass over this batch
-            for _ in range(cfg.num_iterations):
-                opt.zero_grad(set_to_none=True)
-                s = _update(model, ro, adv, old, ref, cfg, phase, scale=scale, runner=runner, acc=acc,
-                            keep_logp=before if not passes else None)
-                passes.append((s, _clip(acc, params, cfg.max_grad_norm)))
-                opt.step()
-            s, first_norm = passes[0]
-            opt.zero_grad(set_to_none=True)
-            effect = _update_effect(model, ro, adv, torch.cat(before), cfg, phase, after=phase == "internal")
+            s, grad_norm, before = optimise_batch(model, runner, opt, params, ro, adv, ref_model, cfg, phase, acc)
+            effect = _update_effect(model, ro, adv, before, cfg, phase, after=phase == "internal")
             local = [s[k] for k in STAT_KEYS] + [ro.n_tokens, len(ro.texts), time.perf_counter() - t0] + effect
             per_rank = distributed.gather_rows(acc, torch.tensor([local], dtype=torch.float64))  # (W, 12)
-            row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, first_norm, G)
+            row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, grad_norm, G)
             total += int(per_rank[:, RANK_KEYS.index("tokens")].sum())
             rows.append(row)
             if rank == 0:
@@ -356,23 +287,6 @@ def _resume_keys(cfg: BupoConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "model_id", "parent_run")}
 
 
-@torch.no_grad()
-def _update_effect(model, ro: Rollouts, adv: torch.Tensor, before: torch.Tensor, cfg: BupoConfig,
-                   phase: str, after: bool = True) -> list[float]:
-    """[tokens with advantage != 0, sum log-prob before, sum after, sum A * (after - before)] over masked tokens.
-
-    `before` (N, T) are the trained policy's log-probs of the sampled tokens from the update's own forward;
-    the log-probs after the step need one more forward without gradient (~12 % of a step on SmolLM2), so the
-    trainer asks for them in the internal phase only, where they show that pi^k moves; else they are NaN.
-    """
-    m = ro.mask  # (N, T)
-    signal = float((m * (adv != 0)[:, None]).sum())
-    if not after:
-        return [signal, float((before * m).sum()), math.nan, math.nan]
-    lp = _no_grad_logp(model, ro, cfg, phase)  # (N, T)
-    return [signal, float((before * m).sum()), float((lp * m).sum()), float((adv[:, None] * (lp - before) * m).sum())]
-
-
 def _manifest(cfg: BupoConfig, model, prompts, out: Path, info: dict | None, acc=None) -> dict:
     if info is None:  # a model handed over in memory: described as the loaders describe theirs
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -384,7 +298,8 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, info: dict | None, acc
     return dist | {
         "run_id": out.name, "created": utc_now(), "kind": "bupo", "model": info, "config": asdict(cfg),
         "bupo": {"layer": cfg.internal_layer, "internal_steps": cfg.internal_steps, "steps": cfg.steps,
-                 "algo": "bupo" if cfg.internal_steps else "grpo"},
+                 "algo": "bupo" if cfg.internal_steps else "grpo", "objective": cfg.objective,
+                 "mini_batches": cfg.mini_batches},
         "prompts": {"source": prompts[0].source, "n": len(prompts), "sha256": prompts_sha256(list(prompts))},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": 1.0},
         "seed": cfg.seed, "parent_run": cfg.parent_run, "device": str(next(model.parameters()).device),

@@ -107,6 +107,8 @@ def test_bupo_end_to_end(digit_folder, prompt_file, tmp_path):
     (["--prompts", "no-such-set"], "arith"),
     (["--ks", "1,8", "--eval-samples", "4"], "--ks"),
     (["--layer", "9"], "1..3"),  # the tiny model has 3 layers
+    (["--objective", "verl"], "objective"),
+    (["--mini-batches", "3", "--prompts-per-step", "4"], "mini_batches"),
 ])
 def test_user_mistakes_are_one_line(args, needle, tiny_folder, tmp_path, monkeypatch, capsys):
     """In process (a subprocess per case costs ~10 s of imports); main() is what `entropylens` runs."""
