@@ -129,6 +129,28 @@ def entropy_frame(lens: str, prompt_idx: np.ndarray, position: np.ndarray, roles
     return pd.DataFrame(cols)
 
 
+def topk_frame(lens: str, prompt_idx: np.ndarray, position: np.ndarray, stats: dict[str, Stats],
+               texts: dict[int, str]) -> pd.DataFrame | None:
+    """Stats' top-K lists per site -> topk.parquet rows (docs/storage.md): layer numbering as entropy.parquet
+    (`layer` site 0..L with H^0 at 0, the other sites 1..L), rank 1 = most probable; None without top-K."""
+    frames = []
+    for site in SITES:
+        st = stats.get(site)
+        if st is None or st.topk_ids is None:
+            continue
+        ids, p = st.topk_ids.numpy(), st.topk_p.numpy()  # (L or L + 1, N, K)
+        nl, N, K = ids.shape
+        first = 0 if site == "layer" else 1
+        frames.append(pd.DataFrame({
+            "lens": lens, "prompt_idx": np.repeat(np.tile(prompt_idx, nl), K),
+            "position": np.repeat(np.tile(position, nl), K),
+            "layer": np.repeat(np.arange(first, first + nl, dtype=np.int16), N * K), "site": site,
+            "rank": np.tile(np.arange(1, K + 1, dtype=np.int8), nl * N), "token_id": ids.ravel(),
+            "token_text": [texts[i] for i in ids.ravel().tolist()], "prob": p.ravel(),
+        }))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
 def _decode_local(loaded: LoadedModel, backend, layout, lenses, cfg: TraceConfig, ids: torch.Tensor,
                   bi: torch.Tensor, ti: torch.Tensor, tgt: torch.Tensor, keep: np.ndarray,
                   timings: dict) -> tuple[Stats, dict[str, dict[str, Stats]], float]:
@@ -151,7 +173,7 @@ def _decode_local(loaded: LoadedModel, backend, layout, lenses, cfg: TraceConfig
     per_lens = {}
     for name, lens in lenses:
         stats = decode_layers(h0, site_acts, tuple(cfg.sites), lens, additive=err < ADDITIVE_TOL,
-                              compile=cfg.compile, kernel=cfg.kernel)
+                              compile=cfg.compile, kernel=cfg.kernel, topk=cfg.topk)
         per_lens[name] = {s: st.to_cpu() for s, st in stats.items()}
     timings["decode_s"] += time.perf_counter() - t0
     return final.to_cpu(), per_lens, err
@@ -175,8 +197,9 @@ def _decode_remote(remote: RemoteModel, cfg: TraceConfig, ids: torch.Tensor, bi:
 
 
 def trace_batch(loaded: LoadedModel, backend, layout, lenses, seqs: Sequences, cfg: TraceConfig,
-                timings: dict, remote: RemoteModel | None = None) -> tuple[pd.DataFrame, pd.DataFrame, float]:
-    """One traced forward + decode for a batch -> (tokens rows, entropy rows, additivity error)."""
+                timings: dict, remote: RemoteModel | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, float]:
+    """One traced forward + decode for a batch -> (tokens, entropy, topk rows or None, additivity error)."""
     tok = loaded.tokenizer
     full = [p + r for p, r in zip(seqs.prompt_ids, seqs.response_ids)]
     T = max(map(len, full))
@@ -205,4 +228,12 @@ def trace_batch(loaded: LoadedModel, backend, layout, lenses, seqs: Sequences, c
     })
     frames = [entropy_frame(name, np.array(pidx)[keep], np.array(t_idx)[keep], np.array(roles)[keep],
                             per_lens[name], layout.n_layers) for name in cfg.lenses()]
-    return tokens, pd.concat(frames, ignore_index=True), err
+    topk = None
+    if cfg.topk and remote is None:  # the remote decode returns top-1 only (manifest: topk 0)
+        uniq = np.unique(np.concatenate([st.topk_ids.numpy().ravel() for d in per_lens.values()
+                                         for st in d.values() if st.topk_ids is not None])).tolist()
+        texts = dict(zip(uniq, tok.batch_decode([[i] for i in uniq])))
+        parts = [topk_frame(name, np.array(pidx)[keep], np.array(t_idx)[keep], per_lens[name], texts)
+                 for name in cfg.lenses()]
+        topk = pd.concat([p for p in parts if p is not None], ignore_index=True)
+    return tokens, pd.concat(frames, ignore_index=True), topk, err

@@ -17,6 +17,7 @@ from entropylens.sites import SITES
 
 POSITIONS = ("all", "response")
 LONG_PROMPTS = ("reject", "truncate")
+MAX_TOPK = 100  # a top-K list per row is kept sorted by insertion: cheap for small K only
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TraceConfig:
     compile: bool = option(False, "the torch.compile decode kernel (= --kernel compiled; ~15 s to compile once)")
     kernel: str = option("auto", "decode kernel: auto (native C kernel on CPU when a C compiler is present, else "
                          "eager) | native | compiled | eager")
+    topk: int = option(5, "store the K most probable tokens of every (lens, site, layer, position) in topk.parquet "
+                       "(0 = none; top-1 is always in entropy.parquet)")
     parent_run: str | None = option(None, "link to a parent run (BuPO before/after)", cli=False)
     split: str = option("all", "all | train | test (built-in sets)")
     long_prompts: str = option("reject", "prompts beyond the model's context: reject | truncate (keeps the last "
@@ -87,6 +90,8 @@ class TraceConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not 0 <= self.topk <= MAX_TOPK:
+            raise UserError(f"--topk must be between 0 and {MAX_TOPK}, got {self.topk}")
         if self.kernel not in KERNELS:
             raise UserError(f"unknown --kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

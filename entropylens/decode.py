@@ -110,6 +110,7 @@ def _stream(
     chunk: int,
     kernel: str = "eager",
     layers: tuple[int, int, int, int, int] | None = None,
+    topk: int = 0,
 ) -> OnlineLSE:
     """Stream V for one block: GEMM rows X (Rg, d) into Z[:Rg], `combine` fills Z[Rg:], stats of all of Z.
 
@@ -121,7 +122,7 @@ def _stream(
     Rg = X.shape[0]
     Zbuf = torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
     Ebuf = None if kernel != "eager" else torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
-    acc = OnlineLSE(out_rows, X.device, targets, kernel == "compiled", kernel)
+    acc = OnlineLSE(out_rows, X.device, targets, kernel == "compiled", kernel, topk)
     for c0 in range(0, V, chunk):
         C = min(chunk, V - c0)
         Z = Zbuf[:, :C] if C == chunk else torch.empty(out_rows, C, dtype=X.dtype, device=X.device)
@@ -134,6 +135,36 @@ def _stream(
     return acc
 
 
+def _refine_topk(res: Stats, x: torch.Tensor, lens: Lens, acc: OnlineLSE, piece: int = 512) -> None:
+    """Top-K probabilities from fp64 logits of the K listed ids, in place (the ids stay the fp32 pass's).
+
+    p_k = e^{z_k - log Z}: the fp32 logits' rounding (~6e-8 |z|) would leave p off by ~1e-6 at |z| ~ 20. The K
+    logits are recomputed in fp64 (K dot products a row, nothing of size V), and Z is corrected by their
+    share: Z' = Z + Σ_k (e^{z64_k} - e^{z32_k}), so only the tail beyond the top-K keeps fp32 rounding.
+    """
+    if res.topk_ids is None:
+        return
+    K = res.topk_ids.shape[1]
+    z32 = acc.best[:, None] if acc.kv is None else acc.kv  # (R, K) the fp32 pass's final logits
+    log_z = acc.m + torch.log(acc.s)
+    W = lens.W
+    for r0 in range(0, x.shape[0], piece):
+        sl = slice(r0, r0 + piece)
+        xr = x[sl].double()
+        ids = res.topk_ids[sl].clamp_min(0)
+        z = torch.stack([(xr * W[ids[:, k]].double()).sum(1) for k in range(K)], 1)  # (r, K)
+        scale = lens.row_scale(xr)
+        if scale is not None:
+            z = z * scale.double()[:, None]
+        if lens.bias is not None:
+            z = z + lens.bias.to(z.device, torch.float64)[ids].clamp_min(MASKED)
+        if lens.softcap:
+            z = torch.tanh(z / lens.softcap) * lens.softcap
+        p64 = torch.exp(z - log_z[sl, None])
+        fix = 1.0 + (p64 - torch.exp(z32[sl] - log_z[sl, None])).sum(1, keepdim=True)
+        res.topk_p[sl] = p64 / fix
+
+
 def decode_rows(
     x: torch.Tensor,
     lens: Lens,
@@ -143,8 +174,10 @@ def decode_rows(
     guard: float | None = EXACT_GUARD,
     compile: bool = False,
     kernel: str = "auto",
+    topk: int = 0,
 ) -> Stats:
-    """Stats of lens(x) for rows x (R, d); `targets` (R,) adds log p(target).
+    """Stats of lens(x) for rows x (R, d); `targets` (R,) adds log p(target); `topk` K >= 1 adds each row's
+    K most probable ids and their probabilities (Stats.topk_ids / topk_p), ties broken by lowest id.
 
     `kernel` picks the per-chunk kernel (`resolve_kernel`; `compile=True` = "compiled"): all give the same
     results within ~1e-6 nats, see docs/performance.md.
@@ -156,41 +189,50 @@ def decode_rows(
     scale = None if scale is None else scale.to(dtype)
     W = lens.W.to(x.device)
     with exact_matmul():
-        acc = _stream(x, W, lens, x.shape[0], None, scale, targets, min(chunk, W.shape[0]), kernel)
+        acc = _stream(x, W, lens, x.shape[0], None, scale, targets, min(chunk, W.shape[0]), kernel, topk=topk)
     res = acc.result()
     res.kernel = kernel
+    if dtype == torch.float32:
+        _refine_topk(res, x, lens, acc)
     if guard is not None and dtype == torch.float32:
         rows = acc.large_rows(guard)
         if rows.numel():
             t = None if targets is None else targets[rows]
-            _patch(res, rows, _exact_rows(x[rows], acc.chunk_maxima()[rows], lens, t, chunk))
+            ids = None if res.topk_ids is None else res.topk_ids[rows]
+            _patch(res, rows, _exact_rows(x[rows], acc.chunk_maxima()[rows], lens, t, chunk, ids))
     return res
 
 
-def _exact_rows(x: torch.Tensor, chunk_max: torch.Tensor, lens: Lens, targets, chunk: int) -> Stats:
+def _exact_rows(x: torch.Tensor, chunk_max: torch.Tensor, lens: Lens, targets, chunk: int,
+                topk_ids: torch.Tensor | None = None) -> Stats:
     """fp64 Stats of rows x (k, d) (the exactness guard), computed over only the chunks that matter.
 
     chunk_max (k, n_chunks) holds the fp32 pass's chunk maxima (off by far less than a nat). A chunk whose
     maximum lies more than REDO_MARGIN below the row's best holds logits with p < e^-50 each: with V <= 1e6
     they move H by < 1e-13 nats, so only the other chunks (and the target's) are recomputed in fp64 —
-    for SmolLM2's massive-activation rows about 3 of the 24.
+    for SmolLM2's massive-activation rows about 3 of the 24. With `topk_ids` (k, K), the fp32 pass's top-K,
+    their chunks are redone too, so the top-K is re-ranked on fp64 logits (an id the fp32 pass ranked just
+    below the K-th, in a chunk more than REDO_MARGIN below the max, has p < e^-50 and is not looked for).
     """
     need = chunk_max > chunk_max.max(1, keepdim=True).values - REDO_MARGIN  # (k, n_chunks)
     if targets is not None:  # log p(target) needs the target's own logit, exactly
         has = (targets >= 0).nonzero().squeeze(1)
         need[has, targets[has] // chunk] = True
+    if topk_ids is not None:
+        need[torch.arange(len(need), device=need.device)[:, None], topk_ids.clamp_min(0) // chunk] = True
+    K = 0 if topk_ids is None else topk_ids.shape[1]
     x = x.double()
     scale = lens.row_scale(x)
     scale = None if scale is None else scale.double()
     W = lens.W.to(x.device)
     V, k = W.shape[0], x.shape[0]
-    acc = OnlineLSE(k, x.device, targets)
+    acc = OnlineLSE(k, x.device, targets, topk=K)
     for j in need.any(0).nonzero().squeeze(1).tolist():
         c0 = j * chunk
         C = min(chunk, V - c0)
         r = need[:, j].nonzero().squeeze(1)  # only these rows' statistics see this chunk (SmolLM2: ~1 in 9)
         Z = _finish(x[r] @ W[c0 : c0 + C].double().T, lens, None if scale is None else scale[r], c0)  # (r, C)
-        part = OnlineLSE(len(r), x.device, None if targets is None else targets[r])
+        part = OnlineLSE(len(r), x.device, None if targets is None else targets[r], topk=K)
         part.update(Z, c0, torch.empty_like(Z))
         acc.merge_rows(r, part)
     return acc.result()
@@ -200,6 +242,8 @@ def _patch(res: Stats, rows: torch.Tensor, exact: Stats, k0: int = 0) -> None:
     """Overwrite `rows` of res, in place, with exact's rows k0, k0 + 1, ..."""
     k = slice(k0, k0 + rows.numel())
     res.entropy[rows], res.top1[rows], res.p1[rows] = exact.entropy[k], exact.top1[k], exact.p1[k]
+    if res.topk_ids is not None:
+        res.topk_ids[rows], res.topk_p[rows] = exact.topk_ids[k], exact.topk_p[k]
     if res.logp_target is not None:
         res.logp_target[rows] = exact.logp_target[k]
     res.redone += rows.numel()
@@ -245,7 +289,9 @@ class _Rows:
         out, k = {}, 0
         for s in self.outs:
             rows = (self.L + 1 if s == "layer" else self.L) * n
-            out[s] = Stats(res.entropy[k : k + rows], res.top1[k : k + rows], res.p1[k : k + rows]).reshape(-1, n)
+            ki, kp = (None, None) if res.topk_ids is None else (res.topk_ids[k : k + rows], res.topk_p[k : k + rows])
+            out[s] = Stats(res.entropy[k : k + rows], res.top1[k : k + rows], res.p1[k : k + rows],
+                           topk_ids=ki, topk_p=kp).reshape(-1, n)
             k += rows
         return out
 
@@ -270,7 +316,9 @@ class _GuardQueue:
         if not self.pending:
             return
         cat = lambda i: torch.cat([p[i] for p in self.pending])  # noqa: E731
-        exact = _exact_rows(cat(2), cat(3), self.lens, None, self.chunk)
+        ids = None if self.pending[0][0].topk_ids is None else torch.cat(
+            [res.topk_ids[rows] for res, rows, _, _ in self.pending])
+        exact = _exact_rows(cat(2), cat(3), self.lens, None, self.chunk, ids)
         k0 = 0
         for res, rows, _, _ in self.pending:
             _patch(res, rows, exact, k0)
@@ -292,7 +340,7 @@ def _layer_sums(plan: _Rows, n: int) -> Callable[[torch.Tensor], None]:
 
 
 def _decode_block(vecs: torch.Tensor, plan: _Rows, n: int, W: torch.Tensor, lens: Lens, chunk: int,
-                  kernel: str) -> tuple[OnlineLSE, torch.Tensor | None]:
+                  kernel: str, topk: int = 0) -> tuple[OnlineLSE, torch.Tensor | None]:
     """Stream V for one block's rows; returns the accumulators and the row scale."""
     scale = lens.row_scale(vecs)
     combine, layers = None, None
@@ -302,7 +350,7 @@ def _decode_block(vecs: torch.Tensor, plan: _Rows, n: int, W: torch.Tensor, lens
         else:
             combine = _layer_sums(plan, n)
     X = vecs[: plan.gemm_per_token * n]  # the rows that need a GEMM
-    return _stream(X, W, lens, plan.per_token * n, combine, scale, None, chunk, kernel, layers), scale
+    return _stream(X, W, lens, plan.per_token * n, combine, scale, None, chunk, kernel, layers, topk), scale
 
 
 def decode_layers(
@@ -316,6 +364,7 @@ def decode_layers(
     guard: float | None = EXACT_GUARD,
     compile: bool = False,
     kernel: str = "auto",
+    topk: int = 0,
 ) -> dict[str, Stats]:
     """Decode every requested site of every layer for N token rows.
 
@@ -323,6 +372,8 @@ def decode_layers(
     which is (L + 1, N) with H^0 at index 0. `additive` must only be set when H^l = H^{l-1}+A^l+F^l holds
     (checked by the caller with sites.additivity_error). The first site's Stats carries `redone`; every
     site's Stats carries `kernel`, the per-chunk kernel used (`kernel`/`compile` as in `decode_rows`).
+    `topk` K >= 1: every Stats also carries topk_ids / topk_p of shape (..., K), made in the same stream
+    (a running top-K per row; never a (rows, V) tensor).
     """
     kernel = resolve_kernel(kernel, compile, h0.device, torch.float32)
     L, N, d = acts["attn"].shape
@@ -341,8 +392,9 @@ def decode_layers(
             n = min(N, b0 + block) - b0
             vecs = plan.operand(h0, acts, b0, n)  # (per_token * n, d)
             _check_finite(vecs)
-            acc, scale = _decode_block(vecs, plan, n, W, lens, chunk, kernel)
+            acc, scale = _decode_block(vecs, plan, n, W, lens, chunk, kernel, topk)
             res = acc.result()
+            _refine_topk(res, vecs, lens, acc)
             if guard is not None:
                 big = acc.best.abs()  # (rows,) top final logit: what fp32 rounding scales with
                 if trick:
@@ -376,10 +428,13 @@ def _taint_sums(big: torch.Tensor, scale: torch.Tensor | None, L: int, n: int, i
 
 
 def _cat(parts: list[Stats]) -> Stats:
+    has = parts[0].topk_ids is not None
     return Stats(
         torch.cat([p.entropy for p in parts], 1),
         torch.cat([p.top1 for p in parts], 1),
         torch.cat([p.p1 for p in parts], 1),
+        topk_ids=torch.cat([p.topk_ids for p in parts], 1) if has else None,
+        topk_p=torch.cat([p.topk_p for p in parts], 1) if has else None,
     )
 
 

@@ -43,21 +43,27 @@ class Stats:
     logp_target: torch.Tensor | None = None  # float64 log p(target)
     redone: int = 0  # rows recomputed in fp64 by the exactness guard
     kernel: str = ""  # the per-chunk kernel that produced them (decode.KERNELS), for manifests and benches
+    topk_ids: torch.Tensor | None = None  # (..., K) int64: the K most probable ids, best first (ties: lowest id)
+    topk_p: torch.Tensor | None = None  # (..., K) float64: their probabilities
 
     def reshape(self, *shape: int) -> Stats:
         lt = None if self.logp_target is None else self.logp_target.reshape(*shape)
-        return Stats(self.entropy.reshape(*shape), self.top1.reshape(*shape), self.p1.reshape(*shape), lt)
+        ki, kp = (None, None) if self.topk_ids is None else (self.topk_ids.reshape(*shape, self.topk_ids.shape[-1]),
+                                                            self.topk_p.reshape(*shape, self.topk_p.shape[-1]))
+        return Stats(self.entropy.reshape(*shape), self.top1.reshape(*shape), self.p1.reshape(*shape), lt,
+                     topk_ids=ki, topk_p=kp)
 
     def to_cpu(self) -> Stats:
         lt = None if self.logp_target is None else self.logp_target.cpu()
-        return Stats(self.entropy.cpu(), self.top1.cpu(), self.p1.cpu(), lt, self.redone)
+        ki, kp = (None, None) if self.topk_ids is None else (self.topk_ids.cpu(), self.topk_p.cpu())
+        return Stats(self.entropy.cpu(), self.top1.cpu(), self.p1.cpu(), lt, self.redone, topk_ids=ki, topk_p=kp)
 
 
 class OnlineLSE:
     """Accumulators for R rows; `update` takes one finished logit chunk (R, C) and overwrites it."""
 
     def __init__(self, rows: int, device: torch.device, targets: torch.Tensor | None = None, fused=False,
-                 kernel: str = "eager"):
+                 kernel: str = "eager", topk: int = 0):
         self.fused = fused  # use the torch.compile'd chunk kernel (`compile=True`)
         self.native = kernel == "native"  # the C kernel: fp32 CPU chunks only (decode.resolve_kernel checks)
         f64 = dict(dtype=torch.float64, device=device)
@@ -69,6 +75,11 @@ class OnlineLSE:
         self.targets = targets  # (R,) long, -1 = none
         self.z_target = None if targets is None else torch.full((rows,), math.nan, **f64)
         self.chunk_max: list[torch.Tensor] = []  # per chunk (R,) fp64: lets the guard redo only what matters
+        # topk >= 2: each row's K largest final logits (fp64 copies of the chunk's values) and their ids, best
+        # first, equal values in id order; K = 1 is top1/best itself (no extra work)
+        self.topk = topk
+        self.kv = torch.full((rows, topk), -math.inf, **f64) if topk > 1 else None
+        self.ki = torch.full((rows, topk), -1, dtype=torch.long, device=device) if topk > 1 else None
 
     def update(self, z: torch.Tensor, offset: int, e: torch.Tensor | None, layers: tuple | None = None) -> None:
         # z: (R, C) final logits of vocabulary ids [offset, offset + C); e: (R, C) scratch (eager path only).
@@ -83,12 +94,13 @@ class OnlineLSE:
         if self.native:  # one call: chunk max, top-1, sums and the fp64 merge, in place
             cmax = torch.empty_like(self.m)
             accs = (self.m, self.s, self.t, self.best, self.top1, cmax)
+            tk = None if self.kv is None else (self.kv, self.ki)
             if layers is None:
-                native.chunk_update(z, offset, *accs)
+                native.chunk_update(z, offset, *accs, topk=tk)
             else:
                 ia, jf, h, n, L = layers
-                native.chunk_update(z, offset, *accs, rows=h + n)
-                native.layer_update(z, offset, ia, jf, h, n, L, *accs)
+                native.chunk_update(z, offset, *accs, rows=h + n, topk=tk)
+                native.layer_update(z, offset, ia, jf, h, n, L, *accs, topk=tk)
             self.chunk_max.append(cmax)
             return
         if self.fused:  # one compiled pass, z untouched, centred on the running max (R,) of earlier chunks;
@@ -112,8 +124,14 @@ class OnlineLSE:
         self._merge(m_new, s_c, t_c, m_new)
 
     def _track_top1(self, z: torch.Tensor, cmax: torch.Tensor, offset: int) -> None:
-        """Top-1 id and logit so far, given the chunk's row maxima cmax (R,) fp64."""
+        """Top-1 id and logit so far (and the top-K), given the chunk's row maxima cmax (R,) fp64."""
         self.chunk_max.append(cmax)
+        if self.kv is not None:
+            rows = (cmax > self.kv[:, -1]).nonzero().squeeze(1)  # only rows whose chunk beats their K-th value
+            if rows.numel():
+                sub = z.index_select(0, rows).double()
+                ids = torch.arange(offset, offset + z.shape[1], device=z.device).expand(len(rows), -1)
+                self._merge_topk(rows, sub, ids)
         better = cmax > self.best
         if z.is_cuda:  # one fused kernel, no host sync
             self.top1 = torch.where(better, z.argmax(dim=1) + offset, self.top1)
@@ -122,6 +140,14 @@ class OnlineLSE:
             if rows.numel():  # index_select: a third faster than z[rows] here
                 self.top1[rows] = z.index_select(0, rows).argmax(dim=1) + offset
         self.best = torch.maximum(self.best, cmax)
+
+    def _merge_topk(self, rows: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> None:
+        """Merge candidates (values, ids) (k, n), all of higher id than rows' current lists, into their top-K.
+        A stable descending sort keeps the current entries (lower ids) ahead of equal new values."""
+        v = torch.cat([self.kv[rows], values], 1)
+        i = torch.cat([self.ki[rows], ids], 1)
+        order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, : self.topk]
+        self.kv[rows], self.ki[rows] = v.gather(1, order), i.gather(1, order)
 
     def _merge(self, c: torch.Tensor, s_c: torch.Tensor, t_c: torch.Tensor, top: torch.Tensor) -> None:
         """Fold one chunk's sums, centred on c (R,), into the running (m, s, t); top (R,) >= the chunk's max."""
@@ -146,6 +172,8 @@ class OnlineLSE:
         self.t[rows] = a * (t + shift) + b * (other.t + oshift)
         self.s[rows] = a * s + b * other.s
         self.m[rows] = m_new
+        if self.kv is not None:  # `other` covers later chunks than self's entries of these rows
+            self._merge_topk(rows, other.kv, other.ki)
         better = other.best > self.best[rows]  # ties keep the earlier chunk's id, as argmax does
         self.top1[rows] = torch.where(better, other.top1, self.top1[rows])
         self.best[rows] = torch.maximum(self.best[rows], other.best)
@@ -158,7 +186,12 @@ class OnlineLSE:
         entropy = torch.log(self.s) - self.t / self.s
         p1 = torch.exp(self.best - log_z)
         lt = None if self.z_target is None else self.z_target - log_z
-        return Stats(entropy.clamp_min(0.0), self.top1, p1, lt)
+        ki, kp = None, None
+        if self.topk == 1:
+            ki, kp = self.top1[:, None].clone(), p1[:, None].clone()  # refined apart from p1 (decode)
+        elif self.kv is not None:
+            ki, kp = self.ki, torch.exp(self.kv - log_z[:, None])
+        return Stats(entropy.clamp_min(0.0), self.top1, p1, lt, topk_ids=ki, topk_p=kp)
 
     def large_rows(self, guard: float) -> torch.Tensor:
         return (self.best.abs() > guard).nonzero().squeeze(1)

@@ -1,7 +1,8 @@
 """The native chunk kernel: one fused read of each logit row per chunk, built from a few lines of C at first use.
 
 Per row of a finished (R, C) fp32 logit chunk it does, in one call and with no (R, C) temporary:
-row max and first argmax (top-1), then Σ e^u and Σ u·e^u with u = z − m' centred on the new running max
+row max and first argmax (top-1), the running top-K (optional: a chunk whose max does not beat the row's
+K-th value is skipped with one compare), then Σ e^u and Σ u·e^u with u = z − m' centred on the new running max
 m' = max(m, chunk max), merged into the row's fp64 (m, s, t) accumulators exactly as `OnlineLSE._merge`.
 A row of a chunk (8 KiB at C = 2048) stays in L1 between the max and the sums, so the chunk is read from
 L2/L3 once. e^u uses a Cody–Waite range reduction and Cephes' degree-7 expf polynomial (about 1 ulp),
@@ -77,7 +78,30 @@ static inline vf vexp(vf x) {
 
 static inline float sexp(float x) { vf v = {0}; v[0] = x; return vexp(v)[0]; }
 
-typedef struct { double *m, *s, *t, *best; int64_t *top1; double *cmax; } acc_t;
+typedef struct { double *m, *s, *t, *best; int64_t *top1; double *cmax; int64_t K; double *kv; int64_t *ki; } acc_t;
+
+/* Insert logit x of id j into a row's top-K list (values descending, ids ascending among equal values),
+   given x > v[K-1]: an equal value already listed came from a lower id and stays ahead. */
+static inline void topk_insert(double *v, int64_t *id, int64_t K, double x, int64_t j) {
+    int64_t p = K - 1;
+    while (p > 0 && v[p - 1] < x) { v[p] = v[p - 1]; id[p] = id[p - 1]; p--; }
+    v[p] = x; id[p] = j;
+}
+
+/* Fold a row chunk into its running top-K: only 8-vector blocks whose max beats the K-th value are read
+   element by element, so after the first chunks nearly every block costs one vector max and a compare. */
+static void topk_scan(const float *zr, int64_t C, int64_t offset, double *v, int64_t *id, int64_t K) {
+    int64_t B = 8 * L, Cb = C - C % B;
+    for (int64_t b = 0; b < Cb; b += B) {
+        vf vm = load(zr + b);
+        for (int64_t j = b + L; j < b + B; j += L) { vf x = load(zr + j); vm = sel(x > vm, x, vm); }
+        if ((double)hmax(vm) <= v[K - 1]) continue;
+        for (int64_t j = b; j < b + B; j++)
+            if ((double)zr[j] > v[K - 1]) topk_insert(v, id, K, zr[j], offset + j);
+    }
+    for (int64_t j = Cb; j < C; j++)
+        if ((double)zr[j] > v[K - 1]) topk_insert(v, id, K, zr[j], offset + j);
+}
 
 static inline float row_max(const float *zr, int64_t C) {
     int64_t Cv = C - C % L;
@@ -101,6 +125,8 @@ static inline void row_fold(const float *zr, int64_t C, int64_t offset, int64_t 
         a.best[r] = mx;
         a.top1[r] = offset + j;
     }
+    if (a.K && (double)mx > a.kv[r * a.K + a.K - 1])  /* the chunk holds a new top-K entry: rare after a few chunks */
+        topk_scan(zr, C, offset, a.kv + r * a.K, a.ki + r * a.K, a.K);
     double mo = a.m[r], mn = mo > (double)mx ? mo : (double)mx;
     float c = (float)mn;  /* exact: mn is one of the chunks' fp32 maxima */
     double S = 0.0, T = 0.0;
@@ -128,8 +154,9 @@ static inline void row_fold(const float *zr, int64_t C, int64_t offset, int64_t 
 /* Rows [r0, r1) of z (row stride ld): fold one chunk of ids [offset, offset + C) into the accumulators,
    over nt threads of the OpenMP team torch's GEMMs use (built with -fopenmp; serial otherwise). */
 void chunk_update(const float *z, int64_t ld, int64_t r0, int64_t r1, int64_t C, int64_t offset,
-                  double *m, double *s, double *t, double *best, int64_t *top1, double *cmax, int nt) {
-    acc_t a = {m, s, t, best, top1, cmax};
+                  double *m, double *s, double *t, double *best, int64_t *top1, double *cmax,
+                  int64_t K, double *kv, int64_t *ki, int nt) {
+    acc_t a = {m, s, t, best, top1, cmax, K, kv, ki};
     #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t r = r0; r < r1; r++) row_fold(z + r * ld, C, offset, r, row_max(z + r * ld, C), a);
 }
@@ -141,8 +168,8 @@ void chunk_update(const float *z, int64_t ld, int64_t r0, int64_t r1, int64_t C,
    its stats go to accumulator row h + l n + i. Returns 0, or 1 if a thread could not allocate its buffer. */
 int layer_update(float *z, int64_t ld, int64_t ia, int64_t jf, int64_t h, int64_t n, int64_t nl,
                   int64_t C, int64_t offset, double *m, double *s, double *t, double *best, int64_t *top1,
-                  double *cmax, int nt) {
-    acc_t a = {m, s, t, best, top1, cmax};
+                  double *cmax, int64_t K, double *kv, int64_t *ki, int nt) {
+    acc_t a = {m, s, t, best, top1, cmax, K, kv, ki};
     int64_t Cv = C - C % L;
     int failed = 0;
     #pragma omp parallel num_threads(nt)
@@ -235,9 +262,10 @@ def _build() -> ctypes.CDLL:
                 os.replace(so, out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.chunk_update.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
+        lib.chunk_update.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, ctypes.c_int]
         lib.chunk_update.restype = None
-        lib.layer_update.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
+        lib.layer_update.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p,
+                                     ctypes.c_int]
         lib.layer_update.restype = ctypes.c_int
         lib.openmp = omp
         return lib
@@ -257,12 +285,24 @@ def load() -> ctypes.CDLL:
     return _lib
 
 
-def chunk_update(z: torch.Tensor, offset: int, m, s, t, best, top1, cmax, rows: int | None = None) -> None:
+def _topk_args(topk: tuple | None) -> tuple[int, int, int]:
+    """(K, values ptr, ids ptr) of a running top-K (kv (R, K) fp64, ki (R, K) int64, contiguous), or none."""
+    if topk is None:
+        return 0, 0, 0
+    kv, ki = topk
+    assert kv.dtype == torch.float64 and ki.dtype == torch.int64 and kv.is_contiguous() and ki.is_contiguous()
+    return kv.shape[1], kv.data_ptr(), ki.data_ptr()
+
+
+def chunk_update(z: torch.Tensor, offset: int, m, s, t, best, top1, cmax, rows: int | None = None,
+                 topk: tuple | None = None) -> None:
     """Fold rows [0, rows) (default all) of chunk z (R, C) fp32 (unit column stride), ids [offset, offset + C),
     into the row accumulators.
 
     m, s, t, best, cmax: (R,) fp64 contiguous CPU tensors (cmax is written: the chunk's row maxima);
-    top1: (R,) int64. Rows are split over torch.get_num_threads() OpenMP threads (one thread if serial).
+    top1: (R,) int64. topk = (kv (R, K) fp64, ki (R, K) int64): each row's running top-K logits and ids,
+    updated in place (start at -inf / -1). Rows are split over torch.get_num_threads() OpenMP threads (one
+    thread if serial).
     """
     lib = load()
     R, C = z.shape
@@ -270,11 +310,11 @@ def chunk_update(z: torch.Tensor, offset: int, m, s, t, best, top1, cmax, rows: 
     assert z.dtype == torch.float32 and z.stride(1) == 1 and z.device.type == "cpu"
     nt = max(1, min(torch.get_num_threads(), R // 16)) if lib.openmp else 1
     lib.chunk_update(z.data_ptr(), z.stride(0), 0, R, C, offset,
-                     *[a.data_ptr() for a in (m, s, t, best, top1, cmax)], nt)
+                     *[a.data_ptr() for a in (m, s, t, best, top1, cmax)], *_topk_args(topk), nt)
 
 
 def layer_update(z: torch.Tensor, offset: int, ia: int, jf: int, h: int, n: int, nl: int,
-                 m, s, t, best, top1, cmax) -> None:
+                 m, s, t, best, top1, cmax, topk: tuple | None = None) -> None:
     """Fold the additive `layer` rows h + n .. h + nl·n (raw(H^l) = raw(H^{l-1}) + raw(A^l) + raw(F^l), H^0 at
     rows h .. h + n, A^l at ia + (l-1)·n, F^l at jf + (l-1)·n, n tokens each) into their accumulators.
 
@@ -286,5 +326,5 @@ def layer_update(z: torch.Tensor, offset: int, ia: int, jf: int, h: int, n: int,
     assert z.dtype == torch.float32 and z.stride(1) == 1 and z.device.type == "cpu"
     nt = max(1, min(torch.get_num_threads(), n)) if lib.openmp else 1
     if lib.layer_update(z.data_ptr(), z.stride(0), ia, jf, h, n, nl, z.shape[1], offset,
-                        *[a.data_ptr() for a in (m, s, t, best, top1, cmax)], nt):
+                        *[a.data_ptr() for a in (m, s, t, best, top1, cmax)], *_topk_args(topk), nt):
         raise MemoryError(f"native.layer_update: no memory for a {z.shape[1]}-logit row buffer")

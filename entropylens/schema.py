@@ -35,6 +35,12 @@ SUMMARY_SCHEMA = pa.schema(
     + [(c, pa.float64()) for c in ("mean", "std", "q25", "median", "q75")]
     + [("count", pa.int64()), ("mean_norm", pa.float64()), ("rel_depth", pa.float64())]
 )
+# topk.parquet (optional, `--topk K`): one row per (lens, prompt, position, layer, site, rank), long format
+TOPK_SCHEMA = pa.schema([
+    ("lens", pa.string()), ("prompt_idx", _I32), ("position", _I32), ("layer", pa.int16()), ("site", pa.string()),
+    ("rank", pa.int8()), ("token_id", _I32), ("token_text", pa.string()), ("prob", _F32),
+])
+TOPK_SORT = ["lens", "prompt_idx", "position", "layer", "site", "rank"]
 RESPONSE_KEYS = ("prompt_idx", "prompt", "response", "answer", "n_prompt_tokens", "n_response_tokens")
 OUTCOME_KEYS = ("source_idx", "sample", "reward", "correct")  # optional in write_batch: defaults as unscored
 TOKENS_SORT = ["prompt_idx", "position"]

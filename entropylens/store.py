@@ -29,13 +29,14 @@ from entropylens.runfolder import (  # noqa: F401  (re-exported: store is where 
 )
 from entropylens.schema import (  # noqa: F401  (re-exported)
     ENTROPY_SCHEMA, ENTROPY_SORT, LENSES, OUTCOME_KEYS, OUTCOMES_SCHEMA, QUANTITIES, RESPONSE_KEYS, SITES,
-    SUMMARY_ROLES, SUMMARY_SCHEMA, TOKEN_ROLES, TOKENS_SCHEMA, TOKENS_SORT, _check_values, _response_line,
+    SUMMARY_ROLES, SUMMARY_SCHEMA, TOKEN_ROLES, TOKENS_SCHEMA, TOKENS_SORT, TOPK_SCHEMA, TOPK_SORT, _check_values, _response_line,
     _to_table, compute_summary, outcome_sets, outcomes_table, summary_by_outcome,
 )
 
-_PART_RE = re.compile(r"^(tokens|entropy|responses)-(\d{5,})\.(parquet|jsonl)$")
+_PART_RE = re.compile(r"^(tokens|entropy|topk|responses)-(\d{5,})\.(parquet|jsonl)$")
 _PART_FILES = {"tokens": "tokens-{:05d}.parquet", "entropy": "entropy-{:05d}.parquet",
-               "responses": "responses-{:05d}.jsonl"}
+               "responses": "responses-{:05d}.jsonl", "topk": "topk-{:05d}.parquet"}
+_REQUIRED_PARTS = {"tokens", "entropy", "responses"}  # topk parts are optional (`--topk 0` writes none)
 LIST_COLUMNS = ["run_id", "model", "architecture", "n_layers", "prompts", "n_prompts", "n_tokens", "lens",
                 "status", "created", "parent_run", "kind"]
 
@@ -112,15 +113,16 @@ class RunWriter(RunFolder):
         return self.parts / _PART_FILES[kind].format(batch_idx)
 
     def done_batches(self) -> set[int]:
-        """Batches whose three parts are present (responses are written last, so this means complete)."""
+        """Batches whose three required parts are present (responses are written last, after the optional
+        topk part, so this means complete)."""
         found: dict[int, set[str]] = {}
         for p in self.parts.iterdir() if self.parts.is_dir() else ():
             if m := _PART_RE.match(p.name):
                 found.setdefault(int(m.group(2)), set()).add(m.group(1))
-        return {b for b, kinds in found.items() if kinds == set(_PART_FILES)}
+        return {b for b, kinds in found.items() if kinds >= _REQUIRED_PARTS}
 
     def write_batch(self, batch_idx: int, tokens: pd.DataFrame, entropy: pd.DataFrame,
-                    responses: list[dict]) -> None:
+                    responses: list[dict], topk: pd.DataFrame | None = None) -> None:
         """Validate and cast one batch to the schema, then write its parts (responses last)."""
         if self._finalized:
             raise ValueError("write_batch after finalize")
@@ -131,8 +133,14 @@ class RunWriter(RunFolder):
         _check_values(tok, "role", TOKEN_ROLES, "tokens")
         _check_values(ent, "role", TOKEN_ROLES, "entropy")
         _check_values(ent, "lens", LENSES, "entropy")
+        tables = [("tokens", tok), ("entropy", ent)]
+        if topk is not None:
+            tk = _to_table(topk, TOPK_SCHEMA, "topk", TOPK_SORT)
+            _check_values(tk, "lens", LENSES, "topk")
+            _check_values(tk, "site", SITES, "topk")
+            tables.append(("topk", tk))
         lines = [_response_line(r) for r in sorted(responses, key=lambda r: r.get("prompt_idx", -1))]
-        for kind, table in (("tokens", tok), ("entropy", ent)):
+        for kind, table in tables:
             write_parquet(self._part(kind, batch_idx), [table], table.schema)
         write_text(self._part("responses", batch_idx), "".join(line + "\n" for line in lines))
 
@@ -150,14 +158,14 @@ class RunWriter(RunFolder):
             raise ValueError(f"finalize: batches {sorted(set(range(batches[-1])) - set(batches))} missing")
         return batches
 
-    def _entropy_tables(self, batches: list[int]) -> Iterable[pa.Table]:
+    def _entropy_tables(self, batches: list[int], kind: str = "entropy") -> Iterable[pa.Table]:
         """Parts in (lens, batch) order: one pass per lens keeps memory at one part."""
         lenses = sorted({v for b in batches
-                         for v in pq.read_table(self._part("entropy", b), columns=["lens"])
+                         for v in pq.read_table(self._part(kind, b), columns=["lens"])
                          .column("lens").unique().to_pylist()})
         for lens in lenses:
             for b in batches:
-                table = pq.read_table(self._part("entropy", b))
+                table = pq.read_table(self._part(kind, b))
                 yield table.filter(pc.equal(table.column("lens"), lens))
 
     def finalize(self, vocab_size: int, n_layers: int) -> Path:
@@ -173,6 +181,12 @@ class RunWriter(RunFolder):
         d = self.run_dir
         write_parquet(d / "tokens.parquet", tokens, TOKENS_SCHEMA)
         write_parquet(d / "entropy.parquet", self._entropy_tables(batches), ENTROPY_SCHEMA)
+        with_topk = [self._part("topk", b).is_file() for b in batches]
+        if any(with_topk):
+            if not all(with_topk):
+                raise ValueError(f"finalize: batches {[b for b, w in zip(batches, with_topk) if not w]} have no "
+                                 "topk part while others do")
+            write_parquet(d / "topk.parquet", self._entropy_tables(batches, "topk"), TOPK_SCHEMA)
         text = "".join(self._part("responses", b).read_text(encoding="utf-8") for b in batches)
         write_text(d / "responses.jsonl", text)
         outcomes = outcomes_table([json.loads(line) for line in text.splitlines()])
@@ -282,6 +296,17 @@ def load_entropy(run_dir: Path | str, columns: list[str] | None = None,
                  filters: list | None = None) -> pd.DataFrame:
     """entropy.parquet with column projection and pyarrow filters, e.g. [("lens", "==", "bupo")]."""
     return _read_parquet(run_dir, "entropy.parquet", columns, filters)
+
+
+def load_topk(run_dir: Path | str, columns: list[str] | None = None,
+              filters: list | None = None) -> pd.DataFrame:
+    """topk.parquet (per lens, prompt, position, layer, site: the K most probable tokens, rank 1 first) with
+    column projection and pyarrow filters; an empty table for runs traced without `--topk`."""
+    if not (Path(run_dir) / "topk.parquet").is_file():
+        _complete_file(run_dir, "manifest.json")  # still refuse an incomplete run
+        empty = TOPK_SCHEMA.empty_table().to_pandas()
+        return empty if columns is None else empty[list(columns)]
+    return _read_parquet(run_dir, "topk.parquet", columns, filters)
 
 
 def layer_table(run_dir: Path | str, lens: str = "bupo", role: str = "response") -> pd.DataFrame:

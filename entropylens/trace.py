@@ -167,6 +167,7 @@ def config_from_run(cache: str, run_id: str) -> TraceConfig:
         raise UserError(f"run {run_id!r} is not a resumable trace run")
     stored = dict(manifest["config"])
     stored["sites"] = tuple(stored["sites"])
+    stored.setdefault("topk", 0)  # a run from before top-K stored none: its resumed batches must match
     stored.update(cache=cache, name=run_id)
     return TraceConfig(**stored)
 
@@ -220,6 +221,8 @@ def _manifest(cfg: TraceConfig, loaded: LoadedModel, lenses: list, prompts: list
             {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
         "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
         # the per-chunk decode kernel `auto` chose here (decode.resolve_kernel), so a run says how it was made
+        # top-K lists per site in topk.parquet (0: none; the remote decode returns top-1 only)
+        "topk": 0 if remote else cfg.topk,
         "decode_kernel": None if remote else resolve_kernel(cfg.kernel, cfg.compile, lenses[0][1].W.device,
                                                             torch.float32),
     }
@@ -287,9 +290,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
                          if sampler is None else [sampler(q // n, q % n) for q in idx])  # per batch / per prompt
             timings["generate_s"] += time.perf_counter() - t0
             seqs = Sequences(idx, [texts[i] for i in src], batch_ids, responses, [prompts[i].answer for i in src])
-            tokens, entropy, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings, remote)
+            tokens, entropy, topk, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings, remote)
             worst_err, n_tok = max(worst_err, err), n_tok + len(tokens)
-            writer.write_batch(b, tokens, entropy, _records(loaded, cfg, seqs, src, responses, prompts, refs))
+            writer.write_batch(b, tokens, entropy, _records(loaded, cfg, seqs, src, responses, prompts, refs), topk)
             rate = n_tok / max(timings["trace_s"] + timings["decode_s"], 1e-9)
             completed = len(writer.done_batches()) if shard is not None else None  # every rank's batches
             bar.update(task, advance=None if completed else 1, completed=completed,
