@@ -8,14 +8,14 @@ from urllib.parse import parse_qs
 from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html
 
 from app.data import list_runs, resolve_run, usable
-from app.views import flows, outcome, tokens, training
+from app.views import flows, grid, outcome, tokens, training
 from entropylens.errors import UserError
 
 TABLE_COLUMNS = [("run_id", "run"), ("model", "model"), ("architecture", "architecture"), ("layers", "layers"),
                  ("prompts", "prompts"), ("tokens", "tokens"), ("lens", "lens"), ("date", "date (UTC)"),
                  ("status", "status"), ("kind", "kind"), ("parent_run", "parent")]
 N_DEFAULT_SELECTED = 2
-GRAPHS = ["flow", "dh", "compare", "heatmap", "outdiff", "auroc", "diff", "train"]
+GRAPHS = ["flow", "dh", "compare", "heatmap", "grid", "outdiff", "auroc", "diff", "train"]
 
 
 def table_records(cache: Path) -> list[dict]:
@@ -37,6 +37,7 @@ def page(cache: Path) -> html.Div:
     diff, train = training.layout()
     tabs = [("Entropy flow", flow), ("Entropy change ΔH", dh), ("Compare families", compare),
             ("Token × layer", [html.P(id="tokens-outcome", className="hint"), *tokens.layout()]),
+            ("Logit-lens grid", grid.layout()),
             ("Right vs wrong", outcome.layout()), ("Before / after", diff), ("Training", train)]
     return html.Div(className="page", children=[
         dcc.Location(id="url", refresh=False),
@@ -110,5 +111,6 @@ def register(app: Dash, cache: Path) -> None:
 
     flows.register(app, cache)
     tokens.register(app, cache)
+    grid.register(app, cache)
     outcome.register(app, cache)
     training.register(app, cache)

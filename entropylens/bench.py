@@ -45,8 +45,9 @@ from entropylens.options import option, parse_csv
 from entropylens.sites import SITES, additivity_error, find_layout
 
 METHODS = ("transformer-lens", "nnsight", "entropylens", "entropylens-eager", "entropylens-compiled", "floor")
-OURS = ("entropylens", "entropylens-eager", "entropylens-compiled", "floor")  # multiply entropylens's GEMM rows
-KERNEL_OF = {"entropylens": "auto", "entropylens-eager": "eager", "entropylens-compiled": "compiled"}
+TOP1 = "entropylens-top1"  # the default path keeping top-1 only: run beside `entropylens` when --topk K > 1
+OURS = ("entropylens", "entropylens-eager", "entropylens-compiled", TOP1, "floor")  # entropylens's GEMM rows
+KERNEL_OF = {"entropylens": "auto", "entropylens-eager": "eager", "entropylens-compiled": "compiled", TOP1: "auto"}
 
 
 def machine() -> dict[str, str]:
@@ -91,6 +92,8 @@ class BenchConfig:
     tokens: int = option(4096, "random-head mode: token rows")
     ref_rows: int = option(64, "rows per site sampled for the fp64 reference", cli=False)
     threads: int | None = option(None, "torch threads")
+    topk: int = option(1, "top-K list per row the entropylens methods keep (as `trace --topk`); K > 1 also runs "
+                       f"{TOP1} (K = 1) beside the default path and reports the rate ratio")
     repeats: int = option(1, "round-robin rounds of every method: fastest run per method, ratios paired per round "
                               "with a 95 % interval (n >= 2)")
     seed: int = option(0, "seeds the token batch, the random head and the reference rows", cli=False)
@@ -101,6 +104,8 @@ class BenchConfig:
         for name in ("batch", "seq", "tokens", "repeats"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if not 1 <= self.topk <= 100:
+            raise UserError(f"--topk must be between 1 and 100, got {self.topk}")
         if (self.vocab is None) != (self.d_model is None):
             raise UserError("random-head mode needs both --vocab and --d-model")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -209,14 +214,14 @@ def _model_methods(cfg: BenchConfig):
         a = nns.capture(ids)  # the same .save() trace a researcher writes
         return recipe_from(a.h0, a.sites)
 
-    def run_entropylens(kernel: str):
+    def run_entropylens(kernel: str, topk: int):
         a = nns.capture(ids)
         acts = {s: torch.stack([flat(x) for x in a.sites[s]]) for s in SITES}
-        res = decode_layers(flat(a.h0), acts, sites, lens, additive, kernel=kernel)
+        res = decode_layers(flat(a.h0), acts, sites, lens, additive, kernel=kernel, topk=topk)
         return {s: r.entropy for s, r in res.items()}
 
     methods = {"nnsight": run_nnsight}
-    methods |= {m: (lambda k=k: run_entropylens(k)) for m, k in KERNEL_OF.items()}
+    methods |= {m: (lambda k=k, K=_topk_of(m, cfg): run_entropylens(k, K)) for m, k in KERNEL_OF.items()}
     if "transformer-lens" in cfg.methods:
         tl = make_backend("transformer-lens", model, tok, layout)
         tl_names = set(tl._hook_names())
@@ -239,12 +244,16 @@ def _random_methods(cfg: BenchConfig):
         per = {s: [_recipe_entropy(W, None, stacked[s][0])] for s in cfg.sites}
         return _stacked(_recipe_entropy(W, None, h0), per, cfg.sites)
 
-    def run_entropylens(kernel: str):
-        res = decode_layers(h0, stacked, cfg.sites, lens, True, kernel=kernel)
+    def run_entropylens(kernel: str, topk: int):
+        res = decode_layers(h0, stacked, cfg.sites, lens, True, kernel=kernel, topk=topk)
         return {s: r.entropy for s, r in res.items()}
 
     return lens, h0, stacked, True, ref, {"recipe": run_recipe} | {
-        m: (lambda k=k: run_entropylens(k)) for m, k in KERNEL_OF.items()}
+        m: (lambda k=k, K=_topk_of(m, cfg): run_entropylens(k, K)) for m, k in KERNEL_OF.items()}
+
+
+def _topk_of(method: str, cfg: BenchConfig) -> int:
+    return 1 if method == TOP1 else cfg.topk
 
 
 def _gemm_rows(sites, L: int, additive: bool) -> tuple[int, int]:
@@ -287,8 +296,11 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
         L = stacked["attn"].shape[0]
         recipe_rows, our_rows = _gemm_rows(cfg.sites, L, additive)
         order = [m for m in cfg.methods if m in methods or m == "floor"]
-        if random_head:  # one recipe (no tracer) in place of the two traced ones
-            order = ["recipe"] + [m for m in order if m in OURS]
+        if cfg.topk > 1 and "entropylens" in order:  # the K = 1 default path, right after the K one
+            order.insert(order.index("entropylens") + 1, TOP1)
+        if random_head:  # one recipe (no tracer) in place of the two traced ones, if a traced one was asked for
+            recipe = any(m in cfg.methods for m in ("transformer-lens", "nnsight"))
+            order = ["recipe"] * recipe + [m for m in order if m in OURS]
         X = torch.randn(our_rows * N, d)  # the floor's operand: the rows entropylens multiplies
         W = lens.W.contiguous()
         rows = our_rows * max(1, DEFAULT_BLOCK_BYTES // (recipe_rows * DEFAULT_CHUNK * 4))  # compiled block
@@ -341,11 +353,14 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
                     row = {**(row if dt < prev["seconds"] else prev), "peak_extra_gib": peak}
                 best[name] = row
     df = pd.DataFrame([best[m] for m in order])
+    if TOP1 in rounds:  # rate with top-K over rate with top-1, paired per round
+        df.attrs["topk_rate_ratio"] = ratio_ci95([rounds[TOP1][r][0] / rounds["entropylens"][r][0]
+                                                  for r in range(cfg.repeats)])
     for col, per_method in _paired_ratios(rounds, order).items():
         for k, suffix in (("mean", ""), ("lo", "_lo"), ("hi", "_hi")):
             df[col + suffix] = [per_method[m][k] for m in order]
     df.attrs.update(tokens=N, d_model=d, vocab=V, layers=L, sites=",".join(cfg.sites), additive=additive,
                     recipe_rows_per_token=recipe_rows, entropylens_rows_per_token=our_rows,
-                    threads=torch.get_num_threads(), rounds=cfg.repeats, compile_s=round(compile_s, 1),
+                    threads=torch.get_num_threads(), rounds=cfg.repeats, topk=cfg.topk, compile_s=round(compile_s, 1),
                     default_kernel=default, native_build_s=round(build_s, 2), machine=machine())
     return df

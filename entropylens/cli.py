@@ -75,17 +75,25 @@ def show(
     role: str = typer.Option("response", help="response | prompt | all"),
     by: str = typer.Option(None, help="outcome: correct vs wrong responses, their difference and a 95 % interval "
                            "(bootstrap over responses; response tokens)"),
+    topk: bool = typer.Option(False, "--topk", help="with --position: each layer's top-K tokens per site"),
+    position: int = typer.Option(None, help="position for --topk"),
+    prompt: int = typer.Option(0, help="prompt_idx for --topk"),
     cache: str = typer.Option("cache"),
 ) -> None:
-    """Per-layer mean entropy of the layer / attention / FFN policies and ΔH."""
+    """Per-layer mean entropy of the layer / attention / FFN policies and ΔH (or, with --topk, top-K tokens)."""
+    from entropylens.cli_print import print_topk_position
     from entropylens.store import layer_table, read_manifest, resolve_run
 
     run_dir = resolve_run(cache, run)
     m = read_manifest(run_dir)
     if by not in (None, "outcome"):
         raise UserError(f"unknown --by {by!r}; the only split is 'outcome'")
+    if topk != (position is not None):
+        raise UserError("--topk and --position go together: `show RUN --topk --position N`")
     for ln in [lens] if lens else m.get("lens", ["bupo"]):
-        if by == "outcome":
+        if topk:
+            print_topk_position(run_dir, ln, prompt, position)
+        elif by == "outcome":
             print_outcome_table(run_dir, ln)
         else:
             print_layer_table(layer_table(run_dir, lens=ln, role=role), f"{run} · lens {ln} · {role} tokens")

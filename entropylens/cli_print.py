@@ -120,8 +120,36 @@ def print_bench(df) -> None:
     for row in df.to_dict("records"):
         table.add_row(*[cell(row, c) for c in cols])
     wide.print(table)
+    if "topk_rate_ratio" in a:
+        r = a["topk_rate_ratio"]
+        ci = f" [95 % interval {r['lo']:.3g}, {r['hi']:.3g}], n = {r['n']}" if n > 1 else ""
+        wide.print(f"top-{a['topk']} lists: the default path runs at {r['mean']:.3g}× its top-1 rate{ci}")
     floor = df.set_index("method").to_dict("index").get("floor")
     if floor and not math.isnan(floor["x_faster_recipe"]):  # the floor and a recipe both ran
         wide.print(f"ceiling {cell(floor, 'x_faster_recipe')}× the faster recipe: the floor, the GEMM alone "
                    f"({a['entropylens_rows_per_token']} rows per token; the recipes {a['recipe_rows_per_token']}), "
                    "which no exact fp32 path beats")
+
+
+def print_topk_position(run_dir: Path, lens: str, prompt: int, position: int) -> None:
+    """`show --topk --position N`: per site, each layer's top-K tokens with their probabilities at one position."""
+    from entropylens.store import load_tokens, load_topk
+    from entropylens.topk import at_position, check_topk
+
+    tk = load_topk(run_dir, filters=[("lens", "==", lens), ("prompt_idx", "==", prompt), ("position", "==", position)])
+    if tk.empty:
+        check_topk(load_topk(run_dir, columns=["rank"]), run_dir.name)
+    rows = at_position(tk, lens, prompt, position)
+    K = int(rows["rank"].max())
+    tok = load_tokens(run_dir, filters=[("prompt_idx", "==", prompt), ("position", "==", position)])
+    here = repr(tok["token_text"].iloc[0]) if len(tok) else "?"
+    nxt = tok["target_id"].iloc[0] if len(tok) else -1
+    for site, sel in rows.groupby("site", sort=False):
+        table = Table(title=f"{run_dir.name} · lens {lens} · site {site} · prompt {prompt} · position {position} "
+                      f"(token {here}; predicts id {nxt}) · top-{K}", title_justify="left")
+        table.add_column("layer", justify="right")
+        for k in range(1, K + 1):
+            table.add_column(f"#{k}", no_wrap=True)
+        for layer, g in sel.groupby("layer"):
+            table.add_row(str(layer), *[f"{t!r} {p:.3f}" for t, p in zip(g["token_text"], g["prob"])])
+        out.print(table)

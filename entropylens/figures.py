@@ -333,3 +333,62 @@ def outcome_diff_figure(diff: pd.DataFrame, lens: str, model_id: str) -> go.Figu
     fig.update_xaxes(title_text="layer l")
     fig.update_yaxes(title_text=f"difference ± {CI95} (nats)")
     return fig
+
+
+GRID_TEXT_CELLS = 4000  # beyond this many cells the top-1 text is in the hover only (SVG text per cell is slow)
+
+
+def grid_figure(cells: pd.DataFrame, toks: pd.DataFrame, model_name: str, lens: str, prompt_idx: int, site: str,
+                color: str = "H", tracked: pd.DataFrame | None = None, tracked_label: str = "") -> go.Figure:
+    """The logit-lens grid of one prompt at one site: positions on x (token text), layers on y, each cell the
+    top-1 token of that layer's policy, coloured by its entropy (`color` "H") or top-1 probability ("p1"),
+    the hover listing the stored top-K with probabilities. cells: entropylens.topk.grid_cells rows plus `H`;
+    toks: (position, token_text, role). `tracked` (entropylens.topk.track rows): a marker with the token's rank
+    where it is in the top K (rank and probability on hover; no marker = rank > K)."""
+    layers = sorted(cells["layer"].unique())
+    pos = list(toks["position"])
+    K = max((len(p) for p in cells["probs"]), default=0)
+    at = {(la, p): i for i, (la, p) in enumerate(zip(cells["layer"], cells["position"]))}
+    idx = np.array([[at.get((la, p), -1) for p in pos] for la in layers]).reshape(len(layers), len(pos))
+    ok, safe = idx >= 0, np.where(idx >= 0, idx, 0)  # (layers, positions) -> row of `cells`, -1 = none
+
+    def grid(values: list) -> np.ndarray:
+        arr = np.empty(len(values) + 1, dtype=object)
+        for i, v in enumerate(values):
+            arr[i] = v
+        return np.where(ok, arr[safe], None)
+
+    top1 = grid([show_token(t[0]) for t in cells["texts"]])
+    hover = grid(["<br>".join(f"{k + 1}. {show_token(w)!r} {q:.3f}" for k, (w, q) in enumerate(zip(t, p)))
+                  for t, p in zip(cells["texts"], cells["probs"])])
+    value = np.asarray(cells["H"] if color == "H" else [p[0] for p in cells["probs"]], dtype=float)
+    z = np.where(ok, value[safe] if len(value) else np.nan, np.nan)
+    top1, hover = np.where(ok, top1, ""), np.where(ok, hover, "")
+    labels = [f"{p}: {show_token(t)}" for p, t in zip(pos, toks["token_text"])]
+    show_text = len(layers) * len(pos) <= GRID_TEXT_CELLS
+    fig = go.Figure(go.Heatmap(
+        z=z, x=labels, y=layers, text=top1, customdata=hover, texttemplate="%{text}" if show_text else None,
+        textfont={"size": 9}, colorscale="Viridis_r" if color == "p1" else "Viridis",
+        colorbar={"title": {"text": "p₁" if color == "p1" else "H (nats)"}},
+        hovertemplate="position %{x}<br>layer %{y}<br>" + ("p₁" if color == "p1" else "H") + " = %{z:.3f}<br>"
+                      f"top-{K}:<br>%{{customdata}}<extra></extra>"))
+    if tracked is not None and len(tracked):
+        hit = tracked.dropna(subset=["rank"])
+        label = {p: lab for p, lab in zip(pos, labels)}
+        hit = hit[hit["position"].isin(label)]
+        fig.add_trace(go.Scatter(
+            x=[label[p] for p in hit["position"]], y=hit["layer"], mode="markers+text", name=f"{tracked_label}",
+            text=[str(int(r)) for r in hit["rank"]], textfont={"color": "#ff3b30", "size": 10},
+            marker={"symbol": "square-open", "size": 14, "color": "#ff3b30", "line": {"width": 2}},
+            customdata=hit["prob"], hovertemplate=f"{tracked_label!s}<br>layer %{{y}} · rank %{{text}} · "
+                                                  "p = %{customdata:.3f}<extra></extra>"))
+    step = max(1, int(np.ceil(len(labels) / MAX_TICK_LABELS)))
+    fig.update_xaxes(type="category", tickmode="array", tickvals=labels[::step], ticktext=labels[::step],
+                     tickangle=-60, title_text="position t: token (its row predicts t+1)")
+    fig.update_yaxes(title_text="layer l", dtick=1 if len(layers) <= 41 else None)
+    track = f" · tracking {tracked_label} (marker: its rank; none: > {K})" if tracked is not None else ""
+    fig.update_layout(template=TEMPLATE, margin={"b": 120}, showlegend=False,
+                      title=two_line_title(f"Logit-lens grid — top-1 token of the {SITE_LABELS[site]} policy · "
+                                           f"{model_name}", f"lens {lens} · prompt {prompt_idx} · colour "
+                                           f"{'p₁' if color == 'p1' else 'entropy H'} · hover: top-{K}{track}"))
+    return fig

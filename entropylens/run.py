@@ -16,15 +16,15 @@ import pandas as pd
 
 from entropylens.errors import UserError
 from entropylens.stages import StageConfig, stages_from
-from entropylens.store import (RUN_ID_RE, SITES, load_entropy, load_summary, load_tokens, read_manifest,
-                               resolve_run, summary_layer_table)
+from entropylens.store import (RUN_ID_RE, SITES, load_entropy, load_summary, load_tokens, load_topk,
+                               read_manifest, resolve_run, summary_layer_table)
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from entropylens import report
 
-TABLES = ("tokens", "entropy", "summary", "responses")
+TABLES = ("tokens", "entropy", "summary", "responses", "topk")
 
 
 class Run:
@@ -72,7 +72,8 @@ class Run:
             load_summary(self.path)  # the same 'not complete' / damaged-folder errors as the Parquet files
             lines = (self.path / "responses.jsonl").read_text(encoding="utf-8").splitlines()
             return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
-        return {"tokens": load_tokens, "entropy": load_entropy, "summary": load_summary}[name](self.path)
+        return {"tokens": load_tokens, "entropy": load_entropy, "summary": load_summary,
+                "topk": load_topk}[name](self.path)
 
     @property
     def tokens(self) -> pd.DataFrame:
@@ -88,6 +89,12 @@ class Run:
     def summary(self) -> pd.DataFrame:
         """Per (lens, layer, quantity, role): mean, std, quartiles, count — what the figures draw."""
         return self._table("summary")
+
+    @property
+    def topk(self) -> pd.DataFrame:
+        """One row per (lens, prompt, position, layer, site, rank): the K most probable tokens of every internal
+        policy (`trace --topk K`), joinable with `.entropy`; empty for a run traced with --topk 0."""
+        return self._table("topk")
 
     @property
     def responses(self) -> pd.DataFrame:
@@ -180,6 +187,21 @@ class Run:
             raise UserError(f"run {self.run_id} has no prompt {prompt}; its prompts are {have[0]}..{have[-1]}")
         toks = toks.sort_values("position").reset_index(drop=True)
         return heatmap_figure(rows, toks, self.manifest["model"]["id"], ln, int(prompt), site, quantity)
+
+
+    def grid(self, prompt: int = 0, lens: str | None = None, site: str = "layer", color: str = "H",
+             track: int | str | None = None) -> go.Figure:
+        """The logit-lens grid (the dashboard's and the report's): each layer's top-1 token per position at one
+        site, coloured by entropy ("H") or p1 ("p1"), top-K on hover; `track` (an id or token text) marks that
+        token's rank per layer where it is in the top K."""
+        from entropylens.topk import build_grid
+
+        ln = self._lens(lens)
+        e, t = self.entropy, self.tokens
+        rows = e.loc[(e["lens"] == ln) & (e["prompt_idx"] == prompt)]
+        toks = t.loc[t["prompt_idx"] == prompt, ["position", "token_text", "role"]]
+        name = self.manifest["model"].get("display_name") or self.manifest["model"]["id"]
+        return build_grid(self.topk, rows, toks, name, ln, site, int(prompt), color, track, self.run_id)[0]
 
 
 def load(run: Run | str | Path, cache: str | Path = "cache") -> Run:
