@@ -98,6 +98,28 @@ def fig_boundary(run: Run, lens: str) -> go.Figure:
     return figures.boundary_figure(run.stages["lenses"][lens], run.manifest, run.run_id, lens)
 
 
+def fig_grid(run: Run, lens: str, prompt: int = 0, site: str = "layer") -> go.Figure | None:
+    """The logit-lens grid of one prompt (the dashboard's), tracking the reference answer's first token; None
+    for a run traced without top-K lists."""
+    import json
+
+    from entropylens.store import load_tokens, load_topk
+    from entropylens.topk import build_grid, guess_answer_token
+
+    tk = load_topk(run.path, filters=[("lens", "==", lens), ("prompt_idx", "==", prompt)])
+    if tk.empty:
+        return None
+    ent = load_entropy(run.path, columns=["position", "layer", f"H_{site}"],
+                       filters=[("lens", "==", lens), ("prompt_idx", "==", prompt)])
+    toks = load_tokens(run.path, columns=["position", "token_text", "role"], filters=[("prompt_idx", "==", prompt)])
+    lines = (run.path / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    answer = next((r.get("answer") for r in map(json.loads, filter(str.strip, lines)) if r["prompt_idx"] == prompt),
+                  None)
+    token = guess_answer_token(answer, tk["token_text"])
+    name = run.manifest["model"].get("display_name") or run.manifest["model"]["id"]
+    return build_grid(tk, ent, toks, name, lens, site, prompt, "H", token, run.run_id)[0]
+
+
 def paper_checks(stages_lens: dict) -> list[dict]:
     """The paper's description of Llama models, checked on one lens: claim, measurement, agrees?"""
     pl = pd.DataFrame(stages_lens["per_layer"])
@@ -178,6 +200,8 @@ def build_report(cfg: ReportConfig) -> Path:
                       fig_token_distributions(run, lens, cfg.role)),
                      (f"boundary-{tag}", f"Boundary-layer choice and its evidence ({run.run_id}, {lens})",
                       fig_boundary(run, lens))]
+            if (grid := fig_grid(run, lens)) is not None:
+                figs.append((f"grid-{tag}", f"Logit-lens grid, prompt 0, layer policy ({run.run_id}, {lens})", grid))
         omd, ofigs = outcome_section(run.run_id, run.path, run.manifest["lens"], out / "tables")
         md, figs, outcome_md = md + omd, figs + ofigs, outcome_md + omd
     pd.concat([stages_table(r.stages) for r in runs]).to_csv(out / "tables" / "stages.csv", index=False)

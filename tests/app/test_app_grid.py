@@ -141,3 +141,33 @@ def test_grid_view_in_chromium(dash_duo, demo, screenshot):
     assert sorted(int(t) for t in marks["text"]) == sorted(want.values())
     screenshot(dash_duo.driver, "logit_lens_grid")
     assert dash_duo.get_logs() in ([], None)
+
+
+def test_report_draws_the_grid(demo, tmp_path):
+    from entropylens.report import ReportConfig, build_report
+
+    index = build_report(ReportConfig(runs=["demo"], cache=str(demo), out=str(tmp_path / "r"), images=(),
+                                      write_stages=False))
+    page = index.read_text(encoding="utf-8")
+    assert "id='grid-demo-bupo'" in page and "id='grid-demo-logit'" in page and "Logit-lens grid" in page
+
+
+def test_show_topk_position_prints_each_site(demo):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "250"}
+    cmd = [sys.executable, "-m", "entropylens", "show", "demo", "--topk", "--position", "3", "--lens", "logit",
+           "--cache", str(demo)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for site in ("attn_in", "attn", "ffn_in", "ffn", "layer"):
+        assert f"site {site} · prompt 0 · position 3" in r.stdout
+    tk = load_topk(demo / "runs" / "demo")
+    first = tk[(tk.lens == "logit") & (tk.site == "ffn") & (tk.position == 3) & (tk.prompt_idx == 0) & (tk.layer == 1)]
+    assert f"{first.token_text.iloc[0]!r} {first.prob.iloc[0]:.3f}" in r.stdout
+    bad = subprocess.run(cmd[:-5] + ["--position", "9999", "--cache", str(demo)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    lone = subprocess.run(cmd[:6] + ["--cache", str(demo)], capture_output=True, text=True, env=env, timeout=300)
+    assert lone.returncode == 2 and "--topk and --position go together" in lone.stderr
