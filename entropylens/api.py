@@ -295,6 +295,8 @@ class Decoded:
     logprob_target: torch.Tensor | None  # float64 log p(target), NaN where the target is -1; None without targets
     lens: str
     redone: int  # vectors the exactness guard recomputed in fp64 (top logit beyond decode.EXACT_GUARD)
+    topk_ids: torch.Tensor | None = None  # (..., K) int64 the K most probable ids, best first (ties: lowest id)
+    topk_p: torch.Tensor | None = None  # (..., K) float64 their probabilities; None unless topk=K was asked
 
 
 def _bare_lens(W: torch.Tensor, lens: str) -> Lens:
@@ -307,7 +309,7 @@ def _bare_lens(W: torch.Tensor, lens: str) -> Lens:
 
 
 def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
-           targets: torch.Tensor | None = None) -> Decoded:
+           targets: torch.Tensor | None = None, topk: int = 0) -> Decoded:
     """Exact entropy, top-1 token and its probability (and log p of `targets`) of any hidden states (..., d).
 
     Why: activations you captured yourself get the numbers a trace stores — the same vocabulary-streamed
@@ -316,6 +318,7 @@ def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
     model_or_unembedding: a model of any kind `trace` takes (its unembedding, head bias, soft-cap and, for
     lens "logit", final norm are used) or a bare (V, d) unembedding matrix (lens "bupo" only).
     targets: token ids shaped like hidden.shape[:-1] (-1 = none) for `logprob_target`.
+    topk: K >= 1 adds `topk_ids` / `topk_p` (..., K), the numbers `trace --topk K` stores.
     """
     if lens not in LENSES:
         raise UserError(f"unknown lens {lens!r}; choose bupo or logit")
@@ -327,6 +330,8 @@ def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
     else:
         hf, _, _ = as_transformers(model_or_unembedding)
         ln = make_lens(lens, hf, find_layout(hf).final_norm(hf))
+    if not isinstance(topk, int) or not 0 <= topk <= 100:
+        raise UserError(f"topk must be an int between 0 and 100, got {topk!r}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise UserError(f"hidden states must be a tensor (..., d); got {type(hidden).__name__}")
     V, d = ln.W.shape
@@ -345,12 +350,17 @@ def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
         if len(t) and (t.min() < -1 or t.max() >= V):
             raise UserError(f"targets must be token ids in [0, {V}) or -1 for none")
     block = max(1, DEFAULT_BLOCK_BYTES // (2 * DEFAULT_CHUNK * 4))  # rows per pass: buffers stay ~16 MiB
-    parts = [decode_rows(x[i : i + block], ln, None if t is None else t[i : i + block])
+    parts = [decode_rows(x[i : i + block], ln, None if t is None else t[i : i + block], topk=topk)
              for i in range(0, x.shape[0], block)]
     if not parts:  # no vectors at all
         empty = torch.empty(shape, dtype=torch.float64, device=dev)
-        return Decoded(empty, empty.long(), empty.clone(), None if t is None else empty.clone(), lens, 0)
+        ek = (torch.empty(*shape, topk, dtype=torch.long, device=dev),
+              torch.empty(*shape, topk, dtype=torch.float64, device=dev)) if topk else (None, None)
+        return Decoded(empty, empty.long(), empty.clone(), None if t is None else empty.clone(), lens, 0, *ek)
     cat = Stats(*(torch.cat([getattr(p, k) for p in parts]) for k in ("entropy", "top1", "p1")),
-                None if t is None else torch.cat([p.logp_target for p in parts]))
+                None if t is None else torch.cat([p.logp_target for p in parts]),
+                topk_ids=torch.cat([p.topk_ids for p in parts]) if topk else None,
+                topk_p=torch.cat([p.topk_p for p in parts]) if topk else None)
     res = cat.reshape(*shape)
-    return Decoded(res.entropy, res.top1, res.p1, res.logp_target, lens, sum(p.redone for p in parts))
+    return Decoded(res.entropy, res.top1, res.p1, res.logp_target, lens, sum(p.redone for p in parts),
+                   res.topk_ids, res.topk_p)

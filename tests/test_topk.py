@@ -164,3 +164,16 @@ def test_topk_0_writes_no_file_and_older_runs_read_empty(smol_tokenizer, tmp_pat
     assert not (run / "topk.parquet").exists()
     assert load_topk(run).empty and list(load_topk(run).columns)[-1] == "prob"
     assert math.isfinite(load_entropy(run).H_layer.iloc[0])
+
+
+def test_el_decode_topk_matches_fp64_and_keeps_the_shape():
+    import entropylens as el
+
+    lens = make_lens(V=4000, d=24)
+    h = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(5))
+    res = el.decode(h, lens.W, topk=5)
+    assert res.topk_ids.shape == (2, 7, 5) and res.topk_p.shape == (2, 7, 5)
+    W = lens.W.double()
+    z = h.reshape(-1, 24).double() @ (W - W.mean(0)).T  # decode's bare-matrix lens centres W over V
+    assert_topk(res.topk_ids.reshape(-1, 5), res.topk_p.reshape(-1, 5), z, 5)
+    assert el.decode(h, lens.W).topk_ids is None
