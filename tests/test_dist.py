@@ -21,7 +21,7 @@ from entropylens.trace import TraceConfig, run_trace
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 # 12 prompts in 12 batches: rank 0 traces batches 0, 2, 4 ..., rank 1 batches 1, 3, 5 ...
 ARGS = ["--limit", "12", "--batch-size", "1", "--max-new-tokens", "4", "--sites", "attn,layer", "--quiet"]
-FILES = ("tokens.parquet", "entropy.parquet", "summary.parquet", "responses.jsonl")
+FILES = ("tokens.parquet", "entropy.parquet", "summary.parquet", "responses.jsonl", "topk.parquet")
 
 
 def torchrun(n: int, *args: str) -> subprocess.Popen:

@@ -177,3 +177,27 @@ def test_el_decode_topk_matches_fp64_and_keeps_the_shape():
     z = h.reshape(-1, 24).double() @ (W - W.mean(0)).T  # decode's bare-matrix lens centres W over V
     assert_topk(res.topk_ids.reshape(-1, 5), res.topk_p.reshape(-1, 5), z, 5)
     assert el.decode(h, lens.W).topk_ids is None
+
+
+def test_resumed_run_has_the_same_topk_file(smol_tokenizer, tmp_path, monkeypatch):
+    from entropylens import store
+    from entropylens.trace import TraceInterrupted, config_from_run
+
+    loaded = wrap(build_tiny("llama"), smol_tokenizer)
+    base = dict(prompts="arith", limit=3, max_new_tokens=3, batch_size=1, cache=str(tmp_path), topk=3)
+    whole = run_trace(TraceConfig(name="whole", **base), progress=False, loaded=loaded)
+    real = store.RunWriter.write_batch
+
+    def write_then_stop(self, b, *args):
+        real(self, b, *args)
+        if b == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.RunWriter, "write_batch", write_then_stop)
+    with pytest.raises(TraceInterrupted):
+        run_trace(TraceConfig(name="cut", **base), progress=False, loaded=loaded)
+    assert (tmp_path / "runs" / "cut" / "parts" / "topk-00001.parquet").is_file()
+    monkeypatch.setattr(store.RunWriter, "write_batch", real)
+    cut = run_trace(config_from_run(str(tmp_path), "cut"), resume=True, progress=False, loaded=loaded)
+    assert (whole / "topk.parquet").read_bytes() == (cut / "topk.parquet").read_bytes()
+    assert set(load_topk(cut)["rank"]) == {1, 2, 3}
