@@ -298,9 +298,8 @@ def run_bench(cfg: BenchConfig) -> pd.DataFrame:
         order = [m for m in cfg.methods if m in methods or m == "floor"]
         if cfg.topk > 1 and "entropylens" in order:  # the K = 1 default path, right after the K one
             order.insert(order.index("entropylens") + 1, TOP1)
-        if random_head:  # one recipe (no tracer) in place of the two traced ones, if a traced one was asked for
-            recipe = any(m in cfg.methods for m in ("transformer-lens", "nnsight"))
-            order = ["recipe"] * recipe + [m for m in order if m in OURS]
+        if random_head:  # one recipe (no tracer) in place of the two traced ones
+            order = ["recipe"] + [m for m in order if m in OURS]
         X = torch.randn(our_rows * N, d)  # the floor's operand: the rows entropylens multiplies
         W = lens.W.contiguous()
         rows = our_rows * max(1, DEFAULT_BLOCK_BYTES // (recipe_rows * DEFAULT_CHUNK * 4))  # compiled block

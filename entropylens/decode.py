@@ -28,7 +28,7 @@ import torch
 from entropylens import native
 from entropylens.errors import UserError
 from entropylens.lens import Lens
-from entropylens.lse import MASKED, OnlineLSE, Stats
+from entropylens.lse import MASKED, OnlineLSE, Stats, refine_topk
 
 DEFAULT_CHUNK = 2048
 DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
@@ -135,36 +135,6 @@ def _stream(
     return acc
 
 
-def _refine_topk(res: Stats, x: torch.Tensor, lens: Lens, acc: OnlineLSE, piece: int = 512) -> None:
-    """Top-K probabilities from fp64 logits of the K listed ids, in place (the ids stay the fp32 pass's).
-
-    p_k = e^{z_k - log Z}: the fp32 logits' rounding (~6e-8 |z|) would leave p off by ~1e-6 at |z| ~ 20. The K
-    logits are recomputed in fp64 (K dot products a row, nothing of size V), and Z is corrected by their
-    share: Z' = Z + Σ_k (e^{z64_k} - e^{z32_k}), so only the tail beyond the top-K keeps fp32 rounding.
-    """
-    if res.topk_ids is None:
-        return
-    K = res.topk_ids.shape[1]
-    z32 = acc.best[:, None] if acc.kv is None else acc.kv  # (R, K) the fp32 pass's final logits
-    log_z = acc.m + torch.log(acc.s)
-    W = lens.W
-    for r0 in range(0, x.shape[0], piece):
-        sl = slice(r0, r0 + piece)
-        xr = x[sl].double()
-        ids = res.topk_ids[sl].clamp_min(0)
-        z = torch.stack([(xr * W[ids[:, k]].double()).sum(1) for k in range(K)], 1)  # (r, K)
-        scale = lens.row_scale(xr)
-        if scale is not None:
-            z = z * scale.double()[:, None]
-        if lens.bias is not None:
-            z = z + lens.bias.to(z.device, torch.float64)[ids].clamp_min(MASKED)
-        if lens.softcap:
-            z = torch.tanh(z / lens.softcap) * lens.softcap
-        p64 = torch.exp(z - log_z[sl, None])
-        fix = 1.0 + (p64 - torch.exp(z32[sl] - log_z[sl, None])).sum(1, keepdim=True)
-        res.topk_p[sl] = p64 / fix
-
-
 def decode_rows(
     x: torch.Tensor,
     lens: Lens,
@@ -193,7 +163,7 @@ def decode_rows(
     res = acc.result()
     res.kernel = kernel
     if dtype == torch.float32:
-        _refine_topk(res, x, lens, acc)
+        refine_topk(res, x, lens, acc)
     if guard is not None and dtype == torch.float32:
         rows = acc.large_rows(guard)
         if rows.numel():
@@ -394,7 +364,7 @@ def decode_layers(
             _check_finite(vecs)
             acc, scale = _decode_block(vecs, plan, n, W, lens, chunk, kernel, topk)
             res = acc.result()
-            _refine_topk(res, vecs, lens, acc)
+            refine_topk(res, vecs, lens, acc)
             if guard is not None:
                 big = acc.best.abs()  # (rows,) top final logit: what fp32 rounding scales with
                 if trick:

@@ -200,6 +200,37 @@ class OnlineLSE:
         return torch.stack(self.chunk_max, 1)  # (R, n_chunks)
 
 
+def refine_topk(res: Stats, x: torch.Tensor, lens, acc: OnlineLSE, piece: int = 512) -> None:
+    """Top-K probabilities from fp64 logits of the K listed ids, in place (the ids stay the fp32 pass's).
+    x: the rows' vectors (R, d); lens: the decode's entropylens.lens.Lens; acc: the pass's accumulators.
+
+    p_k = e^{z_k - log Z}: the fp32 logits' rounding (~6e-8 |z|) would leave p off by ~1e-6 at |z| ~ 20. The K
+    logits are recomputed in fp64 (K dot products a row, nothing of size V), and Z is corrected by their
+    share: Z' = Z + Σ_k (e^{z64_k} - e^{z32_k}), so only the tail beyond the top-K keeps fp32 rounding.
+    """
+    if res.topk_ids is None:
+        return
+    K = res.topk_ids.shape[1]
+    z32 = acc.best[:, None] if acc.kv is None else acc.kv  # (R, K) the fp32 pass's final logits
+    log_z = acc.m + torch.log(acc.s)
+    W = lens.W
+    for r0 in range(0, x.shape[0], piece):
+        sl = slice(r0, r0 + piece)
+        xr = x[sl].double()
+        ids = res.topk_ids[sl].clamp_min(0)
+        z = torch.stack([(xr * W[ids[:, k]].double()).sum(1) for k in range(K)], 1)  # (r, K)
+        scale = lens.row_scale(xr)
+        if scale is not None:
+            z = z * scale.double()[:, None]
+        if lens.bias is not None:
+            z = z + lens.bias.to(z.device, torch.float64)[ids].clamp_min(MASKED)
+        if lens.softcap:
+            z = torch.tanh(z / lens.softcap) * lens.softcap
+        p64 = torch.exp(z - log_z[sl, None])
+        fix = 1.0 + (p64 - torch.exp(z32[sl] - log_z[sl, None])).sum(1, keepdim=True)
+        res.topk_p[sl] = p64 / fix
+
+
 def _chunk_sums(z: torch.Tensor, ref: torch.Tensor):
     """Chunk statistics centred on a given per-row ref (R,): (max, Σ e^u, Σ u e^u) with u = z - ref (R, C).
 

@@ -201,3 +201,14 @@ def test_resumed_run_has_the_same_topk_file(smol_tokenizer, tmp_path, monkeypatc
     cut = run_trace(config_from_run(str(tmp_path), "cut"), resume=True, progress=False, loaded=loaded)
     assert (whole / "topk.parquet").read_bytes() == (cut / "topk.parquet").read_bytes()
     assert set(load_topk(cut)["rank"]) == {1, 2, 3}
+
+
+def test_bench_topk_runs_the_top1_path_beside_the_default_and_reports_the_ratio():
+    from entropylens.bench import BenchConfig, run_bench
+
+    df = run_bench(BenchConfig(vocab=3001, d_model=48, tokens=200, sites=("attn", "ffn", "layer"),
+                               methods=("entropylens",), topk=5, repeats=2))
+    assert list(df.method) == ["recipe", "entropylens", "entropylens-top1"]
+    assert (df.dropna(subset=["max_abs_dH"]).max_abs_dH < 1e-4).all()
+    r = df.attrs["topk_rate_ratio"]
+    assert r["n"] == 2 and r["lo"] <= r["mean"] <= r["hi"] and df.attrs["topk"] == 5
