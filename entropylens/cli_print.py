@@ -141,15 +141,16 @@ def print_topk_position(run_dir: Path, lens: str, prompt: int, position: int) ->
         check_topk(load_topk(run_dir, columns=["rank"]), run_dir.name)
     rows = at_position(tk, lens, prompt, position)
     K = int(rows["rank"].max())
-    tok = load_tokens(run_dir, filters=[("prompt_idx", "==", prompt), ("position", "==", position)])
-    here = repr(tok["token_text"].iloc[0]) if len(tok) else "?"
-    nxt = tok["target_id"].iloc[0] if len(tok) else -1
+    tok = load_tokens(run_dir, columns=["position", "token_text"], filters=[
+        ("prompt_idx", "==", prompt), ("position", "in", [position, position + 1])]).set_index("position")
+    text = lambda p: repr(tok.loc[p, "token_text"]) if p in tok.index else "(none)"  # noqa: E731
+    wide = Console(width=max(out.width, 40 + 22 * K))  # never squeeze the lists, even when piped
     for site, sel in rows.groupby("site", sort=False):
         table = Table(title=f"{run_dir.name} · lens {lens} · site {site} · prompt {prompt} · position {position} "
-                      f"(token {here}; predicts id {nxt}) · top-{K}", title_justify="left")
-        table.add_column("layer", justify="right")
+                      f"(token {text(position)}, next {text(position + 1)}) · top-{K}", title_justify="left")
+        table.add_column("layer", justify="right", no_wrap=True)
         for k in range(1, K + 1):
             table.add_column(f"#{k}", no_wrap=True)
         for layer, g in sel.groupby("layer"):
             table.add_row(str(layer), *[f"{t!r} {p:.3f}" for t, p in zip(g["token_text"], g["prob"])])
-        out.print(table)
+        wide.print(table)

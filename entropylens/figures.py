@@ -385,7 +385,8 @@ def grid_figure(cells: pd.DataFrame, toks: pd.DataFrame, model_name: str, lens: 
     step = max(1, int(np.ceil(len(labels) / MAX_TICK_LABELS)))
     fig.update_xaxes(type="category", tickmode="array", tickvals=labels[::step], ticktext=labels[::step],
                      tickangle=-60, title_text="position t: token (its row predicts t+1)")
-    fig.update_yaxes(title_text="layer l", dtick=1 if len(layers) <= 41 else None)
+    fig.update_yaxes(title_text="layer l", dtick=1 if len(layers) <= 41 else None,
+                     range=[min(layers) - 0.5, max(layers) + 0.5] if layers else None)
     track = f" · tracking {tracked_label} (marker: its rank; none: > {K})" if tracked is not None else ""
     fig.update_layout(template=TEMPLATE, margin={"b": 120}, showlegend=False,
                       title=two_line_title(f"Logit-lens grid — top-1 token of the {SITE_LABELS[site]} policy · "
