@@ -101,6 +101,14 @@ def test_half_a_sandwich_is_refused():
         find_layout(model)
 
 
+def test_transformer_lens_backend_refuses_the_sandwich_layout():
+    from entropylens.backends import make_backend
+
+    model = build_tiny_gemma("gemma2")
+    with pytest.raises(UserError, match="does not trace sandwich layouts.*--backend nnsight"):
+        make_backend("transformer-lens", model, None, find_layout(model))
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_matches_independent_fp64_reference(smol_tokenizer, tmp_path, arch):
     model = build_tiny(arch)
