@@ -39,7 +39,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.manifest['model']['id']} · {self.run_id}"
+        return f"{model_name(self.manifest['model'])} · {self.run_id}"
 
 
 def load_run(cache: Path | str, run_id: str, cfg: StageConfig) -> Run:
