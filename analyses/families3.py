@@ -12,7 +12,7 @@ over prompts (n = prompts) of the per-prompt mean (entropylens.intervals.mean_ci
   thirds of the depth (early / middle / late) hold such a layer; holds when all three do.
 - three stages (the paper's Qwen reading): ΔH_ffn > 0 early, ≈ 0 in the middle, < 0 late: the best split of the
   layers into three contiguous runs whose interval readings are exploration / integration (interval contains 0)
-  / convergence; reports the share of layers that fit, holds at >= 0.8 with every stage non-empty.
+  / convergence, each with at least 2 layers that read so; reports the share of layers that fit, holds at >= 0.8.
 """
 
 from __future__ import annotations
@@ -56,20 +56,23 @@ def reading(lo: float, hi: float) -> str:
 
 
 def three_stage_fit(readings: list[str]) -> tuple[float, int, int]:
-    """Best split 1 <= i < j <= L of the layers into exploration / integration / convergence runs: (share of
-    layers whose interval reading matches, i, j) with layers [0, i) early, [i, j) middle, [j, L) late."""
-    L, best = len(readings), (0.0, 0, 0)
+    """Best split of the layers into early [0, i) / middle [i, j) / late [j, L) runs read exploration /
+    integration / convergence, each stage holding at least 2 layers that read so: (share of all layers whose
+    interval reading matches its stage, i, j); (nan, 0, 0) when no split has 2 matching layers in every stage."""
+    L, best = len(readings), (float("nan"), 0, 0)
     want = ("exploration", "integration", "convergence")
     for i in range(1, L - 1):
         for j in range(i + 1, L):
-            hits = sum(r == want[0 if k < i else 1 if k < j else 2] for k, r in enumerate(readings))
-            best = max(best, (hits / L, i, j))
+            per = [sum(r == want[s] for r in seg) for s, seg in enumerate((readings[:i], readings[i:j],
+                                                                           readings[j:]))]
+            if min(per) >= 2 and not sum(per) / L <= best[0]:
+                best = (sum(per) / L, i, j)
     return best
 
 
 def claims(name: str, lens: str, ent: pd.DataFrame, log_v: float, L: int) -> dict:
     h = per_prompt(ent, lens, "H_layer") / log_v  # (L + 1, prompts)
-    early = h.loc[[x for x in h.index if 1 <= x <= L / 2]].mean(0)
+    early = h.loc[[x for x in h.index if 1 <= x <= L / 2]].mean(axis=0)
     drop = mean_ci((early - h.loc[L]).dropna().to_numpy())
     ffn = layer_cis(ent, lens, "dH_ffn")
     ffn = ffn[ffn["layer"] >= 1]
@@ -85,8 +88,9 @@ def claims(name: str, lens: str, ent: pd.DataFrame, log_v: float, L: int) -> dic
         "ffn_positive_layers": len(pos), "ffn_positive_list": " ".join(map(str, pos)),
         "ffn_positive_thirds": len(thirds), "dispersed_ffn_exploration": len(thirds) == 3,
         "ffn_readings": "".join(r[0].upper() for r in read),
-        "three_stage_share": round(share, 3), "three_stage_split": f"1-{i} | {i + 1}-{j} | {j + 1}-{L}",
-        "three_stages": bool(share >= 0.8 and 0 < i < j < L),
+        "three_stage_share": round(share, 3),
+        "three_stage_split": f"1-{i} | {i + 1}-{j} | {j + 1}-{L}" if i else "none",
+        "three_stages": bool(share >= 0.8),
     }
 
 
