@@ -6,8 +6,9 @@ and tables flows.csv, dh.csv, stages.csv, claims.csv (in <out>/../tables). Model
 
 Intervals: response tokens of one prompt are not independent, so every interval here is a percentile bootstrap
 over prompts (n = prompts) of the per-prompt mean (entropylens.intervals.mean_ci). Claims, each with numbers:
-- high-then-collapse: the layer policy's mean normalised entropy over the first half of the depth (l/L <= 0.5)
-  minus its value at the last layer, with a 95 % interval; the claim holds when the interval is above 0.1.
+- high-then-collapse: the layer policy's normalised entropy at its peak layer (the layer 1..L-1 of highest mean)
+  minus its value at the last layer, with a 95 % interval; holds when the interval lies above 0.1 (10 % of
+  log V) and the peak is high (mean >= 0.3 of log V). The mean over the first half (l/L <= 0.5) is listed too.
 - dispersed FFN exploration (the paper's Llama reading): layers whose ΔH_ffn interval lies above 0, and how many
   thirds of the depth (early / middle / late) hold such a layer; holds when all three do.
 - three stages (the paper's Qwen reading): ΔH_ffn > 0 early, ≈ 0 in the middle, < 0 late: the best split of the
@@ -73,7 +74,9 @@ def three_stage_fit(readings: list[str]) -> tuple[float, int, int]:
 def claims(name: str, lens: str, ent: pd.DataFrame, log_v: float, L: int) -> dict:
     h = per_prompt(ent, lens, "H_layer") / log_v  # (L + 1, prompts)
     early = h.loc[[x for x in h.index if 1 <= x <= L / 2]].mean(axis=0)
-    drop = mean_ci((early - h.loc[L]).dropna().to_numpy())
+    inner = h.loc[[x for x in h.index if 1 <= x < L]].mean(axis=1)
+    peak = int(inner.idxmax())
+    drop = mean_ci((h.loc[peak] - h.loc[L]).dropna().to_numpy())
     ffn = layer_cis(ent, lens, "dH_ffn")
     ffn = ffn[ffn["layer"] >= 1]
     pos = ffn[ffn["lo"] > 0]["layer"].tolist()
@@ -82,9 +85,10 @@ def claims(name: str, lens: str, ent: pd.DataFrame, log_v: float, L: int) -> dic
     share, i, j = three_stage_fit(read)
     return {
         "model": name, "lens": lens, "n_prompts": int(h.shape[1]),
-        "H_early_norm": float(early.mean()), "H_last_norm": float(h.loc[L].mean()),
+        "H_early_norm": float(early.mean()), "peak_layer": peak, "H_peak_norm": float(inner.max()),
+        "H_last_norm": float(h.loc[L].mean()),
         "collapse_drop": drop["mean"], "collapse_lo": drop["lo"], "collapse_hi": drop["hi"],
-        "high_then_collapse": bool(drop["lo"] > 0.1),
+        "high_then_collapse": bool(drop["lo"] > 0.1 and inner.max() >= 0.3),
         "ffn_positive_layers": len(pos), "ffn_positive_list": " ".join(map(str, pos)),
         "ffn_positive_thirds": len(thirds), "dispersed_ffn_exploration": len(thirds) == 3,
         "ffn_readings": "".join(r[0].upper() for r in read),
