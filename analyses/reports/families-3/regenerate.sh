@@ -4,6 +4,7 @@
 # response positions only (the paper's averages). About 40 min on 2 shared CPU cores.
 #   N=16 T=16 analyses/reports/families-3/regenerate.sh      (prompts, new tokens per response)
 #   STEP=traces | STEP=report                                  (only one half)
+#   STEP=check                                                 (fp64 check of the Gemma run, analyses/gemma_fp64.py)
 set -euo pipefail
 N=${N:-16}
 T=${T:-16}
@@ -28,8 +29,11 @@ if [ "$STEP" != report ]; then
   trace fam3-smollm2 smollm2
 fi
 if [ "$STEP" != traces ]; then
-  "$PY" analyses/families3.py fam3-smollm2 fam3-qwen25 fam3-gemma3 -o "$OUT/figures" --formats png,csv
+  "$PY" analyses/families3.py fam3-smollm2 fam3-qwen25 fam3-gemma3 -o "$OUT/figures"
   "$EL" report fam3-smollm2 fam3-qwen25 fam3-gemma3 -o "$OUT" --images png \
     --title "SmolLM2-135M (Llama) vs Qwen2.5-Coder-0.5B (Qwen2) vs Gemma 3 270M on MATH-500 ($N prompts)" \
     --notes "$OUT/notes.md"
+fi
+if [ "$STEP" = check ]; then  # the independent fp64 check of the Gemma run (slow: fp64 logits over V = 262,144)
+  nice -n 5 "$PY" analyses/gemma_fp64.py fam3-gemma3 --positions 2 --out "$OUT/tables"
 fi
