@@ -39,7 +39,8 @@ def entropy(z: torch.Tensor) -> np.ndarray:
 def gemma_reference(model: torch.nn.Module, ids: list[int], softcap: bool = True) -> dict:
     """lens -> site -> (L + 1, T) fp64 entropies. Only the raw modules are hooked (self_attn, mlp and the two
     pre-norms); A^l and F^l (the post-normed branches), H^0 = √d · embedding, the final norm and the soft-cap
-    are computed here by hand (every norm in fp64: HF's own Gemma norm computes in fp32), and H^l = H^{l-1} + A^l + F^l is checked rather than assumed."""
+    are computed here by hand (every norm in fp64: HF's own Gemma norm computes in fp32), and
+    H^l = H^{l-1} + A^l + F^l is checked rather than assumed."""
     m = copy.deepcopy(model).double().eval().requires_grad_(False)
     cfg, layers = m.config, m.model.layers
     eps = cfg.rms_norm_eps
