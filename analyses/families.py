@@ -12,6 +12,7 @@ import pandas as pd
 from _common import parser, run_main, runs_and_lenses, save
 
 from entropylens.report import fig_families
+from entropylens.schema import model_name
 from entropylens.store import QUANTITIES
 
 
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
             s = run.summary
             d = s[(s["lens"] == lens) & (s["role"] == args.role) & (s["quantity"] == args.quantity)]
             frames.append(d[["layer", "rel_depth", "mean", "mean_norm"]].assign(
-                run_id=run.run_id, model=run.manifest["model"]["id"], family=run.manifest["model"].get("family")))
+                run_id=run.run_id, model=model_name(run.manifest["model"]),
+                family=run.manifest["model"].get("family")))
         save(fig_families(runs, lens, args.role, args.quantity), pd.concat(frames, ignore_index=True),
              args.out, f"families-{lens}", args.formats)
 

@@ -73,6 +73,9 @@ class TransformerLensBackend:
     def __init__(self, model: torch.nn.Module, tokenizer, layout: Layout):
         import copy
 
+        if layout.kind != "pre-norm":  # its hook points are not checked to be the post-normed branch outputs
+            raise UserError(f"transformer-lens backend does not trace {layout.kind} layouts "
+                            f"({type(model).__name__}); use --backend nnsight")
         from transformer_lens.model_bridge import TransformerBridge
 
         # The bridge rewires the HF model in place (eager attention, its own components), which would change

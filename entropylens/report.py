@@ -19,6 +19,7 @@ from entropylens import figures
 from entropylens.errors import UserError
 from entropylens.options import option
 from entropylens.report_outcome import outcome_section
+from entropylens.schema import model_name
 from entropylens.stages import (StageConfig, complete_trace_run, describe, run_stages, stages_table, to_json,
                                 write_stages)
 from entropylens.store import load_entropy, load_summary
@@ -38,7 +39,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.manifest['model']['id']} · {self.run_id}"
+        return f"{model_name(self.manifest['model'])} · {self.run_id}"
 
 
 def load_run(cache: Path | str, run_id: str, cfg: StageConfig) -> Run:
@@ -229,7 +230,7 @@ def _run_facts(run: Run) -> list[str]:
     """Plain-text facts about a run: model, prompts, sizes, timing."""
     m = run.manifest
     g, t = m.get("generation", {}), m.get("timings", {})
-    return [f"model `{m['model']['id']}` ({m['model'].get('architecture')}, {m['model']['n_layers']} layers, "
+    return [f"model `{model_name(m['model'])}` ({m['model'].get('architecture')}, {m['model']['n_layers']} layers, "
             f"V = {m['model']['vocab_size']}), prompts `{m['prompts']['source']}` (n = {m['prompts']['n']}), "
             f"max_new_tokens {g.get('max_new_tokens')}, seed {m.get('seed')}, lens {', '.join(m['lens'])}",
             f"{m.get('n_tokens')} tokens ({m.get('n_response_tokens')} response); trace took "

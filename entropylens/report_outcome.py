@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from entropylens.figures import auroc_figure, outcome_diff_figure
 from entropylens.intervals import fmt_ci
 from entropylens.outcomes import auroc_table, baseline_aurocs, best_separators, outcome_diff
+from entropylens.schema import model_name
 from entropylens.store import load_outcomes, read_manifest
 
 
@@ -52,7 +53,7 @@ def outcome_section(run_id: str, run_dir: Path, lenses: list[str], tables: Path
           *best_markdown(auc), "",
           "Baselines an internal cell must beat (same responses and resamples): " + "; ".join(
               f"{r.baseline} {fmt_ci(r.auroc, r.lo, r.hi)}" for r in baseline_aurocs(run_dir).itertuples()) + ".", ""]
-    figs, model_id = [], read_manifest(run_dir)["model"]["id"]
+    figs, model_id = [], model_name(read_manifest(run_dir)["model"])
     for lens in lenses:
         diff = outcome_diff(run_dir, lens=lens)
         diff.to_csv(tables / f"outcome-{run_id}-{lens}.csv", index=False)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from entropylens.errors import UserError
+from entropylens.schema import model_name
 from entropylens.stages import StageConfig, stages_from
 from entropylens.store import (RUN_ID_RE, SITES, load_entropy, load_summary, load_tokens, load_topk,
                                read_manifest, resolve_run, summary_layer_table)
@@ -186,7 +187,7 @@ class Run:
             have = sorted(set(self.tokens["prompt_idx"]))
             raise UserError(f"run {self.run_id} has no prompt {prompt}; its prompts are {have[0]}..{have[-1]}")
         toks = toks.sort_values("position").reset_index(drop=True)
-        return heatmap_figure(rows, toks, self.manifest["model"]["id"], ln, int(prompt), site, quantity)
+        return heatmap_figure(rows, toks, model_name(self.manifest["model"]), ln, int(prompt), site, quantity)
 
 
     def grid(self, prompt: int = 0, lens: str | None = None, site: str = "layer", color: str = "H",

@@ -165,3 +165,16 @@ def summary_by_outcome(entropy: pd.DataFrame, outcomes: pd.DataFrame | None, voc
             sub = entropy[entropy["prompt_idx"].isin(sets[name])]
             frames.append(compute_summary(sub, vocab_size, n_layers, outcome=name, grid=grid))
     return pd.concat(frames, ignore_index=True)
+
+
+def model_name(model: dict) -> str:
+    """The display name of a manifest's model record (tables, figures, the dashboard): its `name`, or for runs
+    written before names were recorded the id with any folder part dropped, so no machine path is shown."""
+    name = model.get("name") if isinstance(model, dict) else None
+    if name:
+        return str(name)
+    mid = str(model.get("id") or "?") if isinstance(model, dict) else "?"
+    if mid.startswith(("/", ".", "~")) or "\\" in mid:
+        mid = mid.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        mid = mid[: -len(".gguf")] if mid.endswith(".gguf") else mid
+    return mid

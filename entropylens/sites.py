@@ -7,6 +7,14 @@
     H^l    = H^{l-1} + A^l + F^l        -> site `layer`
 
 Layers are 1-indexed as in the paper; H^0 (the input of the first layer) is stored as layer 0.
+
+Gemma 2 / 3 layers norm each branch on both sides ("sandwich" layout):
+
+    H' = H^{l-1} + post_attention_layernorm(self_attn(input_layernorm(H^{l-1})))
+    H^l = H' + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(H')))
+
+There `attn` / `ffn` are the branches' additive contributions (the post-norm outputs), `attn_in` / `ffn_in`
+the normed inputs the branches read, so H^l = H^{l-1} + A^l + F^l holds as in the plain layout.
 """
 
 from __future__ import annotations
@@ -29,8 +37,21 @@ SITE_MODULES = {
     "ffn": ("mlp", "feed_forward", "ffn"),
 }
 FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
-# Layers with extra norms around the residual branches change what A^l and F^l mean: refuse them loudly.
-UNSUPPORTED_EXTRAS = ("post_feedforward_layernorm", "pre_feedforward_layernorm")
+# Gemma 2 / 3: every branch between a pre-norm and a post-norm; the sites are the norms' outputs.
+SANDWICH_MODULES = {
+    "attn_in": "input_layernorm",
+    "attn": "post_attention_layernorm",  # the attention branch's additive contribution, after its post-norm
+    "ffn_in": "pre_feedforward_layernorm",
+    "ffn": "post_feedforward_layernorm",  # the FFN branch's additive contribution, after its post-norm
+}
+SANDWICH_MARKERS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+LAYOUT_MEANINGS = {
+    "pre-norm": "attn = self_attn output, ffn = mlp output; attn_in / ffn_in = input_layernorm / "
+                "post_attention_layernorm outputs",
+    "sandwich": "attn = post_attention_layernorm(self_attn(.)), ffn = post_feedforward_layernorm(mlp(.)): the "
+                "branches' additive contributions; attn_in / ffn_in = input_layernorm / pre_feedforward_layernorm "
+                "outputs",
+}
 
 
 def get_path(root, dotted: str):
@@ -76,6 +97,11 @@ class Layout:
     final_norm_path: str
     n_layers: int
     head_path: str = "lm_head"  # the output embedding (unembedding W_U)
+    kind: str = "pre-norm"  # "pre-norm" (Llama, Qwen, GPT-2 ...) or "sandwich" (Gemma 2 / 3): LAYOUT_MEANINGS
+
+    def describe(self) -> dict:
+        """The manifest's record of what each site is in this model."""
+        return {"kind": self.kind, "sites": dict(self.site_names), "meaning": LAYOUT_MEANINGS[self.kind]}
 
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return get_path(model, self.layers_path)
@@ -89,14 +115,16 @@ def find_layout(model: torch.nn.Module) -> Layout:
     arch = type(model).__name__
     layers_path = _find(model, LAYER_LISTS, torch.nn.ModuleList, "decoder layer list")
     first = get_path(model, layers_path)[0]
-    extras = [n for n in UNSUPPORTED_EXTRAS if hasattr(first, n)]
-    if extras:
-        raise UserError(
-            f"unsupported architecture {arch}: its layers have {', '.join(extras)}, so A^l and F^l are not "
-            "plain residual branches; entropylens does not trace this layout yet"
-        )
+    markers = [n for n in SANDWICH_MARKERS if isinstance(getattr(first, n, None), torch.nn.Module)]
+    kind, candidates_of = "pre-norm", SITE_MODULES
+    if markers:
+        missing = [m for m in SANDWICH_MODULES.values() if not isinstance(getattr(first, m, None), torch.nn.Module)]
+        if missing:
+            raise UserError(f"unsupported architecture {arch}: its layers have {', '.join(markers)} but no "
+                            f"{', '.join(missing)}, so A^l and F^l are not the branches' additive contributions")
+        kind, candidates_of = "sandwich", {site: (m,) for site, m in SANDWICH_MODULES.items()}
     names = {}
-    for site, candidates in SITE_MODULES.items():
+    for site, candidates in candidates_of.items():
         name = next((c for c in candidates if isinstance(getattr(first, c, None), torch.nn.Module)), None)
         if name is None:
             raise UserError(
@@ -106,7 +134,7 @@ def find_layout(model: torch.nn.Module) -> Layout:
         names[site] = name
     final = _find(model, FINAL_NORMS, torch.nn.Module, "final norm")
     head = module_path(model, read_head(model)[0]) or "lm_head"
-    return Layout(layers_path, names, final, len(get_path(model, layers_path)), head)
+    return Layout(layers_path, names, final, len(get_path(model, layers_path)), head, kind)
 
 
 @dataclass

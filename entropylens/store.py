@@ -29,8 +29,8 @@ from entropylens.runfolder import (  # noqa: F401  (re-exported: store is where 
 )
 from entropylens.schema import (  # noqa: F401  (re-exported)
     ENTROPY_SCHEMA, ENTROPY_SORT, LENSES, OUTCOME_KEYS, OUTCOMES_SCHEMA, QUANTITIES, RESPONSE_KEYS, SITES,
-    SUMMARY_ROLES, SUMMARY_SCHEMA, TOKEN_ROLES, TOKENS_SCHEMA, TOKENS_SORT, TOPK_SCHEMA, TOPK_SORT, _check_values, _response_line,
-    _to_table, compute_summary, outcome_sets, outcomes_table, summary_by_outcome,
+    SUMMARY_ROLES, SUMMARY_SCHEMA, TOKEN_ROLES, TOKENS_SCHEMA, TOKENS_SORT, TOPK_SCHEMA, TOPK_SORT, _check_values,
+    _response_line, _to_table, compute_summary, model_name, outcome_sets, outcomes_table, summary_by_outcome,
 )
 
 _PART_RE = re.compile(r"^(tokens|entropy|topk|responses)-(\d{5,})\.(parquet|jsonl)$")
@@ -228,7 +228,7 @@ def list_runs(cache: Path | str) -> pd.DataFrame:
         prompts = m.get("prompts") if isinstance(m.get("prompts"), dict) else {}
         lens, created = m.get("lens"), m.get("created")
         rows.append({
-            "run_id": d.name, "model": model.get("id"), "architecture": model.get("architecture"),
+            "run_id": d.name, "model": model_name(model), "architecture": model.get("architecture"),
             "n_layers": model.get("n_layers"), "prompts": prompts.get("source"),
             "n_prompts": prompts.get("n"), "n_tokens": m.get("n_tokens"),
             "lens": ",".join(map(str, lens)) if isinstance(lens, list) else lens,

@@ -199,11 +199,12 @@ def _records(loaded: LoadedModel, cfg: TraceConfig, seqs: Sequences, src: list[i
 
 
 def _manifest(cfg: TraceConfig, loaded: LoadedModel, lenses: list, prompts: list[Prompt], refs: list,
-              dropped: list[int], remote: RemoteModel | None, shard: Shard | None) -> dict:
+              dropped: list[int], remote: RemoteModel | None, shard: Shard | None, layout=None) -> dict:
     """The run's manifest as the trace starts (docs/storage.md); timings and checks are added at the end."""
     info = loaded.info
     return {
         "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
+        "layout": None if layout is None else layout.describe(),  # what each site is in this model (sites.py)
         "backend": f"nnsight-remote ({remote.mode})" if remote else cfg.backend,
         "precision": "exact (fp64 on the serving side)" if remote else "exact",
         "device": "remote" if remote else str(getattr(loaded.model, "hf_device_map", None) or loaded.device),
@@ -267,7 +268,7 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     run_id = cfg.name if resume else new_run_id(cfg.name, tag=f"{info.family}-{Path(cfg.prompts).stem}")
     if shard is not None:
         run_id = shard.broadcast(run_id)  # a timestamped name must be the same on every rank
-    manifest = _manifest(cfg, loaded, lenses, prompts, refs, dropped, remote, shard)
+    manifest = _manifest(cfg, loaded, lenses, prompts, refs, dropped, remote, shard, layout)
     writer = _open_writer(cfg, run_id, manifest, resume, shard)
     run_id = writer.run_dir.name
     done = writer.done_batches()

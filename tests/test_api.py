@@ -62,7 +62,7 @@ def test_trace_in_memory_writes_the_cli_files(tiny_folder, tmp_path):
         m = copy.deepcopy(m)
         for k in ("run_id", "created", "finished", "timings"):
             m.pop(k)
-        for k in ("id", "source", "revision"):
+        for k in ("id", "name", "source", "revision"):
             m["model"].pop(k)
         for k in ("model", "prompts", "cache", "name"):
             m["config"].pop(k)

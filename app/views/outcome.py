@@ -16,6 +16,7 @@ from app.common import figure_block, register_view
 from app.data import load_outcomes, outcome_stats, read_manifest, resolve_run
 from entropylens.errors import UserError
 from entropylens.figures import auroc_figure, outcome_diff_figure
+from entropylens.schema import model_name
 from entropylens.stages import complete_trace_run
 
 TAB = "Right vs wrong"  # the figures are computed only while their tab is open (bootstraps take seconds on big runs)
@@ -29,14 +30,14 @@ def build_outcome_diff(cache: Path, run_id: str | None, lens: str,
     run, m = complete_trace_run(cache, run_id)
     diff, _ = outcome_stats(run, lens)
     diff = diff[diff["quantity"].isin(quantities or ["H_layer"])]
-    return outcome_diff_figure(diff, lens, m["model"]["id"]), diff.assign(run_id=run_id, lens=lens)
+    return outcome_diff_figure(diff, lens, model_name(m["model"])), diff.assign(run_id=run_id, lens=lens)
 
 
 def build_auroc(cache: Path, run_id: str | None, lens: str) -> tuple[go.Figure, pd.DataFrame]:
     """Site × layer AUROC of the mean response-token entropy for predicting a wrong answer."""
     run, m = complete_trace_run(cache, run_id)
     _, auc = outcome_stats(run, lens)
-    return auroc_figure(auc, lens, m["model"]["id"]), auc[auc["lens"] == lens].assign(run_id=run_id)
+    return auroc_figure(auc, lens, model_name(m["model"])), auc[auc["lens"] == lens].assign(run_id=run_id)
 
 
 def outcome_line(cache: Path, run_id: str | None, prompt_idx: int | None) -> str:

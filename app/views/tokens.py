@@ -16,6 +16,7 @@ from app.common import figure_block, register_view
 from app.data import prompt_ids, read_entropy, read_tokens, resolve_run, sequence_vocab
 from entropylens.errors import UserError
 from entropylens.figures import SITE_LABELS, heatmap_figure, show_token
+from entropylens.schema import model_name
 from entropylens.stages import complete_trace_run
 
 SITES = list(SITE_LABELS)
@@ -35,7 +36,7 @@ def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | 
     if rows.empty:
         raise UserError(f"{run_id} has no '{lens}' rows for prompt {prompt_idx}")
     toks = read_tokens(run, int(prompt_idx))
-    fig = heatmap_figure(rows, toks, m["model"]["id"], lens, int(prompt_idx), site, quantity)
+    fig = heatmap_figure(rows, toks, model_name(m["model"]), lens, int(prompt_idx), site, quantity)
     long = rows.merge(toks, on="position", how="left").sort_values(["layer", "position"])
     return fig, long.assign(run_id=run_id, lens=lens, prompt_idx=prompt_idx)
 

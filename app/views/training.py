@@ -15,6 +15,7 @@ from app.data import load_metrics, load_summary, read_manifest, resolve_run
 from app.views.flows import ROLE_OPTIONS
 from entropylens.errors import UserError
 from entropylens.figures import SITE_COLORS, SITE_LABELS, TEMPLATE, two_line_title
+from entropylens.schema import model_name
 from entropylens.stages import complete_trace_run, layer_difference
 from entropylens.store import summary_layer_table
 
@@ -136,7 +137,7 @@ def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataF
                            x=s0, y=0.02, xref="x", yref="y domain", showarrow=False, xanchor="left",
                            yanchor="bottom", bgcolor="white")
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.08},
-                      title=two_line_title(f"Training — {run_id} · {m['model'].get('id', '?')}"))
+                      title=two_line_title(f"Training — {run_id} · {model_name(m.get('model') or {})}"))
     fig.update_xaxes(title_text="step", row=6, col=1)
     return fig, df
 
