@@ -1,0 +1,113 @@
+"""One bounded cache per server process for the tables the callbacks read, LRU by bytes.
+
+Why: a production server runs several workers, each answering many readers; re-reading Parquet for every
+callback wastes the disk and the CPU, while an unbounded cache per worker would grow with every run and
+prompt anyone looked at. Entries are keyed by run folder + the run's manifest mtime (+ what was read), so a
+run that completes or is re-traced is seen on the next request without a restart; a run whose manifest does
+not say `complete` is never read (entropylens.store refuses it) and nothing of it is cached.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+
+T = TypeVar("T")
+MiB = 1 << 20
+DEFAULT_BYTES = 1024 * MiB  # a 10 M-row run's working set: summary, outcomes, vocab, ~500 prompt slices
+ENV_BYTES = "ENTROPYLENS_APP_CACHE_MB"
+
+
+def nbytes(value: Any) -> int:
+    """Approximate memory held by a cached value (DataFrames by their buffers, containers recursively)."""
+    if isinstance(value, pd.DataFrame):
+        return int(value.memory_usage(index=True, deep=True).sum())
+    if isinstance(value, pd.Series):
+        return int(value.memory_usage(index=True, deep=True))
+    if isinstance(value, (tuple, list)):
+        return sys.getsizeof(value) + sum(nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sys.getsizeof(value) + sum(nbytes(k) + nbytes(v) for k, v in value.items())
+    return sys.getsizeof(value)
+
+
+class ByteLRU:
+    """A thread-safe LRU mapping bounded by the summed `nbytes` of its values.
+
+    A value larger than the whole limit is returned but not kept. Two threads missing the same key may
+    both load it (the second result replaces the first): loads are pure reads, so this costs time, not
+    correctness, and keeps the lock off the slow path.
+    """
+
+    def __init__(self, limit_bytes: int):
+        if limit_bytes < 0:
+            raise ValueError("cache limit must be >= 0 bytes")
+        self.limit = int(limit_bytes)
+        self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, key: Hashable, load: Callable[[], T]) -> T:
+        """The cached value of `key`, or `load()` (kept if it fits)."""
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key][0]
+            self.misses += 1
+        value = load()
+        size = nbytes(value)
+        with self._lock:
+            if key in self._data:
+                self.bytes -= self._data.pop(key)[1]
+            if size <= self.limit:
+                self._data[key] = (value, size)
+                self.bytes += size
+                while self.bytes > self.limit:
+                    self.bytes -= self._data.popitem(last=False)[1][1]
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _limit_from_env() -> int:
+    text = os.environ.get(ENV_BYTES)
+    return DEFAULT_BYTES if not text else int(float(text) * MiB)
+
+
+CACHE = ByteLRU(_limit_from_env())
+
+
+def configure(limit_bytes: int) -> None:
+    """Set this process's cache limit (the server does it before forking its workers)."""
+    CACHE.clear()
+    CACHE.limit = int(limit_bytes)
+
+
+def manifest_mtime(run_dir: Path) -> int:
+    """The run's version: the manifest is rewritten (atomically) whenever the run's status or files change."""
+    try:
+        return (Path(run_dir) / "manifest.json").stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def run_cached(run_dir: Path, what: Hashable, load: Callable[[], T]) -> T:
+    """`load()` once per (run folder, manifest version, what) in this process, within the byte limit.
+
+    `load` must go through entropylens.store's readers, which refuse a run that is not complete, so an
+    error is raised (and nothing cached) for a run that is still being written."""
+    return CACHE.get((str(run_dir), manifest_mtime(run_dir), what), load)
