@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 
 T = TypeVar("T")
@@ -29,6 +30,8 @@ def nbytes(value: Any) -> int:
     """Approximate memory held by a cached value (DataFrames by their buffers, containers recursively)."""
     if isinstance(value, pd.DataFrame):
         return int(value.memory_usage(index=True, deep=True).sum())
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes) + 112
     if isinstance(value, pd.Series):
         return int(value.memory_usage(index=True, deep=True))
     if isinstance(value, (tuple, list)):
@@ -111,3 +114,19 @@ def run_cached(run_dir: Path, what: Hashable, load: Callable[[], T]) -> T:
     `load` must go through entropylens.store's readers, which refuse a run that is not complete, so an
     error is raised (and nothing cached) for a run that is still being written."""
     return CACHE.get((str(run_dir), manifest_mtime(run_dir), what), load)
+
+
+def cache_version(cache: Path) -> tuple[tuple[str, int], ...]:
+    """Every run folder of `cache` with its manifest's mtime: changes whenever any run appears, goes, completes
+    or is re-traced (a stat per run, no reads)."""
+    root = Path(cache) / "runs"
+    try:
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except OSError:
+        return ()
+    return tuple((name, manifest_mtime(root / name)) for name in names)
+
+
+def memo(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
+    """`load()` once per `key` while no run of `cache` changes (a figure built from complete runs only)."""
+    return CACHE.get(("memo", str(cache), cache_version(cache), key), load)

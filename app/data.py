@@ -88,20 +88,28 @@ def outcome_stats(run_dir: Path, lens: str) -> tuple[pd.DataFrame, pd.DataFrame]
                       lambda: (outcome_diff(run_dir, lens=lens), auroc_table(run_dir)))
 
 
+# one prompt's slice holds every per-cell column, so the heatmap of any site and a click share one read
+SLICE_COLUMNS = [c for c in store.ENTROPY_SCHEMA.names if c not in ("lens", "prompt_idx", "role")]
+
+
 def read_entropy(run_dir: Path, columns: list[str], lens: str, prompt_idx: int,
                  position: int | None = None, layer: int | None = None) -> pd.DataFrame:
-    """Entropy rows of one prompt (optionally one cell) for one lens: only the named columns are read.
+    """Entropy rows of one prompt (optionally one cell) for one lens, the named columns.
 
-    A whole prompt's slice is cached (a heatmap: ~40 k rows); single cells (clicks) are read as asked."""
+    The prompt's slice (every per-cell column: ~3 MB for 40 layers x 1000 tokens) is read once and cached;
+    columns outside it are read directly."""
     filters = [("lens", "==", lens), ("prompt_idx", "==", int(prompt_idx))]
+    if not set(columns) <= set(SLICE_COLUMNS):
+        cells = [(k, "==", int(v)) for k, v in (("position", position), ("layer", layer)) if v is not None]
+        return store.load_entropy(run_dir, columns=columns, filters=filters + cells)
+    rows = run_cached(run_dir, ("entropy", lens, int(prompt_idx)),
+                      lambda: store.load_entropy(run_dir, columns=SLICE_COLUMNS, filters=filters))
+    keep = pd.Series(True, index=rows.index)
     if position is not None:
-        filters.append(("position", "==", int(position)))
+        keep &= rows["position"] == int(position)
     if layer is not None:
-        filters.append(("layer", "==", int(layer)))
-    read = lambda: store.load_entropy(run_dir, columns=columns, filters=filters)  # noqa: E731
-    if position is not None or layer is not None:
-        return read()
-    return run_cached(run_dir, ("entropy", lens, int(prompt_idx), tuple(columns)), read)
+        keep &= rows["layer"] == int(layer)
+    return rows.loc[keep, list(columns)].reset_index(drop=True)
 
 
 def read_tokens(run_dir: Path, prompt_idx: int) -> pd.DataFrame:

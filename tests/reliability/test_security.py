@@ -55,15 +55,21 @@ def client(cache):
 def test_dashboard_binds_localhost_by_default(cache, monkeypatch, capsys):
     import dash
 
-    from app.server import serve
+    from app import server
 
     seen = {}
-    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    monkeypatch.setattr(server, "run_gunicorn", lambda wsgi, options: seen.update(options, wsgi=wsgi))
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw, dev=True))
+    monkeypatch.delenv("ENTROPYLENS_APP_TOKEN", raising=False)
     code, _, err = run_main(monkeypatch, capsys, "app", "--cache", str(cache), "--port", "0")
     assert code == 0, err
-    assert seen["host"] == "127.0.0.1" and seen["debug"] is False
+    assert seen["bind"] == "127.0.0.1:0" and seen["worker_class"] == "gthread" and "dev" not in seen
+    assert "%(U)s" in seen["access_log_format"] and "%(r)s" not in seen["access_log_format"]  # no query strings
+    seen.clear()
+    code, _, err = run_main(monkeypatch, capsys, "app", "--cache", str(cache), "--port", "0", "--dev")
+    assert code == 0 and seen["host"] == "127.0.0.1" and seen["debug"] is True and seen["dev"], err
     import inspect
-    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(server.serve).parameters["host"].default == "127.0.0.1"
 
 
 ESCAPES = ["..", "../outside", "../../etc", "/etc/passwd", "escape", "%2e%2e", "%2e%2e%2foutside",
