@@ -100,12 +100,14 @@ def configure(limit_bytes: int) -> None:
     CACHE.limit = int(limit_bytes)
 
 
-def manifest_mtime(run_dir: Path) -> int:
-    """The run's version: the manifest is rewritten (atomically) whenever the run's status or files change."""
+def manifest_mtime(run_dir: Path) -> tuple[int, int, int]:
+    """The run's version: the manifest is replaced atomically (a new file) whenever the run's status or files
+    change. Its inode and size join the mtime, so two rewrites within one clock tick still differ."""
     try:
-        return (Path(run_dir) / "manifest.json").stat().st_mtime_ns
+        st = (Path(run_dir) / "manifest.json").stat()
     except OSError:
-        return -1
+        return (-1, -1, -1)
+    return (st.st_mtime_ns, st.st_ino, st.st_size)
 
 
 def run_cached(run_dir: Path, what: Hashable, load: Callable[[], T]) -> T:
@@ -116,7 +118,7 @@ def run_cached(run_dir: Path, what: Hashable, load: Callable[[], T]) -> T:
     return CACHE.get((str(run_dir), manifest_mtime(run_dir), what), load)
 
 
-def cache_version(cache: Path) -> tuple[tuple[str, int], ...]:
+def cache_version(cache: Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     """Every run folder of `cache` with its manifest's mtime: changes whenever any run appears, goes, completes
     or is re-traced (a stat per run, no reads)."""
     root = Path(cache) / "runs"

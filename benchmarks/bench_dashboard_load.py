@@ -103,6 +103,15 @@ def _flow_of(run: str) -> bytes:
                                       ("flow-sites", "value", ["layer"]), ("outcome", "value", "all")])
 
 
+def _length(values) -> int:
+    """Length of a trace array (Plotly ships numeric arrays base64-encoded: {dtype, bdata})."""
+    if isinstance(values, dict):
+        import base64
+
+        return len(base64.b64decode(values["bdata"])) // np.dtype(values["dtype"]).itemsize
+    return len(values)
+
+
 def _writer_check(data: bytes, status: str, n_points: int | None) -> str | None:
     """A figure of the writer's run: none while it is not complete, every layer once it is."""
     fig = json.loads(data)["response"]["flow-graph"]["figure"]
@@ -110,7 +119,7 @@ def _writer_check(data: bytes, status: str, n_points: int | None) -> str | None:
         return None if not fig["data"] else f"data of a {status} run was served"
     if not fig["data"]:
         return f"completed run drew nothing: {fig['layout']['annotations'][0]['text']!r}"
-    got = {len(t["x"]) for t in fig["data"] if t.get("x") is not None and t.get("mode") != "none"}
+    got = {_length(t["x"]) for t in fig["data"] if t.get("x") is not None and t.get("fill") is None}
     return None if n_points is None or n_points in got else f"partial table: {got} points, expected {n_points}"
 
 

@@ -43,13 +43,25 @@ def cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.fixture(scope="module")
-def client(cache):
+@pytest.fixture(scope="module", params=["dev", "gunicorn"])
+def client(cache, request):
+    """The app as the development server runs it (Flask's test client on the same WSGI app), and the
+    production server: `entropylens app` (gunicorn, 2 workers) in a real process, over real HTTP."""
     from app.server import create_app
+    from serving import Served
 
-    c = create_app(cache).server.test_client()
-    assert c.get("/").status_code == 200
-    return c
+    if request.param == "dev":
+        c = create_app(cache).server.test_client()
+        assert c.get("/").status_code == 200
+        yield c
+        return
+    served = Served(cache, "--workers", "2", "--threads", "2")
+    try:
+        c = served.client()
+        assert c.get("/").status_code == 200
+        yield c
+    finally:
+        served.stop()
 
 
 def test_dashboard_binds_localhost_by_default(cache, monkeypatch, capsys):
