@@ -49,6 +49,16 @@ def _check_port(host: str, port: int) -> None:
             raise UserError(f"port {port} on {host} is in use; pass --port with a free port") from None
 
 
+def prepare(app: dash.Dash) -> None:
+    """Run Dash's first-request set-up (it registers the component bundles' paths) before forking.
+
+    Dash does it lazily on a process's first request and flags it done before it is: a worker whose first
+    requests arrive together (a browser fetching bundles from a fresh worker) answers some of them 404.
+    Done once in the master, every worker inherits a finished set-up."""
+    with app.server.test_request_context("/"):
+        app._setup_server()
+
+
 def gunicorn_options(cfg: AppConfig) -> dict:
     """gunicorn settings for `cfg` (bind, gthread workers, logs without query strings)."""
     host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
@@ -98,6 +108,7 @@ def serve(cfg: AppConfig | Path | str, host: str = "127.0.0.1", port: int = 8050
         app.run(host=cfg.host, port=cfg.port, debug=True)
         return
     opts = gunicorn_options(cfg)
+    prepare(app)
     print(f"entropylens app: {where} · gunicorn, {opts['workers']} workers x {cfg.threads} threads, "
           f"{cfg.cache_mb} MiB table cache each · {guard}", file=sys.stderr)
     run_gunicorn(app.server, opts)

@@ -324,3 +324,24 @@ def test_the_cache_never_holds_a_running_run(tmp_path):
     cell = data.read_entropy(run, ["H_ffn", "top1_layer"], "bupo", 1, position=3, layer=2)
     want = direct[(direct["position"] == 3) & (direct["layer"] == 2)][["H_ffn", "top1_layer"]].reset_index(drop=True)
     assert len(cell) == 1 and cell.equals(want) and len(CACHE) == 1  # the click came from the same slice
+
+
+def test_fresh_workers_serve_every_bundle_when_asked_all_at_once(cache):
+    """Dash registers bundle paths on a process's first request and flags that done too early; concurrent first
+    requests to a fresh worker got 404 for bundles until the set-up moved before the fork (app.server.prepare)."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.server import create_app
+
+    index = create_app(cache).server.test_client().get("/").data.decode()
+    bundles = re.findall(r'src="(/_dash-component-suites/[^"]+)"', index)
+    assert len(bundles) >= 5
+    served = Served(cache, "--workers", "2", "--threads", "8")
+    try:
+        c = served.client()
+        with ThreadPoolExecutor(16) as pool:  # the page's bundles, twice over, before any other request
+            codes = list(pool.map(lambda path: c.get(path).status_code, bundles * 2))
+    finally:
+        served.stop()
+    assert codes == [200] * len(codes), codes
