@@ -345,3 +345,29 @@ def test_fresh_workers_serve_every_bundle_when_asked_all_at_once(cache):
     finally:
         served.stop()
     assert codes == [200] * len(codes), codes
+
+
+@pytest.mark.reliability
+def test_load_benchmark_runs_small_and_its_writer_check_works(tmp_path):
+    """benchmarks/bench_dashboard_load.py end to end at toy size: both servers answer every request, the
+    writer's run is listed and drawn once complete; a damaged figure would count as an error."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_dashboard_load as bench
+
+    cache = tmp_path / "cache"
+    bench.build(cache, 2)
+    args = argparse.Namespace(cache=cache, clients=2, seconds=4.0, workers="2", threads=2, client_procs=1,
+                              writer=True)
+    model = bench.tiny_model(tmp_path / "model")
+    for kind in ("gunicorn", "dev"):
+        r = bench.run_one(kind, args, model, f"t-{kind}")
+        assert r["requests"] > 8 and r["errors"] == 0, r["error_examples"]
+        assert r["writer"]["after_completion"] == "listed complete and drawn in full" and not r["writer"]["stale_listings"]
+        assert 0.05 < r["peak_rss_gib"] < 4 and {"table", "lenses", "flow"} <= set(r["by_kind"])
+    assert bench._writer_check(b'{"response": {"flow-graph": {"figure": {"data": [{"x": [0, 1], "y": [1, 2]}]}}}}',
+                               "complete", 3).startswith("partial table")
+    assert bench._writer_check(b'{"response": {"flow-graph": {"figure": {"data": [{"x": [0], "y": [1]}]}}}}',
+                               "running", 3) == "data of a running run was served"
