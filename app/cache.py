@@ -22,8 +22,7 @@ import pandas as pd
 
 T = TypeVar("T")
 MiB = 1 << 20
-DEFAULT_BYTES = 1024 * MiB  # a 10 M-row run's working set: summary, outcomes, vocab, ~500 prompt slices
-ENV_BYTES = "ENTROPYLENS_APP_CACHE_MB"
+DEFAULT_BYTES = 1024 * MiB  # every prompt slice of a 10.5 M-row run (256 x 3.05 MiB) + summary, vocab, figures
 
 
 def nbytes(value: Any) -> int:
@@ -86,12 +85,7 @@ class ByteLRU:
         return len(self._data)
 
 
-def _limit_from_env() -> int:
-    text = os.environ.get(ENV_BYTES)
-    return DEFAULT_BYTES if not text else int(float(text) * MiB)
-
-
-CACHE = ByteLRU(_limit_from_env())
+CACHE = ByteLRU(DEFAULT_BYTES)
 
 
 def configure(limit_bytes: int) -> None:

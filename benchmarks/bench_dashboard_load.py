@@ -59,35 +59,35 @@ def body(output: str, inputs, state=()) -> bytes:
 
 def session(rng: random.Random, runs: list[str]):
     """One user's interaction: (kind, request body) in the order a browser sends them."""
-    run = rng.choice(runs)
+    run, outcome = rng.choice(runs), rng.choice(OUTCOMES)
+    focus = ("focus-run", "value", run)
     yield "table", body("runs-table.data runs-table.selected_rows runs-table.selected_row_ids banner.children",
                         [("url", "search", ""), ("refresh", "n_clicks", rng.choice([None, 1]))],
                         [("runs-table", "selected_row_ids", runs)])
-    yield "lenses", body("flow-lens.options flow-lens.value dh-lens.options dh-lens.value",
-                         [("focus-run", "value", run)], [("flow-lens", "value", "bupo")])
-    outcome = rng.choice(OUTCOMES)
-    yield "flow", body("flow-graph.figure", [("focus-run", "value", run), ("flow-lens", "value", "bupo"),
-                                             ("flow-role", "value", rng.choice(["response", "prompt", "all"])),
-                                             ("flow-spread", "value", rng.choice(["std", "iqr"])),
-                                             ("flow-sites", "value", rng.sample(SITES, 3)), ("outcome", "value", outcome)])
-    yield "dh", body("dh-graph.figure", [("focus-run", "value", run), ("dh-lens", "value", "bupo"),
-                                         ("dh-role", "value", "response"), ("dh-band", "value", rng.choice([0.05, 0.1])),
-                                         ("outcome", "value", outcome)])
-    yield "compare", body("compare-graph.figure", [("runs-table", "selected_row_ids", runs),
-                                                   ("compare-quantity", "value", rng.choice(["H_layer", "dH_ffn"])),
-                                                   ("compare-role", "value", "response"),
-                                                   ("compare-lens", "value", ["bupo"]), ("compare-norm", "value", ["norm"]),
-                                                   ("outcome", "value", outcome)])
-    yield "prompts", body("tokens-prompt.options tokens-prompt.value tokens-lens.options tokens-lens.value",
-                          [("focus-run", "value", run)], [("tokens-prompt", "value", None), ("tokens-lens", "value", "bupo")])
+    yield "lenses", body("flow-lens.options flow-lens.value dh-lens.options dh-lens.value", [focus],
+                         [("flow-lens", "value", "bupo")])
+    yield "flow", body("flow-graph.figure", [
+        focus, ("flow-lens", "value", "bupo"), ("flow-role", "value", rng.choice(["response", "prompt", "all"])),
+        ("flow-spread", "value", rng.choice(["std", "iqr"])), ("flow-sites", "value", rng.sample(SITES, 3)),
+        ("outcome", "value", outcome)])
+    yield "dh", body("dh-graph.figure", [
+        focus, ("dh-lens", "value", "bupo"), ("dh-role", "value", "response"),
+        ("dh-band", "value", rng.choice([0.05, 0.1])), ("outcome", "value", outcome)])
+    yield "compare", body("compare-graph.figure", [
+        ("runs-table", "selected_row_ids", runs), ("compare-quantity", "value", rng.choice(["H_layer", "dH_ffn"])),
+        ("compare-role", "value", "response"), ("compare-lens", "value", ["bupo"]),
+        ("compare-norm", "value", ["norm"]), ("outcome", "value", outcome)])
+    yield "prompts", body("tokens-prompt.options tokens-prompt.value tokens-lens.options tokens-lens.value", [focus],
+                          [("tokens-prompt", "value", None), ("tokens-lens", "value", "bupo")])
     prompt = rng.randrange(0, 32 if run == BIG else 16)  # a group looks at a few dozen prompts, not all 256
     site = rng.choice(SITES)
-    yield "heatmap", body("heatmap-graph.figure", [("focus-run", "value", run), ("tokens-lens", "value", "bupo"),
-                                                   ("tokens-prompt", "value", prompt), ("tokens-site", "value", site),
-                                                   ("tokens-quantity", "value", "dH" if site in ("attn", "ffn") and rng.random() < .5 else "H")])
+    quantity = "dH" if site in ("attn", "ffn") and rng.random() < 0.5 else "H"
+    yield "heatmap", body("heatmap-graph.figure", [
+        focus, ("tokens-lens", "value", "bupo"), ("tokens-prompt", "value", prompt), ("tokens-site", "value", site),
+        ("tokens-quantity", "value", quantity)])
     click = {"points": [{"x": f"{rng.randrange(0, 400)}: tok", "y": rng.randrange(0, 28)}]}
     yield "click", body("cell-detail.children", [("heatmap-graph", "clickData", click)],
-                        [("focus-run", "value", run), ("tokens-lens", "value", "bupo"), ("tokens-prompt", "value", prompt)])
+                        [focus, ("tokens-lens", "value", "bupo"), ("tokens-prompt", "value", prompt)])
 
 
 def _post(conn: http.client.HTTPConnection, payload: bytes) -> tuple[bool, bytes]:
@@ -335,8 +335,8 @@ def main() -> None:
             w = r["writer"]
             print(f"round {rep + 1} {kind:8s} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f}  p95 {r['p95']:6.0f}  "
                   f"p99 {r['p99']:6.0f} ms  errors {r['errors']}/{r['requests']}  peak RSS {r['peak_rss_gib']:.2f} GiB"
-                  + (f"\n    writer run: listed as {w['statuses_seen']} during the reads, stale listings {w['stale_listings']}, "
-                     f"after completion: {w['after_completion']}" if w else ""),
+                  + (f"\n    writer run: listed as {w['statuses_seen']} during the reads, stale listings "
+                     f"{w['stale_listings']}, after completion: {w['after_completion']}" if w else ""),
                   flush=True)
             print("    p99 by callback (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in r["by_kind"].items()), flush=True)
             for e in r["error_examples"]:

@@ -6,7 +6,6 @@ import hmac
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -192,7 +191,8 @@ def test_token_never_reaches_the_logs(cache, tmp_path):
     r = c.get(f"/?run=good&token={TOKEN}")
     assert r.status_code == 303 and TOKEN not in r.headers.get("location", "")
     c.cookie = r.headers["set-cookie"].split(";", 1)[0]
-    assert c.get("/").status_code == 200 and c.post("/_dash-update-component", json=_flow_body("good")).status_code == 200
+    assert c.get("/").status_code == 200
+    assert c.post("/_dash-update-component", json=_flow_body("good")).status_code == 200
     c.cookie = None
     c.post("/_entropylens/login", data=f"token={TOKEN}".encode(), headers={"Content-Type":
                                                                            "application/x-www-form-urlencoded"})
@@ -365,7 +365,8 @@ def test_load_benchmark_runs_small_and_its_writer_check_works(tmp_path):
     for kind in ("gunicorn", "dev"):
         r = bench.run_one(kind, args, model, f"t-{kind}")
         assert r["requests"] > 8 and r["errors"] == 0, r["error_examples"]
-        assert r["writer"]["after_completion"] == "listed complete and drawn in full" and not r["writer"]["stale_listings"]
+        w = r["writer"]
+        assert w["after_completion"] == "listed complete and drawn in full" and not w["stale_listings"]
         assert 0.05 < r["peak_rss_gib"] < 4 and {"table", "lenses", "flow"} <= set(r["by_kind"])
     assert bench._writer_check(b'{"response": {"flow-graph": {"figure": {"data": [{"x": [0, 1], "y": [1, 2]}]}}}}',
                                "complete", 3).startswith("partial table")
