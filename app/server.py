@@ -9,6 +9,7 @@ then has its own byte-bounded table cache (app.cache).
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -95,7 +96,9 @@ def serve(cfg: AppConfig | Path | str, host: str = "127.0.0.1", port: int = 8050
     cache = Path(cfg.cache)
     if not (cache / "runs").is_dir():
         raise UserError(f"no runs in {cache}: trace a model first (entropylens trace) or pass --cache")
-    _check_port(cfg.host, cfg.port)
+    reloaded = os.environ.get("WERKZEUG_RUN_MAIN") == "true"  # --dev's reloader child: the parent holds the port
+    if not reloaded:
+        _check_port(cfg.host, cfg.port)
     token = cfg.resolved_token()
     configure(cfg.cache_mb * MiB)
     app = create_app(cache, token)
@@ -104,7 +107,9 @@ def serve(cfg: AppConfig | Path | str, host: str = "127.0.0.1", port: int = 8050
     if not is_loopback(cfg.host):
         guard += "; plain HTTP: put a TLS reverse proxy in front"
     if cfg.dev:
-        print(f"entropylens app: {where} · Dash development server (debug, hot reload) · {guard}", file=sys.stderr)
+        if not reloaded:
+            print(f"entropylens app: {where} · Dash development server (debug, hot reload) · {guard}",
+                  file=sys.stderr)
         app.run(host=cfg.host, port=cfg.port, debug=True)
         return
     opts = gunicorn_options(cfg)

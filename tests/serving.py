@@ -72,7 +72,7 @@ class Served:
         self._out = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "entropylens", "app", "--cache", str(cache),
                                       "--port", str(self.port), *args], env=environ, stdout=self._out,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         end = time.time() + 120
         while True:
             if self.proc.poll() is not None:
@@ -90,13 +90,20 @@ class Served:
         return HttpClient(self.port, cookie)
 
     def stop(self) -> str:
-        """Stop the server (SIGTERM: gunicorn's graceful stop) and return everything it logged."""
+        """Stop the server and its children (SIGTERM to its own process group: gunicorn's graceful stop, and
+        the --dev reloader's child) and return everything it logged."""
+        import signal
+
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # a reloader child that outlived its parent
+        except ProcessLookupError:
+            pass
         self._out.close()
         return self.log.read_text()

@@ -6,6 +6,7 @@ import hmac
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -200,6 +201,25 @@ def test_token_never_reaches_the_logs(cache, tmp_path):
     log = served.stop()
     assert '"GET /" 303' in log and '"POST /_dash-update-component" 200' in log  # the access log is on
     assert TOKEN not in log and TOKEN[:12] not in log, log
+
+
+def test_dev_server_serves_behind_the_token(cache, tmp_path):
+    """`--dev`: Werkzeug with debug and the reloader (whose child must not trip over the port its parent holds)."""
+    served = Served(cache, "--dev", "--token", TOKEN, log=tmp_path / "dev.log")
+    try:
+        c = served.client()
+        end = time.time() + 60
+        while c.get("/_dash-layout").status_code != 401:  # the reloader's child is serving once it answers
+            assert time.time() < end
+            time.sleep(0.5)
+        r = c.get(f"/?token={TOKEN}")
+        assert r.status_code == 303
+        c.cookie = r.headers["set-cookie"].split(";", 1)[0]
+        assert c.get("/_dash-layout").status_code == 200 and flow_figure(c, "good")["data"]
+    finally:
+        log = served.stop()
+    assert "Debug mode: on" in log and "error:" not in log and TOKEN not in log  # Dash silences route logs in
+    # debug; were they on (dev_tools_silence_routes_logging=False), app.auth.RedactToken blanks the token
 
 
 def test_dev_server_log_lines_are_redacted():
