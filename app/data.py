@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from app.cache import run_cached
+from app.cache import memo, run_cached
 from entropylens import store
 from entropylens.errors import UserError
 from entropylens.store import read_manifest, resolve_run  # noqa: F401  (resolve_run is re-exported to the views)
@@ -48,7 +48,12 @@ def _status(run_dir: Path, status: str, kind: str) -> str:
 
 
 def list_runs(cache: Path) -> pd.DataFrame:
-    """One row per run folder, newest first; broken folders show a `corrupt: ...` status, never an error."""
+    """One row per run folder, newest first; broken folders show a `corrupt: ...` status, never an error.
+    Rebuilt whenever a run folder appears, goes or has its manifest replaced (app.cache.memo)."""
+    return memo(cache, "list_runs", lambda: _list_runs(cache))
+
+
+def _list_runs(cache: Path) -> pd.DataFrame:
     df = store.list_runs(cache)
     root = Path(cache) / "runs"
     out = pd.DataFrame({
