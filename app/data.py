@@ -25,6 +25,14 @@ RUN_COLUMNS = ["run_id", "model", "architecture", "layers", "prompts", "tokens",
 _NEEDED = {"trace": ["summary.parquet", "entropy.parquet", "tokens.parquet"], "bupo": ["metrics.jsonl"]}
 
 
+def _starting(run_dir: Path) -> bool:
+    """A folder a writer has just made: no manifest yet, nothing in it but files being written (`*.tmp`)."""
+    try:
+        return not (run_dir / "manifest.json").exists() and all(p.name.endswith(".tmp") for p in run_dir.iterdir())
+    except OSError:
+        return False
+
+
 def _status(run_dir: Path, status: str, kind: str) -> str:
     """The table's status: store status, with the reason for failed runs and damaged complete runs."""
     if status == "failed":
@@ -33,6 +41,8 @@ def _status(run_dir: Path, status: str, kind: str) -> str:
         except UserError:
             return "corrupt: manifest.json unreadable"
     if status == "corrupt":
+        if _starting(run_dir):
+            return "starting"
         return "corrupt: manifest.json missing or unreadable"
     if status != "complete":
         return status

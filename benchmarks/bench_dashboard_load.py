@@ -40,6 +40,7 @@ DEV = ("import sys; from pathlib import Path; from app.server import create_app;
        "create_app(Path(sys.argv[1])).run(host='127.0.0.1', port=int(sys.argv[2]), debug=False)")
 SITES = ["layer", "attn", "ffn", "attn_in", "ffn_in"]
 OUTCOMES = ["all", "correct", "wrong", "both"]
+LOG = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-dashboard-load-{os.getpid()}.log"  # the server's output
 
 
 def free_port() -> int:
@@ -183,7 +184,7 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited: {LOG.read_text()[-2000:]}")
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             c.request("GET", "/_dash-layout")
@@ -214,7 +215,8 @@ def start_server(kind: str, cache: Path, port: int, workers: str, threads: int) 
                "--workers", workers, "--threads", str(threads)]
     else:
         cmd = [sys.executable, "-c", DEV, str(cache), str(port)]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its log goes to a file: a pipe nobody reads fills up after ~64 kB of access lines and stalls the server
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=open(LOG, "w"), text=True)
 
 
 def writer_cmd(model: Path, cache: Path, name: str) -> list[str]:
@@ -263,7 +265,7 @@ def run_one(kind: str, args, model: Path, tag: str) -> dict:
         if args.writer:
             time.sleep(args.seconds / 10)
             writer = subprocess.Popen(writer_cmd(model, args.cache, writer_run), env=ENV,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # quiet
         recs = [r for _ in workers for r in q.get()]
         elapsed = time.time() - t0
         for w in workers:

@@ -392,3 +392,24 @@ def test_load_benchmark_runs_small_and_its_writer_check_works(tmp_path):
                                "complete", 3).startswith("partial table")
     assert bench._writer_check(b'{"response": {"flow-graph": {"figure": {"data": [{"x": [0], "y": [1]}]}}}}',
                                "running", 3) == "data of a running run was served"
+
+
+def test_a_folder_a_writer_just_made_is_starting_not_corrupt(tmp_path):
+    """Between a trace's mkdir and its first manifest the folder is listed `starting` (not usable, never read);
+    a folder with data but no manifest stays `corrupt`."""
+    from app.data import list_runs, usable
+
+    cache = tmp_path / "c"
+    write_run(cache, SyntheticRun("done", n_layers=2, seed=6))
+    runs = cache / "runs"
+    (runs / "empty").mkdir()
+    (runs / "writing").mkdir()
+    (runs / "writing" / "manifest.json.tmp").write_text("{")
+    (runs / "orphan").mkdir()
+    shutil.copy(runs / "done" / "summary.parquet", runs / "orphan" / "summary.parquet")
+    status = list_runs(cache).set_index("run_id")["status"]
+    assert status["empty"] == status["writing"] == "starting" and not usable("starting")
+    assert status["orphan"].startswith("corrupt") and status["done"] == "complete"
+    m = json.loads((runs / "done" / "manifest.json").read_text())
+    (runs / "writing" / "manifest.json").write_text(json.dumps({**m, "run_id": "writing", "status": "running"}))
+    assert list_runs(cache).set_index("run_id")["status"]["writing"] == "running"  # seen at once: a new version
