@@ -391,7 +391,7 @@ def test_load_benchmark_runs_small_and_its_writer_check_works(tmp_path):
     assert bench._writer_check(b'{"response": {"flow-graph": {"figure": {"data": [{"x": [0, 1], "y": [1, 2]}]}}}}',
                                "complete", 3).startswith("partial table")
     assert bench._writer_check(b'{"response": {"flow-graph": {"figure": {"data": [{"x": [0], "y": [1]}]}}}}',
-                               "running", 3) == "data of a running run was served"
+                               "running", 3) == bench.RUNNING_DATA
 
 
 def test_a_folder_a_writer_just_made_is_starting_not_corrupt(tmp_path):
