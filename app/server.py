@@ -65,6 +65,7 @@ def gunicorn_options(cfg: AppConfig) -> dict:
     host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
     return {"bind": f"{host}:{cfg.port}", "workers": cfg.resolved_workers(), "threads": cfg.threads,
             "worker_class": "gthread", "timeout": cfg.timeout, "graceful_timeout": 10, "preload_app": True,
+            "keepalive": 30,  # gunicorn's 2 s closes a browser's idle connection between two clicks
             "accesslog": "-", "access_log_format": ACCESS_LOG_FORMAT, "errorlog": "-", "loglevel": "warning",
             "proc_name": "entropylens-app", "forwarded_allow_ips": "127.0.0.1,::1"}
 

@@ -129,7 +129,7 @@ def _client(port: int, seconds: float, seed: int, writer_run: str, out: list) ->
     rng = random.Random(seed)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     runs, end = [BIG, SMALL], time.time() + seconds
-    rec = {"lat": [], "kind": [], "errors": [], "writer_seen": [], "running_data_at": []}
+    rec = {"lat": [], "kind": [], "errors": [], "writer_seen": [], "running_data_at": [], "retries": 0}
     while time.time() < end:
         for kind, payload in session(rng, runs):
             if time.time() >= end:
@@ -137,7 +137,13 @@ def _client(port: int, seconds: float, seed: int, writer_run: str, out: list) ->
             extra = []
             t = time.perf_counter()
             try:
-                ok, data = _post(conn, payload)
+                try:
+                    ok, data = _post(conn, payload)
+                except (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError):
+                    # the server closed an idle keep-alive connection: a browser retries on a new one
+                    conn.close()
+                    rec["retries"] += 1
+                    ok, data = _post(conn, payload)
             except (OSError, http.client.HTTPException) as e:
                 ok, data = False, str(e).encode()
                 conn.close()
@@ -298,7 +304,7 @@ def run_one(kind: str, args, model: Path, tag: str) -> dict:
     stale = [t for t, s in seen if s != "complete" and done_at is not None and t > done_at + 1.0]
     return {"server": kind, "requests": len(lat), "rps": len(lat) / elapsed, "p50": np.percentile(lat, 50),
             "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99), "errors": len(errors),
-            "error_examples": errors[:3], "peak_rss_gib": peak[0] / 2**30,
+            "error_examples": errors[:3], "peak_rss_gib": peak[0] / 2**30, "retries": sum(r["retries"] for r in recs),
             "writer": (None if writer is None else
                        {"statuses_seen": sorted(statuses), "stale_listings": len(stale),
                         "after_completion": after or "listed complete and drawn in full"}),
@@ -342,7 +348,8 @@ def main() -> None:
             results.append(r)
             w = r["writer"]
             print(f"round {rep + 1} {kind:8s} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f}  p95 {r['p95']:6.0f}  "
-                  f"p99 {r['p99']:6.0f} ms  errors {r['errors']}/{r['requests']}  peak RSS {r['peak_rss_gib']:.2f} GiB"
+                  f"p99 {r['p99']:6.0f} ms  errors {r['errors']}/{r['requests']} (reconnects {r['retries']})  "
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB"
                   + (f"\n    writer run: listed as {w['statuses_seen']} during the reads, stale listings "
                      f"{w['stale_listings']}, after completion: {w['after_completion']}" if w else ""),
                   flush=True)
