@@ -26,9 +26,14 @@ _NEEDED = {"trace": ["summary.parquet", "entropy.parquet", "tokens.parquet"], "b
 
 
 def _starting(run_dir: Path) -> bool:
-    """A folder a writer has just made: no manifest yet, nothing in it but files being written (`*.tmp`)."""
+    """A folder a writer has just made: no manifest yet, nothing in it but files being written (`*.tmp`) and
+    an empty `parts/` (entropylens.store.RunWriter makes the folder and parts/ before the first manifest)."""
     try:
-        return not (run_dir / "manifest.json").exists() and all(p.name.endswith(".tmp") for p in run_dir.iterdir())
+        if (run_dir / "manifest.json").exists():
+            return False
+        return all(p.name.endswith(".tmp") or (p.name == "parts" and p.is_dir() and
+                                               all(q.name.endswith(".tmp") for q in p.iterdir()))
+                   for p in run_dir.iterdir())
     except OSError:
         return False
 

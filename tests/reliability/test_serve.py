@@ -405,11 +405,16 @@ def test_a_folder_a_writer_just_made_is_starting_not_corrupt(tmp_path):
     (runs / "empty").mkdir()
     (runs / "writing").mkdir()
     (runs / "writing" / "manifest.json.tmp").write_text("{")
+    (runs / "writing" / "parts").mkdir()  # as RunWriter makes it, before its first manifest
     (runs / "orphan").mkdir()
     shutil.copy(runs / "done" / "summary.parquet", runs / "orphan" / "summary.parquet")
+    (runs / "orphan-parts").mkdir()
+    (runs / "orphan-parts" / "parts").mkdir()
+    (runs / "orphan-parts" / "parts" / "tokens-00000.parquet").write_bytes(b"PAR1")
     status = list_runs(cache).set_index("run_id")["status"]
     assert status["empty"] == status["writing"] == "starting" and not usable("starting")
-    assert status["orphan"].startswith("corrupt") and status["done"] == "complete"
+    assert status["orphan"].startswith("corrupt") and status["orphan-parts"].startswith("corrupt")
+    assert status["done"] == "complete"
     m = json.loads((runs / "done" / "manifest.json").read_text())
     (runs / "writing" / "manifest.json").write_text(json.dumps({**m, "run_id": "writing", "status": "running"}))
     assert list_runs(cache).set_index("run_id")["status"]["writing"] == "running"  # seen at once: a new version
