@@ -3,7 +3,9 @@ figures themselves: entropylens.figures, shared with the report)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -37,19 +39,29 @@ def figure_block(view: str, title: str, controls: list, height: int = 520) -> ht
 
 def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.DataFrame]],
                   inputs: list[tuple[str, str]], target: tuple[str, str] = ("graph", "figure"),
-                  message: Callable[[str], object] = message_figure) -> None:
+                  message: Callable[[str], object] = message_figure, memo: Path | None = None) -> None:
     """Wire `build(*values) -> (figure, data)` to the view's graph and its CSV download.
 
     The CSV callback rebuilds the same data from the same inputs, so what you download is
     exactly what is plotted; user mistakes (UserError) are shown in the figure. A table view
-    passes `target=("panel", "children")` and a `message` that renders the error as text.
+    passes `target=("panel", "children")` and a `message` that renders the error as text. With `memo` (the
+    cache folder) results are kept per inputs until a run there changes (app.cache.memo): only for views
+    that read complete runs, whose files never change while the manifest stays the same.
     """
 
-    def safe(*values):
+    def compute(*values):
         try:
             return build(*values)
         except UserError as e:
             return message(str(e)), pd.DataFrame()
+
+    def safe(*values):
+        if memo is None:
+            return compute(*values)
+        from app.cache import memo as cached
+
+        key = (view, json.dumps(values, sort_keys=True, default=str))
+        return cached(memo, key, lambda: _plain(compute(*values)))
 
     @app.callback(Output(f"{view}-{target[0]}", target[1]), [Input(c, p) for c, p in inputs])
     def _figure(*values):
@@ -62,3 +74,9 @@ def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.Da
         if df.empty:
             return no_update
         return dcc.send_data_frame(df.to_csv, f"entropylens-{view}.csv", index=False)
+
+
+def _plain(result: tuple[object, pd.DataFrame]) -> tuple[object, pd.DataFrame]:
+    """A Plotly figure as its JSON-ready dict (what Dash sends; its size is countable), the rest as is."""
+    fig, df = result
+    return (fig.to_plotly_json() if isinstance(fig, go.Figure) else fig), df

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from app.config import AppConfig
 from entropylens.cli_print import out, print_bench, print_bupo, print_layer_table, print_outcome_table, print_run
 from entropylens.bench import BenchConfig
 from entropylens.bupo.pipeline import BupoRunConfig
@@ -117,16 +118,12 @@ def compare(
 
 
 @app.command("app")
-def app_cmd(
-    cache: str = typer.Option("cache", help="folder holding runs/"),
-    host: str = typer.Option("127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)"),
-    port: int = typer.Option(8050),
-    debug: bool = typer.Option(False),
-) -> None:
-    """Start the dashboard (reads run folders only)."""
+@cli_options(AppConfig)
+def app_cmd(options: dict) -> None:
+    """Serve the dashboard (reads run folders only): gunicorn workers, or --dev for Dash's development server."""
     from app.server import serve
 
-    serve(Path(cache), host=host, port=port, debug=debug)
+    serve(build(AppConfig, options))
 
 
 @app.command()

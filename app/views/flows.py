@@ -208,10 +208,10 @@ def register(app: Dash, cache: Path) -> None:
 
     register_view(app, "flow", lambda *a: build_flow(cache, *a),
                   [("focus-run", "value"), ("flow-lens", "value"), ("flow-role", "value"),
-                   ("flow-spread", "value"), ("flow-sites", "value"), ("outcome", "value")])
+                   ("flow-spread", "value"), ("flow-sites", "value"), ("outcome", "value")], memo=cache)
     register_view(app, "dh", lambda *a: build_dh(cache, *a),
                   [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value"),
-                   ("outcome", "value")])
+                   ("outcome", "value")], memo=cache)
 
     def _stages(*values) -> tuple[list, pd.DataFrame]:
         d, table = build_stages(cache, *values)
@@ -220,9 +220,9 @@ def register(app: Dash, cache: Path) -> None:
     register_view(app, "stages", _stages,
                   [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value"),
                    ("stages-collapse", "value")],
-                  target=("panel", "children"), message=lambda text: html.P(text, className="hint"))
+                  target=("panel", "children"), message=lambda text: html.P(text, className="hint"), memo=cache)
     register_view(app, "compare", lambda ids, q, role, lenses, norm, oc: build_compare(
                       cache, ids, q, role, lenses, bool(norm), oc),
                   [("runs-table", "selected_row_ids"), ("compare-quantity", "value"), ("compare-role", "value"),
-                   ("compare-lens", "value"), ("compare-norm", "value"), ("outcome", "value")])
+                   ("compare-lens", "value"), ("compare-norm", "value"), ("outcome", "value")], memo=cache)
 

@@ -105,9 +105,9 @@ def register(app: Dash, cache: Path) -> None:
 
     register_view(app, "outdiff", when_open(build_outcome_diff),
                   [("tabs", "value"), ("focus-run", "value"), ("outcome-lens", "value"),
-                   ("outdiff-quantities", "value")])
+                   ("outdiff-quantities", "value")], memo=cache)
     register_view(app, "auroc", when_open(build_auroc), [("tabs", "value"), ("focus-run", "value"),
-                                                         ("outcome-lens", "value")])
+                                                         ("outcome-lens", "value")], memo=cache)
 
     @app.callback(Output("tokens-outcome", "children"), Input("focus-run", "value"), Input("tokens-prompt", "value"))
     def _outcome_line(run_id, prompt):

@@ -90,7 +90,7 @@ def register(app: Dash, cache: Path) -> None:
 
     register_view(app, "heatmap", lambda *a: build_heatmap(cache, *a),
                   [("focus-run", "value"), ("tokens-lens", "value"), ("tokens-prompt", "value"),
-                   ("tokens-site", "value"), ("tokens-quantity", "value")])
+                   ("tokens-site", "value"), ("tokens-quantity", "value")], memo=cache)
 
     @app.callback(Output("cell-detail", "children"), Input("heatmap-graph", "clickData"),
                   State("focus-run", "value"), State("tokens-lens", "value"), State("tokens-prompt", "value"),

@@ -160,5 +160,5 @@ def layout() -> list:
 def register(app: Dash, cache: Path) -> None:
     """Callbacks of the two BuPO views."""
     register_view(app, "diff", lambda *a: build_diff(cache, *a),
-                  [("diff-run", "value"), ("diff-lens", "value"), ("diff-role", "value")])
+                  [("diff-run", "value"), ("diff-lens", "value"), ("diff-role", "value")], memo=cache)
     register_view(app, "train", lambda *a: build_training(cache, *a), [("train-run", "value")])

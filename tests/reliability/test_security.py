@@ -43,27 +43,45 @@ def cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.fixture(scope="module")
-def client(cache):
+@pytest.fixture(scope="module", params=["dev", "gunicorn"])
+def client(cache, request):
+    """The app as the development server runs it (Flask's test client on the same WSGI app), and the
+    production server: `entropylens app` (gunicorn, 2 workers) in a real process, over real HTTP."""
     from app.server import create_app
+    from serving import Served
 
-    c = create_app(cache).server.test_client()
-    assert c.get("/").status_code == 200
-    return c
+    if request.param == "dev":
+        c = create_app(cache).server.test_client()
+        assert c.get("/").status_code == 200
+        yield c
+        return
+    served = Served(cache, "--workers", "2", "--threads", "2")
+    try:
+        c = served.client()
+        assert c.get("/").status_code == 200
+        yield c
+    finally:
+        served.stop()
 
 
 def test_dashboard_binds_localhost_by_default(cache, monkeypatch, capsys):
     import dash
 
-    from app.server import serve
+    from app import server
 
     seen = {}
-    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    monkeypatch.setattr(server, "run_gunicorn", lambda wsgi, options: seen.update(options, wsgi=wsgi))
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw, dev=True))
+    monkeypatch.delenv("ENTROPYLENS_APP_TOKEN", raising=False)
     code, _, err = run_main(monkeypatch, capsys, "app", "--cache", str(cache), "--port", "0")
     assert code == 0, err
-    assert seen["host"] == "127.0.0.1" and seen["debug"] is False
+    assert seen["bind"] == "127.0.0.1:0" and seen["worker_class"] == "gthread" and "dev" not in seen
+    assert "%(U)s" in seen["access_log_format"] and "%(r)s" not in seen["access_log_format"]  # no query strings
+    seen.clear()
+    code, _, err = run_main(monkeypatch, capsys, "app", "--cache", str(cache), "--port", "0", "--dev")
+    assert code == 0 and seen["host"] == "127.0.0.1" and seen["debug"] is True and seen["dev"], err
     import inspect
-    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(server.serve).parameters["host"].default == "127.0.0.1"
 
 
 ESCAPES = ["..", "../outside", "../../etc", "/etc/passwd", "escape", "%2e%2e", "%2e%2e%2foutside",
