@@ -83,6 +83,8 @@ def gemma_reference(model: torch.nn.Module, ids: list[int], softcap: bool = True
     out = {lens: {s: np.stack([np.full(len(ids), np.nan) if v is None else entropy(head(f(v))) for v in got[s]])
                   for s in SITES} for lens, f in (("bupo", lambda v: v), ("logit", final_norm))}
     out["final"], out["own_logits"], out["lens_logits"] = entropy(logits), logits, head(final_norm(prev))
+    out["z"] = {lens: {s: [None if v is None else head(f(v)) for v in got[s]] for s in SITES}
+                for lens, f in (("bupo", lambda v: v), ("logit", final_norm))}  # (T, V) fp64 logits per layer
     return out
 
 
@@ -141,3 +143,32 @@ def test_matches_independent_fp64_reference(smol_tokenizer, tmp_path, arch):
     assert ent.H_layer.min() < 0.5 * math.log(V)  # far from uniform: the comparison has teeth
     if model.config.final_logit_softcapping:
         assert capped > 0.05  # the soft-cap moves these entropies, so applying it (after the sum) is tested
+
+
+def test_topk_of_a_soft_capped_model_matches_fp64(smol_tokenizer, tmp_path):
+    """Top-K lists of Gemma 2 (soft-cap after the matmul, and after the additive layer sum) against torch.topk
+    of the fp64 reference's capped logits: the cap is monotone, so the ids follow the raw logits, but the
+    probabilities are those of the capped distribution."""
+    from test_topk import assert_topk
+    from entropylens.store import load_topk
+
+    model = build_tiny("gemma2")
+    assert model.config.final_logit_softcapping
+    run = trace(wrap(model, smol_tokenizer), tmp_path, topk=5)
+    tk, tokens = load_topk(run), load_tokens(run)
+    groups = dict(iter(tk.sort_values(["position", "rank"]).groupby(["prompt_idx", "lens", "site", "layer"])))
+    checked = 0
+    for p, seq in tokens.groupby("prompt_idx"):
+        ids = seq.sort_values("position").token_id.tolist()
+        ref = gemma_reference(model, ids)["z"]
+        for lens in ("bupo", "logit"):
+            for site in SITES:
+                for layer, z in enumerate(ref[lens][site]):
+                    if z is None:
+                        continue
+                    g = groups[(p, lens, site, layer)]
+                    gid = torch.tensor(g.token_id.to_numpy()).reshape(len(ids), 5)
+                    gp = torch.tensor(g.prob.to_numpy(), dtype=torch.float64).reshape(len(ids), 5)
+                    assert_topk(gid, gp, z, 5, p_tol=1e-5, gap=1e-5)
+                    checked += gid.numel()
+    assert checked == len(tk) > 0
