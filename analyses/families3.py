@@ -22,7 +22,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from _common import parser, run_main, runs_and_lenses

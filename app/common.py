@@ -11,8 +11,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dcc, html, no_update
 
+from app.data import prompt_ids
 from entropylens.errors import UserError
 from entropylens.figures import TEMPLATE
+from entropylens.stages import complete_trace_run
 
 
 def message_figure(text: str) -> go.Figure:
@@ -35,6 +37,22 @@ def figure_block(view: str, title: str, controls: list, height: int = 520) -> ht
                                       "toImageButtonOptions": {"format": "png", "filename": view}}),
                     type="circle"),
     ], **{"data-title": title})
+
+
+def register_prompt_lens(app: Dash, cache: Path, view: str) -> None:
+    """The `<view>-prompt` and `<view>-lens` options follow the focus run, keeping the choice where it still exists."""
+
+    @app.callback(Output(f"{view}-prompt", "options"), Output(f"{view}-prompt", "value"),
+                  Output(f"{view}-lens", "options"), Output(f"{view}-lens", "value"),
+                  Input("focus-run", "value"), State(f"{view}-prompt", "value"), State(f"{view}-lens", "value"))
+    def _options(run_id, prompt, lens):
+        try:
+            run, m = complete_trace_run(cache, run_id)
+            ids, lenses = prompt_ids(run), m.get("lens") or ["bupo"]
+        except (UserError, OSError, ValueError):
+            return [], None, ["bupo"], "bupo"
+        return ([{"label": f"prompt {i}", "value": i} for i in ids], prompt if prompt in ids else ids[0],
+                lenses, lens if lens in lenses else lenses[0])
 
 
 def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.DataFrame]],

@@ -83,7 +83,7 @@ class Served:
             except OSError:
                 if time.time() > end:
                     self.stop()
-                    raise RuntimeError("server did not start in 120 s")
+                    raise RuntimeError("server did not start in 120 s") from None
                 time.sleep(0.2)
 
     def client(self, cookie: str | None = None) -> HttpClient:

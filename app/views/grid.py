@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, Output, dcc, html
 
-from app.common import figure_block, register_view
-from app.data import prompt_ids, read_entropy, read_tokens
+from app.common import figure_block, register_prompt_lens, register_view
+from app.data import read_entropy, read_tokens
 from entropylens import store
 from entropylens.errors import UserError
 from entropylens.figures import SITE_LABELS
@@ -79,17 +79,7 @@ def layout() -> list:
 def register(app: Dash, cache: Path) -> None:
     """Prompt / lens options follow the focus run; the tracked token defaults to the answer's first token."""
 
-    @app.callback(Output("grid-prompt", "options"), Output("grid-prompt", "value"),
-                  Output("grid-lens", "options"), Output("grid-lens", "value"),
-                  Input("focus-run", "value"), State("grid-prompt", "value"), State("grid-lens", "value"))
-    def _options(run_id, prompt, lens):
-        try:
-            run, m = complete_trace_run(cache, run_id)
-            ids, lenses = prompt_ids(run), m.get("lens") or ["bupo"]
-        except (UserError, OSError, ValueError):
-            return [], None, ["bupo"], "bupo"
-        return ([{"label": f"prompt {i}", "value": i} for i in ids], prompt if prompt in ids else ids[0],
-                lenses, lens if lens in lenses else lenses[0])
+    register_prompt_lens(app, cache, "grid")
 
     @app.callback(Output("grid-token", "value"), Input("focus-run", "value"), Input("grid-prompt", "value"))
     def _token(run_id, prompt):

@@ -12,8 +12,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html, no_update
 
-from app.common import figure_block, register_view
-from app.data import prompt_ids, read_entropy, read_tokens, resolve_run, sequence_vocab
+from app.common import figure_block, register_prompt_lens, register_view
+from app.data import read_entropy, read_tokens, resolve_run, sequence_vocab
 from entropylens.errors import UserError
 from entropylens.figures import SITE_LABELS, heatmap_figure, show_token
 from entropylens.schema import model_name
@@ -76,17 +76,7 @@ def layout() -> list:
 def register(app: Dash, cache: Path) -> None:
     """Prompt / lens options follow the focus run; the heatmap; the click detail."""
 
-    @app.callback(Output("tokens-prompt", "options"), Output("tokens-prompt", "value"),
-                  Output("tokens-lens", "options"), Output("tokens-lens", "value"),
-                  Input("focus-run", "value"), State("tokens-prompt", "value"), State("tokens-lens", "value"))
-    def _options(run_id, prompt, lens):
-        try:
-            run, m = complete_trace_run(cache, run_id)
-            ids, lenses = prompt_ids(run), m.get("lens") or ["bupo"]
-        except (UserError, OSError, ValueError):
-            return [], None, ["bupo"], "bupo"
-        return ([{"label": f"prompt {i}", "value": i} for i in ids], prompt if prompt in ids else ids[0],
-                lenses, lens if lens in lenses else lenses[0])
+    register_prompt_lens(app, cache, "tokens")
 
     register_view(app, "heatmap", lambda *a: build_heatmap(cache, *a),
                   [("focus-run", "value"), ("tokens-lens", "value"), ("tokens-prompt", "value"),

@@ -16,7 +16,7 @@ import entropylens as el
 from app.views import grid
 from entropylens.errors import UserError
 from entropylens.figures import grid_figure
-from entropylens.store import load_tokens, load_topk
+from entropylens.store import load_topk
 from entropylens.trace import TraceConfig, run_trace
 
 K = 5
