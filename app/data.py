@@ -48,6 +48,12 @@ def _status(run_dir: Path, status: str, kind: str) -> str:
     if status == "corrupt":
         if _starting(run_dir):
             return "starting"
+        try:  # the writer may have renamed its first manifest into place since the listing looked
+            now = read_manifest(run_dir).get("status")
+        except UserError:
+            now = None
+        if now in ("running", "complete", "failed"):
+            return _status(run_dir, now, kind)
         return "corrupt: manifest.json missing or unreadable"
     if status != "complete":
         return status

@@ -418,3 +418,19 @@ def test_a_folder_a_writer_just_made_is_starting_not_corrupt(tmp_path):
     m = json.loads((runs / "done" / "manifest.json").read_text())
     (runs / "writing" / "manifest.json").write_text(json.dumps({**m, "run_id": "writing", "status": "running"}))
     assert list_runs(cache).set_index("run_id")["status"]["writing"] == "running"  # seen at once: a new version
+
+
+def test_a_manifest_written_between_listing_and_status_is_not_corrupt(tmp_path):
+    """The listing read no manifest, then the writer renamed its first one into place before the status was
+    worked out (seen under load): the run is listed with the manifest's status, not as corrupt."""
+    from app.data import _status
+
+    cache = tmp_path / "c"
+    write_run(cache, SyntheticRun("done", n_layers=2, seed=6))
+    run = cache / "runs" / "writing"
+    (run / "parts").mkdir(parents=True)
+    m = json.loads((cache / "runs" / "done" / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**m, "run_id": "writing", "status": "running"}))
+    assert _status(run, "corrupt", "trace") == "running"
+    (run / "manifest.json").write_text("{")
+    assert _status(run, "corrupt", "trace").startswith("corrupt")
