@@ -226,12 +226,18 @@ def build_report(cfg: ReportConfig) -> Path:
     return index
 
 
+def _source_name(source: str) -> str:
+    """A prompt file by its name (a report is read elsewhere: no machine path); built-in sets as they are."""
+    return Path(source).name if ("/" in source or "\\" in source) else source
+
+
 def _run_facts(run: Run) -> list[str]:
     """Plain-text facts about a run: model, prompts, sizes, timing."""
     m = run.manifest
     g, t = m.get("generation", {}), m.get("timings", {})
     return [f"model `{model_name(m['model'])}` ({m['model'].get('architecture')}, {m['model']['n_layers']} layers, "
-            f"V = {m['model']['vocab_size']}), prompts `{m['prompts']['source']}` (n = {m['prompts']['n']}), "
+            f"V = {m['model']['vocab_size']}), prompts `{_source_name(m['prompts']['source'])}` "
+            f"(n = {m['prompts']['n']}), "
             f"max_new_tokens {g.get('max_new_tokens')}, seed {m.get('seed')}, lens {', '.join(m['lens'])}",
             f"{m.get('n_tokens')} tokens ({m.get('n_response_tokens')} response); trace took "
             f"{t.get('total_s', float('nan')):.0f} s on {m.get('device')}"]

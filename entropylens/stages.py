@@ -28,6 +28,7 @@ import pandas as pd
 
 from entropylens.errors import UserError
 from entropylens.intervals import normal_ci95
+from entropylens.schema import model_name
 from entropylens.store import SUMMARY_ROLES, load_summary, read_manifest, resolve_run
 
 STAGES_FILE = "stages.json"
@@ -190,7 +191,7 @@ def stages_from(m: dict, summary: pd.DataFrame, cfg: StageConfig, run_id: str) -
     """`run_stages` of a manifest and summary already in memory (entropylens.api.Run)."""
     cfg.validate()
     return {
-        "version": STAGES_VERSION, "run_id": run_id, "model": m["model"]["id"],
+        "version": STAGES_VERSION, "run_id": run_id, "model": model_name(m["model"]),
         "family": m["model"].get("family"), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": asdict(cfg),
         "lenses": {lens: detect_stages(summary, lens, m["model"]["vocab_size"], cfg) for lens in m["lens"]},

@@ -8,7 +8,7 @@
 set -euo pipefail
 N=${N:-16}
 T=${T:-16}
-PROMPTS=${PROMPTS:-/work/shared/data/verl-math/math500.parquet}
+PROMPTS=${PROMPTS:-../shared/data/verl-math/math500.parquet}
 OUT=analyses/reports/families-3
 STEP=${STEP:-all}
 EL=${EL:-entropylens}
@@ -36,4 +36,6 @@ if [ "$STEP" != traces ]; then
 fi
 if [ "$STEP" = check ]; then  # the independent fp64 check of the Gemma run (slow: fp64 logits over V = 262,144)
   nice -n 5 "$PY" analyses/gemma_fp64.py fam3-gemma3 --positions 2 --out "$OUT/tables"
+  # the decode's share alone, on the prompts whose rows exceeded 1e-4 above
+  nice -n 5 "$PY" analyses/gemma_fp64.py fam3-gemma3 --forward float32 --prompts 0,7,8 --positions 8 --out "$OUT/tables"
 fi
