@@ -13,7 +13,7 @@ from dash import Dash, Input, Output, State, dcc, html, no_update
 
 from app.data import prompt_ids
 from entropylens.errors import UserError
-from entropylens.figures import TEMPLATE
+from entropylens.figures import SITE_LABELS, TEMPLATE
 from entropylens.stages import complete_trace_run
 
 
@@ -37,6 +37,16 @@ def figure_block(view: str, title: str, controls: list, height: int = 520) -> ht
                                       "toImageButtonOptions": {"format": "png", "filename": view}}),
                     type="circle"),
     ], **{"data-title": title})
+
+
+def prompt_lens_site(view: str) -> list:
+    """The prompt, lens and site controls of a per-prompt view (`<view>-prompt`, `<view>-lens`, `<view>-site`)."""
+    return [html.Label("prompt"), dcc.Dropdown(id=f"{view}-prompt", clearable=False, style={"width": "8em"}),
+            html.Label("lens"), dcc.RadioItems(id=f"{view}-lens", options=["bupo"], value="bupo", inline=True,
+                                               className="radio"),
+            html.Label("site"), dcc.Dropdown(id=f"{view}-site", clearable=False, value="layer",
+                                             style={"width": "12em"},
+                                             options=[{"label": lab, "value": s} for s, lab in SITE_LABELS.items()])]
 
 
 def register_prompt_lens(app: Dash, cache: Path, view: str) -> None:

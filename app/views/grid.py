@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
-from app.common import figure_block, register_prompt_lens, register_view
+from app.common import figure_block, prompt_lens_site, register_prompt_lens, register_view
 from app.data import read_entropy, read_tokens
 from entropylens import store
 from entropylens.errors import UserError
@@ -64,11 +64,7 @@ def default_token(cache: Path, run_id: str | None, prompt_idx: int | None) -> st
 def layout() -> list:
     """Grid controls and the figure."""
     return [figure_block("grid", "Logit-lens grid", [
-        html.Label("prompt"), dcc.Dropdown(id="grid-prompt", clearable=False, style={"width": "8em"}),
-        html.Label("lens"), dcc.RadioItems(id="grid-lens", options=["bupo"], value="bupo", inline=True,
-                                           className="radio"),
-        html.Label("site"), dcc.Dropdown(id="grid-site", clearable=False, value="layer", style={"width": "12em"},
-                                         options=[{"label": SITE_LABELS[s], "value": s} for s in SITES]),
+        *prompt_lens_site("grid"),
         dcc.RadioItems(id="grid-color", inline=True, className="radio", value="H",
                        options=[{"label": "colour: entropy H", "value": "H"}, {"label": "colour: p₁", "value": "p1"}]),
         html.Label("track token (id or text)"),

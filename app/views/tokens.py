@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html, no_update
 
-from app.common import figure_block, register_prompt_lens, register_view
+from app.common import figure_block, prompt_lens_site, register_prompt_lens, register_view
 from app.data import read_entropy, read_tokens, resolve_run, sequence_vocab
 from entropylens.errors import UserError
 from entropylens.figures import SITE_LABELS, heatmap_figure, show_token
@@ -62,11 +62,7 @@ def cell_detail(cache: Path, run_id: str, lens: str, prompt_idx: int, position: 
 def layout() -> list:
     """Heatmap controls, the figure and the click-detail table."""
     return [figure_block("heatmap", "Token × layer", [
-        html.Label("prompt"), dcc.Dropdown(id="tokens-prompt", clearable=False, style={"width": "8em"}),
-        html.Label("lens"), dcc.RadioItems(id="tokens-lens", options=["bupo"], value="bupo", inline=True,
-                                           className="radio"),
-        html.Label("site"), dcc.Dropdown(id="tokens-site", clearable=False, value="layer", style={"width": "12em"},
-                                         options=[{"label": SITE_LABELS[s], "value": s} for s in SITES]),
+        *prompt_lens_site("tokens"),
         dcc.RadioItems(id="tokens-quantity", inline=True, className="radio", value="H",
                        options=[{"label": "entropy H", "value": "H"}, {"label": "change ΔH", "value": "dH"}]),
     ], height=560), html.Div(id="cell-detail", className="detail",

@@ -21,7 +21,7 @@ from entropylens.bupo.rollout import Rollouts, policy_logits
 from entropylens.sites import decoder_layers, final_norm
 
 if TYPE_CHECKING:
-    from entropylens.bupo.trainer import BupoConfig
+    from entropylens.bupo.config import BupoConfig
 
 def set_phase(model: nn.Module, layer: int, phase: str) -> None:
     """Every parameter trains, except layers > k and the final norm during the internal phase."""
