@@ -1,7 +1,7 @@
 """Shared command-line plumbing of the analysis scripts: which runs, which lens, where to write.
 
 Each script turns cached runs into one figure or table with a function from
-`entropylens.report` / `entropylens.stages`, then writes it here in the asked formats plus the
+`entropylens.analysis.report` / `entropylens.analysis.stages`, then writes it here in the asked formats plus the
 plotted numbers as CSV, so a figure in a paper can always be traced back to its data.
 """
 
@@ -18,8 +18,8 @@ import plotly.graph_objects as go
 from plotly.utils import PlotlyJSONEncoder
 
 from entropylens.errors import UserError
-from entropylens.report import Run, load_run
-from entropylens.stages import StageConfig
+from entropylens.analysis.report import Run, load_run
+from entropylens.analysis.stages import StageConfig
 
 FORMATS = ("png", "svg", "html", "json")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 from _common import parser, run_main, runs_and_lenses, save
 
-from entropylens.report import fig_boundary
-from entropylens.stages import describe, stages_table, write_stages
+from entropylens.analysis.report import fig_boundary
+from entropylens.analysis.stages import describe, stages_table, write_stages
 
 
 def main(argv: list[str] | None = None) -> None:

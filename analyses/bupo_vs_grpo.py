@@ -29,9 +29,9 @@ from entropylens.bupo.evaluate import EvalConfig, evaluate, gains, per_prompt
 from entropylens.bupo.pipeline import DEFAULT_LAYER
 from entropylens.bupo.trainer import BupoConfig, train
 from entropylens.errors import UserError
-from entropylens.intervals import fmt_ci, paired_gain_ci
-from entropylens.models import load_model
-from entropylens.prompts import load_prompts
+from entropylens.analysis.intervals import fmt_ci, paired_gain_ci
+from entropylens.model.load import load_model
+from entropylens.data.prompts import load_prompts
 from entropylens.store import write_json
 
 QUICK = dict(steps=4, seeds="0,1,2", sweep="0.5", layers="3", prompts_per_step=2, num_generations=4, eval_prompts=8,

@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 from _common import parser, run_main, runs_and_lenses, save
 
-from entropylens.report import fig_delta
+from entropylens.analysis.report import fig_delta
 
 
 def main(argv: list[str] | None = None) -> None:

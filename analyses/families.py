@@ -11,8 +11,8 @@ import sys
 import pandas as pd
 from _common import parser, run_main, runs_and_lenses, save
 
-from entropylens.report import fig_families
-from entropylens.schema import model_name
+from entropylens.analysis.report import fig_families
+from entropylens.store.schema import model_name
 from entropylens.store import QUANTITIES
 
 

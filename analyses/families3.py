@@ -5,7 +5,7 @@ writes, per lens, flows-<lens>.png (H_layer / log V on l/L) and dh-<lens>.png (Î
 and tables flows.csv, dh.csv, stages.csv, claims.csv (in <out>/../tables). Models are named by display name.
 
 Intervals: response tokens of one prompt are not independent, so every interval here is a percentile bootstrap
-over prompts (n = prompts) of the per-prompt mean (entropylens.intervals.mean_ci). Claims, each with numbers:
+over prompts (n = prompts) of the per-prompt mean (entropylens.analysis.intervals.mean_ci). Claims, each with numbers:
 - high-then-collapse: the layer policy's normalised entropy at its peak layer (the layer 1..L-1 of highest mean)
   minus its value at the last layer, with a 95 % interval; holds when the interval lies above 0.1 (10 % of
   log V) and the peak is high (mean >= 0.3 of log V). The mean over the first half (l/L <= 0.5) is listed too.
@@ -27,9 +27,9 @@ import plotly.graph_objects as go
 from _common import parser, run_main, runs_and_lenses
 from plotly.subplots import make_subplots
 
-from entropylens.intervals import mean_ci
-from entropylens.schema import model_name
-from entropylens.stages import StageConfig, detect_stages
+from entropylens.analysis.intervals import mean_ci
+from entropylens.store.schema import model_name
+from entropylens.analysis.stages import StageConfig, detect_stages
 from entropylens.store import load_entropy
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]

@@ -11,10 +11,10 @@ references:
     fp64 trace     |tool's decode of the fp64 activations (what `--dtype float64` stores) − the same fp64 reference|
 
 "Tool's decode" is `decode_layers` with the lens, additivity check and defaults a trace uses
-(entropylens.batch._decode_local), rounded to float32 as entropy.parquet stores it, run on the sampled positions
+(entropylens.tracing.batch._decode_local), rounded to float32 as entropy.parquet stores it, run on the sampled positions
 only: decoding every position of a 2,048-token sequence would cost minutes for nothing. That this equals the stored
-entropies is checked on the first length with a real `entropylens.trace` run (the `check` line). The fp64 reference
-is the bench's (`entropylens.bench._reference`: full (rows, V) logits in fp64, log_softmax, −Σ p log p), fed with
+entropies is checked on the first length with a real `entropylens.tracing.job` run (the `check` line). The fp64 reference
+is the bench's (`entropylens.tracing.bench._reference`: full (rows, V) logits in fp64, log_softmax, −Σ p log p), fed with
 the model's own unembedding in fp64 (not the lens's fp32, vocabulary-centred copy) and, for the logit lens, with
 vectors normed by the model's final norm in fp64.
 
@@ -44,14 +44,14 @@ import pandas as pd
 import torch
 
 import entropylens as el
-from entropylens.backends import make_backend
-from entropylens.batch import ADDITIVE_TOL
-from entropylens.bench import _reference as fp64_reference  # the bench's fp64 full-softmax entropies
-from entropylens.decode import decode_layers
-from entropylens.lens import Lens, make_lens
-from entropylens.models import load_model
-from entropylens.sites import SITES, additivity_error, find_layout
-from entropylens.tasks import builtin_items
+from entropylens.model.backends import make_backend
+from entropylens.tracing.batch import ADDITIVE_TOL
+from entropylens.tracing.bench import _reference as fp64_reference  # the bench's fp64 full-softmax entropies
+from entropylens.core.decode import decode_layers
+from entropylens.core.lens import Lens, make_lens
+from entropylens.model.load import load_model
+from entropylens.model.layout import SITES, additivity_error, find_layout
+from entropylens.data.tasks import builtin_items
 
 KINDS = ("decode", "forward", "total", "fp64_trace")
 
@@ -109,7 +109,7 @@ def rope_in_fp64(model) -> None:
 
 def tool(acts, positions: np.ndarray, model, lens: str) -> dict[str, np.ndarray]:
     """site -> (L + 1, K) entropies the tool stores for these positions: `decode_layers` as a trace calls it
-    (entropylens.batch._decode_local: the lens from the model's head, the additive `layer` trick when the
+    (entropylens.tracing.batch._decode_local: the lens from the model's head, the additive `layer` trick when the
     residual stream adds up), rounded to float32 as entropy.parquet holds them."""
     layout = find_layout(model)
     p = torch.as_tensor(positions)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not np.array_equal(traced, ids.numpy()):
                     sys.exit("check failed: the trace tokenised the prompt differently")
                 gap = np.nanmax(errors(stored(run, lens, L, T), s32, pos))
-                print(f"check: stored entropies of an entropylens.trace run vs this script's decode at the same "
+                print(f"check: stored entropies of an entropylens.tracing.job run vs this script's decode at the same "
                       f"{len(pos)} positions ({lens} lens, {T} tokens): max |diff| {gap:.1e} nats", flush=True)
                 checked = True
             ref32 = reference(a32, pos, W64, norm64, lens)

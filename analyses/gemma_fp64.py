@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entropylens.models import load_model
+from entropylens.model.load import load_model
 from entropylens.store import SITES, load_entropy, load_tokens, resolve_run
 
 

@@ -2,7 +2,7 @@
 
     python analyses/token_distributions.py RUN -o figures
 writes tokens-<run>-<lens>.{png,svg} and .csv (per depth and site: n, mean, quantiles of token entropy).
-Layers: l = round(L/4), round(L/2) and L (entropylens.report.depth_layers).
+Layers: l = round(L/4), round(L/2) and L (entropylens.analysis.report.depth_layers).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from _common import parser, run_main, runs_and_lenses, save
 
-from entropylens.report import fig_token_distributions, token_entropies
+from entropylens.analysis.report import fig_token_distributions, token_entropies
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ import sys
 
 from _common import parser, run_main, runs_and_lenses, save
 
-from entropylens.report import fig_trajectory
+from entropylens.analysis.report import fig_trajectory
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic runs are test data
 
-from app.server import create_app  # noqa: E402
-from app.views.flows import build_compare, build_dh, build_flow  # noqa: E402
-from app.views.tokens import build_heatmap, cell_detail  # noqa: E402
+from entropylens.app.server import create_app  # noqa: E402
+from entropylens.app.views.flows import build_compare, build_dh, build_flow  # noqa: E402
+from entropylens.app.views.tokens import build_heatmap, cell_detail  # noqa: E402
 from synthetic import SyntheticRun, write_run  # noqa: E402
 
 BIG = "bench-llama-40L"

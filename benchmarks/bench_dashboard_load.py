@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_dashboard import BIG, SMALL, build  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-DEV = ("import sys; from pathlib import Path; from app.server import create_app; "
+DEV = ("import sys; from pathlib import Path; from entropylens.app.server import create_app; "
        "create_app(Path(sys.argv[1])).run(host='127.0.0.1', port=int(sys.argv[2]), debug=False)")
 SITES = ["layer", "attn", "ffn", "attn_in", "ffn_in"]
 OUTCOMES = ["all", "correct", "wrong", "both"]

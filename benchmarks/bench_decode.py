@@ -14,8 +14,8 @@ import json
 
 import pandas as pd
 
-from entropylens.bench import METHODS, BenchConfig, run_bench
-from entropylens.sites import SITES
+from entropylens.tracing.bench import METHODS, BenchConfig, run_bench
+from entropylens.model.layout import SITES
 
 
 def main() -> None:

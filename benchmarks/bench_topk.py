@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from entropylens.bench import machine
-from entropylens.lens import Lens
-from entropylens.decode import decode_layers
-from entropylens.intervals import ratio_ci95
+from entropylens.tracing.bench import machine
+from entropylens.core.lens import Lens
+from entropylens.core.decode import decode_layers
+from entropylens.analysis.intervals import ratio_ci95
 V, d, N, R = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
 W = torch.randn(V, d, generator=g) / d**0.5

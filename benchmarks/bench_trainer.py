@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from entropylens.bupo import BupoConfig, train
-from entropylens.rewards import exact_match_reward
-from entropylens.prompts import Prompt, load_prompts, render
+from entropylens.data.rewards import exact_match_reward
+from entropylens.data.prompts import Prompt, load_prompts, render
 
 
 def tiny_model_and_tokenizer():
@@ -100,7 +100,7 @@ def bench_trl(model, tok, prompts, args, out: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama) or what entropylens.models loads")
+    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama) or what entropylens.model.load loads")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step (B)")
     ap.add_argument("--G", type=int, default=4, help="generations per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -114,7 +114,7 @@ def main() -> None:
         prompts = [Prompt(text=f"{a}+{b}=", messages=None, answer=str(a + b), source="bench")
                    for a in range(5) for b in range(5)]
     else:
-        from entropylens.models import load_model
+        from entropylens.model.load import load_model
 
         lm = load_model(args.model)
         model, tok = lm.model, lm.tokenizer

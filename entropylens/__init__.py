@@ -1,58 +1,79 @@
 """entropylens: internal-policy entropy of language models (definitions: docs/definitions.md).
 
-The library (docs/api.md): `trace`, `decode`, `load`, `Run`, imported on first use so that `import entropylens`
-stays light. `entropylens.trace` and `entropylens.decode` are also the names of the modules that do the work;
-those two modules are callable (`_callable_module`), so `entropylens.trace(...)` runs `entropylens.api.trace`
-while `from entropylens import trace; trace.run_trace(...)` keeps working.
+The library (docs/api.md): `trace`, `decode`, `load`, `Run`, `Decoded`, imported on first use so that
+`import entropylens` stays light. The package's layout:
+
+    core/      lenses and the exact, vocabulary-streamed decode engine (torch only, no IO)
+    model/     loading, the site layout of a decoder, tracing backends, NDIF
+    data/      prompts, built-in tasks, reward rules
+    store/     run folders on disk: schemas, atomic files, the writer, the readers, the cache layout
+    tracing/   `entropylens trace`: config, job, one batch, sharding, the benchmark harness
+    analysis/  stages, outcomes, intervals, figures, reports, the `Run` object
+    bupo/      the BuPO / GRPO trainer
+    app/       the Dash dashboard
+    cli/       the `entropylens` command line
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
+import importlib.abc
+import importlib.util
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["trace", "load", "decode", "Run", "Decoded", "__version__"]
 
 if TYPE_CHECKING:
+    from entropylens.analysis.run import Run, load
     from entropylens.api import Decoded, decode, trace
-    from entropylens.run import Run, load
 
+_EXPORTS = {"trace": "entropylens.api", "decode": "entropylens.api", "Decoded": "entropylens.api",
+            "Run": "entropylens.analysis.run", "load": "entropylens.analysis.run"}
 
-class _CallableModule(types.ModuleType):
-    """A module that is also the library function of the same name in entropylens.api."""
-
-    def _function(self):
-        from entropylens import api
-
-        return getattr(api, self.__name__.rsplit(".", 1)[1])
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Calls entropylens.api.<name>; see its docstring (help(entropylens.api.trace), ...)."""
-        return self._function()(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self._function())
-
-
-def _callable_module(name: str) -> None:
-    """Make module `name` (entropylens.trace or entropylens.decode) callable; each calls it at its end."""
-    sys.modules[name].__class__ = _CallableModule
+# Modules that moved into subpackages: importing an old path gives the module at its new home.
+# `entropylens.trace` and `entropylens.decode` are the library's functions now; their modules' names point there.
+MOVED = {
+    "lens": "core.lens", "lse": "core.lse", "native": "core.native",
+    "models": "model.load", "sites": "model.layout", "backends": "model.backends", "remote": "model.remote",
+    "prompts": "data.prompts", "tasks": "data.tasks", "rewards": "data.rewards", "bupo.rewards": "data.rewards",
+    "schema": "store.schema", "runfolder": "store.folder",
+    "config": "tracing.config", "batch": "tracing.batch", "dist": "tracing.shard", "bench": "tracing.bench",
+    "stages": "analysis.stages", "outcomes": "analysis.outcomes", "intervals": "analysis.intervals",
+    "figures": "analysis.figures", "report": "analysis.report", "report_outcome": "analysis.outcome_report",
+    "topk": "analysis.grid", "run": "analysis.run", "cli_print": "cli.output",
+}
+_FUNCTIONS = {"trace": "tracing.job", "decode": "core.decode"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("trace", "decode"):
-        return importlib.import_module(f"entropylens.{name}")  # the callable module (it sets itself as attribute)
-    if name == "Decoded":
-        from entropylens.api import Decoded
-
-        return Decoded
-    if name in ("Run", "load"):
-        from entropylens import run
-
-        return getattr(run, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'entropylens' has no attribute {name!r}")
+
+
+class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import entropylens.<old>` -> the module at its new path (the same module object, not a copy)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        old = fullname.removeprefix("entropylens.")
+        if old == fullname:
+            return None
+        if old in _FUNCTIONS:
+            raise ModuleNotFoundError(f"{fullname} is the library function now (entropylens.{old}(...)); "
+                                      f"its module moved to entropylens.{_FUNCTIONS[old]}")
+        if old in MOVED:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec: Any) -> Any:
+        module = importlib.import_module("entropylens." + MOVED[spec.name.removeprefix("entropylens.")])
+        spec.loader_state = module.__spec__  # the import system sets __spec__ to ours; exec_module puts it back
+        return module
+
+    def exec_module(self, module: Any) -> None:
+        module.__spec__ = module.__spec__.loader_state
+
+
+sys.meta_path.append(_MovedFinder())

@@ -1,3 +1,3 @@
-from entropylens.cli import main
+from entropylens.cli.commands import main
 
 main()

@@ -28,15 +28,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from entropylens.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_rows
+from entropylens.core.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_rows
 from entropylens.errors import UserError
-from entropylens.lens import LENSES, Lens, make_lens
-from entropylens.lse import Stats
-from entropylens.models import DTYPES, LoadedModel, describe_model, load_model
-from entropylens.prompts import load_prompts
-from entropylens.run import Run, load
-from entropylens.sites import find_layout
-from entropylens.trace import TraceConfig, config_from_run, run_trace
+from entropylens.core.lens import LENSES, Lens, make_lens
+from entropylens.core.lse import Stats
+from entropylens.model.load import DTYPES, LoadedModel, describe_model, load_model
+from entropylens.data.prompts import load_prompts
+from entropylens.analysis.run import Run, load
+from entropylens.model.layout import find_layout
+from entropylens.tracing.job import TraceConfig, config_from_run, run_trace
 
 __all__ = ["trace", "load", "decode", "Decoded", "Run", "as_transformers"]
 
@@ -187,7 +187,7 @@ def _config(options: dict) -> TraceConfig:
     known = {f.name for f in _OPTIONS}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise UserError(f"unknown option {unknown[0]!r} for entropylens.trace; options: {', '.join(sorted(known))}")
+        raise UserError(f"unknown option {unknown[0]!r} for entropylens.tracing.job; options: {', '.join(sorted(known))}")
     opts = dict(options)
     if isinstance(opts.get("sites"), str):
         opts["sites"] = tuple(s.strip() for s in opts["sites"].split(",") if s.strip())
@@ -324,7 +324,7 @@ def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
         raise UserError(f"unknown lens {lens!r}; choose bupo or logit")
     if isinstance(model_or_unembedding, (str, os.PathLike)):
         raise UserError("decode needs the model object or its (V, d) unembedding, not a spec: load it first "
-                        "(transformers, nnsight, or entropylens.models.load_model)")
+                        "(transformers, nnsight, or entropylens.model.load.load_model)")
     if isinstance(model_or_unembedding, torch.Tensor):
         ln = _bare_lens(model_or_unembedding, lens)
     else:

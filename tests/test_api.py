@@ -1,4 +1,4 @@
-"""The library (entropylens.api, entropylens.run): trace equals the CLI, model kinds agree, decode is exact."""
+"""The library (entropylens.api, entropylens.analysis.run): trace equals the CLI, model kinds agree, decode is exact."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_spec_string_and_save_false(tiny_folder, tmp_path):
 
 def test_resume_an_interrupted_in_memory_trace(smol_tokenizer, tmp_path, monkeypatch):
     """Ctrl-C after the first batch, then resume= with the same model: the files of an uninterrupted run."""
-    import entropylens.trace as trace_mod
+    import entropylens.tracing.job as trace_mod
 
     model = build_tiny("llama")
     kw = dict(tokenizer=smol_tokenizer, max_new_tokens=4, batch_size=1, quiet=True)
@@ -303,9 +303,9 @@ def test_show_prints_the_cli_table(tiny_run, capsys):
 
 
 def test_figures_are_the_report_and_dashboard_figures(tiny_run):
-    from app.views.tokens import build_heatmap
-    from entropylens.report import fig_delta, fig_trajectory, load_run
-    from entropylens.stages import StageConfig
+    from entropylens.app.views.tokens import build_heatmap
+    from entropylens.analysis.report import fig_delta, fig_trajectory, load_run
+    from entropylens.analysis.stages import StageConfig
 
     cache, rid = tiny_run.path.parent.parent, tiny_run.run_id
     ref = load_run(cache, rid, StageConfig())

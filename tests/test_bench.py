@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from entropylens.bench import BenchConfig, run_bench
+from entropylens.tracing.bench import BenchConfig, run_bench
 from entropylens.errors import UserError
 
 
@@ -30,7 +30,7 @@ def test_random_head_mode_matches_fp64():
 def test_accuracy_column_sees_an_error_in_one_method(monkeypatch):
     """max|ΔH| is measured against bench's own fp64 reference: an entropylens result off by 1e-3 nats must
     show as ~1e-3 in its row while the recipe's row stays exact (a column that could not fail would not)."""
-    import entropylens.bench as bench
+    import entropylens.tracing.bench as bench
 
     real = bench.decode_layers
 
@@ -77,7 +77,7 @@ def test_cli_prints_every_column_and_refuses_bad_options_in_one_line():
 def test_ratios_are_paired_within_rounds_so_drift_cancels():
     """Round 2 runs on a machine twice as slow for every method: each round's ratios are the same, so the
     interval collapses on them; the fastest-vs-fastest ratio (recipe's round 1 / ours round 2) would not."""
-    from entropylens.bench import _paired_ratios
+    from entropylens.tracing.bench import _paired_ratios
 
     F = 1e9  # GEMM FLOPs per method (the recipe's 5/4 of ours, as with the additive trick)
     rounds = {"nnsight": [(10.0, 1.25 * F), (20.0, 1.25 * F), (10.0, 1.25 * F)],

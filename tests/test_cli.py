@@ -79,7 +79,7 @@ def test_user_errors_are_one_line(tmp_path, tiny_folder, args, needle, monkeypat
         r = cli(*argv, cwd=tmp_path)
         code, stdout, stderr = r.returncode, r.stdout, r.stderr
     else:
-        from entropylens.cli import main
+        from entropylens.cli.commands import main
 
         monkeypatch.chdir(tmp_path)
         monkeypatch.setattr(sys, "argv", ["entropylens", *argv])

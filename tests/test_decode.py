@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from entropylens import decode, lse
-from entropylens.decode import decode_layers, decode_rows
+from entropylens.core import decode, lse
+from entropylens.core.decode import decode_layers, decode_rows
 from entropylens.errors import UserError
-from entropylens.lens import Lens
+from entropylens.core.lens import Lens
 
 SITES = ("attn_in", "attn", "ffn_in", "ffn", "layer")
 
@@ -221,7 +221,7 @@ def test_compiled_kernel_matches_eager_and_fp64():
 
 NARROWED_SUMS = """
 import torch
-from entropylens import lse
+from entropylens.core import lse
 torch.manual_seed(0)
 z = torch.randn(300, 2048) * 4
 ref = z.amax(1)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from entropylens import store
-from entropylens.dist import Shard
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.shard import Shard
+from entropylens.tracing.job import TraceConfig, run_trace
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 # 12 prompts in 12 batches: rank 0 traces batches 0, 2, 4 ..., rank 1 batches 1, 3, 5 ...
@@ -104,7 +104,7 @@ def test_killed_sharded_run_resumes_per_shard(tiny_folder, tmp_path, reference):
 
 def test_one_process_can_finish_a_sharded_run(tiny_folder, tmp_path, reference, monkeypatch):
     """Parts are per global batch, so a run interrupted under one world size resumes under another."""
-    import entropylens.trace as trace_mod
+    import entropylens.tracing.job as trace_mod
 
     cache = tmp_path / "cache"
     real, calls = trace_mod.trace_batch, []

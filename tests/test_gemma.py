@@ -13,9 +13,9 @@ import torch
 
 from tiny import V, build_tiny, build_tiny_gemma, wrap
 from entropylens.errors import UserError
-from entropylens.sites import find_layout
+from entropylens.model.layout import find_layout
 from entropylens.store import SITES, load_entropy, load_tokens, read_manifest
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 SANDWICH = {"attn_in": "input_layernorm", "attn": "post_attention_layernorm", "ffn_in": "pre_feedforward_layernorm",
             "ffn": "post_feedforward_layernorm"}
@@ -105,7 +105,7 @@ def test_half_a_sandwich_is_refused():
 
 
 def test_transformer_lens_backend_refuses_the_sandwich_layout():
-    from entropylens.backends import make_backend
+    from entropylens.model.backends import make_backend
 
     model = build_tiny_gemma("gemma2")
     with pytest.raises(UserError, match="does not trace sandwich layouts.*--backend nnsight"):

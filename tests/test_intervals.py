@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from entropylens.intervals import bootstrap_means, fmt_ci, mean_ci, normal_ci95, paired_gain_ci, ratio_ci95
+from entropylens.analysis.intervals import bootstrap_means, fmt_ci, mean_ci, normal_ci95, paired_gain_ci, ratio_ci95
 
 
 def test_bootstrap_matches_the_exact_resampling_distribution():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropylens.decode import decode_rows
+from entropylens.core.decode import decode_rows
 from entropylens.errors import UserError
-from entropylens.lens import make_lens
+from entropylens.core.lens import make_lens
 
 V, D = 96, 32
 

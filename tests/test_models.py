@@ -7,9 +7,9 @@ import torch
 
 from tiny import build_tiny
 from entropylens.errors import UserError
-from entropylens.models import embedded_gguf_path, gguf_name, load_model, save_dequantised
-from entropylens.schema import model_name
-from entropylens.sites import find_layout
+from entropylens.model.load import embedded_gguf_path, gguf_name, load_model, save_dequantised
+from entropylens.store.schema import model_name
+from entropylens.model.layout import find_layout
 
 
 def test_local_folder_loads_with_same_logits(tiny_folder):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from entropylens import decode, native
-from entropylens.decode import decode_layers, decode_rows, resolve_kernel
+from entropylens.core import decode, native
+from entropylens.core.decode import decode_layers, decode_rows, resolve_kernel
 from entropylens.errors import UserError
-from entropylens.lse import MASKED
+from entropylens.core.lse import MASKED
 from test_decode import SITES, _all_rows, check, layer_inputs, make_lens
 
 needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler here: the native kernel cannot be built")

@@ -8,12 +8,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from entropylens.bench import BenchConfig
+from entropylens.tracing.bench import BenchConfig
 from entropylens.bupo.pipeline import BupoRunConfig
-from entropylens.cli import app as cli_app
-from entropylens.config import TraceConfig
+from entropylens.cli.commands import app as cli_app
+from entropylens.tracing.config import TraceConfig
 from entropylens.errors import UserError
-from entropylens.report import ReportConfig
+from entropylens.analysis.report import ReportConfig
 from entropylens.options import build, cli_options, flatten, option, parse_csv, parse_limit
 
 

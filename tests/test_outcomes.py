@@ -14,10 +14,10 @@ import pytest
 
 from entropylens import store
 from entropylens.errors import UserError
-from entropylens.outcomes import auroc, auroc_ci, auroc_table, best_separators, outcome_diff
-from entropylens.prompts import Prompt
-from entropylens.rewards import score, trace_references
-from entropylens.intervals import bootstrap_counts
+from entropylens.analysis.outcomes import auroc, auroc_ci, auroc_table, best_separators, outcome_diff
+from entropylens.data.prompts import Prompt
+from entropylens.data.rewards import score, trace_references
+from entropylens.analysis.intervals import bootstrap_counts
 from test_store import MANIFEST, L, V, make_batch
 
 OUTCOME = {0: True, 1: False, 2: True, 3: False, 4: None, 5: False}  # prompt 4 has no reference
@@ -39,8 +39,8 @@ def test_score_hand_written_responses(completion, answer, rule, want):
 
 
 def test_trainer_and_trace_share_one_module():
-    import entropylens.bupo.rewards as old
-    import entropylens.rewards as new
+    import entropylens.data.rewards as old
+    import entropylens.data.rewards as new
 
     assert old.get_reward is new.get_reward and old.REWARDS is new.REWARDS
 
@@ -149,7 +149,7 @@ def test_auroc_table_against_pairwise_counts(scored_run):
 
 
 def test_baselines_output_entropy_and_length(scored_run):
-    from entropylens.outcomes import baseline_aurocs
+    from entropylens.analysis.outcomes import baseline_aurocs
 
     run, _ = scored_run
     tok = store.load_tokens(run)
@@ -174,7 +174,7 @@ def test_unscored_run_says_why(tmp_path):
 # ---------------------------------------------------------------- trace: --samples, scoring, resume
 
 def _trace(loaded, tmp_path, **kw):
-    from entropylens.trace import TraceConfig, run_trace
+    from entropylens.tracing.job import TraceConfig, run_trace
 
     base = dict(prompts="arith", limit=3, max_new_tokens=5, batch_size=2, lens="bupo", cache=str(tmp_path),
                 samples=3)
@@ -210,7 +210,7 @@ def test_samples_are_sequences_scored_and_independent_of_batch_size(tiny_loaded,
 
 
 def test_samples_resume_is_identical(tiny_loaded, tmp_path, monkeypatch):
-    from entropylens.trace import TraceInterrupted, config_from_run, run_trace
+    from entropylens.tracing.job import TraceInterrupted, config_from_run, run_trace
 
     whole = _trace(tiny_loaded, tmp_path, name="whole")
     calls, real = [], store.RunWriter.write_batch
@@ -231,7 +231,7 @@ def test_samples_resume_is_identical(tiny_loaded, tmp_path, monkeypatch):
 
 
 def test_samples_need_sampling(tmp_path):
-    from entropylens.trace import TraceConfig
+    from entropylens.tracing.job import TraceConfig
 
     with pytest.raises(UserError, match="--samples > 1 needs sampling"):
         TraceConfig(samples=2, temperature=0).validate()
@@ -247,7 +247,7 @@ MATH500 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "verl
 
 
 def _main(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
-    from entropylens.cli import main
+    from entropylens.cli.commands import main
 
     monkeypatch.setattr(sys, "argv", ["entropylens", *argv])
     code = 0

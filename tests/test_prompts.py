@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from entropylens.errors import UserError
-from entropylens.prompts import BUILTIN_SETS, Prompt, load_prompts, prompts_sha256, render
+from entropylens.data.prompts import BUILTIN_SETS, Prompt, load_prompts, prompts_sha256, render
 
 VERL = Path("/work/shared/data/verl-math")
 needs_verl = pytest.mark.skipif(not (VERL / "math500.parquet").is_file(), reason="verl-math data not present")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tiny import build_tiny, wrap
-from entropylens import remote as remote_mod
+from entropylens.model import remote as remote_mod
 from entropylens.errors import UserError
-from entropylens.remote import RemoteModel
-from entropylens.sites import SITES
+from entropylens.model.remote import RemoteModel
+from entropylens.model.layout import SITES
 from entropylens.store import load_entropy, load_tokens, read_manifest
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen3", True)])

@@ -13,7 +13,7 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 from entropylens.errors import UserError
-from entropylens.report import ReportConfig, build_report, depth_layers, paper_checks
+from entropylens.analysis.report import ReportConfig, build_report, depth_layers, paper_checks
 from synthetic import SyntheticRun, write_run
 
 
@@ -63,7 +63,7 @@ def test_notes_and_no_stage_write(cache, tmp_path):
 
 
 def test_paper_checks_follow_construction(cache, tmp_path):
-    from entropylens.stages import run_stages
+    from entropylens.analysis.stages import run_stages
 
     st = run_stages(cache / "runs" / "llama-a")["lenses"]["bupo"]
     checks = {c["claim"]: c["agrees"] for c in paper_checks(st)}
@@ -82,7 +82,7 @@ def test_user_errors(cache, tmp_path):
 
 
 def test_cli_report(cache, tmp_path, monkeypatch, capsys):
-    from entropylens.cli import main
+    from entropylens.cli.commands import main
 
     out = tmp_path / "cli"
     monkeypatch.setattr(sys, "argv", ["entropylens", "report", "qwen-b", "-o", str(out), "--cache", str(cache),
@@ -96,7 +96,7 @@ def test_cli_report(cache, tmp_path, monkeypatch, capsys):
 
 
 def test_scored_run_gets_auroc_heatmap_best_five_and_its_n(tmp_path):
-    from entropylens.outcomes import auroc_table
+    from entropylens.analysis.outcomes import auroc_table
 
     root = tmp_path / "cache"
     run = write_run(root, SyntheticRun("scored", n_layers=4, n_prompts=30, correct_frac=0.5, seed=3))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from entropylens.errors import UserError
-from entropylens.stages import (StageConfig, boundary_layer, classify, complete_trace_run, layer_difference,
+from entropylens.analysis.stages import (StageConfig, boundary_layer, classify, complete_trace_run, layer_difference,
                                 pick_boundary_layer, read_stages, run_stages, segments, stages_table, write_stages)
 from entropylens.store import QUANTITIES, compute_summary
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from entropylens import store
+from entropylens.store import read, schema
 from entropylens.errors import UserError
 from entropylens.store import QUANTITIES, SITES, RunWriter
 
@@ -82,8 +83,8 @@ def write_run(cache, run_id="run-a", batches=range(3)):
 
 def expected_frames():
     parts = [batch(b) for b in range(3)]
-    tokens = pd.concat([p[0] for p in parts]).sort_values(store.TOKENS_SORT, ignore_index=True)
-    entropy = pd.concat([p[1] for p in parts]).sort_values(store.ENTROPY_SORT, ignore_index=True)
+    tokens = pd.concat([p[0] for p in parts]).sort_values(schema.TOKENS_SORT, ignore_index=True)
+    entropy = pd.concat([p[1] for p in parts]).sort_values(schema.ENTROPY_SORT, ignore_index=True)
     return tokens, entropy
 
 
@@ -119,7 +120,7 @@ def test_roundtrip_with_pandas_duckdb_polars(tmp_path):
     np.testing.assert_allclose(mean, layer0.H_layer.astype(np.float32).mean(), rtol=1e-6)
     lines = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["prompt_idx"] for r in lines] == list(range(6))
-    assert list(lines[0]) == [*store.RESPONSE_KEYS, *store.OUTCOME_KEYS]
+    assert list(lines[0]) == [*schema.RESPONSE_KEYS, *schema.OUTCOME_KEYS]
     assert lines[0]["reward"] is None and lines[0]["correct"] is None and lines[0]["sample"] == 0
     m = store.read_manifest(run_dir)
     assert m["status"] == "complete" and m["finished"] and m["n_tokens"] == len(tokens)
@@ -295,7 +296,7 @@ def test_list_runs_survives_corrupt_manifest(tmp_path):
     (bad / "manifest.json").write_text("{not json")
     (tmp_path / "runs" / "nomanifest").mkdir()
     runs = store.list_runs(tmp_path).set_index("run_id")
-    assert list(store.list_runs(tmp_path).columns) == store.LIST_COLUMNS
+    assert list(store.list_runs(tmp_path).columns) == read.LIST_COLUMNS
     assert runs.loc["good", "status"] == "complete" and runs.loc["busy", "status"] == "running"
     assert runs.loc["broken", "status"] == "corrupt" and runs.loc["nomanifest", "status"] == "corrupt"
     assert runs.loc["good", "lens"] == "bupo,logit" and runs.loc["good", "model"] == "tiny"
@@ -336,7 +337,7 @@ def test_new_run_id():
 
 def test_run_folder_sets_status_once(tmp_path):
     """Any kind of run (here a trainer-like one): running at start, complete once, never back to running."""
-    from entropylens.runfolder import RunFolder
+    from entropylens.store.folder import RunFolder
 
     run = tmp_path / "runs" / "t"
     run.mkdir(parents=True)
@@ -356,7 +357,7 @@ def test_run_folder_sets_status_once(tmp_path):
 
 
 def test_run_folder_resume_keeps_what_was_recorded(tmp_path):
-    from entropylens.runfolder import RunFolder
+    from entropylens.store.folder import RunFolder
 
     run = tmp_path / "r"
     run.mkdir()

@@ -12,11 +12,11 @@ import torch
 
 from test_decode import layer_inputs, make_lens
 from tiny import build_tiny, wrap
-from entropylens import native
-from entropylens.decode import decode_layers, decode_rows
-from entropylens.lse import OnlineLSE
+from entropylens.core import native
+from entropylens.core.decode import decode_layers, decode_rows
+from entropylens.core.lse import OnlineLSE
 from entropylens.store import SITES, load_entropy, load_tokens, load_topk, read_manifest
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 KERNELS = ["eager", "compiled"] + (["native"] if native.available() else [])
 SITES_ALL = ("attn_in", "attn", "ffn_in", "ffn", "layer")
@@ -181,7 +181,7 @@ def test_el_decode_topk_matches_fp64_and_keeps_the_shape():
 
 def test_resumed_run_has_the_same_topk_file(smol_tokenizer, tmp_path, monkeypatch):
     from entropylens import store
-    from entropylens.trace import TraceInterrupted, config_from_run
+    from entropylens.tracing.job import TraceInterrupted, config_from_run
 
     loaded = wrap(build_tiny("llama"), smol_tokenizer)
     base = dict(prompts="arith", limit=3, max_new_tokens=3, batch_size=1, cache=str(tmp_path), topk=3)
@@ -204,7 +204,7 @@ def test_resumed_run_has_the_same_topk_file(smol_tokenizer, tmp_path, monkeypatc
 
 
 def test_bench_topk_runs_the_top1_path_beside_the_default_and_reports_the_ratio():
-    from entropylens.bench import BenchConfig, run_bench
+    from entropylens.tracing.bench import BenchConfig, run_bench
 
     df = run_bench(BenchConfig(vocab=3001, d_model=48, tokens=200, sites=("attn", "ffn", "layer"),
                                methods=("entropylens",), topk=5, repeats=2))

@@ -16,7 +16,7 @@ from tiny import V, build_tiny, wrap
 from entropylens import store
 from entropylens.errors import UserError
 from entropylens.store import QUANTITIES, SITES, load_entropy, load_tokens, read_manifest
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 
 def trace(loaded, tmp_path, **kw):
@@ -118,7 +118,7 @@ def test_columns_roles_and_bounds(smol_tokenizer, tmp_path):
         assert set(roles[:first_resp]) == {"prompt"} and set(roles[first_resp:-1]) == {"response"}
     m = read_manifest(run)
     assert m["status"] == "complete" and m["layer_decode"] == "additive" and m["model"]["family"] == "llama"
-    from entropylens import native  # the run says which decode kernel `auto` chose here
+    from entropylens.core import native  # the run says which decode kernel `auto` chose here
     assert m["decode_kernel"] == ("native" if native.available() else "eager")
 
 

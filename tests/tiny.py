@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from entropylens.models import LoadedModel, ModelInfo
+from entropylens.model.load import LoadedModel, ModelInfo
 
 V = 49152  # SmolLM2's vocabulary: the tiny models share its real tokenizer
 

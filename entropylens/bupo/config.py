@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from entropylens.bupo.grpo import LOSS_AGGS, OBJECTIVES
 from entropylens.errors import UserError
 from entropylens.options import option
-from entropylens.rewards import RULES_HELP
+from entropylens.data.rewards import RULES_HELP
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Avg@K is the mean accuracy over samples (its expectation does not depend on K, so all n samples
 are used); Pass@K uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, K) / C(n, K).
-Every figure carries a 95 % interval by bootstrap over prompts (`entropylens.intervals`), and the gain of a
+Every figure carries a 95 % interval by bootstrap over prompts (`entropylens.analysis.intervals`), and the gain of a
 trained model over its base is a paired bootstrap over the same prompts.
 """
 
@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from entropylens.rewards import check_references, get_reward
+from entropylens.data.rewards import check_references, get_reward
 from entropylens.bupo.rollout import generate_rollouts
 from entropylens.errors import UserError
-from entropylens.intervals import mean_ci, paired_gain_ci
-from entropylens.prompts import Prompt
-from entropylens.prompts import render as render_prompt
+from entropylens.analysis.intervals import mean_ci, paired_gain_ci
+from entropylens.data.prompts import Prompt
+from entropylens.data.prompts import render as render_prompt
 
 
 @dataclass
@@ -32,7 +32,7 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature
     max_new_tokens: int = 128  # completion length limit
     prompts_per_batch: int = 8  # prompts generated together (rollouts per batch = this * n_samples)
-    reward: str = "exact"  # a rule of entropylens.rewards.RULES
+    reward: str = "exact"  # a rule of entropylens.data.rewards.RULES
     seed: int = 0  # generation seed
     enable_thinking: bool = False  # passed to the chat template
 

@@ -29,17 +29,17 @@ import pandas as pd
 from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import Interrupted
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
-from entropylens.rewards import check_references
+from entropylens.data.rewards import check_references
 from entropylens.bupo.trainer import BupoConfig, train
 from entropylens.errors import UserError
-from entropylens.models import LoadedModel, load_model
+from entropylens.model.load import LoadedModel, load_model
 from entropylens.options import build, count_or_all, flatten, ints, option
-from entropylens.prompts import load_prompts
-from entropylens.sites import SITES
-from entropylens.runfolder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
-from entropylens.stages import layer_difference, pick_boundary_layer
+from entropylens.data.prompts import load_prompts
+from entropylens.model.layout import SITES
+from entropylens.store.folder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
+from entropylens.analysis.stages import layer_difference, pick_boundary_layer
 from entropylens.store import layer_table
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 ALGOS = ("bupo", "grpo")
 # The default k: the embedded SmolLM2 has no layer with a positive mean FFN dH under the bupo lens (every one

@@ -4,8 +4,8 @@
 padding, pure temperature sampling: no top-k/top-p, so the sampling distribution is exactly
 softmax(logits / T)). `policy_logits` re-scores them in one forward and returns both the
 output policy's logits and the internal layer policy pi^k = softmax(H^k W_U^T) (lens `bupo` of
-`entropylens.lens`, the tracer's: raw residual, no final norm, head bias and soft-cap applied), with
-H^k read by a forward hook on decoder layer k (1-indexed; layers found by `entropylens.sites`).
+`entropylens.core.lens`, the tracer's: raw residual, no final norm, head bias and soft-cap applied), with
+H^k read by a forward hook on decoder layer k (1-indexed; layers found by `entropylens.model.layout`).
 The trainer samples with `generate_groups`: one seeded call per prompt, so that a batch sharded over
 ranks samples what one process sampling it whole would.
 """
@@ -23,8 +23,8 @@ from transformers import GenerationConfig
 
 from entropylens.bupo.grpo import completion_mask
 from entropylens.errors import UserError
-from entropylens.lens import live_lens
-from entropylens.sites import decoder_layers
+from entropylens.core.lens import live_lens
+from entropylens.model.layout import decoder_layers
 
 
 def eos_and_pad_ids(model: nn.Module, tokenizer) -> tuple[list[int], int]:

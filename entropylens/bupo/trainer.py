@@ -39,17 +39,17 @@ from entropylens.bupo.checkpoint import (
 )
 from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
 from entropylens.bupo.grpo import group_advantages
-from entropylens.rewards import check_references, get_reward
+from entropylens.data.rewards import check_references, get_reward
 from entropylens.bupo.rollout import generate_groups, generate_rollouts, group_seed
 from entropylens.bupo.update import (  # noqa: F401  (_score_chunk, _update, _no_grad_logp: the tests' entry points)
     _no_grad_logp, _score_chunk, _update, _update_effect, optimise_batch, set_phase,
 )
 from entropylens.errors import UserError
-from entropylens.prompts import Prompt, prompts_sha256
-from entropylens.prompts import render as render_prompt
-from entropylens.sites import decoder_layers
-from entropylens.models import describe_model
-from entropylens.runfolder import RunFolder, utc_now, write_atomic
+from entropylens.data.prompts import Prompt, prompts_sha256
+from entropylens.data.prompts import render as render_prompt
+from entropylens.model.layout import decoder_layers
+from entropylens.model.load import describe_model
+from entropylens.store.folder import RunFolder, utc_now, write_atomic
 
 
 def train(
@@ -70,8 +70,8 @@ def train(
 
     Returns the checkpoint folder. The parameters' requires_grad flags are restored afterwards.
 
-    `prompts` are `entropylens.prompts.Prompt`s (`.answer` is the reference); `render(prompt,
-    tokenizer) -> str` defaults to `entropylens.prompts.render` with the config's `enable_thinking`;
+    `prompts` are `entropylens.data.prompts.Prompt`s (`.answer` is the reference); `render(prompt,
+    tokenizer) -> str` defaults to `entropylens.data.prompts.render` with the config's `enable_thinking`;
     `reward_fn(completion, answer) -> float` overrides `config.reward` (e.g. a format reward).
     Under a distributed launcher every rank calls this with the same arguments; rank 0 writes the files.
     Every `config.save_every` steps (and on Ctrl-C) the resumable state goes to `out_dir/state.pt`;

@@ -18,7 +18,7 @@ from entropylens.bupo import distributed
 from entropylens.bupo.grpo import LossScale, chunk_weight, grpo_loss, token_entropy, token_kl, token_logprobs
 from entropylens.bupo.metrics import STAT_KEYS
 from entropylens.bupo.rollout import Rollouts, policy_logits
-from entropylens.sites import decoder_layers, final_norm
+from entropylens.model.layout import decoder_layers, final_norm
 
 if TYPE_CHECKING:
     from entropylens.bupo.config import BupoConfig

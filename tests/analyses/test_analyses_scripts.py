@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 from tiny import V, build_tiny, wrap
-from entropylens.stages import read_stages
+from entropylens.analysis.stages import read_stages
 from entropylens.store import load_entropy
 from synthetic import SyntheticRun, write_run
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 ANALYSES = Path(__file__).resolve().parents[2] / "analyses"
 L = 3  # build_tiny's default depth

@@ -8,7 +8,7 @@ import time
 import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 
-from app.server import create_app
+from entropylens.app.server import create_app
 from app_fixtures import RUNS
 
 pytestmark = [pytest.mark.browser,

@@ -1,4 +1,4 @@
-"""The dashboard and the report draw the same figures (entropylens.figures): equal Plotly JSON for the same run,
+"""The dashboard and the report draw the same figures (entropylens.analysis.figures): equal Plotly JSON for the same run,
 one palette, and the interval they state."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from app.views.flows import build_compare, build_dh, build_flow
-from app.views.outcome import build_auroc, build_outcome_diff
-from app.views.tokens import build_heatmap
+from entropylens.app.views.flows import build_compare, build_dh, build_flow
+from entropylens.app.views.outcome import build_auroc, build_outcome_diff
+from entropylens.app.views.tokens import build_heatmap
 from app_fixtures import RUNS
-from entropylens import figures
+from entropylens.analysis import figures
 from entropylens.api import load
-from entropylens.report import fig_delta, fig_families, fig_trajectory, load_run
-from entropylens.report_outcome import outcome_section
-from entropylens.stages import StageConfig
+from entropylens.analysis.report import fig_delta, fig_families, fig_trajectory, load_run
+from entropylens.analysis.outcome_report import outcome_section
+from entropylens.analysis.stages import StageConfig
 
 
 def as_json(fig) -> dict:

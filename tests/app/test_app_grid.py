@@ -13,11 +13,11 @@ import pytest
 
 from tiny import build_tiny, wrap
 import entropylens as el
-from app.views import grid
+from entropylens.app.views import grid
 from entropylens.errors import UserError
-from entropylens.figures import grid_figure
+from entropylens.analysis.figures import grid_figure
 from entropylens.store import load_topk
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 K = 5
 
@@ -120,7 +120,7 @@ def test_builds_fast_at_512_positions_and_36_layers():
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
 def test_grid_view_in_chromium(dash_duo, demo, screenshot):
-    from app.server import create_app
+    from entropylens.app.server import create_app
     from test_app_browser import figure, open_tab
 
     dash_duo.start_server(create_app(demo))
@@ -149,7 +149,7 @@ def test_grid_view_in_chromium(dash_duo, demo, screenshot):
 
 
 def test_report_draws_the_grid(demo, tmp_path):
-    from entropylens.report import ReportConfig, build_report
+    from entropylens.analysis.report import ReportConfig, build_report
 
     index = build_report(ReportConfig(runs=["demo"], cache=str(demo), out=str(tmp_path / "r"), images=(),
                                       write_stages=False))

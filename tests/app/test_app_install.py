@@ -20,7 +20,7 @@ def test_wheel_serves_app_and_assets(tmp_path, cache):
     probe = textwrap.dedent(f"""
         import app, entropylens
         assert app.__file__.startswith({str(target)!r}), app.__file__
-        from app.server import create_app
+        from entropylens.app.server import create_app
         client = create_app(__import__("pathlib").Path({str(cache)!r})).server.test_client()
         assert client.get("/").status_code == 200
         css = client.get("/assets/style.css")

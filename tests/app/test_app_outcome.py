@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.views.flows import build_compare, build_dh, build_flow
-from app.views.outcome import build_auroc, build_outcome_diff, outcome_line
+from entropylens.app.views.flows import build_compare, build_dh, build_flow
+from entropylens.app.views.outcome import build_auroc, build_outcome_diff, outcome_line
 from app_fixtures import RUNS
 from entropylens.errors import UserError
 

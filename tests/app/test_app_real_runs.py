@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from app.server import create_app
-from app.views.flows import build_compare, build_dh, build_flow
-from app.views.tokens import build_heatmap
+from entropylens.app.server import create_app
+from entropylens.app.views.flows import build_compare, build_dh, build_flow
+from entropylens.app.views.tokens import build_heatmap
 from tiny import build_tiny, wrap
 from entropylens.store import load_entropy
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 
 @pytest.fixture(scope="module")

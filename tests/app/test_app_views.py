@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.data import list_runs
-from app.server import create_app, serve
-from app.views.flows import build_compare, build_dh, build_flow, build_stages, stages_panel
-from app.views.tokens import build_heatmap, cell_detail
-from app.views.training import build_diff, build_training
+from entropylens.app.data import list_runs
+from entropylens.app.server import create_app, serve
+from entropylens.app.views.flows import build_compare, build_dh, build_flow, build_stages, stages_panel
+from entropylens.app.views.tokens import build_heatmap, cell_detail
+from entropylens.app.views.training import build_diff, build_training
 from app_fixtures import RUNS
 from entropylens.errors import UserError
 from entropylens.store import compute_summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny import make_char_llama, make_char_tokenizer
 
-from entropylens.prompts import Prompt
+from entropylens.data.prompts import Prompt
 
 
 @pytest.fixture

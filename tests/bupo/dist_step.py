@@ -14,7 +14,7 @@ from tiny import make_char_llama, make_char_tokenizer
 from entropylens.bupo import distributed
 from entropylens.bupo.grpo import LOSS_AGGS
 from entropylens.bupo.trainer import BupoConfig, train
-from entropylens.prompts import Prompt
+from entropylens.data.prompts import Prompt
 
 PROMPTS = [Prompt(text=t, messages=None, answer="0", source="test")
            for t in ("1+2=", "what is 40+2?", "7*6", "10-1 =", "3*3=", "2+2+2 =")]

@@ -112,7 +112,7 @@ def test_bupo_end_to_end(digit_folder, prompt_file, tmp_path):
 ])
 def test_user_mistakes_are_one_line(args, needle, tiny_folder, tmp_path, monkeypatch, capsys):
     """In process (a subprocess per case costs ~10 s of imports); main() is what `entropylens` runs."""
-    from entropylens.cli import main
+    from entropylens.cli.commands import main
 
     model = [] if "--model" in args else ["--model", str(tiny_folder)]
     monkeypatch.setattr(sys, "argv", ["entropylens", "bupo", *model, *args, "--cache", str(tmp_path), "--quiet"])

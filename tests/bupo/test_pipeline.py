@@ -13,7 +13,7 @@ from entropylens.bupo.pipeline import DEFAULT_LAYER, TRAIN_DEFAULTS, BupoRunConf
 from entropylens.options import build, flatten
 from entropylens.errors import UserError
 from entropylens.bupo.trainer import BupoConfig
-from entropylens.runfolder import RunFolder
+from entropylens.store.folder import RunFolder
 from entropylens.store import read_manifest
 
 TINY = dict(steps=2, internal_steps=1, prompts_per_step=2, num_generations=2, max_new_tokens=6,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from entropylens.bupo.rewards import (
+from entropylens.data.rewards import (
     exact_match_reward, extract_answer, extract_boxed, get_reward, normalize_answer,
 )
 from entropylens.errors import UserError
@@ -75,15 +75,15 @@ def test_named_rules_on_hand_written_completions(completion, answer, expected):
 
 
 def test_rules_are_documented_one_line_each():
-    from entropylens.bupo.rewards import REWARDS, RULES, RULES_HELP
+    from entropylens.data.rewards import REWARDS, RULES, RULES_HELP
 
     assert set(RULES) == set(REWARDS) and all("\n" not in v for v in RULES.values())
     assert all(name in RULES_HELP for name in RULES)
 
 
 def test_bad_references_name_the_row():
-    from entropylens.bupo.rewards import check_references
-    from entropylens.prompts import Prompt
+    from entropylens.data.rewards import check_references
+    from entropylens.data.prompts import Prompt
 
     ok = [Prompt("q", None, "3", "file:x.jsonl"), Prompt("q", None, r"\frac{1}{2}", "file:x.jsonl")]
     check_references(ok, "exact")

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from entropylens.bupo.grpo import token_logprobs
 from entropylens.bupo.rollout import generate_rollouts, policy_logits
-from entropylens.lens import live_lens
-from entropylens.sites import final_norm
+from entropylens.core.lens import live_lens
+from entropylens.model.layout import final_norm
 
 TEXTS = ["1+2=", "what is 40+2?", "7*6"]  # different lengths -> left padding matters
 
@@ -95,8 +95,8 @@ def test_trainer_pi_k_is_the_tracers_lens(model, char_tokenizer, k, softcap):
     """pi^k as the trainer optimises it (policy_logits -> log_softmax) = the tracer's decode of the same H^k
     (make_lens("bupo") + the decode engine): entropy within 1e-5 nats; log p of the sampled tokens within
     1e-5 nats + 1e-5 relative (the trainer's logits are fp32: ~6e-8·|z| rounding at log p ~ -30)."""
-    from entropylens.decode import decode_rows
-    from entropylens.lens import make_lens
+    from entropylens.core.decode import decode_rows
+    from entropylens.core.lens import make_lens
 
     model.config.final_logit_softcapping = softcap
     ro = generate_rollouts(model, char_tokenizer, TEXTS, 2, 1.0, 6, seed=5)

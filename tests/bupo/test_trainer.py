@@ -17,7 +17,7 @@ from entropylens.bupo.trainer import (
     BupoConfig, _no_grad_logp, _score_chunk, _update, set_phase, train,
 )
 from entropylens.errors import UserError
-from entropylens.stages import pick_boundary_layer
+from entropylens.analysis.stages import pick_boundary_layer
 
 TEXTS = ["1+2=", "what is 40+2?", "7*6"]
 EXPECTED_KEYS = {"step", "phase", "reward/mean", "reward/std", "entropy/layer_k", "entropy/output",
@@ -45,7 +45,7 @@ def _cfg(**kw):
 
 
 def test_internal_phase_leaves_upper_layers_and_final_norm_bit_identical(tmp_path, char_tokenizer, prompts):
-    model = make_char_llama(layers=3).requires_grad_(False)  # as entropylens.models.load_model hands it over
+    model = make_char_llama(layers=3).requires_grad_(False)  # as entropylens.model.load.load_model hands it over
     before = _snapshot(model)
     train(_cfg(internal_layer=2), model, char_tokenizer, prompts, tmp_path / "run", progress=False,
           reward_fn=length_reward)

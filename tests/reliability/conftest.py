@@ -30,7 +30,7 @@ def small_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference(small_folder, tmp_path_factory) -> Path:
     """An uninterrupted trace with the FAST settings and seed 0, run in this process."""
-    from entropylens.cli import main
+    from entropylens.cli.commands import main
 
     cache = tmp_path_factory.mktemp("ref-cache")
     argv = sys.argv

@@ -22,7 +22,7 @@ def popen(*args: str) -> subprocess.Popen:
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`entropylens ARGS` in this process through cli.main (the console script's entry): (code, out, err)."""
-    from entropylens.cli import main
+    from entropylens.cli.commands import main
 
     monkeypatch.setattr(sys, "argv", ["entropylens", *args])
     capsys.readouterr()

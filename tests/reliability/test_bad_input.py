@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import one_line, run_main
-from entropylens.decode import decode_rows
+from entropylens.core.decode import decode_rows
 from entropylens.errors import UserError
-from entropylens.lens import Lens
-from entropylens.prompts import Prompt, load_prompts
+from entropylens.core.lens import Lens
+from entropylens.data.prompts import Prompt, load_prompts
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 KEYS = st.sampled_from(["prompt", "question", "text", "answer", "ground_truth", "split", "reward_model", "x", ""])
@@ -156,7 +156,7 @@ def test_decode_rejects_non_finite_activations(bad):
 
 
 def test_decode_layers_rejects_nan_sites():
-    from entropylens.decode import decode_layers
+    from entropylens.core.decode import decode_layers
 
     acts = {s: torch.randn(2, 3, 8) for s in ("attn_in", "attn", "ffn_in", "ffn", "layer")}
     acts["ffn"][1, 0, 0] = math.nan

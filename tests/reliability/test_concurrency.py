@@ -14,7 +14,7 @@ import pytest
 from harness import FAST, assert_same_run, popen, run_main
 from entropylens import store
 from entropylens.errors import UserError
-from entropylens.trace import TraceConfig, run_trace
+from entropylens.tracing.job import TraceConfig, run_trace
 
 
 def dash_call(client, output: str, inputs, state=()) -> dict:
@@ -53,9 +53,9 @@ def assert_intact(run: Path, n_prompts: int) -> None:
 
 @pytest.mark.reliability
 def test_two_traces_one_cache_listing_and_dashboard_meanwhile(small_folder, tmp_path, reference, monkeypatch, capsys):
-    from app.data import list_runs as app_runs
-    from app.server import create_app
-    from entropylens import cli
+    from entropylens.app.data import list_runs as app_runs
+    from entropylens.app.server import create_app
+    from entropylens.cli import commands as cli
 
     cache = tmp_path / "cache"
     # default names: both start in the same second, so the second needs a fresh name, not an error
@@ -102,7 +102,7 @@ def test_two_traces_one_cache_listing_and_dashboard_meanwhile(small_folder, tmp_
 def test_same_second_default_names_get_distinct_runs(small_folder, tmp_path, monkeypatch):
     """In-process and deterministic: the clock frozen, so both runs ask for the same timestamped name."""
     from entropylens import trace
-    from entropylens.models import load_model
+    from entropylens.model.load import load_model
 
     loaded = load_model(str(small_folder))
     monkeypatch.setattr(trace, "new_run_id", lambda name, tag=None: "20260101-000000-llama-arith")
@@ -119,10 +119,10 @@ def test_same_second_default_names_get_distinct_runs(small_folder, tmp_path, mon
 
 def test_dashboard_on_a_run_with_parts_only(small_folder, tmp_path, monkeypatch):
     """A run stopped after 2 of 3 batches (parts/ only, status running or failed): listed, drawn as a message."""
-    from app.data import list_runs as app_runs
-    from app.server import create_app
+    from entropylens.app.data import list_runs as app_runs
+    from entropylens.app.server import create_app
     from entropylens import trace
-    from entropylens.models import load_model
+    from entropylens.model.load import load_model
 
     loaded = load_model(str(small_folder))
     real, calls = trace.trace_batch, []

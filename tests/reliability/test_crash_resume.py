@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness import FAST, assert_same_run, one_line, popen, run_main
-from entropylens import runfolder, store
+from entropylens import store
+from entropylens.store import folder as runfolder
 from entropylens.errors import UserError
 
 N_BATCHES = 16  # enough batches that a kill lands mid-run even on a fast, idle machine

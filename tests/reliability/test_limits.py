@@ -13,8 +13,8 @@ from harness import one_line, run_main
 from tiny import make_byte_tokenizer
 from entropylens import trace
 from entropylens.errors import UserError
-from entropylens.models import load_model
-from entropylens.trace import TraceConfig, batch_bytes, run_trace
+from entropylens.model.load import load_model
+from entropylens.tracing.job import TraceConfig, batch_bytes, run_trace
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def loaded(small_folder):
 
 def test_batch_estimate_covers_what_a_batch_really_captures(loaded):
     """The estimate is an upper bound of the activations the backend actually returns for a batch."""
-    from entropylens.backends import make_backend
-    from entropylens.sites import find_layout
+    from entropylens.model.backends import make_backend
+    from entropylens.model.layout import find_layout
 
     B, T = 3, 40
     layout = find_layout(loaded.model)

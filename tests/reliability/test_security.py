@@ -13,7 +13,7 @@ import torch
 
 from harness import one_line, run_main
 from entropylens.errors import UserError
-from entropylens.models import load_model
+from entropylens.model.load import load_model
 from synthetic import SyntheticRun, write_run
 from test_concurrency import dash_call, flow_figure
 
@@ -47,7 +47,7 @@ def cache(tmp_path_factory) -> Path:
 def client(cache, request):
     """The app as the development server runs it (Flask's test client on the same WSGI app), and the
     production server: `entropylens app` (gunicorn, 2 workers) in a real process, over real HTTP."""
-    from app.server import create_app
+    from entropylens.app.server import create_app
     from serving import Served
 
     if request.param == "dev":
@@ -67,7 +67,7 @@ def client(cache, request):
 def test_dashboard_binds_localhost_by_default(cache, monkeypatch, capsys):
     import dash
 
-    from app import server
+    from entropylens.app import server
 
     seen = {}
     monkeypatch.setattr(server, "run_gunicorn", lambda wsgi, options: seen.update(options, wsgi=wsgi))
@@ -117,7 +117,7 @@ def test_static_routes_do_not_serve_files_outside_their_folders(client, path):
     ("bad-summary", "flow"), ("bad-entropy", "heat"), ("bad-tokens", "heat")])
 def test_malformed_runs_show_a_message_not_a_stack_trace(cache, client, run_id, broken):
     """Every request answers 200; a view that needs the broken file says why in the figure."""
-    from app.data import list_runs
+    from entropylens.app.data import list_runs
 
     status = list_runs(cache).set_index("run_id")["status"]
     assert status[run_id].startswith("corrupt") or run_id in ("bad-entropy", "types")  # entropy is read lazily
@@ -132,8 +132,8 @@ def test_malformed_runs_show_a_message_not_a_stack_trace(cache, client, run_id, 
 
 def test_no_pickle_or_remote_code_on_the_reading_path():
     """Dashboard and store read JSON and Parquet only; remote model code is never on by default."""
-    reading = [*sorted((ROOT / "app").rglob("*.py")),
-               *(ROOT / "entropylens" / f"{name}.py" for name in ("store", "runfolder", "schema"))]
+    reading = [*sorted((ROOT / "entropylens" / "app").rglob("*.py")),
+               *sorted((ROOT / "entropylens" / "store").rglob("*.py"))]
     for path in reading:
         src = path.read_text()
         for word in ("pickle", "torch.load", "trust_remote_code", "eval(", "exec(", "allow_pickle"):

@@ -34,7 +34,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def guarded(cache):
-    from app.server import create_app
+    from entropylens.app.server import create_app
 
     return create_app(cache, token=TOKEN).server
 
@@ -51,7 +51,7 @@ def _flow_body(run_id: str) -> dict:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "dashboard.example.org"])
 def test_non_loopback_without_a_token_is_one_line(cache, monkeypatch, capsys, host):
-    from app import server
+    from entropylens.app import server
 
     monkeypatch.delenv("ENTROPYLENS_APP_TOKEN", raising=False)
     monkeypatch.setattr(server, "run_gunicorn", lambda *a: pytest.fail("served without a token"))
@@ -61,7 +61,7 @@ def test_non_loopback_without_a_token_is_one_line(cache, monkeypatch, capsys, ho
 
 
 def test_token_options_and_their_errors(cache, monkeypatch, capsys):
-    from app import server
+    from entropylens.app import server
 
     seen = []
     monkeypatch.setattr(server, "run_gunicorn", lambda wsgi, opts: seen.append(opts))
@@ -82,7 +82,7 @@ def test_token_options_and_their_errors(cache, monkeypatch, capsys):
 
 
 def test_default_workers_follow_the_cpu_count(monkeypatch):
-    from app.config import AppConfig, default_workers
+    from entropylens.app.config import AppConfig, default_workers
 
     for cpus, workers in [(1, 2), (2, 3), (4, 5), (64, 8)]:
         monkeypatch.setattr(os, "cpu_count", lambda c=cpus: c)
@@ -159,7 +159,7 @@ def test_the_right_token_opens_everything_and_the_cookie_is_not_the_token(guarde
 
 def test_tokens_are_compared_in_constant_time(guarded, monkeypatch):
     """Every comparison goes through hmac.compare_digest on equal-length digests, whatever the guess's length."""
-    from app import auth
+    from entropylens.app import auth
 
     calls = []
     real = hmac.compare_digest
@@ -225,7 +225,7 @@ def test_dev_server_serves_behind_the_token(cache, tmp_path):
 def test_dev_server_log_lines_are_redacted():
     import logging
 
-    from app.auth import RedactToken
+    from entropylens.app.auth import RedactToken
 
     rec = logging.LogRecord("werkzeug", logging.INFO, "", 0, '"%s" %s', (f"GET /?run=a&token={TOKEN} HTTP/1.1", 303),
                             None)
@@ -306,7 +306,7 @@ def test_runs_written_while_the_production_server_is_up(tmp_path):
 def test_byte_lru_evicts_the_least_recent_and_keeps_under_its_limit():
     import numpy as np
 
-    from app.cache import ByteLRU, nbytes
+    from entropylens.app.cache import ByteLRU, nbytes
 
     df = pd.DataFrame({"a": np.arange(1000, dtype=np.float64)})
     size = nbytes(df)
@@ -324,8 +324,8 @@ def test_byte_lru_evicts_the_least_recent_and_keeps_under_its_limit():
 
 
 def test_the_cache_never_holds_a_running_run(tmp_path):
-    from app import data
-    from app.cache import CACHE
+    from entropylens.app import data
+    from entropylens.app.cache import CACHE
     from entropylens.errors import UserError
 
     run = write_run(tmp_path / "c", SyntheticRun("r", n_layers=2, seed=5))
@@ -352,7 +352,7 @@ def test_fresh_workers_serve_every_bundle_when_asked_all_at_once(cache):
     import re
     from concurrent.futures import ThreadPoolExecutor
 
-    from app.server import create_app
+    from entropylens.app.server import create_app
 
     index = create_app(cache).server.test_client().get("/").data.decode()
     bundles = re.findall(r'src="(/_dash-component-suites/[^"]+)"', index)
@@ -397,7 +397,7 @@ def test_load_benchmark_runs_small_and_its_writer_check_works(tmp_path):
 def test_a_folder_a_writer_just_made_is_starting_not_corrupt(tmp_path):
     """Between a trace's mkdir and its first manifest the folder is listed `starting` (not usable, never read);
     a folder with data but no manifest stays `corrupt`."""
-    from app.data import list_runs, usable
+    from entropylens.app.data import list_runs, usable
 
     cache = tmp_path / "c"
     write_run(cache, SyntheticRun("done", n_layers=2, seed=6))
@@ -423,7 +423,7 @@ def test_a_folder_a_writer_just_made_is_starting_not_corrupt(tmp_path):
 def test_a_manifest_written_between_listing_and_status_is_not_corrupt(tmp_path):
     """The listing read no manifest, then the writer renamed its first one into place before the status was
     worked out (seen under load): the run is listed with the manifest's status, not as corrupt."""
-    from app.data import _status
+    from entropylens.app.data import _status
 
     cache = tmp_path / "c"
     write_run(cache, SyntheticRun("done", n_layers=2, seed=6))

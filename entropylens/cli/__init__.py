@@ -1,0 +1,1 @@
+"""The `entropylens` command line (typer): commands and their printed tables."""

@@ -1,0 +1,410 @@
+"""The decode engine: entropy, top-1 and target log-prob of many lens distributions, streamed over V.
+
+Never materialises (rows, V). For each vocabulary chunk it writes the logits (R, C) of a block of rows
+with one fp32 GEMM into a preallocated buffer, finishes them in place (row scale, bias, soft-cap) and
+folds them into per-row online log-sum-exp accumulators (`lse.OnlineLSE`, fp64 across chunks) with one of
+three per-chunk kernels (`KERNELS`): `native` (a small C kernel built at first use, one fused read per row:
+the default on CPU when a C compiler is present), `compiled` (torch.compile, one read-only pass) or `eager`
+(~6 torch passes; CUDA and machines without a compiler). `kernel="auto"` picks and the Stats say which.
+The buffers are sized by `block_bytes`; peak extra memory is independent of V and of the sites.
+
+`decode_layers` stacks every site of every layer of a token block into one GEMM operand. With
+`additive=True` the `layer` site costs no GEMM: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j).
+
+Precision: fp32 logits carry ~6e-8·|z| rounding, so rows whose top logit exceeds `EXACT_GUARD` are
+recomputed in fp64 (SmolLM2's massive activations reach |z| ~ 3e4), over only the vocabulary chunks
+within `REDO_MARGIN` nats of the row's max. No bf16 product ever reaches an exact-mode logit; on CUDA,
+TF32 is switched off for the duration of a decode. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from entropylens.core import native
+from entropylens.errors import UserError
+from entropylens.core.lens import Lens
+from entropylens.core.lse import MASKED, OnlineLSE, Stats, refine_topk
+
+DEFAULT_CHUNK = 2048
+DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
+# fp32 logits carry ~6e-8·|z| rounding; rows whose top logit exceeds this are redone in fp64 so every
+# entropy stays within 1e-4 nats (measured: |z| = 135 -> 1.2e-5 nats in fp32).
+EXACT_GUARD = 500.0
+# The exactness guard recomputes a row's chunks in fp64 only where the chunk max is within this of the row's.
+REDO_MARGIN = 50.0
+KERNELS = ("auto", "native", "compiled", "eager")
+
+
+def resolve_kernel(kernel: str, compile: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """The per-chunk kernel a decode runs: `auto` is native on CPU fp32 where a C compiler exists, else eager.
+
+    `compile=True` (the older flag) means `compiled`. Asking for `native` where it cannot run is an error,
+    never a quiet fallback; the choice is reported in Stats.kernel (and so in manifests and the bench).
+    """
+    if kernel not in KERNELS:
+        raise UserError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    if compile:
+        if kernel not in ("auto", "compiled"):
+            raise UserError(f"compile=True contradicts kernel={kernel!r}")
+        return "compiled"
+    fits = device.type == "cpu" and dtype == torch.float32
+    if kernel == "auto":
+        return "native" if fits and native.available() else "eager"
+    if kernel == "native" and not fits:
+        raise UserError(f"kernel='native' runs on CPU float32 only (got {device.type} {dtype}); use kernel='eager'")
+    if kernel == "native" and not native.available():
+        raise UserError("kernel='native' needs a C compiler (cc, gcc or clang on PATH, or $CC); use kernel='eager'")
+    return kernel
+
+
+@contextlib.contextmanager
+def exact_matmul() -> Iterator[None]:
+    """True fp32 GEMMs for the duration, whatever the caller chose for speed; restores the caller's settings.
+
+    `torch.set_float32_matmul_precision("medium")` lets oneDNN round fp32 inputs to bf16 on CPUs with AMX /
+    AVX512-BF16 (measured: SmolLM2-sized logits 0.30 off, against 7.8e-5 in fp32) and "high" allows TF32 on
+    CUDA: both would leave every stored entropy silently inexact.
+    """
+    cfgs = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    prev = [c.fp32_precision for c in cfgs]
+    for c in cfgs:
+        c.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for c, p in zip(cfgs, prev):
+            c.fp32_precision = p
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    """NaN or inf activations (e.g. a float16 overflow) would give NaN entropies silently: refuse them."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise UserError(f"{bad} activation values are NaN or infinite; the model overflowed, try --dtype float32")
+
+
+def _finish(z: torch.Tensor, lens: Lens, scale: torch.Tensor | None, c0: int) -> torch.Tensor:
+    """Raw chunk logits (R, C) of ids [c0, c0 + C) -> final logits, in place: row scale, bias, soft-cap."""
+    if scale is not None:
+        z.mul_(scale[:, None])
+    if lens.bias is not None:
+        z.add_(lens.bias[c0 : c0 + z.shape[1]].to(z.device, z.dtype).clamp_min(MASKED))
+    if lens.softcap:
+        z.div_(lens.softcap).tanh_().mul_(lens.softcap)
+    return z
+
+
+def _stream(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    lens: Lens,
+    out_rows: int,
+    combine: Callable[[torch.Tensor], None] | None,
+    scale: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    chunk: int,
+    kernel: str = "eager",
+    layers: tuple[int, int, int, int, int] | None = None,
+    topk: int = 0,
+) -> OnlineLSE:
+    """Stream V for one block: GEMM rows X (Rg, d) into Z[:Rg], `combine` fills Z[Rg:], stats of all of Z.
+
+    Z has `out_rows` rows; two (out_rows, chunk) buffers (one for the fused kernels) are the only
+    allocations proportional to a chunk. `layers` (native kernel, no finish): the kernel makes the additive
+    layer rows itself (see OnlineLSE.update) in place of `combine`.
+    """
+    V = W.shape[0]
+    Rg = X.shape[0]
+    Zbuf = torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
+    Ebuf = None if kernel != "eager" else torch.empty(out_rows, chunk, dtype=X.dtype, device=X.device)
+    acc = OnlineLSE(out_rows, X.device, targets, kernel == "compiled", kernel, topk)
+    for c0 in range(0, V, chunk):
+        C = min(chunk, V - c0)
+        Z = Zbuf[:, :C] if C == chunk else torch.empty(out_rows, C, dtype=X.dtype, device=X.device)
+        torch.mm(X, W[c0 : c0 + C].to(X.dtype).T, out=Z[:Rg])  # (Rg, C); fp64 redo casts one chunk only
+        if combine is not None:
+            combine(Z)
+        z = _finish(Z, lens, scale, c0)
+        e = None if Ebuf is None else Ebuf[:, :C] if C == chunk else torch.empty_like(z)
+        acc.update(z, c0, e, layers)
+    return acc
+
+
+def decode_rows(
+    x: torch.Tensor,
+    lens: Lens,
+    targets: torch.Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    dtype: torch.dtype = torch.float32,
+    guard: float | None = EXACT_GUARD,
+    compile: bool = False,
+    kernel: str = "auto",
+    topk: int = 0,
+) -> Stats:
+    """Stats of lens(x) for rows x (R, d); `targets` (R,) adds log p(target); `topk` K >= 1 adds each row's
+    K most probable ids and their probabilities (Stats.topk_ids / topk_p), ties broken by lowest id.
+
+    `kernel` picks the per-chunk kernel (`resolve_kernel`; `compile=True` = "compiled"): all give the same
+    results within ~1e-6 nats, see docs/performance.md.
+    """
+    kernel = resolve_kernel(kernel, compile, x.device, dtype)
+    x = x.to(dtype)
+    _check_finite(x)
+    scale = lens.row_scale(x)
+    scale = None if scale is None else scale.to(dtype)
+    W = lens.W.to(x.device)
+    with exact_matmul():
+        acc = _stream(x, W, lens, x.shape[0], None, scale, targets, min(chunk, W.shape[0]), kernel, topk=topk)
+    res = acc.result()
+    res.kernel = kernel
+    if dtype == torch.float32:
+        refine_topk(res, x, lens, acc)
+    if guard is not None and dtype == torch.float32:
+        rows = acc.large_rows(guard)
+        if rows.numel():
+            t = None if targets is None else targets[rows]
+            ids = None if res.topk_ids is None else res.topk_ids[rows]
+            _patch(res, rows, _exact_rows(x[rows], acc.chunk_maxima()[rows], lens, t, chunk, ids))
+    return res
+
+
+def _exact_rows(x: torch.Tensor, chunk_max: torch.Tensor, lens: Lens, targets, chunk: int,
+                topk_ids: torch.Tensor | None = None) -> Stats:
+    """fp64 Stats of rows x (k, d) (the exactness guard), computed over only the chunks that matter.
+
+    chunk_max (k, n_chunks) holds the fp32 pass's chunk maxima (off by far less than a nat). A chunk whose
+    maximum lies more than REDO_MARGIN below the row's best holds logits with p < e^-50 each: with V <= 1e6
+    they move H by < 1e-13 nats, so only the other chunks (and the target's) are recomputed in fp64 —
+    for SmolLM2's massive-activation rows about 3 of the 24. With `topk_ids` (k, K), the fp32 pass's top-K,
+    their chunks are redone too, so the top-K is re-ranked on fp64 logits (an id the fp32 pass ranked just
+    below the K-th, in a chunk more than REDO_MARGIN below the max, has p < e^-50 and is not looked for).
+    """
+    need = chunk_max > chunk_max.max(1, keepdim=True).values - REDO_MARGIN  # (k, n_chunks)
+    if targets is not None:  # log p(target) needs the target's own logit, exactly
+        has = (targets >= 0).nonzero().squeeze(1)
+        need[has, targets[has] // chunk] = True
+    if topk_ids is not None:
+        need[torch.arange(len(need), device=need.device)[:, None], topk_ids.clamp_min(0) // chunk] = True
+    K = 0 if topk_ids is None else topk_ids.shape[1]
+    x = x.double()
+    scale = lens.row_scale(x)
+    scale = None if scale is None else scale.double()
+    W = lens.W.to(x.device)
+    V, k = W.shape[0], x.shape[0]
+    acc = OnlineLSE(k, x.device, targets, topk=K)
+    for j in need.any(0).nonzero().squeeze(1).tolist():
+        c0 = j * chunk
+        C = min(chunk, V - c0)
+        r = need[:, j].nonzero().squeeze(1)  # only these rows' statistics see this chunk (SmolLM2: ~1 in 9)
+        Z = _finish(x[r] @ W[c0 : c0 + C].double().T, lens, None if scale is None else scale[r], c0)  # (r, C)
+        part = OnlineLSE(len(r), x.device, None if targets is None else targets[r], topk=K)
+        part.update(Z, c0, torch.empty_like(Z))
+        acc.merge_rows(r, part)
+    return acc.result()
+
+
+def _patch(res: Stats, rows: torch.Tensor, exact: Stats, k0: int = 0) -> None:
+    """Overwrite `rows` of res, in place, with exact's rows k0, k0 + 1, ..."""
+    k = slice(k0, k0 + rows.numel())
+    res.entropy[rows], res.top1[rows], res.p1[rows] = exact.entropy[k], exact.top1[k], exact.p1[k]
+    if res.topk_ids is not None:
+        res.topk_ids[rows], res.topk_p[rows] = exact.topk_ids[k], exact.topk_p[k]
+    if res.logp_target is not None:
+        res.logp_target[rows] = exact.logp_target[k]
+    res.redone += rows.numel()
+
+
+@dataclass
+class _Rows:
+    """Where each site's rows sit in the GEMM operand of a block of n tokens, in output order:
+    [direct sites, L each][H^0][H^1..H^L]. The GEMM fills everything up to H^0 (all of it without the
+    additive trick); with the trick the layer sums after H^0 are made from the attn and ffn rows."""
+
+    L: int
+    direct: list[str]  # sites decoded from their own vectors, in order
+    want_layer: bool
+    trick: bool  # raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j): saves L GEMM rows per token
+
+    @property
+    def per_token(self) -> int:
+        return self.L * len(self.direct) + (self.L + 1 if self.want_layer else 0)
+
+    @property
+    def gemm_per_token(self) -> int:
+        return self.per_token - (self.L if self.trick else 0)
+
+    @property
+    def outs(self) -> list[str]:
+        return self.direct + (["layer"] if self.want_layer else [])
+
+    def offsets(self, n: int) -> tuple[int, int, int]:
+        """Row offsets of A^1, F^1 and H^0 in a block of n tokens (the trick's inputs and output)."""
+        return self.L * self.direct.index("attn") * n, self.L * self.direct.index("ffn") * n, self.L * len(
+            self.direct) * n
+
+    def operand(self, h0: torch.Tensor, acts: dict[str, torch.Tensor], b0: int, n: int) -> torch.Tensor:
+        """Every row of tokens [b0, b0 + n), fp32, in output order: (per_token * n, d)."""
+        ops = [acts[s][:, b0 : b0 + n] for s in self.direct]
+        if self.want_layer:
+            ops += [h0[None, b0 : b0 + n], acts["layer"][:, b0 : b0 + n]]
+        return torch.cat(ops).to(torch.float32).reshape(-1, h0.shape[1])
+
+    def split(self, res: Stats, n: int) -> dict[str, Stats]:
+        """A block's Stats -> site -> (L or L + 1, n) views (the guard still patches them in place)."""
+        out, k = {}, 0
+        for s in self.outs:
+            rows = (self.L + 1 if s == "layer" else self.L) * n
+            ki, kp = (None, None) if res.topk_ids is None else (res.topk_ids[k : k + rows], res.topk_p[k : k + rows])
+            out[s] = Stats(res.entropy[k : k + rows], res.top1[k : k + rows], res.p1[k : k + rows],
+                           topk_ids=ki, topk_p=kp).reshape(-1, n)
+            k += rows
+        return out
+
+
+class _GuardQueue:
+    """Rows for the exactness guard, redone together across blocks (fewer, larger fp64 GEMMs), at most
+    `cap` at a time so the fp64 buffers stay within the block budget."""
+
+    def __init__(self, lens: Lens, chunk: int, cap: int):
+        self.lens, self.chunk, self.cap = lens, chunk, cap
+        self.pending: list[tuple[Stats, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # res, rows, x, maxima
+        self.redone = 0
+
+    def add(self, res: Stats, rows: torch.Tensor, x: torch.Tensor, chunk_max: torch.Tensor) -> None:
+        if rows.numel():
+            self.pending.append((res, rows, x, chunk_max))
+            self.redone += rows.numel()
+            if sum(p[1].numel() for p in self.pending) >= self.cap:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        cat = lambda i: torch.cat([p[i] for p in self.pending])  # noqa: E731
+        ids = None if self.pending[0][0].topk_ids is None else torch.cat(
+            [res.topk_ids[rows] for res, rows, _, _ in self.pending])
+        exact = _exact_rows(cat(2), cat(3), self.lens, None, self.chunk, ids)
+        k0 = 0
+        for res, rows, _, _ in self.pending:
+            _patch(res, rows, exact, k0)
+            k0 += rows.numel()
+        self.pending.clear()
+
+
+def _layer_sums(plan: _Rows, n: int) -> Callable[[torch.Tensor], None]:
+    """The trick's `combine`: raw(H^l) = raw(H^0) + Σ_{j≤l} (raw(A^j) + raw(F^j)), summed in place."""
+    ia, jf, h = plan.offsets(n)
+    L = plan.L
+
+    def combine(Z: torch.Tensor) -> None:
+        torch.add(Z[ia : ia + L * n], Z[jf : jf + L * n], out=Z[h + n :])
+        for r in range(h + n, Z.shape[0], n):  # 5x faster than cumsum_ along dim 0
+            Z[r : r + n] += Z[r - n : r]
+
+    return combine
+
+
+def _decode_block(vecs: torch.Tensor, plan: _Rows, n: int, W: torch.Tensor, lens: Lens, chunk: int,
+                  kernel: str, topk: int = 0) -> tuple[OnlineLSE, torch.Tensor | None]:
+    """Stream V for one block's rows; returns the accumulators and the row scale."""
+    scale = lens.row_scale(vecs)
+    combine, layers = None, None
+    if plan.trick:
+        if kernel == "native" and scale is None and lens.bias is None and not lens.softcap:
+            layers = (*plan.offsets(n), n, plan.L)  # the kernel sums and folds the layer rows in one pass
+        else:
+            combine = _layer_sums(plan, n)
+    X = vecs[: plan.gemm_per_token * n]  # the rows that need a GEMM
+    return _stream(X, W, lens, plan.per_token * n, combine, scale, None, chunk, kernel, layers, topk), scale
+
+
+def decode_layers(
+    h0: torch.Tensor,
+    acts: dict[str, torch.Tensor],
+    sites: tuple[str, ...],
+    lens: Lens,
+    additive: bool,
+    chunk: int = DEFAULT_CHUNK,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    guard: float | None = EXACT_GUARD,
+    compile: bool = False,
+    kernel: str = "auto",
+    topk: int = 0,
+) -> dict[str, Stats]:
+    """Decode every requested site of every layer for N token rows.
+
+    h0: (N, d) = H^0; acts[site]: (L, N, d). Returns site -> Stats of shape (L, N), except `layer`,
+    which is (L + 1, N) with H^0 at index 0. `additive` must only be set when H^l = H^{l-1}+A^l+F^l holds
+    (checked by the caller with sites.additivity_error). The first site's Stats carries `redone`; every
+    site's Stats carries `kernel`, the per-chunk kernel used (`kernel`/`compile` as in `decode_rows`).
+    `topk` K >= 1: every Stats also carries topk_ids / topk_p of shape (..., K), made in the same stream
+    (a running top-K per row; never a (rows, V) tensor).
+    """
+    kernel = resolve_kernel(kernel, compile, h0.device, torch.float32)
+    L, N, d = acts["attn"].shape
+    direct = [s for s in sites if s != "layer"]
+    # The trick saves L GEMM rows only when A^l and F^l are decoded anyway; otherwise decode H^l directly.
+    trick = "layer" in sites and additive and "attn" in direct and "ffn" in direct
+    plan = _Rows(L, direct, "layer" in sites, trick)
+    W = lens.W.to(h0.device, torch.float32).contiguous()
+    chunk = min(chunk, W.shape[0])
+    n_bufs = 2 if kernel == "eager" else 1  # (rows, chunk) fp32 buffers per block: fused kernels need no scratch
+    block = max(1, min(N, block_bytes // (n_bufs * plan.per_token * chunk * 4)))
+    queue = _GuardQueue(lens, chunk, cap=max(1, block_bytes // (8 * (chunk + d))))
+    parts: dict[str, list[Stats]] = {s: [] for s in plan.outs}
+    with exact_matmul():
+        for b0 in range(0, N, block):
+            n = min(N, b0 + block) - b0
+            vecs = plan.operand(h0, acts, b0, n)  # (per_token * n, d)
+            _check_finite(vecs)
+            acc, scale = _decode_block(vecs, plan, n, W, lens, chunk, kernel, topk)
+            res = acc.result()
+            refine_topk(res, vecs, lens, acc)
+            if guard is not None:
+                big = acc.best.abs()  # (rows,) top final logit: what fp32 rounding scales with
+                if trick:
+                    big = _taint_sums(big, scale, L, n, *plan.offsets(n))
+                rows = (big > guard).nonzero().squeeze(1)
+                queue.add(res, rows, vecs[rows], acc.chunk_maxima()[rows])
+            for s, st in plan.split(res, n).items():
+                parts[s].append(st)
+        queue.flush()
+    result = {s: _cat(p) for s, p in parts.items()}
+    next(iter(result.values())).redone = queue.redone
+    for r in result.values():
+        r.kernel = kernel
+    return result
+
+
+def _taint_sums(big: torch.Tensor, scale: torch.Tensor | None, L: int, n: int, ia: int, jf: int, h: int):
+    """Guard magnitude of the summed `layer` rows: the largest raw partial that went into each sum.
+
+    A massive F^j (|z| ~ 2e4 in SmolLM2) leaves its fp32 rounding in every later raw(H^l), even where H^l's
+    own logits are small; so H^l is redone when any of H^0..H^l, A^1..A^l, F^1..F^l had a large top logit
+    (compared in raw units, then scaled like H^l's logits).
+    """
+    raw = big if scale is None else big / scale.double()
+    layer = raw[h:].view(L + 1, n)
+    branch = torch.maximum(raw[ia : ia + L * n], raw[jf : jf + L * n]).view(L, n)
+    worst = torch.maximum(layer, torch.cat([layer[:1], branch])).cummax(0).values  # (L + 1, n)
+    out = big.clone()
+    out[h:] = worst.reshape(-1) * (1.0 if scale is None else scale[h:].double())
+    return out
+
+
+def _cat(parts: list[Stats]) -> Stats:
+    has = parts[0].topk_ids is not None
+    return Stats(
+        torch.cat([p.entropy for p in parts], 1),
+        torch.cat([p.top1 for p in parts], 1),
+        torch.cat([p.p1 for p in parts], 1),
+        topk_ids=torch.cat([p.topk_ids for p in parts], 1) if has else None,
+        topk_p=torch.cat([p.topk_p for p in parts], 1) if has else None,
+    )
+
+

@@ -1,0 +1,1 @@
+"""Prompts: built-in tasks, prompt files, chat templates, and the reward rules that score responses."""

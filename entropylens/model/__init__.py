@@ -1,0 +1,1 @@
+"""Models: loading (embedded, GGUF, folder, hub), the site layout of a decoder, tracing backends, NDIF."""
