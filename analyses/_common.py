@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.utils import PlotlyJSONEncoder
 
 from entropylens.errors import UserError
-from entropylens.analysis.report import Run, load_run
+from entropylens.analysis.report import ReportRun, load_run
 from entropylens.analysis.stages import StageConfig
 
 FORMATS = ("png", "svg", "html", "json")
@@ -38,7 +38,7 @@ def parser(doc: str, many: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def runs_and_lenses(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
+def runs_and_lenses(args: argparse.Namespace) -> tuple[list[ReportRun], list[str]]:
     """Load the named runs; the lenses to plot are --lens or those of the first run."""
     cfg = StageConfig(band=args.band, collapse_frac=args.collapse_frac, role=args.role)
     runs = [load_run(args.cache, r, cfg) for r in args.runs]

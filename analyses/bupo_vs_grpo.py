@@ -33,6 +33,7 @@ from entropylens.analysis.intervals import fmt_ci, paired_gain_ci
 from entropylens.model.load import load_model
 from entropylens.data.prompts import load_prompts
 from entropylens.store import write_json
+from entropylens.store.cache import Cache
 
 QUICK = dict(steps=4, seeds="0,1,2", sweep="0.5", layers="3", prompts_per_step=2, num_generations=4, eval_prompts=8,
              eval_samples=2, ks="1,2")
@@ -109,7 +110,7 @@ def run_all(args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         name = run_name(args, r)
         if args.only and name not in args.only.split(","):
             continue
-        run_dir = Path(args.cache) / "runs" / name
+        run_dir = Cache(args.cache).run_dir(name)
         done = run_dir / "study.json"  # a finished run is kept: rerunning the script only does the missing ones
         if done.is_file():
             kept = json.loads((run_dir / "config.json").read_text())

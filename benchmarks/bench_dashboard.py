@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic runs are test data
 
+from entropylens.store.cache import Cache
 from entropylens.app.server import create_app  # noqa: E402
 from entropylens.app.views.flows import build_compare, build_dh, build_flow  # noqa: E402
 from entropylens.app.views.tokens import build_heatmap, cell_detail  # noqa: E402
@@ -32,13 +33,13 @@ SMALL = "bench-qwen3-28L"
 
 def build(cache: Path, prompts: int) -> None:
     """Write the big run (40 layers x prompts x 1000 tokens) and a smaller one to compare with."""
-    if not (cache / "runs" / BIG / "manifest.json").exists():
+    if not (Cache(cache).run_dir(BIG) / "manifest.json").exists():
         t = time.perf_counter()
         write_run(cache, SyntheticRun(BIG, family="llama", n_layers=40, n_prompts=prompts, prompt_len=200,
                                       response_len=800, vocab_size=49152, chunk_prompts=8,
                                       created="2026-01-02T00:00:00+00:00"))
         print(f"wrote {BIG} in {time.perf_counter() - t:.1f} s")
-    if not (cache / "runs" / SMALL / "manifest.json").exists():
+    if not (Cache(cache).run_dir(SMALL) / "manifest.json").exists():
         write_run(cache, SyntheticRun(SMALL, family="qwen3", n_layers=28, n_prompts=16, prompt_len=100,
                                       response_len=300, vocab_size=151936, created="2026-01-01T00:00:00+00:00"))
 
@@ -69,7 +70,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     build(args.cache, args.prompts)
-    rows = pq.read_metadata(args.cache / "runs" / BIG / "entropy.parquet").num_rows
+    rows = pq.read_metadata(Cache(args.cache).run_dir(BIG) / "entropy.parquet").num_rows
     print(f"{BIG}: {rows:,} entropy rows")
     flow_in = [("focus-run", "value", BIG), ("flow-lens", "value", "bupo"), ("flow-role", "value", "response"),
                ("flow-spread", "value", "std"), ("flow-sites", "value", ["layer", "attn", "ffn"])]

@@ -35,6 +35,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_dashboard import BIG, SMALL, build  # noqa: E402
 
+from entropylens.store.cache import Cache  # noqa: E402
+
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 DEV = ("import sys; from pathlib import Path; from entropylens.app.server import create_app; "
        "create_app(Path(sys.argv[1])).run(host='127.0.0.1', port=int(sys.argv[2]), debug=False)")
@@ -285,14 +287,14 @@ def run_one(kind: str, args, model: Path, tag: str) -> dict:
         if writer is not None:
             if writer.wait(timeout=300) != 0:
                 raise RuntimeError(f"writer trace failed: {writer.stderr.read()[-2000:]}")
-            done_at = (args.cache / "runs" / writer_run / "manifest.json").stat().st_mtime
+            done_at = (Cache(args.cache).run_dir(writer_run) / "manifest.json").stat().st_mtime
             after = _after_completion(port, writer_run)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         import shutil
 
-        shutil.rmtree(args.cache / "runs" / f"load-writer-{tag}", ignore_errors=True)
+        shutil.rmtree(Cache(args.cache).run_dir(f"load-writer-{tag}"), ignore_errors=True)
     lat = np.array([x for r in recs for x in r["lat"]]) * 1000
     errors = [e for r in recs for e in r["errors"]]
     # data of the writer's run received before its manifest turned complete: a running run was read

@@ -22,15 +22,14 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
 
+from entropylens._lazy import lazy_exports
+
 __version__ = "0.1.0"
-__all__ = ["trace", "load", "decode", "Run", "Decoded", "__version__"]
 
 if TYPE_CHECKING:
-    from entropylens.analysis.run import Run, load
-    from entropylens.api import Decoded, decode, trace
+    from entropylens.analysis.run import Run, load  # noqa: F401
+    from entropylens.api import Decoded, decode, trace  # noqa: F401
 
-_EXPORTS = {"trace": "entropylens.api", "decode": "entropylens.api", "Decoded": "entropylens.api",
-            "Run": "entropylens.analysis.run", "load": "entropylens.analysis.run"}
 
 # Modules that moved into subpackages: importing an old path gives the module at its new home.
 # `entropylens.trace` and `entropylens.decode` are the library's functions now; their modules' names point there.
@@ -47,10 +46,9 @@ MOVED = {
 _FUNCTIONS = {"trace": "tracing.job", "decode": "core.decode"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'entropylens' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, {"entropylens.api": "trace decode Decoded",
+                                               "entropylens.analysis.run": "Run load"})
+__all__.append("__version__")
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -37,6 +37,8 @@ from entropylens.data.prompts import load_prompts
 from entropylens.analysis.run import Run, load
 from entropylens.model.layout import find_layout
 from entropylens.tracing.job import TraceConfig, config_from_run, run_trace
+from entropylens.store.cache import Cache
+from entropylens.store.folder import write_text
 
 __all__ = ["trace", "load", "decode", "Decoded", "Run", "as_transformers"]
 
@@ -147,7 +149,7 @@ def _borrowed(loaded: LoadedModel) -> Iterator[None]:
 def _prompt_source(prompts: Any, folder: Path) -> tuple[str, int | None]:
     """A prompt source string for TraceConfig, and the number of prompts when they were given in memory.
 
-    In-memory prompts are written once to `<folder>/prompts/prompts-<sha>.jsonl` (content-addressed), so the
+    In-memory prompts are written once to `<cache>/prompts/prompts-<sha>.jsonl` (content-addressed), so the
     manifest names a file that exists, `--resume` works, and the CLI given that file traces the same run."""
     if isinstance(prompts, (str, os.PathLike)):
         return str(prompts), None
@@ -167,12 +169,10 @@ def _prompt_source(prompts: Any, folder: Path) -> tuple[str, int | None]:
                         f"got a {type(prompts).__name__}")
     if n == 0:
         raise UserError(f"{what} is empty; give at least one prompt")
-    path = folder / "prompts" / f"prompts-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    path = Cache.of(folder).prompts / f"prompts-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, text)
     try:
         load_prompts(str(path))  # the CLI's checks, with messages that name the user's object, not our file
     except UserError as e:

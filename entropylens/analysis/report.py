@@ -1,7 +1,7 @@
 """Paper-style figures from cached runs and a self-contained report (`entropylens report`).
 
 Why: researchers put figures in papers and slides, not dashboards. The figures are entropylens.analysis.figures' (the
-dashboard draws the same ones); the `fig_*` functions here take a loaded `Run`, so the `analyses/` scripts, the
+dashboard draws the same ones); the `fig_*` functions here take a loaded `ReportRun`, so the `analyses/` scripts, the
 notebook API, the report and tests share one implementation. The HTML report inlines plotly.js once and works
 offline; the Markdown summary links PNG/SVG files written by kaleido; notes are CommonMark (markdown-it-py).
 """
@@ -17,18 +17,15 @@ import plotly.graph_objects as go
 
 from entropylens.analysis import figures
 from entropylens.errors import UserError
-from entropylens.options import option
+from entropylens.analysis.config import IMAGE_FORMATS, ReportConfig
 from entropylens.analysis.outcome_report import outcome_section
 from entropylens.store.schema import model_name
 from entropylens.analysis.stages import (StageConfig, complete_trace_run, describe, run_stages, stages_table, to_json,
                                 write_stages)
 from entropylens.store import load_entropy, load_summary
 
-IMAGE_FORMATS = ("png", "svg")
-
-
 @dataclass
-class Run:
+class ReportRun:
     """One complete trace run as the figures need it."""
 
     run_id: str
@@ -42,32 +39,32 @@ class Run:
         return f"{model_name(self.manifest['model'])} · {self.run_id}"
 
 
-def load_run(cache: Path | str, run_id: str, cfg: StageConfig) -> Run:
+def load_run(cache: Path | str, run_id: str, cfg: StageConfig) -> ReportRun:
     """Resolve, check and load a complete trace run with its stages."""
     path, m = complete_trace_run(cache, run_id)
-    return Run(run_id, path, m, load_summary(path), run_stages(path, cfg))
+    return ReportRun(run_id, path, m, load_summary(path), run_stages(path, cfg))
 
 
-def _rows(run: Run, lens: str, role: str) -> pd.DataFrame:
+def _rows(run: ReportRun, lens: str, role: str) -> pd.DataFrame:
     """Summary rows of one lens and role, outcome `all` (a summary without the column is all `all`)."""
     s = run.summary
     s = s if "outcome" in s.columns else s.assign(outcome="all")
     return s[(s["lens"] == lens) & (s["role"] == role) & (s["outcome"] == "all")]
 
 
-def fig_trajectory(run: Run, lens: str, role: str) -> go.Figure:
+def fig_trajectory(run: ReportRun, lens: str, role: str) -> go.Figure:
     """Fig. 2 style: mean entropy of the layer, attention and FFN policies per layer (IQR band)."""
     frac = run.stages.get("params", {}).get("collapse_frac", StageConfig.collapse_frac)
     return figures.flow_figure(_rows(run, lens, role), run.manifest, run.run_id, lens, role, collapse_frac=frac)
 
 
-def fig_delta(run: Run, lens: str, role: str) -> go.Figure:
+def fig_delta(run: ReportRun, lens: str, role: str) -> go.Figure:
     """Fig. 3 style: mean ΔH of attention and FFN per layer, coloured by reading; boundary marked."""
     return figures.delta_figure(run.stages["lenses"][lens]["per_layer"], run.manifest, run.run_id, lens, role,
                                 run.stages["params"]["band"])
 
 
-def fig_families(runs: list[Run], lens: str, role: str, quantity: str = "H_layer") -> go.Figure:
+def fig_families(runs: list[ReportRun], lens: str, role: str, quantity: str = "H_layer") -> go.Figure:
     """Runs overlaid on relative depth l/L with normalised entropy H / log V (family = colour)."""
     return figures.families_figure([(r.run_id, r.manifest, _rows(r, lens, role)) for r in runs], quantity, role,
                                    [lens])[0]
@@ -78,7 +75,7 @@ def depth_layers(n_layers: int) -> dict[str, int]:
     return {"early": max(1, round(n_layers / 4)), "middle": max(1, round(n_layers / 2)), "late": n_layers}
 
 
-def token_entropies(run: Run, lens: str, role: str) -> pd.DataFrame:
+def token_entropies(run: ReportRun, lens: str, role: str) -> pd.DataFrame:
     """Per-token H of layer / attention / FFN policies at the early, middle and late layers."""
     picks = depth_layers(run.manifest["model"]["n_layers"])
     filters = [("lens", "==", lens), ("layer", "in", list(picks.values()))]
@@ -89,17 +86,17 @@ def token_entropies(run: Run, lens: str, role: str) -> pd.DataFrame:
     return df.assign(depth=df["layer"].map(names))
 
 
-def fig_token_distributions(run: Run, lens: str, role: str) -> go.Figure:
+def fig_token_distributions(run: ReportRun, lens: str, role: str) -> go.Figure:
     """Per-token entropy distributions (violins) of early / middle / late layers, per site."""
     return figures.token_distributions_figure(token_entropies(run, lens, role), run.manifest, run.run_id, lens, role)
 
 
-def fig_boundary(run: Run, lens: str) -> go.Figure:
+def fig_boundary(run: ReportRun, lens: str) -> go.Figure:
     """Boundary-layer evidence: FFN ΔH mean ± 95 % interval and median per layer, with H_layer / log V."""
     return figures.boundary_figure(run.stages["lenses"][lens], run.manifest, run.run_id, lens)
 
 
-def fig_grid(run: Run, lens: str, prompt: int = 0, site: str = "layer") -> go.Figure | None:
+def fig_grid(run: ReportRun, lens: str, prompt: int = 0, site: str = "layer") -> go.Figure | None:
     """The logit-lens grid of one prompt (the dashboard's), tracking the reference answer's first token; None
     for a run traced without top-K lists."""
     import json
@@ -142,29 +139,6 @@ def paper_checks(stages_lens: dict) -> list[dict]:
         {"claim": "FFN ΔH negative at the final layer", "measured": f"FFN ΔH at l={L}: {last:+.3f} nats",
          "agrees": last < 0},
     ]
-
-
-def _image_formats(text: str) -> tuple[str, ...]:
-    """`--images png,svg` or `none`."""
-    return () if text == "none" else tuple(f.strip() for f in text.split(",") if f.strip())
-
-
-@dataclass
-class ReportConfig:
-    """What `entropylens report` gathers and where it writes."""
-
-    runs: list[str] = option([], "run ids under CACHE/runs (one or more)", cli=False)  # the command's arguments
-    out: str = option("report", "output folder (index.html, README.md, figures/, tables/)", flags=("-o", "--out"))
-    cache: str = option("cache", "folder holding runs/")
-    role: str = option("response", "response | prompt | all tokens")
-    band: float = option(0.05, "nats: |mean ΔH| <= band reads as integration")
-    collapse_frac: float = option(0.10, "layer-policy collapse threshold as a fraction of log V")
-    images: tuple[str, ...] = option(IMAGE_FORMATS, "static image formats (png, svg), or 'none'",
-                                     parse=_image_formats, shown=",".join(IMAGE_FORMATS))
-    write_stages: bool = option(True, "also write stages.json into each run folder (the dashboard reads it)")
-    title: str = option("entropylens report", "report heading")
-    notes: str | None = option(None, "Markdown file included as the discussion")
-    command: str | None = option(None, "the command line printed as 'regenerate with'", cli=False)
 
 
 def build_report(cfg: ReportConfig) -> Path:
@@ -231,7 +205,7 @@ def _source_name(source: str) -> str:
     return Path(source).name if ("/" in source or "\\" in source) else source
 
 
-def _run_facts(run: Run) -> list[str]:
+def _run_facts(run: ReportRun) -> list[str]:
     """Plain-text facts about a run: model, prompts, sizes, timing."""
     m = run.manifest
     g, t = m.get("generation", {}), m.get("timings", {})
@@ -243,7 +217,7 @@ def _run_facts(run: Run) -> list[str]:
             f"{t.get('total_s', float('nan')):.0f} s on {m.get('device')}"]
 
 
-def _run_markdown(run: Run) -> list[str]:
+def _run_markdown(run: ReportRun) -> list[str]:
     md = [f"## {run.run_id}", "", *[f"- {f}" for f in _run_facts(run)], ""]
     for lens, st in run.stages["lenses"].items():
         md += [f"**lens {lens}** ({st['role']} tokens): {describe(st)}", "",
@@ -253,7 +227,7 @@ def _run_markdown(run: Run) -> list[str]:
     return md
 
 
-def _run_html(run: Run) -> str:
+def _run_html(run: ReportRun) -> str:
     parts = [f"<h2>{html.escape(run.run_id)}</h2>", _notes_html("\n".join(f"- {f}" for f in _run_facts(run)))]
     for lens, st in run.stages["lenses"].items():
         rows = "".join(f"<tr><td>{html.escape(c['claim'])}</td><td>{html.escape(c['measured'])}</td>"
@@ -276,7 +250,7 @@ def _notes_html(text: str) -> str:
     return md.renderer.render(tokens, md.options, {})
 
 
-def _html(cfg: ReportConfig, runs: list[Run], figs: list, notes: str, outcome_md: list[str]) -> str:
+def _html(cfg: ReportConfig, runs: list[ReportRun], figs: list, notes: str, outcome_md: list[str]) -> str:
     from plotly.offline import get_plotlyjs
 
     body = [f"<h1>{html.escape(cfg.title)}</h1>"]

@@ -19,6 +19,7 @@ from entropylens.store.schema import model_name
 from entropylens.analysis.stages import StageConfig, stages_from
 from entropylens.store import (RUN_ID_RE, SITES, load_entropy, load_summary, load_tokens, load_topk,
                                read_manifest, resolve_run, summary_layer_table)
+from entropylens.store.cache import Cache
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -129,10 +130,10 @@ class Run:
 
     # ------------------------------------------------------------ figures
 
-    def _report_run(self, stages: dict | None = None) -> report.Run:
+    def _report_run(self, stages: dict | None = None) -> report.ReportRun:
         from entropylens.analysis import report
 
-        return report.Run(self.run_id, self.path, self.manifest, self.summary, stages or {})
+        return report.ReportRun(self.run_id, self.path, self.manifest, self.summary, stages or {})
 
     def flow(self, lens: str | None = None, role: str = "response") -> go.Figure:
         """Entropy of the layer, attention and FFN policies per layer (the report's trajectory figure)."""
@@ -209,9 +210,9 @@ def load(run: Run | str | Path, cache: str | Path = "cache") -> Run:
     """A Run from a run id (a folder under `<cache>/runs`, as `entropylens runs` lists) or a run folder path."""
     if isinstance(run, Run):
         return run
-    if isinstance(run, str) and RUN_ID_RE.fullmatch(run) and (Path(cache) / "runs" / run).is_dir():
+    if isinstance(run, str) and RUN_ID_RE.fullmatch(run) and Cache.of(cache).run_dir(run).is_dir():
         return Run(resolve_run(cache, run))
     if Path(run).is_dir():
         return Run(Path(run))
-    raise UserError(f"no run {str(run)!r}: neither a run id in {Path(cache) / 'runs'} nor a run folder "
+    raise UserError(f"no run {str(run)!r}: neither a run id in {Cache.of(cache).runs} nor a run folder "
                     "(see `entropylens runs`)")

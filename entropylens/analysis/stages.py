@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ import pandas as pd
 from entropylens.errors import UserError
 from entropylens.analysis.intervals import normal_ci95
 from entropylens.store.schema import model_name
+from entropylens.store.folder import write_text
 from entropylens.store import SUMMARY_ROLES, load_summary, read_manifest, resolve_run
 
 STAGES_FILE = "stages.json"
@@ -213,9 +213,7 @@ def to_json(stages: dict) -> str:
 def write_stages(run_dir: Path | str, stages: dict) -> Path:
     """Write `stages.json` into the run folder atomically."""
     path = Path(run_dir) / STAGES_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json(stages), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, to_json(stages))
     return path
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+from entropylens.store.cache import Cache
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -115,7 +116,7 @@ def run_cached(run_dir: Path, what: Hashable, load: Callable[[], T]) -> T:
 def cache_version(cache: Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     """Every run folder of `cache` with its manifest's mtime: changes whenever any run appears, goes, completes
     or is re-traced (a stat per run, no reads)."""
-    root = Path(cache) / "runs"
+    root = Cache.of(cache).runs
     try:
         names = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError:

@@ -19,6 +19,7 @@ from entropylens.app.cache import memo, run_cached
 from entropylens import store
 from entropylens.errors import UserError
 from entropylens.store import read_manifest, resolve_run  # noqa: F401  (resolve_run is re-exported to the views)
+from entropylens.store.cache import Cache
 
 RUN_COLUMNS = ["run_id", "model", "architecture", "layers", "prompts", "tokens", "lens", "date", "status",
                "kind", "parent_run"]
@@ -76,7 +77,7 @@ def list_runs(cache: Path) -> pd.DataFrame:
 
 def _list_runs(cache: Path) -> pd.DataFrame:
     df = store.list_runs(cache)
-    root = Path(cache) / "runs"
+    root = Cache.of(cache).runs
     out = pd.DataFrame({
         "run_id": df["run_id"], "model": df["model"], "architecture": df["architecture"], "layers": df["n_layers"],
         "prompts": df["n_prompts"], "tokens": df["n_tokens"], "lens": df["lens"],

@@ -20,6 +20,7 @@ from entropylens.app import layout
 from entropylens.app.cache import MiB, configure
 from entropylens.app.config import AppConfig, is_loopback
 from entropylens.errors import UserError
+from entropylens.store.cache import Cache
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # the access log names the path only: a first link's ?token=... never reaches a log line
@@ -95,7 +96,7 @@ def serve(cfg: AppConfig | Path | str, host: str = "127.0.0.1", port: int = 8050
         cfg = AppConfig(cache=str(cfg), host=host, port=port, dev=debug)
     cfg.validate()
     cache = Path(cfg.cache)
-    if not (cache / "runs").is_dir():
+    if not Cache.of(cache).runs.is_dir():
         raise UserError(f"no runs in {cache}: trace a model first (entropylens trace) or pass --cache")
     reloaded = os.environ.get("WERKZEUG_RUN_MAIN") == "true"  # --dev's reloader child: the parent holds the port
     if not reloaded:

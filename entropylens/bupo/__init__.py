@@ -1,12 +1,14 @@
-"""BuPO (Bottom-up Policy Optimization, arXiv 2512.19673): GRPO that first trains an internal layer policy."""
+"""BuPO (Bottom-up Policy Optimization, arXiv 2512.19673): GRPO that first trains an internal layer policy.
 
-from entropylens.bupo.evaluate import EvalConfig, evaluate, pass_at_k
-from entropylens.data.rewards import exact_match_reward, extract_answer, extract_boxed, normalize_answer
-from entropylens.bupo.checkpoint import save_checkpoint
-from entropylens.bupo.trainer import BupoConfig, train
-from entropylens.analysis.stages import pick_boundary_layer
+The names below are imported on first use, so `entropylens.bupo.config` stays light."""
 
-__all__ = [
-    "BupoConfig", "EvalConfig", "evaluate", "exact_match_reward", "extract_answer", "extract_boxed",
-    "normalize_answer", "pass_at_k", "pick_boundary_layer", "save_checkpoint", "train",
-]
+from entropylens._lazy import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "entropylens.bupo.config": "BupoConfig BupoRunConfig",
+    "entropylens.bupo.evaluate": "EvalConfig evaluate pass_at_k",
+    "entropylens.bupo.checkpoint": "save_checkpoint",
+    "entropylens.bupo.trainer": "train",
+    "entropylens.data.rewards": "exact_match_reward extract_answer extract_boxed normalize_answer",
+    "entropylens.analysis.stages": "pick_boundary_layer",
+})

@@ -1,14 +1,32 @@
-"""The trainer's config: every knob of one BuPO (or plain GRPO) run, in its own module so the optimiser pass
-(bupo/update.py) and the loop (bupo/trainer.py) both read it without importing each other."""
+"""The configs of the trainer (`BupoConfig`: every knob of one BuPO or plain GRPO run) and of the `entropylens bupo`
+command (`BupoRunConfig`, which embeds it). Light on purpose (no torch): the command line builds its help here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from entropylens.bupo.grpo import LOSS_AGGS, OBJECTIVES
-from entropylens.errors import UserError
-from entropylens.options import option
 from entropylens.data.rewards import RULES_HELP
+from entropylens.errors import UserError
+from entropylens.options import count_or_all, ints, option
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# entropylens: the two-sided clip and the loss normalised over the whole (mini-)batch; paper: the authors' verl
+# fork (docs/bupo-fidelity.md): dual-clip at c for A < 0, log-ratio clamped, token-mean within each micro-batch
+OBJECTIVES = ("entropylens", "paper")
+ALGOS = ("bupo", "grpo")
+# The default k: the embedded SmolLM2 has no layer with a positive mean FFN dH under the bupo lens (every one
+# is negative, -1.8 to -10.3 nats), so `--layer auto` refuses it; 15 is the middle of its 30 layers.
+DEFAULT_LAYER = 15
+
+
+def parse_layer(text: str | int) -> int | str:
+    """`--layer`: a 1-indexed layer number, or "auto" (the paper's boundary layer, read from a trace)."""
+    if text == "auto" or isinstance(text, int) and not isinstance(text, bool):
+        return text
+    if isinstance(text, str) and text.isdigit():
+        return int(text)
+    raise UserError(f"--layer takes 'auto' or a layer number >= 1 (1-indexed), got {text!r}")
 
 
 @dataclass
@@ -90,3 +108,74 @@ class BupoConfig:
         if (self.prompts_per_step // world_size) % self.mini_batches:
             raise UserError(f"each process's {self.prompts_per_step // world_size} prompts must split into "
                             f"{self.mini_batches} equal mini-batches")
+
+
+TRAIN_DEFAULTS = BupoConfig(internal_layer=DEFAULT_LAYER, steps=24, num_generations=4, max_new_tokens=12,
+                            learning_rate=2e-5, micro_batch_size=32, save_every=10)
+
+
+@dataclass
+class BupoRunConfig:
+    """The `entropylens bupo` command. Defaults: SmolLM2 learning the built-in `digits` task (README: time, gain)."""
+
+    model: str = option("smollm2", "`smollm2` (embedded), a local folder, a .gguf file or a hub id")
+    prompts: str = option("digits", "training prompts: built-in set (train split) or a prompt file")
+    eval_prompts_source: str | None = option(None, "held-out prompts (default: test split)", flags=("--eval-source",))
+    algo: str = option("bupo", "bupo (train pi^k first) | grpo (no internal phase)")
+    layer: int | str = option(DEFAULT_LAYER, "k (1-indexed) or auto: last layer with positive mean FFN dH "
+                              f"(SmolLM2 has none, hence the default {DEFAULT_LAYER} of its 30)", parse=parse_layer)
+    internal_steps: int | None = option(None, "steps on pi^k first (default: steps // 4; grpo: 0)")
+    # the trainer's knobs, with this command's defaults: a 24-step run on `digits` that visibly learns
+    # (learning rate above the paper's 1e-6, short completions, 4 rollouts per prompt)
+    train: BupoConfig = field(default_factory=lambda: replace(TRAIN_DEFAULTS))
+    train_prompts: int | None = option(None, "first N training prompts, or 'all'",
+                                       parse=count_or_all("--train-prompts"), shown="all")
+    layer_trace_prompts: int = option(8, "training prompts traced to choose k")
+    eval_prompts: int = option(76, "held-out prompts for Avg@K / Pass@K")  # digits' whole test split
+    eval_samples: int = option(4, "completions per held-out prompt")
+    ks: tuple[int, ...] = option((1, 4), "comma-separated K values (each <= --eval-samples)", parse=ints("--ks"),
+                                 shown="1,4")
+    trace_prompts: int = option(4, "held-out prompts traced before and after training")
+    trace_positions: str = option("response", "response | all: positions decoded in the traces")
+    batch_size: int = option(8, "prompts per traced forward / evaluation batch")
+    device: str = option("cpu", "cpu | cuda | cuda:N | auto")
+    dtype: str = option("float32", "float32 | bfloat16 | float16 | float64")
+    name: str | None = option(None, "trainer run id (traces get -layer, -base, -trained suffixes)")
+    cache: str = option("cache", "folder holding runs/ and models/")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint (only when asked)")
+
+    def resolved_internal_steps(self) -> int:
+        if self.algo == "grpo":
+            return 0
+        return self.train.steps // 4 if self.internal_steps is None else self.internal_steps
+
+    def trainer_config(self, layer: int, **run: Any) -> BupoConfig:
+        """The trainer's config for layer k: `train` with k, the resolved internal steps and `run` (model_id,
+        parent_run)."""
+        return replace(self.train, internal_layer=layer, internal_steps=self.resolved_internal_steps(), **run)
+
+    def validate(self) -> None:
+        """Mistakes that need no model: one UserError line each."""
+        if self.algo not in ALGOS:
+            raise UserError(f"unknown --algo {self.algo!r}; choose bupo or grpo")
+        if parse_layer(self.layer) != "auto" and int(self.layer) < 1:
+            raise UserError(f"--layer takes 'auto' or a layer number >= 1 (1-indexed), got {self.layer!r}")
+        if self.train.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.train.steps}")
+        if self.algo == "grpo" and self.internal_steps:
+            raise UserError("--algo grpo has no internal phase; drop --internal-steps (or use --algo bupo)")
+        if not 0 <= self.resolved_internal_steps() <= self.train.steps:
+            raise UserError(f"--internal-steps must be in 0..--steps ({self.train.steps}), got {self.internal_steps}")
+        for name in ("layer_trace_prompts", "eval_prompts", "eval_samples", "trace_prompts", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.train.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.train.max_new_tokens}")
+        if self.train_prompts is not None and self.train_prompts < 1:
+            raise UserError(f"--train-prompts must be >= 1, got {self.train_prompts}")
+        if not self.ks or any(not 1 <= k <= self.eval_samples for k in self.ks):
+            raise UserError(f"every K in --ks must be in 1..--eval-samples ({self.eval_samples}), got {self.ks}")
+        if self.trace_positions not in ("response", "all"):
+            raise UserError(f"--trace-positions must be response or all, got {self.trace_positions!r}")
+        replace(self.train, internal_steps=self.resolved_internal_steps()).check()  # k is checked once the
+        # model's layer count is known (choose_layer)

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-# entropylens: the two-sided clip and the loss normalised over the whole (mini-)batch; paper: the authors' verl
-# fork (docs/bupo-fidelity.md): dual-clip at c for A < 0, log-ratio clamped, token-mean within each micro-batch
-OBJECTIVES = ("entropylens", "paper")
+from entropylens.bupo.config import LOSS_AGGS, OBJECTIVES
+
 PAPER_CLIP_RATIO_C = 10.0  # their run_code/*.sh: actor.clip_ratio_c=10.0
 PAPER_LOG_RATIO_CLAMP = 20.0  # verl core_algos.compute_policy_loss_vanilla: clamp(log_prob - old_log_prob, -20, 20)
 

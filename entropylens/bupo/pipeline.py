@@ -20,7 +20,7 @@ import gc
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,89 +30,41 @@ from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import Interrupted
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
 from entropylens.data.rewards import check_references
-from entropylens.bupo.trainer import BupoConfig, train
+from entropylens.bupo.config import BupoConfig, BupoRunConfig, parse_layer  # noqa: F401
+from entropylens.bupo.trainer import train
 from entropylens.errors import UserError
 from entropylens.model.load import LoadedModel, load_model
-from entropylens.options import build, count_or_all, flatten, ints, option
+from entropylens.options import build, flatten
 from entropylens.data.prompts import load_prompts
 from entropylens.model.layout import SITES
 from entropylens.store.folder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
 from entropylens.analysis.stages import layer_difference, pick_boundary_layer
 from entropylens.store import layer_table
 from entropylens.tracing.job import TraceConfig, run_trace
+from entropylens.store.cache import Cache
 
-ALGOS = ("bupo", "grpo")
-# The default k: the embedded SmolLM2 has no layer with a positive mean FFN dH under the bupo lens (every one
-# is negative, -1.8 to -10.3 nats), so `--layer auto` refuses it; 15 is the middle of its 30 layers.
-DEFAULT_LAYER = 15
-TRAIN_DEFAULTS = BupoConfig(internal_layer=DEFAULT_LAYER, steps=24, num_generations=4, max_new_tokens=12,
-                            learning_rate=2e-5, micro_batch_size=32, save_every=10)
+@dataclass
+class LayerChoice:
+    """Which k was trained, and why; stored in the trainer run's manifest as it is (`layer_choice`)."""
+
+    mode: int | str  # the --layer value: a number, or "auto"
+    layer: int  # k, 1-indexed
+    evidence: str  # "given with --layer", or the boundary-layer rule's reading
+    trace_run: str | None  # the trace that chose k (auto only)
 
 
 @dataclass
-class BupoRunConfig:
-    """The `entropylens bupo` command. Defaults: SmolLM2 learning the built-in `digits` task (README: time, gain)."""
+class BaseModelResults:
+    """What the base model gave before training changed it in place; stored in before.json, read back as itself."""
 
-    model: str = option("smollm2", "`smollm2` (embedded), a local folder, a .gguf file or a hub id")
-    prompts: str = option("digits", "training prompts: built-in set (train split) or a prompt file")
-    eval_prompts_source: str | None = option(None, "held-out prompts (default: test split)", flags=("--eval-source",))
-    algo: str = option("bupo", "bupo (train pi^k first) | grpo (no internal phase)")
-    layer: str = option(str(DEFAULT_LAYER), "k (1-indexed) or auto: last layer with positive mean FFN dH "
-                        f"(SmolLM2 has none, hence the default {DEFAULT_LAYER} of its 30)")
-    internal_steps: int | None = option(None, "steps on pi^k first (default: steps // 4; grpo: 0)")
-    # the trainer's knobs, with this command's defaults: a 24-step run on `digits` that visibly learns
-    # (learning rate above the paper's 1e-6, short completions, 4 rollouts per prompt)
-    train: BupoConfig = field(default_factory=lambda: replace(TRAIN_DEFAULTS))
-    train_prompts: int | None = option(None, "first N training prompts, or 'all'",
-                                       parse=count_or_all("--train-prompts"), shown="all")
-    layer_trace_prompts: int = option(8, "training prompts traced to choose k")
-    eval_prompts: int = option(76, "held-out prompts for Avg@K / Pass@K")  # digits' whole test split
-    eval_samples: int = option(4, "completions per held-out prompt")
-    ks: tuple[int, ...] = option((1, 4), "comma-separated K values (each <= --eval-samples)", parse=ints("--ks"),
-                                 shown="1,4")
-    trace_prompts: int = option(4, "held-out prompts traced before and after training")
-    trace_positions: str = option("response", "response | all: positions decoded in the traces")
-    batch_size: int = option(8, "prompts per traced forward / evaluation batch")
-    device: str = option("cpu", "cpu | cuda | cuda:N | auto")
-    dtype: str = option("float32", "float32 | bfloat16 | float16 | float64")
-    name: str | None = option(None, "trainer run id (traces get -layer, -base, -trained suffixes)")
-    cache: str = option("cache", "folder holding runs/ and models/")
-    trust_remote_code: bool = option(False, "allow model code from the checkpoint (only when asked)")
+    layer: int
+    evidence: str
+    layer_run: str | None
+    eval_base: dict[str, Any]
+    base_run: str
 
-    def resolved_internal_steps(self) -> int:
-        if self.algo == "grpo":
-            return 0
-        return self.train.steps // 4 if self.internal_steps is None else self.internal_steps
-
-    def trainer_config(self, layer: int, **run: Any) -> BupoConfig:
-        """The trainer's config for layer k: `train` with k, the resolved internal steps and `run` (model_id,
-        parent_run)."""
-        return replace(self.train, internal_layer=layer, internal_steps=self.resolved_internal_steps(), **run)
-
-    def validate(self) -> None:
-        """Mistakes that need no model: one UserError line each."""
-        if self.algo not in ALGOS:
-            raise UserError(f"unknown --algo {self.algo!r}; choose bupo or grpo")
-        if self.layer != "auto" and not (self.layer.isdigit() and int(self.layer) >= 1):
-            raise UserError(f"--layer takes 'auto' or a layer number >= 1 (1-indexed), got {self.layer!r}")
-        if self.train.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.train.steps}")
-        if self.algo == "grpo" and self.internal_steps:
-            raise UserError("--algo grpo has no internal phase; drop --internal-steps (or use --algo bupo)")
-        if not 0 <= self.resolved_internal_steps() <= self.train.steps:
-            raise UserError(f"--internal-steps must be in 0..--steps ({self.train.steps}), got {self.internal_steps}")
-        for name in ("layer_trace_prompts", "eval_prompts", "eval_samples", "trace_prompts", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.train.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {self.train.max_new_tokens}")
-        if self.train_prompts is not None and self.train_prompts < 1:
-            raise UserError(f"--train-prompts must be >= 1, got {self.train_prompts}")
-        if not self.ks or any(not 1 <= k <= self.eval_samples for k in self.ks):
-            raise UserError(f"every K in --ks must be in 1..--eval-samples ({self.eval_samples}), got {self.ks}")
-        if self.trace_positions not in ("response", "all"):
-            raise UserError(f"--trace-positions must be response or all, got {self.trace_positions!r}")
-        self.trainer_config(DEFAULT_LAYER).check()
+    def choice(self, mode: int | str) -> LayerChoice:
+        return LayerChoice(mode, self.layer, self.evidence, self.layer_run)
 
 
 @dataclass
@@ -157,22 +109,25 @@ def _trace(cfg: BupoRunConfig, loaded: LoadedModel, name: str, prompts: str, spl
     return run_trace(tc, progress=progress, loaded=loaded)
 
 
-def choose_layer(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, progress: bool) -> tuple[int, str, str | None]:
-    """k as given, or the paper's boundary layer from a trace of the base model on training prompts.
+def choose_layer(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, progress: bool) -> LayerChoice:
+    """k as given, or the paper's boundary layer from a trace of the base model on training prompts; checked
+    here, where the model's layer count is known.
 
     That trace decodes only the FFN input and output sites of the response positions: all `dH_ffn` needs.
     """
+    mode = parse_layer(cfg.layer)
+    if mode != "auto":
+        choice = LayerChoice(mode, mode, "given with --layer", None)
+    else:
+        train_split, _, _ = _splits(cfg)
+        run_dir = _trace(cfg, loaded, f"{run_id}-layer", cfg.prompts, train_split, cfg.layer_trace_prompts,
+                         "response", None, progress, cfg.model, sites=("ffn_in", "ffn"))  # dH_ffn: half the GEMMs
+        k, evidence = pick_boundary_layer(layer_table(run_dir, lens="bupo", role="response"))
+        choice = LayerChoice(mode, k, evidence, run_dir.name)
     n_layers = loaded.info.n_layers
-    if cfg.layer != "auto":
-        k = int(cfg.layer)
-        if not 1 <= k <= n_layers:
-            raise UserError(f"--layer {k} is out of range: the model has layers 1..{n_layers}")
-        return k, "given with --layer", None
-    train_split, _, _ = _splits(cfg)
-    run_dir = _trace(cfg, loaded, f"{run_id}-layer", cfg.prompts, train_split, cfg.layer_trace_prompts,
-                     "response", None, progress, cfg.model, sites=("ffn_in", "ffn"))  # all dH_ffn needs: half the GEMMs
-    k, evidence = pick_boundary_layer(layer_table(run_dir, lens="bupo", role="response"))
-    return k, evidence, run_dir.name
+    if not 1 <= choice.layer <= n_layers:
+        raise UserError(f"--layer {choice.layer} is out of range: the model has layers 1..{n_layers}")
+    return choice
 
 
 def before_after_table(base_dir: Path, trained_dir: Path) -> pd.DataFrame:
@@ -207,7 +162,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     eval_set = load_prompts(eval_source, limit=cfg.eval_prompts, seed=cfg.train.seed, split=eval_split)
     check_references(train_set, cfg.train.reward, "training prompt")
     check_references(eval_set, cfg.train.reward, "held-out prompt")
-    runs = Path(cfg.cache) / "runs"
+    runs = Cache.of(cfg.cache).runs
     run_id = cfg.name if resume else distributed.main_only(acc, lambda: _claim_run_id(cfg, runs))
     run_dir = runs / run_id
 
@@ -221,8 +176,9 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     before = distributed.main_only(acc, lambda: _stored_before(run_dir) if resume else None)
     if before is None:
         before = distributed.main_only(acc, lambda: _before_training(cfg, loaded, run_id, ecfg, eval_set, progress))
-    k, evidence, layer_run, eval_base, base_name = before
-    layer_choice = {"mode": cfg.layer, "layer": k, "evidence": evidence, "trace_run": layer_run}
+    k, evidence, layer_run, eval_base, base_name = (before.layer, before.evidence, before.layer_run,
+                                                    before.eval_base, before.base_run)
+    layer_choice = asdict(before.choice(parse_layer(cfg.layer)))
     trace_n = min(cfg.trace_prompts, len(eval_set))
 
     bcfg = cfg.trainer_config(k, model_id=loaded.info.id, parent_run=base_name)
@@ -287,13 +243,10 @@ def _trained(run_dir: Path) -> bool:
     return read_manifest(run_dir).get("stage") in ("trained", "evaluate", "done") and (run_dir / "checkpoint").is_dir()
 
 
-def _stored_before(run_dir: Path) -> tuple[int, str, str | None, dict[str, Any], str] | None:
+def _stored_before(run_dir: Path) -> BaseModelResults | None:
     """What `_before_training` stored for this run, if it finished; else None (it is then redone)."""
     path = run_dir / "before.json"
-    if not path.is_file():
-        return None
-    b = json.loads(path.read_text())
-    return b["layer"], b["evidence"], b["layer_run"], b["eval_base"], b["base_run"]
+    return BaseModelResults(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def _claim_run_id(cfg: BupoRunConfig, runs: Path) -> str:
@@ -310,24 +263,25 @@ def _claim_run_id(cfg: BupoRunConfig, runs: Path) -> str:
 
 
 def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg: EvalConfig, eval_set,
-                     progress: bool) -> tuple[int, str, str | None, dict[str, Any], str]:
+                     progress: bool) -> BaseModelResults:
     """Choose k, evaluate and trace the base model (before training changes it in place); stored in before.json.
 
     A resumed run that stopped in here starts this part again: its unfinished traces are removed first.
     """
     for suffix in ("-layer", "-base"):
-        shutil.rmtree(Path(cfg.cache) / "runs" / f"{run_id}{suffix}", ignore_errors=True)
-    k, evidence, layer_run = choose_layer(cfg, loaded, run_id, progress)
-    _log(progress, f"[bold]layer k = {k}[/]: {evidence}" + (f" (trace {layer_run})" if layer_run else ""))
+        shutil.rmtree(Cache.of(cfg.cache).run_dir(f"{run_id}{suffix}"), ignore_errors=True)
+    choice = choose_layer(cfg, loaded, run_id, progress)
+    _log(progress, f"[bold]layer k = {choice.layer}[/]: {choice.evidence}"
+         + (f" (trace {choice.trace_run})" if choice.trace_run else ""))
     _log(progress, f"evaluating the base model on {len(eval_set)} held-out prompts ...")
     eval_base = evaluate(ecfg, loaded.model, loaded.tokenizer, eval_set)
     _, eval_source, eval_split = _splits(cfg)
     base_dir = _trace(cfg, loaded, f"{run_id}-base", eval_source, eval_split, min(cfg.trace_prompts, len(eval_set)),
                       cfg.trace_positions, None, progress, cfg.model)
-    run_dir = Path(cfg.cache) / "runs" / run_id  # created only now: a run that fails before this leaves nothing
+    run_dir = Cache.of(cfg.cache).run_dir(run_id)  # created only now: a run that fails before this leaves nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run_config.json", flatten(cfg) | {"name": run_id})  # what --resume rebuilds
-    write_json(run_dir / "before.json", {
-        "layer": k, "evidence": evidence, "layer_run": layer_run, "eval_base": eval_base, "base_run": base_dir.name})
-    return k, evidence, layer_run, eval_base, base_dir.name
+    before = BaseModelResults(choice.layer, choice.evidence, choice.trace_run, eval_base, base_dir.name)
+    write_json(run_dir / "before.json", asdict(before))
+    return before
 

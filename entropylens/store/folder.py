@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from entropylens.errors import UserError
+from entropylens.store.cache import Cache
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # use .fullmatch: `$` allows a trailing \n
 STATUSES = ("running", "complete", "failed")
@@ -42,11 +43,11 @@ def new_run_id(name: str | None = None, *, tag: str | None = None) -> str:
     return f"{run_id}-{slug}"[:128] if slug else run_id
 
 
-def resolve_run(cache: Path | str, run_id: str) -> Path:
+def resolve_run(cache: Cache | Path | str, run_id: str) -> Path:
     """The folder `cache/runs/<run_id>`; anything else (paths, '..', symlinks leaving it) is a UserError."""
     if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
         raise UserError(f"invalid run id {run_id!r}: a run id is a folder name under cache/runs")
-    root = (Path(cache) / "runs").resolve()
+    root = Cache.of(cache).runs.resolve()
     path = (root / run_id).resolve()
     if path.parent != root or not path.is_dir():
         raise UserError(f"no run {run_id!r} in {root} (see `entropylens runs`)")
@@ -56,7 +57,8 @@ def resolve_run(cache: Path | str, run_id: str) -> Path:
 # ---------------------------------------------------------------- atomic files
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    """Per process, so two processes writing the same file (ranks, concurrent API calls) never share one."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def _fsync(path: Path) -> None:

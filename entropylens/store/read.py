@@ -14,14 +14,15 @@ import pyarrow.parquet as pq
 from entropylens.errors import UserError
 from entropylens.store.folder import RUN_ID_RE, STATUSES, read_manifest
 from entropylens.store.schema import OUTCOMES_SCHEMA, SUMMARY_ROLES, SUMMARY_SCHEMA, TOPK_SCHEMA, model_name
+from entropylens.store.cache import Cache
 
 LIST_COLUMNS = ["run_id", "model", "architecture", "n_layers", "prompts", "n_prompts", "n_tokens", "lens",
                 "status", "created", "parent_run", "kind"]
 
 
-def list_runs(cache: Path | str) -> pd.DataFrame:
+def list_runs(cache: Cache | Path | str) -> pd.DataFrame:
     """One row per run folder, newest first; an unreadable manifest shows as status 'corrupt'."""
-    root = Path(cache) / "runs"
+    root = Cache.of(cache).runs
     rows = []
     for d in sorted(root.iterdir()) if root.is_dir() else ():
         if not d.is_dir() or not RUN_ID_RE.fullmatch(d.name) or d.resolve().parent != root.resolve():

@@ -11,11 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-SITES = ("attn_in", "attn", "ffn_in", "ffn", "layer")
-QUANTITIES = ("H_attn_in", "H_attn", "H_ffn_in", "H_ffn", "H_layer", "dH_attn", "dH_ffn", "dH_layer")
-LENSES = ("bupo", "logit")
-TOKEN_ROLES = ("prompt", "response", "next")
-SUMMARY_ROLES = ("prompt", "response", "all")  # `all` includes `next`
+from entropylens.store.vocab import LENSES, QUANTITIES, SITES, SUMMARY_ROLES, TOKEN_ROLES  # noqa: F401
 
 _F32, _I32 = pa.float32(), pa.int32()
 TOKENS_SCHEMA = pa.schema([

@@ -28,6 +28,7 @@ from entropylens.store.schema import (ENTROPY_SCHEMA, ENTROPY_SORT, LENSES, OUTC
                                       QUANTITIES, SITES, SUMMARY_SCHEMA, TOKEN_ROLES, TOKENS_SCHEMA,
                                       TOKENS_SORT, TOPK_SCHEMA, TOPK_SORT, _check_values, _response_line, _to_table,
                                       outcomes_table, summary_by_outcome)
+from entropylens.store.cache import Cache
 
 _PART_RE = re.compile(r"^(tokens|entropy|topk|responses)-(\d{5,})\.(parquet|jsonl)$")
 _PART_FILES = {"tokens": "tokens-{:05d}.parquet", "entropy": "entropy-{:05d}.parquet",
@@ -38,9 +39,9 @@ _REQUIRED_PARTS = {"tokens", "entropy", "responses"}  # topk parts are optional 
 class RunWriter(RunFolder):
     """Writes one trace run folder batch by batch; `finalize` merges, `fail` records the error for resume."""
 
-    def __init__(self, cache: Path | str, run_id: str, manifest: dict, resume: bool = False):
+    def __init__(self, cache: Cache | Path | str, run_id: str, manifest: dict, resume: bool = False):
         new_run_id(run_id)  # validates
-        runs = Path(cache) / "runs"
+        runs = Cache.of(cache).runs
         self.run_dir = runs / run_id
         self.parts = self.run_dir / "parts"
         created, self.previous_manifest = utc_now(), None  # on resume: the old manifest, to check settings
@@ -80,7 +81,7 @@ class RunWriter(RunFolder):
             raise UserError(f"cannot write {self.run_dir / 'manifest.json'}: {e.strerror or e}") from e
 
     @classmethod
-    def join(cls, cache: Path | str, run_id: str) -> RunWriter:
+    def join(cls, cache: Cache | Path | str, run_id: str) -> RunWriter:
         """A writer for another rank of a sharded run (entropylens.tracing.shard): it writes its batches' parts
         only; rank 0 created the folder, owns the manifest and merges at `finalize`."""
         self = cls.__new__(cls)

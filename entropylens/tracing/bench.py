@@ -29,7 +29,6 @@ import gc
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -38,14 +37,11 @@ import torch
 
 from entropylens.core import native
 from entropylens.core.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_layers, resolve_kernel
-from entropylens.errors import UserError
 from entropylens.analysis.intervals import ratio_ci95
 from entropylens.core.lens import Lens, make_lens
-from entropylens.options import option, parse_csv
+from entropylens.tracing.config import METHODS, TOP1, BenchConfig  # noqa: F401  (BenchConfig: the bench's config)
 from entropylens.model.layout import SITES, additivity_error, find_layout
 
-METHODS = ("transformer-lens", "nnsight", "entropylens", "entropylens-eager", "entropylens-compiled", "floor")
-TOP1 = "entropylens-top1"  # the default path keeping top-1 only: run beside `entropylens` when --topk K > 1
 OURS = ("entropylens", "entropylens-eager", "entropylens-compiled", TOP1, "floor")  # entropylens's GEMM rows
 KERNEL_OF = {"entropylens": "auto", "entropylens-eager": "eager", "entropylens-compiled": "compiled", TOP1: "auto"}
 
@@ -75,45 +71,6 @@ def machine() -> dict[str, str]:
     return dict(cpu=model, isa=isa, torch_isa=torch.backends.cpu.get_cpu_capability() + (f" ({narrowed})"
                 if narrowed else ""), threads=str(torch.get_num_threads()),
                 torch=f"{torch.__version__} ({blas}, {'CUDA' if torch.cuda.is_available() else 'CPU'})")
-
-
-@dataclass
-class BenchConfig:
-    """What `entropylens bench` measures; its fields are the command's options."""
-
-    model: str = option("smollm2", "model spec (ignored with --vocab/--d-model)")
-    batch: int = option(4, "sequences")
-    seq: int = option(128, "tokens per sequence")
-    sites: tuple[str, ...] = option(SITES, "comma-separated sites", parse=parse_csv, shown=",".join(SITES))
-    methods: tuple[str, ...] = option(METHODS, "methods to run, in order (entropylens = the default path, kernel "
-                                      "auto)", parse=parse_csv, shown=",".join(METHODS))
-    vocab: int | None = option(None, "random-head mode: vocabulary size (e.g. 151936)")
-    d_model: int | None = option(None, "random-head mode: width (e.g. 1024)")
-    tokens: int = option(4096, "random-head mode: token rows")
-    ref_rows: int = option(64, "rows per site sampled for the fp64 reference", cli=False)
-    threads: int | None = option(None, "torch threads")
-    topk: int = option(1, "top-K list per row the entropylens methods keep (as `trace --topk`); K > 1 also runs "
-                       f"{TOP1} (K = 1) beside the default path and reports the rate ratio")
-    repeats: int = option(1, "round-robin rounds of every method: fastest run per method, ratios paired per round "
-                              "with a 95 % interval (n >= 2)")
-    seed: int = option(0, "seeds the token batch, the random head and the reference rows", cli=False)
-    cache: Path = option(Path("cache"), "folder holding models/", parse=Path, shown="cache")
-
-    def validate(self) -> None:
-        """Mistakes that need no model: one UserError line each."""
-        for name in ("batch", "seq", "tokens", "repeats"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if not 1 <= self.topk <= 100:
-            raise UserError(f"--topk must be between 1 and 100, got {self.topk}")
-        if (self.vocab is None) != (self.d_model is None):
-            raise UserError("random-head mode needs both --vocab and --d-model")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        bad_sites = [s for s in self.sites if s not in SITES]
-        if bad_sites or not self.sites:
-            raise UserError(f"unknown site {bad_sites[0] if bad_sites else ''!r}; choose from {', '.join(SITES)}")
 
 
 class PeakRSS:

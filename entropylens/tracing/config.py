@@ -1,19 +1,19 @@
-"""`TraceConfig`: everything that defines a trace run, declared once — the dataclass is the CLI's options.
+"""The configs of `entropylens trace` and `entropylens bench`, declared once: each dataclass is its command's
+options. TraceConfig is stored in the manifest so `--resume` can rebuild the run.
 
-It is stored in the manifest so `--resume` can rebuild the run. Its own module so that the job (trace.py)
-and one batch of it (batch.py) both read it without importing each other.
+Light on purpose (no torch): the command line builds its help from these; the checks that need the backends
+or the decode kernels import them when they run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from entropylens.model.backends import BACKENDS
-from entropylens.core.decode import KERNELS
+from entropylens.data.rewards import REWARDS, RULES_HELP
 from entropylens.errors import UserError
 from entropylens.options import option, parse_csv, parse_limit
-from entropylens.data.rewards import REWARDS, RULES_HELP
-from entropylens.model.layout import SITES
+from entropylens.store.vocab import SITES
 
 POSITIONS = ("all", "response")
 LONG_PROMPTS = ("reject", "truncate")
@@ -69,6 +69,9 @@ class TraceConfig:
 
     def validate(self) -> None:
         """Mistakes that need no model: one UserError line each."""
+        from entropylens.core.decode import KERNELS
+        from entropylens.model.backends import BACKENDS
+
         if self.lens not in ("bupo", "logit", "both"):
             raise UserError(f"unknown --lens {self.lens!r}; choose bupo, logit or both")
         bad = [s for s in self.sites if s not in SITES]
@@ -102,3 +105,46 @@ class TraceConfig:
             raise UserError("--positions response needs --generate (there is no response to decode)")
         if self.samples > 1 and (not self.generate or self.temperature == 0):
             raise UserError("--samples > 1 needs sampling: --generate with --temperature > 0")
+
+
+METHODS = ("transformer-lens", "nnsight", "entropylens", "entropylens-eager", "entropylens-compiled", "floor")
+TOP1 = "entropylens-top1"  # the default path keeping top-1 only: run beside `entropylens` when --topk K > 1
+
+
+@dataclass
+class BenchConfig:
+    """What `entropylens bench` measures; its fields are the command's options."""
+
+    model: str = option("smollm2", "model spec (ignored with --vocab/--d-model)")
+    batch: int = option(4, "sequences")
+    seq: int = option(128, "tokens per sequence")
+    sites: tuple[str, ...] = option(SITES, "comma-separated sites", parse=parse_csv, shown=",".join(SITES))
+    methods: tuple[str, ...] = option(METHODS, "methods to run, in order (entropylens = the default path, kernel "
+                                      "auto)", parse=parse_csv, shown=",".join(METHODS))
+    vocab: int | None = option(None, "random-head mode: vocabulary size (e.g. 151936)")
+    d_model: int | None = option(None, "random-head mode: width (e.g. 1024)")
+    tokens: int = option(4096, "random-head mode: token rows")
+    ref_rows: int = option(64, "rows per site sampled for the fp64 reference", cli=False)
+    threads: int | None = option(None, "torch threads")
+    topk: int = option(1, "top-K list per row the entropylens methods keep (as `trace --topk`); K > 1 also runs "
+                       f"{TOP1} (K = 1) beside the default path and reports the rate ratio")
+    repeats: int = option(1, "round-robin rounds of every method: fastest run per method, ratios paired per round "
+                              "with a 95 % interval (n >= 2)")
+    seed: int = option(0, "seeds the token batch, the random head and the reference rows", cli=False)
+    cache: Path = option(Path("cache"), "folder holding models/", parse=Path, shown="cache")
+
+    def validate(self) -> None:
+        """Mistakes that need no model: one UserError line each."""
+        for name in ("batch", "seq", "tokens", "repeats"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if not 1 <= self.topk <= 100:
+            raise UserError(f"--topk must be between 1 and 100, got {self.topk}")
+        if (self.vocab is None) != (self.d_model is None):
+            raise UserError("random-head mode needs both --vocab and --d-model")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        bad_sites = [s for s in self.sites if s not in SITES]
+        if bad_sites or not self.sites:
+            raise UserError(f"unknown site {bad_sites[0] if bad_sites else ''!r}; choose from {', '.join(SITES)}")

@@ -29,6 +29,7 @@ from entropylens.model.remote import RemoteModel, connect
 from entropylens.data.rewards import score, trace_references
 from entropylens.model.layout import find_layout
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
+from entropylens.store.cache import Cache
 
 
 # ---------------------------------------------------------------- prompts and memory
@@ -127,7 +128,7 @@ def _new_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool) -> 
         try:
             return RunWriter(cfg.cache, rid, manifest)
         except UserError:
-            if not Path(cfg.cache, "runs", rid).exists():
+            if not Cache.of(cfg.cache).run_dir(rid).exists():
                 raise
     raise UserError(f"99 runs named {run_id}-*: pass --name")
 
@@ -249,7 +250,7 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, seed=cfg.seed, split=cfg.split)
     refs = trace_references(prompts, cfg.reward, cfg.bad_references)
     try:  # fail before the slow model load, not after it
-        Path(cfg.cache, "runs").mkdir(parents=True, exist_ok=True)
+        Cache.of(cfg.cache).runs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
     timings = {"load_s": 0.0, "generate_s": 0.0, "trace_s": 0.0, "decode_s": 0.0}
