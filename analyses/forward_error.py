@@ -11,7 +11,7 @@ references:
     fp64 trace     |tool's decode of the fp64 activations (what `--dtype float64` stores) − the same fp64 reference|
 
 "Tool's decode" is `decode_layers` with the lens, additivity check and defaults a trace uses
-(entropylens.tracing.batch._decode_local), rounded to float32 as entropy.parquet stores it, run on the sampled positions
+(entropylens.tracing.engine.LocalEngine.decode), rounded to float32 as entropy.parquet stores it, run on the sampled positions
 only: decoding every position of a 2,048-token sequence would cost minutes for nothing. That this equals the stored
 entropies is checked on the first length with a real `entropylens.tracing.job` run (the `check` line). The fp64 reference
 is the bench's (`entropylens.tracing.bench._reference`: full (rows, V) logits in fp64, log_softmax, −Σ p log p), fed with
@@ -45,7 +45,7 @@ import torch
 
 import entropylens as el
 from entropylens.model.backends import make_backend
-from entropylens.tracing.batch import ADDITIVE_TOL
+from entropylens.tracing.engine import ADDITIVE_TOL
 from entropylens.tracing.bench import _reference as fp64_reference  # the bench's fp64 full-softmax entropies
 from entropylens.core.decode import decode_layers
 from entropylens.core.lens import Lens, make_lens
@@ -109,7 +109,7 @@ def rope_in_fp64(model) -> None:
 
 def tool(acts, positions: np.ndarray, model, lens: str) -> dict[str, np.ndarray]:
     """site -> (L + 1, K) entropies the tool stores for these positions: `decode_layers` as a trace calls it
-    (entropylens.tracing.batch._decode_local: the lens from the model's head, the additive `layer` trick when the
+    (entropylens.tracing.engine.LocalEngine.decode: the lens from the model's head, the additive `layer` trick when the
     residual stream adds up), rounded to float32 as entropy.parquet holds them."""
     layout = find_layout(model)
     p = torch.as_tensor(positions)

@@ -30,7 +30,7 @@ import torch
 
 from entropylens.core.decode import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK, decode_rows
 from entropylens.errors import UserError
-from entropylens.core.lens import LENSES, Lens, make_lens
+from entropylens.core.lens import lens_spec, make_lens
 from entropylens.core.lse import Stats
 from entropylens.model.load import DTYPES, LoadedModel, describe_model, load_model
 from entropylens.data.prompts import load_prompts
@@ -299,13 +299,19 @@ class Decoded:
     topk_p: torch.Tensor | None = None  # (..., K) float64 their probabilities; None unless topk=K was asked
 
 
-def _bare_lens(W: torch.Tensor, lens: str) -> Lens:
-    if W.dim() != 2:
-        raise UserError(f"an unembedding matrix is (V, d); got shape {tuple(W.shape)}")
-    if lens == "logit":
-        raise UserError("lens 'logit' needs the model's final norm: pass the model, not a bare (V, d) unembedding")
-    W = W.detach().double()
-    return Lens("bupo", (W - W.mean(0)).float(), None, None, None)  # centred over V as make_lens does: same p
+class _BareHead(torch.nn.Module):
+    """A bare (V, d) unembedding dressed as a model head, so the lens registry builds from it like from a model."""
+
+    def __init__(self, W: torch.Tensor):
+        super().__init__()
+        if W.dim() != 2:
+            raise UserError(f"an unembedding matrix is (V, d); got shape {tuple(W.shape)}")
+        self.head = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+        self.head.weight = torch.nn.Parameter(W.detach(), requires_grad=False)
+        self.config = object()  # no soft-cap
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
 
 
 def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
@@ -320,13 +326,12 @@ def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
     targets: token ids shaped like hidden.shape[:-1] (-1 = none) for `logprob_target`.
     topk: K >= 1 adds `topk_ids` / `topk_p` (..., K), the numbers `trace --topk K` stores.
     """
-    if lens not in LENSES:
-        raise UserError(f"unknown lens {lens!r}; choose bupo or logit")
+    lens_spec(lens)
     if isinstance(model_or_unembedding, (str, os.PathLike)):
         raise UserError("decode needs the model object or its (V, d) unembedding, not a spec: load it first "
                         "(transformers, nnsight, or entropylens.model.load.load_model)")
     if isinstance(model_or_unembedding, torch.Tensor):
-        ln = _bare_lens(model_or_unembedding, lens)
+        ln = make_lens(lens, _BareHead(model_or_unembedding))
     else:
         hf, _, _ = as_transformers(model_or_unembedding)
         ln = make_lens(lens, hf, find_layout(hf).final_norm(hf))

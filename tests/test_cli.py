@@ -118,3 +118,29 @@ def test_killed_run_stays_running_and_resumes(tiny_folder, tmp_path):
     a = pd.read_parquet(run / "entropy.parquet")
     b = pd.read_parquet(cache / "runs" / "straight" / "entropy.parquet")
     pd.testing.assert_frame_equal(a, b)
+
+
+HEAVY = ("torch", "transformers", "plotly", "dash", "nnsight")
+HELP_PROBE = """
+import sys, time
+t0 = time.perf_counter()
+sys.argv = ["entropylens", *sys.argv[1:]]
+from entropylens.cli.commands import main
+try:
+    main()
+except SystemExit:
+    pass
+print("IMPORTED", sorted(m for m in {heavy} if m in sys.modules), round(time.perf_counter() - t0, 3))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["trace", "--help"], ["bupo", "--help"], ["report", "--help"],
+                                  ["bench", "--help"], ["app", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    """`entropylens --help` (and each command's) reads only the light configs: no torch, transformers or plotly."""
+    r = subprocess.run([sys.executable, "-c", HELP_PROBE.format(heavy=HEAVY), *args], capture_output=True,
+                       text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("IMPORTED []"), line

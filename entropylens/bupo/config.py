@@ -40,6 +40,8 @@ class BupoConfig:
     internal_layer: int = option(cli=False)
     # steps on pi^k before switching to the output policy (paper: 20-30; 0 = GRPO)
     internal_steps: int = option(20, cli=False)
+    lens: str = option("bupo", "the lens that forms pi^k from H^k: bupo (the paper's: W_U alone, no final norm) or "
+                       "any registered lens (entropylens.core.lens.register_lens)", flags=("--pi-lens",))
     steps: int = option(50, "total optimiser steps (internal + output phase)")
     prompts_per_step: int = option(8, "B: prompts per step, over all processes (rollouts per step = B * G)")
     num_generations: int = option(8, "G: rollouts per prompt, the GRPO group (paper: 8)",
@@ -97,7 +99,10 @@ class BupoConfig:
 
     def validate(self, n_layers: int, n_prompts: int, world_size: int = 1) -> None:
         """Raise UserError on settings that cannot work with this model, prompt set and number of ranks."""
+        from entropylens.core.lens import lens_spec
+
         self.check()
+        lens_spec(self.lens)
         if not 1 <= self.internal_layer <= n_layers:
             raise UserError(f"internal_layer must be in 1..{n_layers}, got {self.internal_layer}")
         if n_prompts < 1:

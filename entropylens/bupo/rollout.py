@@ -23,8 +23,8 @@ from transformers import GenerationConfig
 
 from entropylens.bupo.grpo import completion_mask
 from entropylens.errors import UserError
-from entropylens.core.lens import live_lens
-from entropylens.model.layout import decoder_layers
+from entropylens.core.lens import lens_spec, make_lens
+from entropylens.model.layout import decoder_layers, final_norm
 
 
 def eos_and_pad_ids(model: nn.Module, tokenizer) -> tuple[list[int], int]:
@@ -166,9 +166,11 @@ def generate_groups(
 
 
 def policy_logits(
-    model: nn.Module, ro: Rollouts, layer: int, rows: slice = slice(None), runner: nn.Module | None = None
+    model: nn.Module, ro: Rollouts, layer: int, rows: slice = slice(None), runner: nn.Module | None = None,
+    lens: str = "bupo",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of pi^layer and of the output policy at every completion position, for rollouts `rows`.
+    """Logits of pi^layer (H^layer decoded by registered lens `lens`; the paper's: bupo) and of the output
+    policy at every completion position, for rollouts `rows`.
 
     Position t of the result predicts completion token t. Gradients flow through both if enabled;
     freezing (see trainer) decides which parameters receive them. `runner` runs the forward instead of
@@ -183,14 +185,15 @@ def policy_logits(
     attn = torch.cat([p_mask, torch.ones_like(c_ids)], dim=1)  # (n, P+T) as during generation
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (n, P+T) as during generation
 
+    norm = final_norm(model) if lens_spec(lens).reads_final_norm else None
     captured: list[torch.Tensor] = []
     hooks = [  # pi^k is read out inside the forward, while FSDP holds the unembedding unsharded
         layers[layer - 1].register_forward_hook(
             lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, P - 1 : P + T - 1])
         ),  # (n, T, d) raw residual H^k
         model.get_output_embeddings().register_forward_hook(
-            lambda _m, _i, _o: captured.append(live_lens(model).logits_fp32(captured[0]))
-        ),  # (n, T, V) lens `bupo` in fp32 on the parameters as the forward holds them
+            lambda _m, _i, _o: captured.append(make_lens(lens, model, norm, live=True).logits_fp32(captured[0]))
+        ),  # (n, T, V) pi^k in fp32 on the parameters as the forward holds them
     ]
     try:
         out = (runner or model)(input_ids=input_ids, attention_mask=attn, position_ids=pos,

@@ -176,7 +176,7 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
                                        seed=seeds[0])
             rewards = torch.tensor([reward_fn(t, str(batch[i // G].answer)) for i, t in enumerate(ro.texts)])
             adv = group_advantages(rewards, G).to(ro.mask.device)  # (N,)
-            set_phase(model, cfg.internal_layer, phase)
+            set_phase(model, cfg.internal_layer, phase, cfg.lens)
             s, grad_norm, before = optimise_batch(model, runner, opt, params, ro, adv, ref_model, cfg, phase, acc)
             effect = _update_effect(model, ro, adv, before, cfg, phase, after=phase == "internal")
             local = [s[k] for k in STAT_KEYS] + [ro.n_tokens, len(ro.texts), time.perf_counter() - t0] + effect

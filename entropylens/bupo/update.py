@@ -18,22 +18,26 @@ from entropylens.bupo import distributed
 from entropylens.bupo.grpo import LossScale, chunk_weight, grpo_loss, token_entropy, token_kl, token_logprobs
 from entropylens.bupo.metrics import STAT_KEYS
 from entropylens.bupo.rollout import Rollouts, policy_logits
+from entropylens.core.lens import lens_spec
 from entropylens.model.layout import decoder_layers, final_norm
 
 if TYPE_CHECKING:
     from entropylens.bupo.config import BupoConfig
 
-def set_phase(model: nn.Module, layer: int, phase: str) -> None:
-    """Every parameter trains, except layers > k and the final norm during the internal phase."""
+def set_phase(model: nn.Module, layer: int, phase: str, lens: str = "bupo") -> None:
+    """Every parameter trains, except, during the internal phase, layers > k and the final norm (unless pi^k's
+    lens reads it: then it is part of pi^k)."""
     model.requires_grad_(True)
     if phase == "internal":
-        for module in [*decoder_layers(model)[layer:], final_norm(model)]:
+        frozen = decoder_layers(model)[layer:]
+        for module in [*frozen] if lens_spec(lens).reads_final_norm else [*frozen, final_norm(model)]:
             module.requires_grad_(False)
 
 
-def _score_chunk(model, ro: Rollouts, layer: int, rows: slice, phase: str, temperature: float, runner=None):
+def _score_chunk(model, ro: Rollouts, layer: int, rows: slice, phase: str, temperature: float, runner=None,
+                 lens: str = "bupo"):
     """Log-probs of the sampled tokens under the phase's policy, plus both policies' logits."""
-    internal, output = policy_logits(model, ro, layer, rows, runner)  # (n, T, V) each
+    internal, output = policy_logits(model, ro, layer, rows, runner, lens)  # (n, T, V) each
     policy = internal if phase == "internal" else output
     return token_logprobs(policy, ro.completion_ids[rows], temperature), internal, output  # (n, T)
 
@@ -58,7 +62,8 @@ def _update(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, *, 
 def _accumulate(model, ro: Rollouts, adv, old, ref, cfg: BupoConfig, phase: str, rows: slice, scale: LossScale,
                 runner, s: dict[str, float], keep_logp: list | None = None) -> dict[str, float]:
     """Forward and backward of one micro-batch, its loss weighted into the global batch's; adds to `s`."""
-    logp, internal, output = _score_chunk(model, ro, cfg.internal_layer, rows, phase, cfg.temperature, runner)
+    logp, internal, output = _score_chunk(model, ro, cfg.internal_layer, rows, phase, cfg.temperature, runner,
+                                          cfg.lens)
     if keep_logp is not None:
         keep_logp.append(logp.detach())  # (n, T)
     m = ro.mask[rows]  # (n, T)
@@ -83,7 +88,7 @@ def _no_grad_logp(model, ro: Rollouts, cfg: BupoConfig, phase: str) -> torch.Ten
     """Log-probs of the sampled tokens under the phase's policy, without gradient (old or reference)."""
     starts = range(0, ro.completion_ids.shape[0], cfg.micro_batch_size)
     rows = [slice(i, i + cfg.micro_batch_size) for i in starts]
-    return torch.cat([_score_chunk(model, ro, cfg.internal_layer, r, phase, cfg.temperature)[0]
+    return torch.cat([_score_chunk(model, ro, cfg.internal_layer, r, phase, cfg.temperature, lens=cfg.lens)[0]
                       for r in rows])  # (N, T)
 
 

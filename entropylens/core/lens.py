@@ -10,23 +10,27 @@ soft-cap: this shrinks raw-residual logits (massive activations reach |z| ~ 4e4 
 the fp32 rounding, without changing any distribution. Because x ↦ x W^T is linear, the raw logits of
 H^l = H^{l-1} + A^l + F^l are the sums of the raw
 logits of the three terms: the decode engine uses that to skip the `layer` GEMM (docs/definitions.md#computation).
+
+Every lens is defined once, in the registry below (`register_lens`): the tracer, `entropylens.decode`, the NDIF
+path and the trainer's pi^k all build from it. A lens of your own (a tuned lens, a temperature) is one
+`register_lens` call with a builder that returns such an affine `Lens`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from entropylens.errors import UserError
-from entropylens.store.schema import LENSES  # the stored vocabulary: one list, importable without torch
 
 
 @dataclass
 class Lens:
     name: str
-    W: torch.Tensor  # (V, d) fp32, effective unembedding (the live parameter in `live_lens`)
+    W: torch.Tensor  # (V, d) fp32, effective unembedding (the live parameters when built with live=True)
     bias: torch.Tensor | None  # (V,) fp32, added after the row scale
     softcap: float | None  # final logit soft-capping: z -> c·tanh(z / c)
     norm_kind: str | None  # None (bupo), "rms" or "layer"
@@ -58,7 +62,7 @@ class Lens:
 
     def logits_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (..., V) of x (..., d) in fp32, differentiable in x and in W / bias: the
-        trainer's pi^k on `live_lens` (raw residuals give logits near +-100, hence fp32 at least; fp64 stays)."""
+        trainer's pi^k on a live lens (raw residuals give logits near +-100, hence fp32 at least; fp64 stays)."""
         dt = torch.promote_types(x.dtype, torch.float32)
         bias = None if self.bias is None else self.bias.to(dt)
         s = self.row_scale(x.reshape(-1, x.shape[-1]))
@@ -77,22 +81,86 @@ def softcap_of(config) -> float | None:
 
 def read_head(model: torch.nn.Module) -> tuple[torch.nn.Module, float | None]:
     """What every lens reads from a model: the output embedding (weight W_U (V, d), optional bias) and the
-    soft-cap. The tracer (`make_lens`), the trainer (`live_lens`) and remote traces all read it here."""
+    soft-cap. The registry's builders and remote traces all read it here."""
     head = model.get_output_embeddings()
     if head is None:
         raise UserError(f"{type(model).__name__} has no output embedding (lm_head); not a causal LM")
     return head, softcap_of(model.config)
 
 
-def live_lens(model: torch.nn.Module) -> Lens:
-    """Lens `bupo` on the model's parameters as they are now (not copied, not centred, so gradients reach
-    W_U): the trainer's pi^k = softmax(H^k W_U^T + b), the same distribution `make_lens("bupo", ...)` decodes.
-    Build it where the parameters are in place (under FSDP: inside the head's forward)."""
-    head, cap = read_head(model)
-    return Lens("bupo", head.weight, getattr(head, "bias", None), cap, None)
+# ---------------------------------------------------------------- the registry
+
+Builder = Callable[[torch.nn.Module, "torch.nn.Module | None", bool], Lens]
 
 
-def _norm_params(norm: torch.nn.Module, d: int) -> tuple[str, torch.Tensor, torch.Tensor | None, float]:
+@dataclass(frozen=True)
+class LensSpec:
+    """One lens: its name, how it is built from a model's head (and final norm), and what it reads."""
+
+    name: str
+    build: Builder  # (model, final_norm or None, live) -> Lens; live: on the parameters as they are (gradients)
+    reads_final_norm: bool  # the trainer keeps the final norm trainable in pi^k's phase when True
+    remote: str | None = None  # how the NDIF body computes it: "unembed" | "norm-unembed"; None: local only
+    doc: str = ""
+
+
+LENSES: dict[str, LensSpec] = {}
+BOTH = ("bupo", "logit")  # `--lens both`
+
+
+def register_lens(name: str, build: Builder, *, reads_final_norm: bool, remote: str | None = None,
+                  doc: str = "") -> LensSpec:
+    """Add a lens every part of entropylens can use by name (`--lens NAME`, `decode(lens=NAME)`, pi^k)."""
+    if not name or not name.replace("_", "").replace("-", "").isalnum() or name == "both":
+        raise ValueError(f"a lens name is letters, digits, '_' or '-' (not 'both'), got {name!r}")
+    if remote not in (None, "unembed", "norm-unembed"):
+        raise ValueError(f"remote must be None, 'unembed' or 'norm-unembed', got {remote!r}")
+    LENSES[name] = spec = LensSpec(name, build, reads_final_norm, remote, doc)
+    return spec
+
+
+def lens_spec(name: str) -> LensSpec:
+    if name not in LENSES:
+        raise UserError(f"unknown lens {name!r}; choose {', '.join(LENSES)} or both")
+    return LENSES[name]
+
+
+def lens_names(choice: str) -> list[str]:
+    """The lenses a `--lens` value names: one registered lens, or `both` = bupo and logit."""
+    return list(BOTH) if choice == "both" else [lens_spec(choice).name]
+
+
+def make_lens(name: str, model: torch.nn.Module, final_norm: torch.nn.Module | None = None, *,
+              live: bool = False) -> Lens:
+    """Build registered lens `name` from the model's own head (weights, bias, soft-cap) and final norm.
+    `live=False`: a detached fp32 copy for decoding (centred over V where that changes no distribution);
+    `live=True`: on the parameters as they are, so gradients reach them (the trainer's pi^k; under FSDP build
+    it where the parameters are in place, inside the head's forward)."""
+    spec = lens_spec(name)
+    if spec.reads_final_norm and final_norm is None:
+        raise UserError(f"lens {name!r} needs the model's final norm: pass the model, not a bare (V, d) unembedding")
+    return spec.build(model, final_norm, live)
+
+
+def _head_params(model: torch.nn.Module, live: bool) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """(W_U (V, d), bias or None, soft-cap): the parameters themselves when live, else detached fp64 copies."""
+    head, softcap = read_head(model)
+    W, bias = head.weight, getattr(head, "bias", None)
+    if not live:
+        W, bias = W.detach().double(), None if bias is None else bias.detach().double()
+    return W, bias, softcap
+
+
+def _affine(name: str, W: torch.Tensor, bias: torch.Tensor | None, softcap: float | None, kind: str | None,
+            eps: float, live: bool) -> Lens:
+    if live:
+        return Lens(name, W, bias, softcap, kind, eps)
+    if not softcap:
+        W = W - W.mean(0, keepdim=True)  # per-row shift of every logit: softmax unchanged
+    return Lens(name, W.float(), None if bias is None else bias.float(), softcap, kind, eps)
+
+
+def _norm_params(norm: torch.nn.Module, d: int, live: bool) -> tuple[str, torch.Tensor, torch.Tensor | None, float]:
     """Read (kind, gain g, bias b, eps) of a final norm, then check the reading against the module itself."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
     w = getattr(norm, "weight", None)
@@ -101,9 +169,10 @@ def _norm_params(norm: torch.nn.Module, d: int) -> tuple[str, torch.Tensor, torc
     if w.device.type == "meta":
         raise UserError("logit lens: the device map offloads the final norm to disk; map it to cpu or a GPU")
     kind = "layer" if isinstance(norm, torch.nn.LayerNorm) else "rms"
+    gemma = type(norm).__name__.startswith("Gemma")  # Gemma's RMSNorm multiplies by (1 + weight)
     g = w.detach().double()
-    if type(norm).__name__.startswith("Gemma"):
-        g = g + 1.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    if gemma:
+        g = g + 1.0
     b = getattr(norm, "bias", None)
     b = b.detach().double() if b is not None else None
     # Verify: our closed form must reproduce the module on random inputs, else refuse (no silent mismatch).
@@ -118,27 +187,29 @@ def _norm_params(norm: torch.nn.Module, d: int) -> tuple[str, torch.Tensor, torc
     tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
     if not torch.allclose(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item()):
         raise UserError(f"logit lens: final norm {type(norm).__name__} is neither RMSNorm nor LayerNorm as read")
+    if live:
+        g, b = (w + 1.0 if gemma else w), getattr(norm, "bias", None)
     return kind, g, b, float(eps)
 
 
-def make_lens(name: str, model: torch.nn.Module, final_norm: torch.nn.Module) -> Lens:
-    """Build lens `name` from the model's own head (weights, bias, soft-cap) and final norm."""
-    if name not in LENSES:
-        raise UserError(f"unknown lens {name!r}; choose bupo, logit or both")
-    head, softcap = read_head(model)
-    W = head.weight.detach().double()  # (V, d)
-    hb = getattr(head, "bias", None)
-    bias = hb.detach().double() if hb is not None else None
-    kind, eps = None, 0.0
-    W_eff = W  # (V, d)
-    if name == "logit":
-        kind, g, b, eps = _norm_params(final_norm, W.shape[1])
-        W_eff = W * g  # W_U diag(g)
-        if kind == "layer":
-            W_eff = W_eff - W_eff.mean(-1, keepdim=True)
-            if b is not None:
-                extra = W @ b  # (V,)
-                bias = extra if bias is None else bias + extra
-    if not softcap:
-        W_eff = W_eff - W_eff.mean(0, keepdim=True)  # per-row shift of every logit: softmax unchanged
-    return Lens(name, W_eff.float(), None if bias is None else bias.float(), softcap, kind, eps)
+def _bupo(model: torch.nn.Module, final_norm: torch.nn.Module | None, live: bool) -> Lens:
+    W, bias, softcap = _head_params(model, live)
+    return _affine("bupo", W, bias, softcap, None, 0.0, live)
+
+
+def _logit(model: torch.nn.Module, final_norm: torch.nn.Module | None, live: bool) -> Lens:
+    W, bias, softcap = _head_params(model, live)
+    kind, g, b, eps = _norm_params(final_norm, W.shape[1], live)
+    W_eff = W * g  # W_U diag(g)
+    if kind == "layer":
+        W_eff = W_eff - W_eff.mean(-1, keepdim=True)
+        if b is not None:
+            extra = W @ b  # (V,)
+            bias = extra if bias is None else bias + extra
+    return _affine("logit", W_eff, bias, softcap, kind, eps, live)
+
+
+register_lens("bupo", _bupo, reads_final_norm=False, remote="unembed",
+              doc="softmax(x W_U^T): the unembedding alone, no final norm (the paper's)")
+register_lens("logit", _logit, reads_final_norm=True, remote="norm-unembed",
+              doc="softmax(final_norm(x) W_U^T): the classical logit lens, the norm recomputed per vector")

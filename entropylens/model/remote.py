@@ -23,7 +23,7 @@ import torch
 from entropylens.core.decode import Stats
 from entropylens.errors import UserError
 from entropylens.model.load import LoadedModel, describe_model
-from entropylens.core.lens import softcap_of
+from entropylens.core.lens import lens_spec, softcap_of
 from entropylens.model.layout import Layout, find_layout, get_path
 
 MODES = ("ndif", "local")  # a real NDIF request | the same request simulated here
@@ -71,7 +71,7 @@ class RemoteModel:
         names = lay.site_names  # site -> submodule attribute of a decoder layer
         order = [s for s in ("attn_in", "attn", "ffn_in", "ffn") if s in sites]  # execution order
         cap = softcap_of(lm.config)  # the lens reads W_U, bias and soft-cap as lens.read_head does
-        use_norm = ["logit" == name for name in lenses]
+        use_norm = [_remote_form(name) == "norm-unembed" for name in lenses]  # the registry says how
         want_layer = "layer" in sites
         # Everything inside this block runs on the serving side: it may use only torch, nnsight and the names
         # bound above. Only values saved *in* the block travel back (a container from outside would not).
@@ -113,6 +113,14 @@ class RemoteModel:
         out = {name: {site: stats(torch.stack(res[f"{k}/{site}"], 1))  # (3, L, B, T)
                       for site in sites} for k, name in enumerate(lenses)}
         return stats(res["final"]), out
+
+
+def _remote_form(lens: str) -> str:
+    """How the serving side computes registered lens `lens` (LensSpec.remote); lenses it cannot run are refused."""
+    form = lens_spec(lens).remote
+    if form is None:
+        raise UserError(f"lens {lens!r} runs locally only (its spec declares no remote form); drop --remote")
+    return form
 
 
 def connect(model_id: str, mode: str = "ndif") -> tuple[LoadedModel, RemoteModel]:

@@ -113,6 +113,11 @@ class RunWriter(RunFolder):
                 found.setdefault(int(m.group(2)), set()).add(m.group(1))
         return {b for b, kinds in found.items() if kinds >= _REQUIRED_PARTS}
 
+    def _lenses(self) -> tuple[str, ...]:
+        """The lens names this run's rows may carry: its manifest's (any registered lens), else the built-ins."""
+        lens = self.manifest.get("lens")
+        return tuple(lens) if isinstance(lens, list) and lens else LENSES
+
     def write_batch(self, batch_idx: int, tokens: pd.DataFrame, entropy: pd.DataFrame,
                     responses: list[dict], topk: pd.DataFrame | None = None) -> None:
         """Validate and cast one batch to the schema, then write its parts (responses last)."""
@@ -124,11 +129,11 @@ class RunWriter(RunFolder):
         ent = _to_table(entropy, ENTROPY_SCHEMA, "entropy", ENTROPY_SORT)
         _check_values(tok, "role", TOKEN_ROLES, "tokens")
         _check_values(ent, "role", TOKEN_ROLES, "entropy")
-        _check_values(ent, "lens", LENSES, "entropy")
+        _check_values(ent, "lens", self._lenses(), "entropy")
         tables = [("tokens", tok), ("entropy", ent)]
         if topk is not None:
             tk = _to_table(topk, TOPK_SCHEMA, "topk", TOPK_SORT)
-            _check_values(tk, "lens", LENSES, "topk")
+            _check_values(tk, "lens", self._lenses(), "topk")
             _check_values(tk, "site", SITES, "topk")
             tables.append(("topk", tk))
         lines = [_response_line(r) for r in sorted(responses, key=lambda r: r.get("prompt_idx", -1))]

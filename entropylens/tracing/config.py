@@ -31,7 +31,8 @@ class TraceConfig:
     max_new_tokens: int = option(32, "response length cap")
     temperature: float = option(1.0, "sampling temperature (0 = greedy)")
     top_p: float = option(1.0, "nucleus sampling")
-    lens: str = option("bupo", "bupo (unembedding only, the paper's) | logit (final norm first) | both")
+    lens: str = option("bupo", "bupo (unembedding only, the paper's) | logit (final norm first) | both | any "
+                       "registered lens")
     sites: tuple[str, ...] = option(SITES, "comma-separated sites to decode", parse=parse_csv,
                                     shown=",".join(SITES))
     positions: str = option("all", "all | response (only positions that predict response tokens)")
@@ -65,15 +66,16 @@ class TraceConfig:
     extra: dict = option({}, "free-form provenance recorded in the manifest", cli=False)
 
     def lenses(self) -> list[str]:
-        return ["bupo", "logit"] if self.lens == "both" else [self.lens]
+        from entropylens.core.lens import lens_names
+
+        return lens_names(self.lens)
 
     def validate(self) -> None:
         """Mistakes that need no model: one UserError line each."""
         from entropylens.core.decode import KERNELS
         from entropylens.model.backends import BACKENDS
 
-        if self.lens not in ("bupo", "logit", "both"):
-            raise UserError(f"unknown --lens {self.lens!r}; choose bupo, logit or both")
+        self.lenses()  # an unknown lens is one line naming the registered ones
         bad = [s for s in self.sites if s not in SITES]
         if bad or not self.sites:
             raise UserError(f"unknown site {bad[0] if bad else '(none)'}; choose from {', '.join(SITES)}")

@@ -16,18 +16,16 @@ from collections.abc import Iterator
 import torch
 
 from entropylens import __version__
-from entropylens.model.backends import make_backend
-from entropylens.tracing.batch import ADDITIVE_TOL, GroupSampler, Sequences, generate, trace_batch
+from entropylens.tracing.batch import GroupSampler, Sequences, trace_batch
+from entropylens.tracing.engine import ADDITIVE_TOL, Engine, make_engine
 from entropylens.tracing.config import TraceConfig
-from entropylens.core.decode import DEFAULT_BLOCK_BYTES, resolve_kernel
+from entropylens.core.decode import DEFAULT_BLOCK_BYTES
 from entropylens.tracing.shard import Shard
 from entropylens.errors import UserError
-from entropylens.core.lens import make_lens
 from entropylens.model.load import LoadedModel, load_model
 from entropylens.data.prompts import Prompt, load_prompts, prompts_sha256, render
 from entropylens.model.remote import RemoteModel, connect
 from entropylens.data.rewards import score, trace_references
-from entropylens.model.layout import find_layout
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
 from entropylens.store.cache import Cache
 
@@ -199,16 +197,15 @@ def _records(loaded: LoadedModel, cfg: TraceConfig, seqs: Sequences, src: list[i
     return records
 
 
-def _manifest(cfg: TraceConfig, loaded: LoadedModel, lenses: list, prompts: list[Prompt], refs: list,
-              dropped: list[int], remote: RemoteModel | None, shard: Shard | None, layout=None) -> dict:
-    """The run's manifest as the trace starts (docs/storage.md); timings and checks are added at the end."""
-    info = loaded.info
+def _manifest(cfg: TraceConfig, engine: Engine, prompts: list[Prompt], refs: list, dropped: list[int],
+              shard: Shard | None) -> dict:
+    """The run's manifest as the trace starts (docs/storage.md); timings and checks are added at the end.
+    The engine says where and how it computes (backend, precision, device, top-K, the decode kernel `auto` chose)."""
+    where = engine.manifest()
     return {
-        "kind": "trace", "model": info.to_dict(), "lens": cfg.lenses(), "sites": list(cfg.sites),
-        "layout": None if layout is None else layout.describe(),  # what each site is in this model (sites.py)
-        "backend": f"nnsight-remote ({remote.mode})" if remote else cfg.backend,
-        "precision": "exact (fp64 on the serving side)" if remote else "exact",
-        "device": "remote" if remote else str(getattr(loaded.model, "hf_device_map", None) or loaded.device),
+        "kind": "trace", "model": engine.loaded.info.to_dict(), "lens": engine.lens_names, "sites": list(cfg.sites),
+        "layout": engine.layout.describe(),  # what each site is in this model (model/layout.py)
+        "backend": where["backend"], "precision": where["precision"], "device": where["device"],
         "positions": cfg.positions,
         "prompts": {"source": cfg.prompts, "sha256": prompts_sha256(prompts), "n": len(prompts),
                     "limit": cfg.limit, "split": cfg.split},
@@ -222,11 +219,7 @@ def _manifest(cfg: TraceConfig, loaded: LoadedModel, lenses: list, prompts: list
         "long_prompts": {"mode": cfg.long_prompts, "truncated": [
             {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
         "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
-        # the per-chunk decode kernel `auto` chose here (decode.resolve_kernel), so a run says how it was made
-        # top-K lists per site in topk.parquet (0: none; the remote decode returns top-1 only)
-        "topk": 0 if remote else cfg.topk,
-        "decode_kernel": None if remote else resolve_kernel(cfg.kernel, cfg.compile, lenses[0][1].W.device,
-                                                            torch.float32),
+        "topk": where["topk"], "decode_kernel": where["decode_kernel"],
     }
 
 
@@ -253,30 +246,25 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         Cache.of(cfg.cache).runs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
-    timings = {"load_s": 0.0, "generate_s": 0.0, "trace_s": 0.0, "decode_s": 0.0}
     t0 = time.perf_counter()
     loaded, remote = _load(cfg, console, shard, loaded, remote)
-    timings["load_s"] = time.perf_counter() - t0
+    load_s = time.perf_counter() - t0
     info = loaded.info
-    layout = find_layout(loaded.model)
-    backend, lenses = None, []  # remotely, the serving side holds the weights and builds the lenses
-    if remote is None:
-        backend = make_backend(cfg.backend, loaded.model, loaded.tokenizer, layout)
-        lenses = [(name, make_lens(name, loaded.model, layout.final_norm(loaded.model))) for name in cfg.lenses()]
+    engine = make_engine(cfg, loaded, remote)  # chosen once: this machine or NDIF
     texts, prompt_ids, dropped = encode(loaded, prompts, cfg)
     if remote is None:
         check_memory(loaded, cfg, max(map(len, prompt_ids)) + (cfg.max_new_tokens if cfg.generate else 0))
     run_id = cfg.name if resume else new_run_id(cfg.name, tag=f"{info.family}-{Path(cfg.prompts).stem}")
     if shard is not None:
         run_id = shard.broadcast(run_id)  # a timestamped name must be the same on every rank
-    manifest = _manifest(cfg, loaded, lenses, prompts, refs, dropped, remote, shard, layout)
+    manifest = _manifest(cfg, engine, prompts, refs, dropped, shard)
     writer = _open_writer(cfg, run_id, manifest, resume, shard)
     run_id = writer.run_dir.name
     done = writer.done_batches()
     n = cfg.samples  # sequence q is sample q % n of prompt q // n (with n = 1: the prompt itself)
     batches = [list(range(i, min(i + cfg.batch_size, len(prompts) * n)))
                for i in range(0, len(prompts) * n, cfg.batch_size)]
-    sampler = GroupSampler(loaded, prompt_ids, cfg, n, remote) if n > 1 else None
+    sampler = GroupSampler(engine, prompt_ids, n) if n > 1 else None
     worst_err, n_tok = 0.0, 0
     with _guarded(run_id, writer.run_dir), writer, Progress(
             TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -285,21 +273,20 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
         for b, idx in enumerate(batches):
             if b in done or (shard is not None and not shard.owns(b)):
                 continue
-            t0 = time.perf_counter()
             src = [q // n for q in idx]
             batch_ids = [prompt_ids[i] for i in src]
-            responses = (generate(loaded, batch_ids, cfg, seed=cfg.seed * 1_000_003 + b, remote=remote)
+            responses = (engine.generate(batch_ids, seed=cfg.seed * 1_000_003 + b)
                          if sampler is None else [sampler(q // n, q % n) for q in idx])  # per batch / per prompt
-            timings["generate_s"] += time.perf_counter() - t0
             seqs = Sequences(idx, [texts[i] for i in src], batch_ids, responses, [prompts[i].answer for i in src])
-            tokens, entropy, topk, err = trace_batch(loaded, backend, layout, lenses, seqs, cfg, timings, remote)
-            worst_err, n_tok = max(worst_err, err), n_tok + len(tokens)
-            writer.write_batch(b, tokens, entropy, _records(loaded, cfg, seqs, src, responses, prompts, refs), topk)
-            rate = n_tok / max(timings["trace_s"] + timings["decode_s"], 1e-9)
+            rows = trace_batch(engine, seqs)
+            worst_err, n_tok = max(worst_err, rows.additivity_error), n_tok + len(rows.tokens)
+            writer.write_batch(b, rows.tokens, rows.entropy,
+                               _records(loaded, cfg, seqs, src, responses, prompts, refs), rows.topk)
+            rate = n_tok / max(engine.timings["trace_s"] + engine.timings["decode_s"], 1e-9)
             completed = len(writer.done_batches()) if shard is not None else None  # every rank's batches
             bar.update(task, advance=None if completed else 1, completed=completed,
                        info=f"{n_tok} tokens · {rate:.1f} tok/s decoded" + (" (rank 0)" if shard else ""))
-        extra = {}
+        extra, timings = {}, {"load_s": load_s, **engine.timings}
         if shard is not None:  # every rank has written its parts once this returns
             by_rank = shard.gather({**timings, "worst_err": worst_err})
             worst_err = max(t.pop("worst_err") for t in by_rank)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from entropylens.bupo.grpo import token_logprobs
 from entropylens.bupo.rollout import generate_rollouts, policy_logits
-from entropylens.core.lens import live_lens
+from entropylens.core.lens import make_lens
 from entropylens.model.layout import final_norm
 
 TEXTS = ["1+2=", "what is 40+2?", "7*6"]  # different lengths -> left padding matters
@@ -75,16 +75,16 @@ def test_top_layer_policy_skips_the_final_norm(model, char_tokenizer):
     hook.remove()
     P, T = ro.prompt_ids.shape[1], ro.completion_ids.shape[1]
     h = captured[0][:, P - 1 : P + T - 1]
-    assert torch.allclose(internal, live_lens(model).logits_fp32(h), atol=1e-5)
+    assert torch.allclose(internal, make_lens("bupo", model, live=True).logits_fp32(h), atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(model.lm_head(final_norm(model)(h)), output, atol=1e-5)
     assert not torch.allclose(internal, output, atol=1e-2)
 
 
-def test_live_lens_applies_bias_and_softcap(model):
+def test_live_bupo_lens_applies_bias_and_softcap(model):
     h = torch.randn(2, 3, 32)
     model.config.final_logit_softcapping = 5.0
-    got = live_lens(model).logits_fp32(h)
+    got = make_lens("bupo", model, live=True).logits_fp32(h)
     assert got.abs().max() < 5.0
     assert torch.allclose(got, 5.0 * torch.tanh(h @ model.lm_head.weight.T / 5.0), atol=1e-5)
 
