@@ -1,6 +1,6 @@
 """Boundary-layer choice with its evidence, and the stage table written into the run folder.
 
-    python analyses/boundary.py RUN [--band 0.05] [--collapse-frac 0.1] -o figures
+    python -m analyses.boundary RUN [--band 0.05] [--collapse-frac 0.1] -o figures
 writes boundary-<run>-<lens>.{png,svg} and .csv (per-layer FFN ΔH mean, median, 95 % CI, H_layer / log V),
 stages-<run>.csv (layer ranges per reading), and CACHE/runs/RUN/stages.json (what the dashboard reads).
 The boundary layer is the last layer whose mean FFN ΔH is positive (the BuPO paper's choice).
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from _common import parser, run_main, runs_and_lenses, save
+from analyses._common import parser, run_main, runs_and_lenses, save
 
 from entropylens.analysis.report import fig_boundary
 from entropylens.analysis.stages import describe, stages_table, write_stages

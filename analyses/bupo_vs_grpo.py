@@ -1,7 +1,7 @@
 """BuPO vs GRPO on the same model, task, layer, budget and seeds, plus a sweep of the internal-phase length.
 
-    python analyses/bupo_vs_grpo.py            # the committed study (see its regenerate.sh for the settings)
-    python analyses/bupo_vs_grpo.py --quick    # a few-minute smoke run of the same pipeline
+    python -m analyses.bupo_vs_grpo            # the committed study (see its regenerate.sh for the settings)
+    python -m analyses.bupo_vs_grpo --quick    # a few-minute smoke run of the same pipeline
 
 Every run trains a fresh copy of the model with `entropylens.bupo.train` and is evaluated on the same held-out
 prompts (the task's test split) with `entropylens.bupo.evaluate`; the base model is evaluated once. GRPO is BuPO
@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains, per_prompt
-from entropylens.bupo.pipeline import DEFAULT_LAYER
+from entropylens.bupo.config import DEFAULT_LAYER
 from entropylens.bupo.trainer import BupoConfig, train
 from entropylens.errors import UserError
 from entropylens.analysis.intervals import fmt_ci, paired_gain_ci

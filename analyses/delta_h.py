@@ -1,6 +1,6 @@
 """Fig. 3 style: mean ΔH of attention and FFN per layer, read as exploration / integration / convergence.
 
-    python analyses/delta_h.py RUN [--band 0.05] -o figures
+    python -m analyses.delta_h RUN [--band 0.05] -o figures
 writes delta-<run>-<lens>.{png,svg} and .csv (per layer: dH_attn, dH_ffn, their 95 % CIs and readings).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import pandas as pd
-from _common import parser, run_main, runs_and_lenses, save
+from analyses._common import parser, run_main, runs_and_lenses, save
 
 from entropylens.analysis.report import fig_delta
 

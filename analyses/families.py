@@ -1,6 +1,6 @@
 """Family comparison: several runs on relative depth l/L with normalised entropy H / log V.
 
-    python analyses/families.py RUN_A RUN_B [...] [--quantity H_layer] -o figures
+    python -m analyses.families RUN_A RUN_B [...] [--quantity H_layer] -o figures
 writes families-<lens>.{png,svg} and .csv (run, model, family, layer, rel_depth, mean, mean_norm).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import pandas as pd
-from _common import parser, run_main, runs_and_lenses, save
+from analyses._common import parser, run_main, runs_and_lenses, save
 
 from entropylens.analysis.report import fig_families
 from entropylens.store.schema import model_name

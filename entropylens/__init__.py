@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from entropylens._lazy import lazy_exports
 
-__version__ = "0.1.0"
+from entropylens.version import __version__  # noqa: F401  (the package version)
 
 if TYPE_CHECKING:
     from entropylens.analysis.run import Run, load  # noqa: F401

@@ -7,7 +7,8 @@ import torch
 
 from tiny import build_tiny
 from entropylens.errors import UserError
-from entropylens.model.load import embedded_gguf_path, gguf_name, load_model, save_dequantised
+from entropylens.model.checkpoint import save_dequantised
+from entropylens.model.load import embedded_gguf_path, gguf_name, load_model
 from entropylens.store.schema import model_name
 from entropylens.model.layout import find_layout
 

@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from entropylens.tracing.bench import BenchConfig
-from entropylens.bupo.pipeline import BupoRunConfig
+from entropylens.bupo.config import BupoRunConfig
 from entropylens.cli.commands import app as cli_app
 from entropylens.tracing.config import TraceConfig
 from entropylens.errors import UserError

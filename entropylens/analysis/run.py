@@ -117,7 +117,7 @@ class Run:
 
     def show(self, lens: str | None = None, role: str = "response") -> None:
         """Print the per-layer table of every stored lens (or `lens`), as `entropylens show RUN` does."""
-        from entropylens.cli.output import print_layer_table
+        from entropylens.analysis.table import print_layer_table
 
         for ln in [self._lens(lens)] if lens else self.manifest.get("lens", ["bupo"]):
             title = f"{self.run_id} · lens {ln} · {role} tokens"

@@ -7,7 +7,7 @@ from entropylens._lazy import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "entropylens.bupo.config": "BupoConfig BupoRunConfig",
     "entropylens.bupo.evaluate": "EvalConfig evaluate pass_at_k",
-    "entropylens.bupo.checkpoint": "save_checkpoint",
+    "entropylens.model.checkpoint": "save_checkpoint",
     "entropylens.bupo.trainer": "train",
     "entropylens.data.rewards": "exact_match_reward extract_answer extract_boxed normalize_answer",
     "entropylens.analysis.stages": "pick_boundary_layer",

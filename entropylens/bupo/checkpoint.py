@@ -1,4 +1,4 @@
-"""What a training run leaves on disk: the final checkpoint (`entropylens.model.load.save_checkpoint`, the writer
+"""What a training run leaves on disk: the final checkpoint (`entropylens.model.checkpoint.save_checkpoint`, the writer
 the model cache uses too: safetensors + config + tokenizer, loadable by `AutoModelForCausalLM.from_pretrained`)
 and the resumable state (`state.pt`: weights, optimizer, RNG, step,
 prompt order and the metrics so far), each written crash-safe so a killed run never leaves half a file;
@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from entropylens.errors import UserError
-from entropylens.model.load import save_checkpoint  # noqa: F401  (the one model-folder writer, re-exported)
+from entropylens.model.checkpoint import save_checkpoint  # noqa: F401  (the trainer writes its checkpoint here)
 from entropylens.store import write_atomic
 
 STATE_FILE = "state.pt"

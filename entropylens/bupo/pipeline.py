@@ -30,7 +30,7 @@ from entropylens.bupo import distributed
 from entropylens.bupo.checkpoint import Interrupted
 from entropylens.bupo.evaluate import EvalConfig, evaluate, gains
 from entropylens.data.rewards import check_references
-from entropylens.bupo.config import BupoConfig, BupoRunConfig, parse_layer  # noqa: F401
+from entropylens.bupo.config import BupoRunConfig, parse_layer
 from entropylens.bupo.trainer import train
 from entropylens.errors import UserError
 from entropylens.model.load import LoadedModel, load_model

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import entropylens
+from entropylens.version import __version__
 from entropylens.bupo import distributed
 from entropylens.bupo.config import BupoConfig  # noqa: F401  (re-exported: its documented home)
 from entropylens.bupo.checkpoint import (
@@ -222,7 +222,7 @@ def _manifest(cfg: BupoConfig, model, prompts, out: Path, info: dict | None, acc
         "prompts": {"source": prompts[0].source, "n": len(prompts), "sha256": prompts_sha256(list(prompts))},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": 1.0},
         "seed": cfg.seed, "parent_run": cfg.parent_run, "device": str(next(model.parameters()).device),
-        "versions": {"entropylens": entropylens.__version__, "torch": torch.__version__,
+        "versions": {"entropylens": __version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
         "files": {"metrics": "metrics.jsonl", "config": "config.json", "checkpoint": "checkpoint"},
     }

@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from entropylens.analysis.table import print_layer_table
+
 out = Console()
 
 
@@ -26,15 +28,6 @@ def print_run(run_dir: Path) -> None:
     role = "response" if m.get("n_response_tokens") else "prompt"
     for lens in m["lens"]:
         print_layer_table(layer_table(run_dir, lens=lens, role=role), f"{m['run_id']} · lens {lens} · {role} tokens")
-
-
-def print_layer_table(df, title: str) -> None:
-    table = Table(title=title, title_justify="left")
-    for col in df.columns:
-        table.add_column(col, justify="right")
-    for row in df.itertuples(index=False):
-        table.add_row(*[str(v) if isinstance(v, (int,)) else f"{v:.3f}" for v in row])
-    out.print(table)
 
 
 def print_outcome_table(run_dir: Path, lens: str) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from entropylens import __version__
+from entropylens.version import __version__
 from entropylens.tracing.batch import GroupSampler, Sequences, trace_batch
 from entropylens.tracing.engine import ADDITIVE_TOL, Engine, make_engine
 from entropylens.tracing.config import TraceConfig

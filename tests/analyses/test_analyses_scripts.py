@@ -3,7 +3,7 @@ entropy.parquet directly (pandas, independent of the summary / stages code)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import struct
@@ -20,18 +20,15 @@ from entropylens.store import load_entropy
 from synthetic import SyntheticRun, write_run
 from entropylens.tracing.job import TraceConfig, run_trace
 
-ANALYSES = Path(__file__).resolve().parents[2] / "analyses"
+ROOT = Path(__file__).resolve().parents[2]
 L = 3  # build_tiny's default depth
 
 
 def script(name: str):
-    """Import analyses/<name>.py as a module (its `_common` import needs the folder on sys.path)."""
-    if str(ANALYSES) not in sys.path:
-        sys.path.insert(0, str(ANALYSES))
-    spec = importlib.util.spec_from_file_location(f"analyses_{name}", ANALYSES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module `analyses.<name>`, as `python -m analyses.<name>` runs it from the repository root."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"analyses.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_bupo_end_to_end(digit_folder, prompt_file, tmp_path):
     runs = cache / "runs"
     m = read_manifest(runs / "t")
     assert m["kind"] == "bupo" and m["status"] == "complete" and m["bupo"]["layer"] == 2
-    assert m["layer_choice"]["mode"] == "2" and m["runs"] == {"layer": None, "base": "t-base", "trained": "t-trained"}
+    assert m["layer_choice"]["mode"] == 2 and m["runs"] == {"layer": None, "base": "t-base", "trained": "t-trained"}
 
     rows = [json.loads(line) for line in (runs / "t" / "metrics.jsonl").read_text().splitlines()]
     assert [row["phase"] for row in rows] == ["internal", "internal", "output", "output"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny import make_char_llama, make_char_tokenizer
 
-from entropylens.bupo.pipeline import DEFAULT_LAYER, TRAIN_DEFAULTS, BupoRunConfig, run_bupo
+from entropylens.bupo.config import DEFAULT_LAYER, TRAIN_DEFAULTS, BupoRunConfig
+from entropylens.bupo.pipeline import run_bupo
 from entropylens.options import build, flatten
 from entropylens.errors import UserError
 from entropylens.bupo.trainer import BupoConfig
@@ -73,7 +74,7 @@ def test_the_command_embeds_the_trainer_config_with_its_own_defaults():
     assert b.loss_agg == BupoConfig.loss_agg and b.prompts_per_step == TRAIN_DEFAULTS.prompts_per_step
     assert not set(BupoConfig.__dataclass_fields__) & set(BupoRunConfig.__dataclass_fields__) - {"internal_steps"}
     default = BupoRunConfig()  # the command's defaults differ from the paper's, and apply where not given
-    assert default.layer == str(DEFAULT_LAYER) and default.train.learning_rate == 2e-5 != BupoConfig.learning_rate
+    assert default.layer == DEFAULT_LAYER and default.train.learning_rate == 2e-5 != BupoConfig.learning_rate
     assert BupoRunConfig().train is not BupoRunConfig().train  # no shared mutable default
     assert build(BupoRunConfig, flatten(cfg)) == cfg  # what run_config.json stores rebuilds the config
 

@@ -8,6 +8,6 @@
 # (needs `make install`). Runs can be split over processes with --only NAME,... and a final full invocation.
 # Then read the numbers and write notes.md.
 set -euo pipefail
-.venv/bin/python analyses/bupo_vs_grpo.py --seeds 0,1,2 --steps 40 --bupo-frac 0.25 --sweep "" --layers "" \
+.venv/bin/python -m analyses.bupo_vs_grpo --seeds 0,1,2 --steps 40 --bupo-frac 0.25 --sweep "" --layers "" \
   --prompts-per-step 4 -G 4 --max-new-tokens 12 --lr 1e-5 --eval-prompts 76 --eval-samples 4 --ks 1,4 --tag bvgp \
   --objective paper --mini-batches 4 --weight-decay 0.01 -o analyses/reports/bupo_vs_grpo_paper

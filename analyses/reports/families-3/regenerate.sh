@@ -23,19 +23,19 @@ trace() {  # name, model: skipped when that run is already complete
 
 if [ "$STEP" != report ]; then
   make gemma
-  "$PY" analyses/fetch_qwen25.py --size 0.5b --no-trace
+  "$PY" -m analyses.fetch_qwen25 --size 0.5b --no-trace
   trace fam3-gemma3 gemma3-270m
   trace fam3-qwen25 cache/models/qwen2.5-coder-0.5b.gguf
   trace fam3-smollm2 smollm2
 fi
 if [ "$STEP" != traces ]; then
-  "$PY" analyses/families3.py fam3-smollm2 fam3-qwen25 fam3-gemma3 -o "$OUT/figures"
+  "$PY" -m analyses.families3 fam3-smollm2 fam3-qwen25 fam3-gemma3 -o "$OUT/figures"
   "$EL" report fam3-smollm2 fam3-qwen25 fam3-gemma3 -o "$OUT" --images png \
     --title "SmolLM2-135M (Llama) vs Qwen2.5-Coder-0.5B (Qwen2) vs Gemma 3 270M on MATH-500 ($N prompts)" \
     --notes "$OUT/notes.md"
 fi
 if [ "$STEP" = check ]; then  # the independent fp64 check of the Gemma run (slow: fp64 logits over V = 262,144)
-  nice -n 5 "$PY" analyses/gemma_fp64.py fam3-gemma3 --positions 2 --out "$OUT/tables"
+  nice -n 5 "$PY" -m analyses.gemma_fp64 fam3-gemma3 --positions 2 --out "$OUT/tables"
   # the decode's share alone, on the prompts whose rows exceeded 1e-4 above
-  nice -n 5 "$PY" analyses/gemma_fp64.py fam3-gemma3 --forward float32 --prompts 0,7,8 --positions 8 --out "$OUT/tables"
+  nice -n 5 "$PY" -m analyses.gemma_fp64 fam3-gemma3 --forward float32 --prompts 0,7,8 --positions 8 --out "$OUT/tables"
 fi

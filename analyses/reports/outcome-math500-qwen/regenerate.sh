@@ -9,7 +9,7 @@ PY=${PY:-.venv/bin/python}
 CACHE=${CACHE:-cache}
 RUN=outcome-math500-qwen25coder
 OUT=analyses/reports/outcome-math500-qwen
-$PY analyses/fetch_qwen25.py --no-trace
+$PY -m analyses.fetch_qwen25 --no-trace
 [ -f "$CACHE/runs/$RUN/manifest.json" ] && grep -q '"status": "complete"' "$CACHE/runs/$RUN/manifest.json" || {
   $PY -m entropylens trace --model cache/models/qwen2.5-coder-1.5b.gguf \
     --prompts ../shared/data/verl-math/math500.parquet --limit 24 --temperature 0 --max-new-tokens 400 \
