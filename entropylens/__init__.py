@@ -44,11 +44,18 @@ MOVED = {
     "topk": "analysis.grid", "run": "analysis.run", "cli_print": "cli.output",
 }
 _FUNCTIONS = {"trace": "tracing.job", "decode": "core.decode"}
-
-
-__all__, __getattr__ = lazy_exports(__name__, {"entropylens.api": "trace decode Decoded",
-                                               "entropylens.analysis.run": "Run load"})
+__all__, _exports = lazy_exports(__name__, {"entropylens.api": "trace decode Decoded",
+                                           "entropylens.analysis.run": "Run load"})
 __all__.append("__version__")
+
+
+def __getattr__(name: str) -> Any:
+    """The library's names on first use; a moved module's old attribute name (`entropylens.figures`) too."""
+    if name in MOVED:
+        return importlib.import_module("entropylens." + MOVED[name])
+    return _exports(name)
+
+
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

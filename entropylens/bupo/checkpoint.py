@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
-from tqdm.auto import tqdm
 
 from entropylens.errors import UserError
 from entropylens.model.checkpoint import save_checkpoint  # noqa: F401  (the trainer writes its checkpoint here)
@@ -68,7 +68,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextmanager
-def deferred_sigint(enabled: bool):
+def deferred_sigint(enabled: bool, console: Console | None = None):
     """While training, a first Ctrl-C only raises a flag (the step in progress finishes, then the state is
     saved); a second one interrupts at once. Off under a launcher, where ranks must stop together."""
     flag = {"hit": False}
@@ -80,7 +80,8 @@ def deferred_sigint(enabled: bool):
         if flag["hit"]:
             raise KeyboardInterrupt
         flag["hit"] = True
-        tqdm.write("Ctrl-C: finishing this step and saving the training state (Ctrl-C again to stop now)")
+        (console or Console(stderr=True)).print("Ctrl-C: finishing this step and saving the training state "
+                                               "(Ctrl-C again to stop now)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -9,7 +9,6 @@ the gradients. Rank 0 alone writes files, traces and evaluates; the others wait 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from entropylens.errors import UserError
+from entropylens.tracing.shard import rank, world_size  # noqa: F401  (the launcher's view, read in one place)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -26,16 +26,6 @@ T = TypeVar("T")
 # ranks idle at a barrier while rank 0 traces and evaluates (tens of minutes on CPUs for SmolLM2)
 BARRIER_TIMEOUT = timedelta(hours=3)
 _ACCELERATOR: Accelerator | None = None
-
-
-def world_size() -> int:
-    """Processes in this job, as the launcher (torchrun, accelerate launch) says; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    """This process's global rank as the launcher says; 0 without one."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def accelerator(cpu: bool) -> Accelerator | None:
@@ -101,12 +91,12 @@ def shards_parameters(acc: Accelerator | None) -> bool:
     return acc is not None and acc.distributed_type == DistributedType.FSDP
 
 
-def shard(n: int, rank: int, world: int) -> slice:
-    """Rank `rank`'s contiguous block of n items (n divisible by world): the blocks in rank order are the n."""
+def shard(n: int, index: int, world: int) -> slice:
+    """Rank `index`'s contiguous block of n items (n divisible by world): the blocks in rank order are the n."""
     if n % world:
         raise ValueError(f"{n} items do not split evenly over {world} ranks")
     per = n // world
-    return slice(rank * per, (rank + 1) * per)
+    return slice(index * per, (index + 1) * per)
 
 
 def gather_rows(acc: Accelerator | None, rows: torch.Tensor) -> torch.Tensor:

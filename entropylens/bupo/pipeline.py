@@ -21,6 +21,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,19 +164,19 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     check_references(train_set, cfg.train.reward, "training prompt")
     check_references(eval_set, cfg.train.reward, "held-out prompt")
     runs = Cache.of(cfg.cache).runs
-    run_id = cfg.name if resume else distributed.main_only(acc, lambda: _claim_run_id(cfg, runs))
+    run_id = cfg.name if resume else distributed.main_only(acc, partial(_claim_run_id, cfg, runs))
     run_dir = runs / run_id
 
     _log(progress, f"loading model {cfg.model} ..." + (f" ({world} processes)" if world > 1 else ""))
-    loaded = distributed.main_first(acc, lambda: load_model(cfg.model, cfg.dtype, cfg.device, Path(cfg.cache),
-                                                             cfg.trust_remote_code))  # rank 0 fills the cache
+    loaded = distributed.main_first(acc, partial(load_model, cfg.model, cfg.dtype, cfg.device, Path(cfg.cache),
+                                                  cfg.trust_remote_code))  # rank 0 fills the cache
     t = cfg.train
     ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=t.temperature,
                       max_new_tokens=t.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=t.reward,
                       seed=t.seed, enable_thinking=t.enable_thinking)
-    before = distributed.main_only(acc, lambda: _stored_before(run_dir) if resume else None)
+    before = distributed.main_only(acc, partial(_stored_before, run_dir)) if resume else None
     if before is None:
-        before = distributed.main_only(acc, lambda: _before_training(cfg, loaded, run_id, ecfg, eval_set, progress))
+        before = distributed.main_only(acc, partial(_before_training, cfg, loaded, run_id, ecfg, eval_set, progress))
     k, evidence, layer_run, eval_base, base_name = (before.layer, before.evidence, before.layer_run,
                                                     before.eval_base, before.base_run)
     layer_choice = asdict(before.choice(parse_layer(cfg.layer)))

@@ -12,7 +12,6 @@ ranks samples what one process sampling it whole would.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,18 +23,8 @@ from transformers import GenerationConfig
 from entropylens.bupo.grpo import completion_mask
 from entropylens.errors import UserError
 from entropylens.core.lens import lens_spec, make_lens
+from entropylens.model.generation import eos_and_pad_ids
 from entropylens.model.layout import decoder_layers, final_norm
-
-
-def eos_and_pad_ids(model: nn.Module, tokenizer) -> tuple[list[int], int]:
-    """All ids that end a completion (tokenizer's and generation config's EOS) and the pad id."""
-    eos: list[int] = []
-    for src in (tokenizer.eos_token_id, model.generation_config.eos_token_id):
-        eos += [src] if isinstance(src, int) else list(src or [])
-    eos = list(dict.fromkeys(eos))
-    if not eos:
-        raise UserError("the tokenizer has no EOS token; completions could never end")
-    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
 @dataclass
@@ -115,13 +104,6 @@ def generate_rollouts(
     kept = comp.masked_fill(mask == 0, pad)  # (N, T) nothing after the first EOS
     decoded = tokenizer.batch_decode(kept, skip_special_tokens=True)
     return Rollouts(ids, attn, comp, mask, decoded, out.scores if keep_scores else None)
-
-
-def group_seed(seed: int, step: int, index: int) -> int:
-    """Sampling seed of one prompt's group: a function of (run seed, step, the prompt's index in the step's
-    global batch) only, so a group samples the same completions on any rank and next to any other prompts."""
-    digest = hashlib.sha256(f"bupo-group/{seed}/{step}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: torch.manual_seed's range
 
 
 def concat_rollouts(parts: Sequence[Rollouts], pad_id: int) -> Rollouts:

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from tqdm.auto import tqdm
 
 from entropylens.version import __version__
 from entropylens.bupo import distributed
@@ -37,10 +38,11 @@ from entropylens.bupo.config import BupoConfig  # noqa: F401  (re-exported: its 
 from entropylens.bupo.checkpoint import (
     STATE_FILE, Interrupted, deferred_sigint, load_state, save_checkpoint, save_state,
 )
-from entropylens.bupo.metrics import RANK_KEYS, STAT_KEYS, metrics_row
+from entropylens.bupo.metrics import RANK_KEYS, metrics_row
 from entropylens.bupo.grpo import group_advantages
 from entropylens.data.rewards import check_references, get_reward
-from entropylens.bupo.rollout import generate_groups, generate_rollouts, group_seed
+from entropylens.bupo.rollout import generate_groups, generate_rollouts
+from entropylens.model.generation import group_seed
 from entropylens.bupo.update import (  # noqa: F401  (_score_chunk, _update, _no_grad_logp: the tests' entry points)
     _no_grad_logp, _score_chunk, _update, _update_effect, optimise_batch, set_phase,
 )
@@ -153,10 +155,12 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
                        config=_resume_keys(cfg))
         distributed.barrier(acc)
 
-    bar = tqdm(range(first, cfg.steps), desc="bupo", disable=not progress or rank > 0, dynamic_ncols=True,
-               initial=first, total=cfg.steps)
-    with deferred_sigint(world == 1) as sigint:
-        for step in bar:
+    console = Console(stderr=True, quiet=not progress or rank > 0)
+    with deferred_sigint(world == 1, console) as sigint, Progress(
+            TextColumn("[bold]bupo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("bupo", total=cfg.steps, completed=first, info="")
+        for step in range(first, cfg.steps):
             t0 = time.perf_counter()
             phase = "internal" if step < cfg.internal_steps else "output"
             batch = []
@@ -179,8 +183,10 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
             set_phase(model, cfg.internal_layer, phase, cfg.lens)
             s, grad_norm, before = optimise_batch(model, runner, opt, params, ro, adv, ref_model, cfg, phase, acc)
             effect = _update_effect(model, ro, adv, before, cfg, phase, after=phase == "internal")
-            local = [s[k] for k in STAT_KEYS] + [ro.n_tokens, len(ro.texts), time.perf_counter() - t0] + effect
-            per_rank = distributed.gather_rows(acc, torch.tensor([local], dtype=torch.float64))  # (W, 12)
+            local = {**s, "tokens": ro.n_tokens, "rollouts": len(ro.texts), "seconds": time.perf_counter() - t0,
+                     **effect}  # this rank's statistics, by name
+            per_rank = distributed.gather_rows(acc, torch.tensor([[local[k] for k in RANK_KEYS]],
+                                                                 dtype=torch.float64))  # (W, 12) in RANK_KEYS order
             row = metrics_row(step, phase, distributed.gather_rows(acc, rewards), per_rank, grad_norm, G)
             total += int(per_rank[:, RANK_KEYS.index("tokens")].sum())
             rows.append(row)
@@ -188,10 +194,10 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if not row["signal/tokens"]:
-                    tqdm.write(f"step {step}: every group's rewards are equal: no advantage, no gradient this step")
-            bar.set_postfix(phase=phase, reward=f"{row['reward/mean']:.3f}",
-                            signal=f"{row['signal/groups_frac']:.2f}" if row["signal/tokens"] else "none",
-                            H_k=f"{row['entropy/layer_k']:.2f}", H_out=f"{row['entropy/output']:.2f}")
+                    console.print(f"step {step}: every group's rewards are equal: no advantage, no gradient this step")
+            signal_ = f"{row['signal/groups_frac']:.2f}" if row["signal/tokens"] else "none"
+            bar.update(task, advance=1, info=f"{phase} · reward {row['reward/mean']:.3f} · signal {signal_} · "
+                                              f"H_k {row['entropy/layer_k']:.2f} · H_out {row['entropy/output']:.2f}")
             done = step + 1
             if sigint["hit"]:
                 save(done)

@@ -143,6 +143,8 @@ def _update_effect(model, ro: Rollouts, adv: torch.Tensor, before: torch.Tensor,
     m = ro.mask  # (N, T)
     signal = float((m * (adv != 0)[:, None]).sum())
     if not after:
-        return [signal, float((before * m).sum()), math.nan, math.nan]
+        return {"signal_tokens": signal, "logp_before": float((before * m).sum()), "logp_after": math.nan,
+                "adv_gain": math.nan}
     lp = _no_grad_logp(model, ro, cfg, phase)  # (N, T)
-    return [signal, float((before * m).sum()), float((lp * m).sum()), float((adv[:, None] * (lp - before) * m).sum())]
+    return {"signal_tokens": signal, "logp_before": float((before * m).sum()), "logp_after": float((lp * m).sum()),
+            "adv_gain": float((adv[:, None] * (lp - before) * m).sum())}

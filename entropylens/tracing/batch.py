@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from entropylens.core.decode import Stats
+from entropylens.model.generation import sample_seed
 from entropylens.store.vocab import SITES
 from entropylens.tracing.engine import Engine
 
@@ -25,11 +26,6 @@ class Sequences:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     answers: list[str | None]
-
-
-def sample_seed(seed: int, source_idx: int) -> int:
-    """Seed of one prompt's samples: a function of the run seed and the prompt only, never of the batch."""
-    return (seed * 1_000_003 + 7_919 * (source_idx + 1)) % (1 << 62)
 
 
 class GroupSampler:

@@ -17,6 +17,7 @@ import torch
 from entropylens.core.decode import Stats, decode_layers, decode_rows, exact_matmul, resolve_kernel
 from entropylens.core.lens import make_lens
 from entropylens.model.backends import make_backend
+from entropylens.model.generation import eos_ids
 from entropylens.model.layout import Activations, additivity_error, find_layout
 from entropylens.model.load import LoadedModel
 from entropylens.model.remote import RemoteModel
@@ -64,7 +65,7 @@ class Engine:
         kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, temperature=cfg.temperature if sample else None,
                   top_p=cfg.top_p if sample else None, top_k=None, pad_token_id=pad, use_cache=True)
         out = self._sample(ids, mask, seed, kw)
-        stops, responses = stop_ids(self.loaded), []
+        stops, responses = set(eos_ids(self.loaded.model, self.loaded.tokenizer)), []
         for row in out[:, T:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             responses.append(row[:cut])
@@ -172,12 +173,3 @@ class RemoteEngine(Engine):
 def make_engine(cfg: TraceConfig, loaded: LoadedModel, remote: RemoteModel | None = None) -> Engine:
     """The engine of a run: NDIF's when the model came with a remote handle, else this machine's."""
     return LocalEngine(loaded, cfg) if remote is None else RemoteEngine(loaded, remote, cfg)
-
-
-def stop_ids(loaded: LoadedModel) -> set[int]:
-    """The token ids that end a response: the tokenizer's EOS and the generation config's."""
-    ids = {loaded.tokenizer.eos_token_id}
-    gen = getattr(loaded.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    return {i for i in ids if i is not None}

@@ -47,10 +47,20 @@ class Shard:
         return out
 
 
+def world_size() -> int:
+    """Processes in this job, as the launcher (torchrun, accelerate launch) says; 1 without one. The one
+    place entropylens reads the launcher's environment (the trainer's ranks too)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's global rank as the launcher says; 0 without one."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def shard_from_env() -> Shard | None:
     """The Shard of a process started by torchrun with WORLD_SIZE > 1, else None (a plain run)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world_size() <= 1:
         return None
     if not dist.is_initialized():
         dist.init_process_group("gloo")

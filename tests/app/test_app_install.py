@@ -18,8 +18,10 @@ def test_wheel_serves_app_and_assets(tmp_path, cache):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     probe = textwrap.dedent(f"""
-        import app, entropylens
+        import importlib.util
+        from entropylens import app
         assert app.__file__.startswith({str(target)!r}), app.__file__
+        assert importlib.util.find_spec("app") is None  # no top-level package named `app` in users' environments
         from entropylens.app.server import create_app
         client = create_app(__import__("pathlib").Path({str(cache)!r})).server.test_client()
         assert client.get("/").status_code == 200

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from entropylens.bupo import distributed
 from entropylens.bupo.grpo import LOSS_AGGS, LossScale, aggregate_loss, chunk_weight
-from entropylens.bupo.rollout import concat_rollouts, generate_groups, group_seed
+from entropylens.bupo.rollout import concat_rollouts, generate_groups
+from entropylens.model.generation import group_seed
 from entropylens.bupo.trainer import BupoConfig
 from entropylens.errors import UserError
 

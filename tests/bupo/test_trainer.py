@@ -235,7 +235,8 @@ def test_update_effect_is_the_trained_policy_before_and_after_the_step(model, ch
     _update(model, ro, adv, None, None, cfg, phase, keep_logp=kept)
     opt.step()
     ref_after = _no_grad_logp(model, ro, cfg, phase)
-    signal, lp_before, lp_after, gain = _update_effect(model, ro, adv, torch.cat(kept), cfg, phase)
+    effect = _update_effect(model, ro, adv, torch.cat(kept), cfg, phase)
+    signal, lp_before, lp_after, gain = (effect[k] for k in ("signal_tokens", "logp_before", "logp_after", "adv_gain"))
     m = ro.mask
     assert signal == float((m * (adv != 0)[:, None]).sum())
     assert lp_before == pytest.approx(float((ref_before * m).sum()), rel=1e-5)
