@@ -1,1 +1,2 @@
-"""Scripts that turn cached runs into figures and reports; run each as `python -m analyses.NAME` from the repository root."""
+"""Scripts that turn cached runs into figures and reports; run each from the repository root as
+`python -m analyses.NAME`."""

@@ -11,11 +11,12 @@ references:
     fp64 trace     |tool's decode of the fp64 activations (what `--dtype float64` stores) − the same fp64 reference|
 
 "Tool's decode" is `decode_layers` with the lens, additivity check and defaults a trace uses
-(entropylens.tracing.engine.LocalEngine.decode), rounded to float32 as entropy.parquet stores it, run on the sampled positions
-only: decoding every position of a 2,048-token sequence would cost minutes for nothing. That this equals the stored
-entropies is checked on the first length with a real `entropylens.tracing.job` run (the `check` line). The fp64 reference
-is the bench's (`entropylens.tracing.bench._reference`: full (rows, V) logits in fp64, log_softmax, −Σ p log p), fed with
-the model's own unembedding in fp64 (not the lens's fp32, vocabulary-centred copy) and, for the logit lens, with
+(entropylens.tracing.engine.LocalEngine.decode), rounded to float32 as entropy.parquet stores it, run on the
+sampled positions only: decoding every position of a 2,048-token sequence would cost minutes for nothing. That
+this equals the stored entropies is checked on the first length with a real `entropylens trace` run (the `check`
+line). The fp64 reference is the bench's (`entropylens.tracing.bench._reference`: full (rows, V) logits in fp64,
+log_softmax, −Σ p log p), fed with the model's own unembedding in fp64 (not the lens's fp32, vocabulary-centred
+copy) and, for the logit lens, with
 vectors normed by the model's final norm in fp64.
 
     nice -n 5 .venv/bin/python -m analyses.forward_error                         # 32 … 2048 tokens, both lenses
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not np.array_equal(traced, ids.numpy()):
                     sys.exit("check failed: the trace tokenised the prompt differently")
                 gap = np.nanmax(errors(stored(run, lens, L, T), s32, pos))
-                print(f"check: stored entropies of an entropylens.tracing.job run vs this script's decode at the same "
+                print(f"check: stored entropies of an entropylens trace run vs this script's decode at the same "
                       f"{len(pos)} positions ({lens} lens, {T} tokens): max |diff| {gap:.1e} nats", flush=True)
                 checked = True
             ref32 = reference(a32, pos, W64, norm64, lens)

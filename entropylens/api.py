@@ -187,7 +187,8 @@ def _config(options: dict) -> TraceConfig:
     known = {f.name for f in _OPTIONS}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise UserError(f"unknown option {unknown[0]!r} for entropylens.tracing.job; options: {', '.join(sorted(known))}")
+        raise UserError(f"unknown option {unknown[0]!r} for entropylens.trace; options: "
+                        f"{', '.join(sorted(known))}")
     opts = dict(options)
     if isinstance(opts.get("sites"), str):
         opts["sites"] = tuple(s.strip() for s in opts["sites"].split(",") if s.strip())

@@ -31,7 +31,7 @@ TABLES = ("tokens", "entropy", "summary", "responses", "topk")
 
 class Run:
     """A trace run: `.manifest` (dict), `.tokens`, `.entropy`, `.summary`, `.responses` (DataFrames, read on first
-    use and kept), `.show()` and figures. Build one with `entropylens.load` or `entropylens.tracing.job`."""
+    use and kept), `.show()` and figures. Build one with `entropylens.load` or `entropylens.trace`."""
 
     def __init__(self, path: Path | str):
         self.path: Path | None = Path(path)
@@ -125,7 +125,8 @@ class Run:
 
     def stages(self, role: str = "response", band: float = StageConfig.band,
                collapse_frac: float = StageConfig.collapse_frac) -> dict:
-        """Exploration / integration / convergence layer ranges, boundary and collapse layers (entropylens.analysis.stages)."""
+        """Exploration / integration / convergence layer ranges, boundary and collapse layers
+        (entropylens.analysis.stages)."""
         return stages_from(self.manifest, self.summary, StageConfig(band, collapse_frac, role), self.run_id)
 
     # ------------------------------------------------------------ figures

@@ -1,5 +1,5 @@
-"""The dashboard and the report draw the same figures (entropylens.analysis.figures): equal Plotly JSON for the same run,
-one palette, and the interval they state."""
+"""The dashboard and the report draw the same figures (entropylens.analysis.figures): equal Plotly JSON for the same
+run, one palette, and the interval they state."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from entropylens.app.data import load_summary, read_manifest, resolve_run
 from entropylens.analysis import figures
 from entropylens.errors import UserError
 from entropylens.analysis.figures import SITE_LABELS, outcomes_of
-from entropylens.analysis.stages import (READINGS, StageConfig, complete_trace_run, describe, detect_stages, is_complete_trace,
-                                stages_table)
+from entropylens.analysis.stages import (READINGS, StageConfig, complete_trace_run, describe, detect_stages,
+                                         is_complete_trace, stages_table)
 
 ROLE_OPTIONS = [{"label": "response tokens", "value": "response"}, {"label": "prompt tokens", "value": "prompt"},
                 {"label": "all tokens", "value": "all"}]
@@ -80,7 +80,8 @@ def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float,
 
 def build_stages(cache: Path, run_id: str | None, lens: str, role: str, band: float | None,
                  collapse_frac: float | None) -> tuple[dict, pd.DataFrame]:
-    """Stages of the focus run for one lens and role with the ΔH view's band (entropylens.analysis.stages, as the report).
+    """Stages of the focus run for one lens and role with the ΔH view's band (entropylens.analysis.stages, as the
+    report).
 
     Computed from the cached summary rather than read from stages.json, whose band and role are the
     report's and need not be the ones chosen here. Data: one row per layer range, with the boundary
