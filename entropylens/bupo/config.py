@@ -8,6 +8,7 @@ from typing import Any
 
 from entropylens.data.rewards import RULES_HELP
 from entropylens.errors import UserError
+from entropylens.model.spec import ModelSpec
 from entropylens.options import count_or_all, ints, option
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -120,10 +121,9 @@ TRAIN_DEFAULTS = BupoConfig(internal_layer=DEFAULT_LAYER, steps=24, num_generati
 
 
 @dataclass
-class BupoRunConfig:
+class BupoRunConfig(ModelSpec):
     """The `entropylens bupo` command. Defaults: SmolLM2 learning the built-in `digits` task (README: time, gain)."""
 
-    model: str = option("smollm2", "`smollm2` (embedded), a local folder, a .gguf file or a hub id")
     prompts: str = option("digits", "training prompts: built-in set (train split) or a prompt file")
     eval_prompts_source: str | None = option(None, "held-out prompts (default: test split)", flags=("--eval-source",))
     algo: str = option("bupo", "bupo (train pi^k first) | grpo (no internal phase)")
@@ -143,11 +143,7 @@ class BupoRunConfig:
     trace_prompts: int = option(4, "held-out prompts traced before and after training")
     trace_positions: str = option("response", "response | all: positions decoded in the traces")
     batch_size: int = option(8, "prompts per traced forward / evaluation batch")
-    device: str = option("cpu", "cpu | cuda | cuda:N | auto")
-    dtype: str = option("float32", "float32 | bfloat16 | float16 | float64")
     name: str | None = option(None, "trainer run id (traces get -layer, -base, -trained suffixes)")
-    cache: str = option("cache", "folder holding runs/ and models/")
-    trust_remote_code: bool = option(False, "allow model code from the checkpoint (only when asked)")
 
     def resolved_internal_steps(self) -> int:
         if self.algo == "grpo":

@@ -168,8 +168,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     run_dir = runs / run_id
 
     _log(progress, f"loading model {cfg.model} ..." + (f" ({world} processes)" if world > 1 else ""))
-    loaded = distributed.main_first(acc, partial(load_model, cfg.model, cfg.dtype, cfg.device, Path(cfg.cache),
-                                                  cfg.trust_remote_code))  # rank 0 fills the cache
+    loaded = distributed.main_first(acc, cfg.load)  # rank 0 fills the model cache
     t = cfg.train
     ecfg = EvalConfig(n_samples=cfg.eval_samples, ks=tuple(cfg.ks), temperature=t.temperature,
                       max_new_tokens=t.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=t.reward,

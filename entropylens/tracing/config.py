@@ -12,6 +12,7 @@ from pathlib import Path
 
 from entropylens.data.rewards import REWARDS, RULES_HELP
 from entropylens.errors import UserError
+from entropylens.model.spec import ModelSpec
 from entropylens.options import option, parse_csv, parse_limit
 from entropylens.store.vocab import SITES
 
@@ -21,10 +22,9 @@ MAX_TOPK = 100  # a top-K list per row is kept sorted by insertion: cheap for sm
 
 
 @dataclass
-class TraceConfig:
+class TraceConfig(ModelSpec):
     """Everything that defines a trace run; stored in the manifest so `--resume` can rebuild it."""
 
-    model: str = option("smollm2", "`smollm2` (embedded), a local folder, a .gguf file or a hub id")
     prompts: str = option("arith", "built-in set (arith, word, mixed, digits) or a .jsonl/.parquet/.csv/.txt file")
     limit: int | None = option(8, "first N prompts, or 'all'", parse=parse_limit)
     generate: bool = option(True, "sample a response per prompt first")
@@ -37,18 +37,14 @@ class TraceConfig:
                                     shown=",".join(SITES))
     positions: str = option("all", "all | response (only positions that predict response tokens)")
     backend: str = option("nnsight", "nnsight | transformer-lens")
-    device: str = option("cpu", "cpu | cuda | cuda:N | auto")
     device_map: str | None = option(None, "spread the model over devices with accelerate: auto | balanced | "
                                     "sequential | a .json file {module: cpu|cuda:N|disk} (replaces --device)")
     remote: bool = option(False, "run a hub model on NDIF through nnsight (needs NDIF_API_KEY); entropies are "
                           "reduced remotely, only per-token statistics come back")
-    dtype: str = option("float32", "float32 | bfloat16 | float16 | float64")
     batch_size: int = option(4, "prompts per traced forward")
     name: str | None = option(None, "run folder name (default: timestamp + model + prompts)")
     seed: int = option(0, "seed for built-in prompt sets and sampling")
-    cache: str = option("cache", "folder holding runs/ and models/")
     enable_thinking: bool = option(False, "Qwen3 chat templates: thinking mode")
-    trust_remote_code: bool = option(False, "allow model code from the checkpoint (only when asked)")
     compile: bool = option(False, "the torch.compile decode kernel (= --kernel compiled; ~15 s to compile once)")
     kernel: str = option("auto", "decode kernel: auto (native C kernel on CPU when a C compiler is present, else "
                          "eager) | native | compiled | eager")

@@ -22,7 +22,7 @@ from entropylens.tracing.config import TraceConfig
 from entropylens.core.decode import DEFAULT_BLOCK_BYTES
 from entropylens.tracing.shard import Shard
 from entropylens.errors import UserError
-from entropylens.model.load import LoadedModel, load_model
+from entropylens.model.load import LoadedModel
 from entropylens.data.prompts import Prompt, load_prompts, prompts_sha256, render
 from entropylens.model.remote import RemoteModel, connect
 from entropylens.data.rewards import score, trace_references
@@ -154,8 +154,7 @@ def _load(cfg: TraceConfig, console, shard: Shard | None, loaded: LoadedModel | 
             loaded, remote = connect(cfg.model)
     if loaded is None:
         with console.status(f"loading model {cfg.model} ..."):
-            loaded = load_model(cfg.model, cfg.dtype, _rank_device(cfg.device, shard), Path(cfg.cache),
-                                cfg.trust_remote_code, cfg.device_map)
+            loaded = cfg.load(_rank_device(cfg.device, shard), cfg.device_map)
     return loaded, remote
 
 
