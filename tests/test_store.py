@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from entropylens import store
-from entropylens.store import read, schema
+from entropylens.store import read
+from entropylens.store import schema as store_schema
 from entropylens.errors import UserError
 from entropylens.store import QUANTITIES, SITES, RunWriter
 
@@ -83,8 +84,8 @@ def write_run(cache, run_id="run-a", batches=range(3)):
 
 def expected_frames():
     parts = [batch(b) for b in range(3)]
-    tokens = pd.concat([p[0] for p in parts]).sort_values(schema.TOKENS_SORT, ignore_index=True)
-    entropy = pd.concat([p[1] for p in parts]).sort_values(schema.ENTROPY_SORT, ignore_index=True)
+    tokens = pd.concat([p[0] for p in parts]).sort_values(store_schema.TOKENS_SORT, ignore_index=True)
+    entropy = pd.concat([p[1] for p in parts]).sort_values(store_schema.ENTROPY_SORT, ignore_index=True)
     return tokens, entropy
 
 
@@ -120,7 +121,7 @@ def test_roundtrip_with_pandas_duckdb_polars(tmp_path):
     np.testing.assert_allclose(mean, layer0.H_layer.astype(np.float32).mean(), rtol=1e-6)
     lines = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["prompt_idx"] for r in lines] == list(range(6))
-    assert list(lines[0]) == [*schema.RESPONSE_KEYS, *schema.OUTCOME_KEYS]
+    assert list(lines[0]) == [*store_schema.RESPONSE_KEYS, *store_schema.OUTCOME_KEYS]
     assert lines[0]["reward"] is None and lines[0]["correct"] is None and lines[0]["sample"] == 0
     m = store.read_manifest(run_dir)
     assert m["status"] == "complete" and m["finished"] and m["n_tokens"] == len(tokens)

@@ -147,15 +147,19 @@ class RunFolder:
         return cls(run_dir, read_manifest(run_dir))
 
     @classmethod
-    def start(cls, run_dir: Path | str, manifest: dict[str, Any], resume: bool = False) -> RunFolder:
-        """Mark the run `running` now: a new run with `manifest`, or (`resume`) the stored run, whose manifest
-        fields win over `manifest` (what the first attempt recorded is kept). A complete run does not restart."""
+    def start(cls, run_dir: Path | str, manifest: dict[str, Any], resume: bool = False,
+              prefer: str = "stored") -> RunFolder:
+        """Mark the run `running` now: a new run with `manifest`, or (`resume`) the stored run. On resume the
+        stored fields win with `prefer="stored"` (the trainer keeps what its first attempt recorded), the given
+        ones with `prefer="given"` (a trace records this attempt's settings, e.g. its number of ranks); the
+        creation time is always the first attempt's. A complete run does not restart."""
         run_dir = Path(run_dir)
         if resume and (run_dir / "manifest.json").is_file():
             old = read_manifest(run_dir)
             if old.get("status") == "complete":
                 raise UserError(f"run {run_dir.name!r} is already complete; nothing to resume")
-            manifest = manifest | old
+            manifest = (manifest | old if prefer == "stored"
+                        else old | manifest | {"created": old.get("created") or manifest.get("created")})
         folder = cls(run_dir, manifest | {"status": "running", "error": None, "finished": None})
         folder.write_manifest()
         return folder

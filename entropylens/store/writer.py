@@ -36,22 +36,16 @@ _PART_FILES = {"tokens": "tokens-{:05d}.parquet", "entropy": "entropy-{:05d}.par
 _REQUIRED_PARTS = {"tokens", "entropy", "responses"}  # topk parts are optional (`--topk 0` writes none)
 
 
-class RunWriter(RunFolder):
-    """Writes one trace run folder batch by batch; `finalize` merges, `fail` records the error for resume."""
+class RunWriter:
+    """Writes one trace run folder batch by batch; `finalize` merges, `fail` records the error for resume.
+    The run's lifecycle (running / complete / failed, the manifest) is its RunFolder's."""
 
     def __init__(self, cache: Cache | Path | str, run_id: str, manifest: dict, resume: bool = False):
         new_run_id(run_id)  # validates
         runs = Cache.of(cache).runs
-        self.run_dir = runs / run_id
+        self.run_dir = resolve_run(cache, run_id) if resume else runs / run_id
         self.parts = self.run_dir / "parts"
-        created, self.previous_manifest = utc_now(), None  # on resume: the old manifest, to check settings
-        if resume:
-            self.run_dir = resolve_run(cache, run_id)
-            self.parts = self.run_dir / "parts"
-            old = self.previous_manifest = read_manifest(self.run_dir)
-            if old.get("status") == "complete":
-                raise UserError(f"run {run_id!r} is already complete; nothing to resume")
-            created = old.get("created") or created
+        self.previous_manifest = read_manifest(self.run_dir) if resume else None  # to check the settings
         try:
             if not resume:
                 runs.mkdir(parents=True, exist_ok=True)
@@ -61,6 +55,8 @@ class RunWriter(RunFolder):
             self.parts.mkdir(exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create run folder {self.run_dir}: {e.strerror or e}") from e
+        if resume and self.previous_manifest.get("status") == "complete":
+            raise UserError(f"run {run_id!r} is already complete; nothing to resume")
         for leftover in [*self.parts.glob("*.tmp"), *self.run_dir.glob("*.tmp")]:
             leftover.unlink()  # a half-written file from a killed writer
         done = self.done_batches()
@@ -68,17 +64,18 @@ class RunWriter(RunFolder):
             m = _PART_RE.match(p.name)
             if m and int(m.group(2)) not in done:
                 p.unlink()
-        self.manifest: dict[str, Any] = {
-            "run_id": run_id, "status": "running", "error": None, "created": created, "finished": None,
-            "kind": "trace", "parent_run": None, "n_tokens": None, "n_response_tokens": None,
-        }
-        self.manifest.update({k: v for k, v in manifest.items() if k not in ("run_id", "status", "created")})
-        self.manifest.update(status="running", error=None, finished=None)
+        fields = {"run_id": run_id, "created": utc_now(), "kind": "trace", "parent_run": None, "n_tokens": None,
+                  "n_response_tokens": None}
+        fields |= {k: v for k, v in manifest.items() if k not in ("run_id", "status", "created")}
         self._finalized, self._joined = False, False
         try:
-            self.write_manifest()
+            self.folder = RunFolder.start(self.run_dir, fields, resume=resume, prefer="given")
         except OSError as e:
             raise UserError(f"cannot write {self.run_dir / 'manifest.json'}: {e.strerror or e}") from e
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.folder.manifest
 
     @classmethod
     def join(cls, cache: Cache | Path | str, run_id: str) -> RunWriter:
@@ -87,7 +84,7 @@ class RunWriter(RunFolder):
         self = cls.__new__(cls)
         self.run_dir = resolve_run(cache, run_id)
         self.parts = self.run_dir / "parts"
-        self.manifest, self.previous_manifest = read_manifest(self.run_dir), None
+        self.folder, self.previous_manifest = RunFolder.open(self.run_dir), None
         self._finalized, self._joined = False, True
         return self
 
@@ -145,7 +142,7 @@ class RunWriter(RunFolder):
         """Record more manifest fields (timings, versions...) atomically; status is the writer's."""
         if self._joined:
             raise ValueError("only rank 0 writes the manifest of a sharded run")
-        self.update(**fields)
+        self.folder.update(**fields)
 
     def _batches(self) -> list[int]:
         batches = sorted(self.done_batches())
@@ -194,7 +191,8 @@ class RunWriter(RunFolder):
                        SUMMARY_SCHEMA)
         shutil.rmtree(self.parts)
         roles = pa.concat_tables(tokens).column("role")
-        self.complete(n_tokens=len(roles), n_response_tokens=int(pc.sum(pc.equal(roles, "response")).as_py() or 0))
+        self.folder.complete(n_tokens=len(roles),
+                             n_response_tokens=int(pc.sum(pc.equal(roles, "response")).as_py() or 0))
         self._finalized = True
         return d
 
@@ -204,5 +202,5 @@ class RunWriter(RunFolder):
             raise ValueError("fail after finalize: the run is complete")
         lines = str(error).strip().splitlines()
         if self._joined:  # another rank failed: record it on the manifest as it is now
-            self.manifest = read_manifest(self.run_dir)
-        super().fail(lines[0] if lines else "unknown error")
+            self.folder = RunFolder.open(self.run_dir)
+        self.folder.fail(lines[0] if lines else "unknown error")
