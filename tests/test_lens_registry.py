@@ -73,7 +73,7 @@ def test_unknown_lens_is_one_line_everywhere():
         lens_names("nope")
     from entropylens.tracing.config import TraceConfig
 
-    with pytest.raises(UserError, match="unknown lens 'nope'"):
+    with pytest.raises(UserError, match="unknown --lens 'nope'; choose bupo, logit"):
         TraceConfig(lens="nope").validate()
     with pytest.raises(UserError, match="unknown lens 'nope'"):
         el.decode(torch.zeros(2, 4), torch.zeros(8, 4), lens="nope")

@@ -69,9 +69,11 @@ class TraceConfig(ModelSpec):
     def validate(self) -> None:
         """Mistakes that need no model: one UserError line each."""
         from entropylens.core.decode import KERNELS
+        from entropylens.core.lens import LENSES
         from entropylens.model.backends import BACKENDS
 
-        self.lenses()  # an unknown lens is one line naming the registered ones
+        if self.lens != "both" and self.lens not in LENSES:
+            raise UserError(f"unknown --lens {self.lens!r}; choose {', '.join(LENSES)} or both")
         bad = [s for s in self.sites if s not in SITES]
         if bad or not self.sites:
             raise UserError(f"unknown site {bad[0] if bad else '(none)'}; choose from {', '.join(SITES)}")

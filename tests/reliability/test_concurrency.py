@@ -101,7 +101,7 @@ def test_two_traces_one_cache_listing_and_dashboard_meanwhile(small_folder, tmp_
 
 def test_same_second_default_names_get_distinct_runs(small_folder, tmp_path, monkeypatch):
     """In-process and deterministic: the clock frozen, so both runs ask for the same timestamped name."""
-    from entropylens import trace
+    from entropylens.tracing import job as trace
     from entropylens.model.load import load_model
 
     loaded = load_model(str(small_folder))
@@ -121,7 +121,7 @@ def test_dashboard_on_a_run_with_parts_only(small_folder, tmp_path, monkeypatch)
     """A run stopped after 2 of 3 batches (parts/ only, status running or failed): listed, drawn as a message."""
     from entropylens.app.data import list_runs as app_runs
     from entropylens.app.server import create_app
-    from entropylens import trace
+    from entropylens.tracing import job as trace
     from entropylens.model.load import load_model
 
     loaded = load_model(str(small_folder))

@@ -11,7 +11,7 @@ import torch
 
 from harness import one_line, run_main
 from tiny import make_byte_tokenizer
-from entropylens import trace
+from entropylens.tracing import job as trace
 from entropylens.errors import UserError
 from entropylens.model.load import load_model
 from entropylens.tracing.job import TraceConfig, batch_bytes, run_trace
