@@ -115,6 +115,24 @@ def build(cls: type, options: dict[str, Any], defaults: Any = None) -> Any:
     return cls(**kw) if defaults is None else dataclasses.replace(defaults, **kw)
 
 
+def restore(cls: type, stored: dict[str, Any], **override: Any) -> Any:
+    """The config `cls` from what a run stored as JSON, `override` on top: the one resume format of every
+    command (JSON hands tuples back as lists; keys that are no field of `cls` are ignored)."""
+    tuples = _tuple_fields(cls)
+    values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in (stored | override).items()}
+    return build(cls, values)
+
+
+def _tuple_fields(cls: type) -> set[str]:
+    out = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out |= _tuple_fields(hint)
+        elif typing.get_origin(hint) is tuple:
+            out.add(name)
+    return out
+
+
 def flatten(config: Any) -> dict[str, Any]:
     """The option values that `build` turns back into `config` (e.g. to store what a run was started with)."""
     out = {}

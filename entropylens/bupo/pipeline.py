@@ -35,7 +35,7 @@ from entropylens.bupo.config import BupoRunConfig, parse_layer
 from entropylens.bupo.trainer import train
 from entropylens.errors import UserError
 from entropylens.model.load import LoadedModel, load_model
-from entropylens.options import build, flatten
+from entropylens.options import flatten, restore
 from entropylens.data.prompts import load_prompts
 from entropylens.model.layout import SITES
 from entropylens.store.folder import RunFolder, new_run_id, read_manifest, resolve_run, write_json
@@ -234,8 +234,7 @@ def config_from_run(cache: str, run_id: str) -> BupoRunConfig:
     path = resolve_run(cache, run_id) / "run_config.json"
     if not path.is_file():
         raise UserError(f"run {run_id!r} is not a resumable bupo run (no run_config.json)")
-    stored = json.loads(path.read_text())  # the command's option values (flat)
-    return build(BupoRunConfig, stored | {"ks": tuple(stored["ks"]), "cache": cache, "name": run_id})
+    return restore(BupoRunConfig, json.loads(path.read_text()), cache=cache, name=run_id)  # option values (flat)
 
 
 def _trained(run_dir: Path) -> bool:

@@ -18,6 +18,7 @@ import torch
 from entropylens.version import __version__
 from entropylens.tracing.batch import GroupSampler, Sequences, trace_batch
 from entropylens.tracing.engine import ADDITIVE_TOL, Engine, make_engine
+from entropylens.options import restore
 from entropylens.tracing.config import TraceConfig
 from entropylens.core.decode import DEFAULT_BLOCK_BYTES
 from entropylens.tracing.shard import Shard
@@ -163,11 +164,8 @@ def config_from_run(cache: str, run_id: str) -> TraceConfig:
     manifest = read_manifest(resolve_run(cache, run_id))
     if manifest.get("kind") != "trace" or "config" not in manifest:
         raise UserError(f"run {run_id!r} is not a resumable trace run")
-    stored = dict(manifest["config"])
-    stored["sites"] = tuple(stored["sites"])
-    stored.setdefault("topk", 0)  # a run from before top-K stored none: its resumed batches must match
-    stored.update(cache=cache, name=run_id)
-    return TraceConfig(**stored)
+    stored = {"topk": 0} | manifest["config"]  # a run from before top-K stored none: its resumed batches must match
+    return restore(TraceConfig, stored, cache=cache, name=run_id)
 
 
 def _rank_device(device: str, shard: Shard | None) -> str:
