@@ -295,7 +295,7 @@ class Decoded:
     p1: torch.Tensor  # float64 probability of top1
     logprob_target: torch.Tensor | None  # float64 log p(target), NaN where the target is -1; None without targets
     lens: str
-    redone: int  # vectors the exactness guard recomputed in fp64 (top logit beyond decode.EXACT_GUARD)
+    redone: int  # vectors the exactness guard recomputed in fp64 (fp32 error bound beyond decode.GUARD_NATS)
     topk_ids: torch.Tensor | None = None  # (..., K) int64 the K most probable ids, best first (ties: lowest id)
     topk_p: torch.Tensor | None = None  # (..., K) float64 their probabilities; None unless topk=K was asked
 
@@ -320,8 +320,9 @@ def decode(hidden: torch.Tensor, model_or_unembedding: Any, lens: str = "bupo",
     """Exact entropy, top-1 token and its probability (and log p of `targets`) of any hidden states (..., d).
 
     Why: activations you captured yourself get the numbers a trace stores — the same vocabulary-streamed
-    engine (never a (rows, V) tensor, memory independent of V) and the same fp64 guard for rows with large
-    logits, within 1e-4 nats of fp64 at any |z| (a plain fp32 softmax drifts with |z|: 2.4e-4 nats at 3e4).
+    engine (never a (rows, V) tensor, memory independent of V) and the same fp64 guard for rows whose fp32
+    rounding could matter, within 1e-4 nats of fp64 at any |z| (a plain fp32 softmax drifts with |z|: 2.4e-4
+    nats at 3e4).
     model_or_unembedding: a model of any kind `trace` takes (its unembedding, head bias, soft-cap and, for
     lens "logit", final norm are used) or a bare (V, d) unembedding matrix (lens "bupo" only).
     targets: token ids shaped like hidden.shape[:-1] (-1 = none) for `logprob_target`.

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from entropylens.core import decode, lse
+from entropylens.core import decode, lse, native
 from entropylens.core.decode import decode_layers, decode_rows
 from entropylens.errors import UserError
 from entropylens.core.lens import Lens
@@ -129,6 +129,91 @@ def test_layers_every_site_matches_fp64(additive, norm):
     for s in SITES:
         assert res[s].entropy.shape == ((4, 5) if s == "layer" else (3, 5))
         check(res[s], lens, _all_rows(h0, acts, s))
+
+
+GUARD_KERNELS = ["eager", "compiled"] + (["native"] if native.available() else [])
+
+
+def aligned_rows(n: int = 48, d: int = 128, V: int = 1024, seed: int = 0) -> tuple[Lens, torch.Tensor]:
+    """Rows whose fp32 entropy errs beyond 1e-4 nats although every |z| < 500 (the old fixed guard's line).
+
+    Eight ids share the top along coordinate 0 (x_0 = 150, W_i0 = 3.2 + 0.004 i: ~0.6 nats apart, H ~ 1.4), the
+    shape of a massive activation: the first product is ~480 and every later one is added to a partial sum of
+    that size, rounding there (~3e-5 a time): the eight top logits err by ~1e-4 each, independently.
+    """
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, d, generator=g)
+    W[:, 0] *= 0.5
+    W[:8, 0] = 3.2 + 0.004 * torch.arange(8)
+    W[:8, 1:] *= 0.02
+    W -= W.mean(0)  # centred, as make_lens does for real models
+    x = torch.randn(n, d, generator=g) * 2
+    x[:, 0] = 150.0
+    return Lens("bupo", W, None, None, None), x
+
+
+@pytest.mark.parametrize("kernel", GUARD_KERNELS)
+def test_guard_catches_rows_whose_gemm_rounding_breaks_the_budget(kernel):
+    lens, x = aligned_rows()
+    H = ref_stats(lens, x)[0]
+    assert lens.logits(x.double()).abs().max() < 500  # below where a fixed |z| > 500 guard would look
+    bare = decode_rows(x, lens, chunk=256, guard=None, kernel=kernel)
+    assert (bare.entropy - H).abs().max() > 1e-4  # fp32 alone breaks the budget here
+    res = decode_rows(x, lens, chunk=256, kernel=kernel)
+    assert res.redone >= 40  # nearly every row is at risk; the rest are within GUARD_NATS in fp32
+    err = (res.entropy - H).abs()
+    assert err.max() < decode.GUARD_NATS and (err > 1e-9).sum() <= len(err) - res.redone
+    check(res, lens, x, tol=decode.GUARD_NATS)
+
+
+@pytest.mark.parametrize("kernel", GUARD_KERNELS)
+def test_guard_catches_them_at_every_site_and_in_the_layer_sums(kernel):
+    """The aligned rows as A^2 of every token: the attn rows and every later `layer` sum (additive trick:
+    raw(H^l) carries A^2's rounding) are at risk; all sites within 2e-5 nats of fp64 with the guard."""
+    lens, x = aligned_rows(n=48)
+    h0, acts = layer_inputs(L=3, N=48, d=128)
+    acts["attn"][1] = (x * 64).round() / 64  # multiples of 1/64: the layer sums below stay exact in fp32
+    h = h0
+    for l in range(3):
+        h = h + acts["attn"][l] + acts["ffn"][l]
+        acts["layer"][l] = h
+    bare = decode_layers(h0, acts, SITES, lens, True, chunk=256, kernel=kernel, guard=None)
+    worst = {s: (bare[s].entropy.reshape(-1) - ref_stats(lens, _all_rows(h0, acts, s))[0]).abs().max() for s in SITES}
+    assert worst["attn"] > 1e-4 and worst["layer"] > 1e-4
+    res = decode_layers(h0, acts, SITES, lens, True, chunk=256, kernel=kernel)
+    assert res["attn_in"].redone > 0
+    for s in SITES:
+        check(res[s], lens, _all_rows(h0, acts, s), tol=decode.GUARD_NATS)
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": True}, {"norm": "rms"}, {"softcap": 5.0}])
+def test_guard_leaves_ordinary_rows_in_fp32(kw):
+    """Ordinary rows (|z| up to ~50) are not redone: the guard does not quietly make the decode fp64."""
+    lens = make_lens(**kw)
+    x = torch.randn(200, 24) * 3
+    res = decode_rows(x, lens, chunk=64)
+    assert res.redone == 0
+    check(res, lens, x)
+    h0, acts = layer_inputs(N=8)
+    assert decode_layers(h0, acts, SITES, lens, True, chunk=64)["attn_in"].redone == 0
+    # the same rows next to the aligned ones: only those are redone
+    lens, x = aligned_rows(n=16)
+    ordinary = torch.randn(64, 128) * 2
+    res = decode_rows(torch.cat([x, ordinary]), lens, chunk=256)
+    assert 0 < res.redone <= 16
+
+
+def test_guard_risk_bounds_the_measured_error():
+    """guard_risk is a ~3σ bound on the fp32 error (per logit the rounding of ~d partial sums of size Z): on
+    the aligned rows, built to sit at that bound, no error exceeds twice it (the margin GUARD_NATS keeps to the
+    1e-4 budget) and most stay below it."""
+    lens, x = aligned_rows()
+    H = ref_stats(lens, x)[0]
+    W = lens.W
+    acc = decode._stream(x, W, lens, x.shape[0], None, None, None, 256, "eager")
+    err = (acc.result().entropy - H).abs()
+    risk = decode.guard_risk(acc, decode._logit_scale(x, None, acc.best, decode._col_absmax(W)), x.shape[1])
+    assert err.max() > 1e-4 and (err < 2 * risk).all() and (err < risk).float().mean() > 0.9
 
 
 def test_additive_layer_with_massive_branch_stays_exact():

@@ -72,10 +72,11 @@ def test_ties_go_to_the_lowest_id_across_and_within_chunks(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("additive", [True, False])
 def test_layer_sites_topk_match_fp64_with_the_guard(kernel, additive):
-    """Every site of decode_layers, with a massive FFN output so the fp64 guard redoes (and re-ranks) rows."""
+    """Every site of decode_layers, with a massive FFN output and a guard tight enough (1e-7 nats) to redo
+    (and re-rank) every row that is not one-hot in fp64."""
     h0, acts = layer_inputs(L=3, N=6, big=800.0)
     lens = make_lens(V=2000, d=24)
-    out = decode_layers(h0, acts, SITES_ALL, lens, additive=additive, chunk=128, kernel=kernel, topk=5)
+    out = decode_layers(h0, acts, SITES_ALL, lens, additive=additive, chunk=128, kernel=kernel, topk=5, guard=1e-7)
     assert out["attn_in"].redone > 0  # the guard ran
     for site, st in out.items():
         xs = torch.cat([h0[None], acts["layer"]]) if site == "layer" else acts[site]

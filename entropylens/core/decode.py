@@ -11,10 +11,19 @@ The buffers are sized by `block_bytes`; peak extra memory is independent of V an
 `decode_layers` stacks every site of every layer of a token block into one GEMM operand. With
 `additive=True` the `layer` site costs no GEMM: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j).
 
-Precision: fp32 logits carry ~6e-8·|z| rounding, so rows whose top logit exceeds `EXACT_GUARD` are
-recomputed in fp64 (SmolLM2's massive activations reach |z| ~ 3e4), over only the vocabulary chunks
-within `REDO_MARGIN` nats of the row's max. No bf16 product ever reaches an exact-mode logit; on CUDA,
-TF32 is switched off for the duration of a decode. See docs/performance.md.
+Precision (the exactness guard): an fp32 GEMM logit z_i = x·w_i errs by δ_i, the rounding of the dot product's
+d partial sums: of order u·√d·Z (u = 2^-24) where the partial sums reach size Z, standard deviation about
+u·√d·Z/3 when every product pushes the same way. To first order the entropy moves by ΔH = −Σ_i p_i (z_i − E_p z) δ_i,
+whose standard deviation is at most the per-logit one times sqrt(Σ_i p_i² (z_i − E_p z)²) ≤ `spread`
+(OnlineLSE.spread: from p1 and max z − E_p z, known for free). So
+
+    risk = GEMM_C · u · √d · Z · spread      (GEMM_C = 0.5: about a 3σ bound on |ΔH|)
+
+with Z = max(|top logit|, s·max_k |x_k|·max_i |W_ik|) per row (`_logit_scale`; for the summed `layer` rows the
+root-sum-square over every partial that went into the sum, `_sum_scales`). Every factor is known at the end of
+the fp32 pass, in every kernel alike. Rows whose risk exceeds `guard` (default GUARD_NATS) are recomputed in
+fp64, over only the vocabulary chunks within `REDO_MARGIN` nats of the row's max. No bf16 product ever reaches
+an exact-mode logit; on CUDA, TF32 is switched off for the duration of a decode. See docs/performance.md#accuracy.
 """
 
 from __future__ import annotations
@@ -32,9 +41,13 @@ from entropylens.core.lse import MASKED, OnlineLSE, Stats, refine_topk
 
 DEFAULT_CHUNK = 2048
 DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
-# fp32 logits carry ~6e-8·|z| rounding; rows whose top logit exceeds this are redone in fp64 so every
-# entropy stays within 1e-4 nats (measured: |z| = 135 -> 1.2e-5 nats in fp32).
-EXACT_GUARD = 500.0
+# The exactness guard (module docstring): rows whose fp32 entropy could err by more than GUARD_NATS (half the
+# 1e-4 budget, so a row the guard leaves alone breaks the budget only beyond ~6σ) are redone in fp64. The
+# largest error / (u·√d·Z·spread) measured on real rows (Gemma 3 270M and SmolLM2, both lenses, every site,
+# 35k rows; analyses/decode_error.py) is 0.37 and 0.46, the median 0.06: GEMM_C sits just above them.
+GUARD_NATS = 5e-5
+GEMM_C = 0.5
+U32 = 2.0**-24  # fp32 unit roundoff
 # The exactness guard recomputes a row's chunks in fp64 only where the chunk max is within this of the row's.
 REDO_MARGIN = 50.0
 KERNELS = ("auto", "native", "compiled", "eager")
@@ -141,7 +154,7 @@ def decode_rows(
     targets: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
     dtype: torch.dtype = torch.float32,
-    guard: float | None = EXACT_GUARD,
+    guard: float | None = GUARD_NATS,
     compile: bool = False,
     kernel: str = "auto",
     topk: int = 0,
@@ -150,7 +163,8 @@ def decode_rows(
     K most probable ids and their probabilities (Stats.topk_ids / topk_p), ties broken by lowest id.
 
     `kernel` picks the per-chunk kernel (`resolve_kernel`; `compile=True` = "compiled"): all give the same
-    results within ~1e-6 nats, see docs/performance.md.
+    results within ~1e-6 nats, see docs/performance.md. `guard` (nats): rows whose fp32 entropy could err by
+    more than this are redone in fp64 (`guard_risk`); None turns the guard off.
     """
     kernel = resolve_kernel(kernel, compile, x.device, dtype)
     x = x.to(dtype)
@@ -165,12 +179,37 @@ def decode_rows(
     if dtype == torch.float32:
         refine_topk(res, x, lens, acc)
     if guard is not None and dtype == torch.float32:
-        rows = acc.large_rows(guard)
+        Z = _logit_scale(x, scale, acc.best, _col_absmax(W))
+        rows = (guard_risk(acc, Z, x.shape[1]) > guard).nonzero().squeeze(1)
         if rows.numel():
             t = None if targets is None else targets[rows]
             ids = None if res.topk_ids is None else res.topk_ids[rows]
             _patch(res, rows, _exact_rows(x[rows], acc.chunk_maxima()[rows], lens, t, chunk, ids))
     return res
+
+
+def _col_absmax(W: torch.Tensor) -> torch.Tensor:
+    """max_i |W_ik| per column k (d,), without a (V, d) temporary."""
+    return torch.maximum(W.amax(0), W.amin(0).neg()).double()
+
+
+def _logit_scale(x: torch.Tensor, scale: torch.Tensor | None, best: torch.Tensor, colmax: torch.Tensor) -> torch.Tensor:
+    """Z per row (R,), in final-logit units: the size the fp32 dot products' partial sums reach.
+
+    The top logit |z| where the products add up (the rows that matter: the largest logits carry the
+    probability); s·max_k |x_k|·max_i |W_ik|, the largest single product, where they cancel.
+    """
+    T = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for r0 in range(0, x.shape[0], 4096):  # (r, d) temporaries only
+        T[r0 : r0 + 4096] = (x[r0 : r0 + 4096].abs().double() * colmax).amax(1)
+    if scale is not None:
+        T = T * scale.double()
+    return torch.maximum(best.abs(), T)
+
+
+def guard_risk(acc: OnlineLSE, Z: torch.Tensor, d: int) -> torch.Tensor:
+    """Per row, a ~3σ bound on its fp32 entropy's error (nats, module docstring): GEMM_C·u·√d·Z·spread."""
+    return (GEMM_C * U32 * d**0.5) * Z * acc.spread()
 
 
 def _exact_rows(x: torch.Tensor, chunk_max: torch.Tensor, lens: Lens, targets, chunk: int,
@@ -331,7 +370,7 @@ def decode_layers(
     additive: bool,
     chunk: int = DEFAULT_CHUNK,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    guard: float | None = EXACT_GUARD,
+    guard: float | None = GUARD_NATS,
     compile: bool = False,
     kernel: str = "auto",
     topk: int = 0,
@@ -352,6 +391,7 @@ def decode_layers(
     trick = "layer" in sites and additive and "attn" in direct and "ffn" in direct
     plan = _Rows(L, direct, "layer" in sites, trick)
     W = lens.W.to(h0.device, torch.float32).contiguous()
+    colmax = None if guard is None else _col_absmax(W)
     chunk = min(chunk, W.shape[0])
     n_bufs = 2 if kernel == "eager" else 1  # (rows, chunk) fp32 buffers per block: fused kernels need no scratch
     block = max(1, min(N, block_bytes // (n_bufs * plan.per_token * chunk * 4)))
@@ -366,10 +406,10 @@ def decode_layers(
             res = acc.result()
             refine_topk(res, vecs, lens, acc)
             if guard is not None:
-                big = acc.best.abs()  # (rows,) top final logit: what fp32 rounding scales with
+                Z = _logit_scale(vecs, scale, acc.best, colmax)  # (rows,) what fp32 rounding scales with
                 if trick:
-                    big = _taint_sums(big, scale, L, n, *plan.offsets(n))
-                rows = (big > guard).nonzero().squeeze(1)
+                    Z = _sum_scales(Z, scale, L, n, *plan.offsets(n))
+                rows = (guard_risk(acc, Z, d) > guard).nonzero().squeeze(1)
                 queue.add(res, rows, vecs[rows], acc.chunk_maxima()[rows])
             for s, st in plan.split(res, n).items():
                 parts[s].append(st)
@@ -381,19 +421,18 @@ def decode_layers(
     return result
 
 
-def _taint_sums(big: torch.Tensor, scale: torch.Tensor | None, L: int, n: int, ia: int, jf: int, h: int):
-    """Guard magnitude of the summed `layer` rows: the largest raw partial that went into each sum.
-
-    A massive F^j (|z| ~ 2e4 in SmolLM2) leaves its fp32 rounding in every later raw(H^l), even where H^l's
-    own logits are small; so H^l is redone when any of H^0..H^l, A^1..A^l, F^1..F^l had a large top logit
-    (compared in raw units, then scaled like H^l's logits).
+def _sum_scales(Z: torch.Tensor, scale: torch.Tensor | None, L: int, n: int, ia: int, jf: int, h: int):
+    """Z of the summed `layer` rows: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j) carries the GEMM rounding of
+    every partial, independent of one another, and of each running sum: the root-sum-square of their Z (raw
+    units, then scaled like H^l's logits). A massive F^j (|z| ~ 2e4 in SmolLM2) so leaves its rounding in every
+    later H^l, even where H^l's own logits are small.
     """
-    raw = big if scale is None else big / scale.double()
-    layer = raw[h:].view(L + 1, n)
-    branch = torch.maximum(raw[ia : ia + L * n], raw[jf : jf + L * n]).view(L, n)
-    worst = torch.maximum(layer, torch.cat([layer[:1], branch])).cummax(0).values  # (L + 1, n)
-    out = big.clone()
-    out[h:] = worst.reshape(-1) * (1.0 if scale is None else scale[h:].double())
+    raw = Z if scale is None else Z / scale.double()
+    layer = raw[h:].view(L + 1, n).square()
+    branch = (raw[ia : ia + L * n].square() + raw[jf : jf + L * n].square()).view(L, n)
+    rss = torch.cat([layer[:1], layer[1:] + branch]).cumsum(0).sqrt()  # (L + 1, n)
+    out = Z.clone()
+    out[h:] = rss.reshape(-1) * (1.0 if scale is None else scale[h:].double())
     return out
 
 

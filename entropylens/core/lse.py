@@ -193,8 +193,16 @@ class OnlineLSE:
             ki, kp = self.ki, torch.exp(self.kv - log_z[:, None])
         return Stats(entropy.clamp_min(0.0), self.top1, p1, lt, topk_ids=ki, topk_p=kp)
 
-    def large_rows(self, guard: float) -> torch.Tensor:
-        return (self.best.abs() > guard).nonzero().squeeze(1)
+    def spread(self) -> torch.Tensor:
+        """Per row, a bound on sqrt(Σ_i p_i² (z_i − E_p z)²): how much H moves per unit of independent logit error.
+
+        With g = max z − E_p z (= −t/s, known for free) and p1 the top probability: Σ p_i |z_i − E_p z| ≤ 2g,
+        and each term p_i |z_i − E_p z| ≤ p1 · max(g, e^{−1−g}); so the sum of squares is at most the product:
+        sqrt(2 · p1 · g · max(g, e^{−1−g})). Zero for a one-hot row, about p1·g·√2 for a peaked one.
+        """
+        g = (-self.t / self.s).clamp_min(0.0)
+        p1 = torch.exp(self.best - self.m) / self.s
+        return torch.sqrt(2.0 * p1 * g * torch.maximum(g, torch.exp(-1.0 - g)))
 
     def chunk_maxima(self) -> torch.Tensor:
         return torch.stack(self.chunk_max, 1)  # (R, n_chunks)
