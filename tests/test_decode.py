@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from entropylens.core import decode, lse, native
+from entropylens.core import decode, guard, lse, native
 from entropylens.core.decode import decode_layers, decode_rows
 from entropylens.errors import UserError
 from entropylens.core.lens import Lens
@@ -104,9 +104,9 @@ def test_guard_recomputes_only_the_chunks_near_the_max_and_the_target(monkeypatc
     x[:4, 0] = 3e4
     targets = torch.randint(0, 257, (12,), generator=g)
     fp64_rows = []
-    finish = decode._finish
-    monkeypatch.setattr(decode, "_finish", lambda z, *a: (fp64_rows.append(len(z)) if z.dtype == torch.float64
-                                                          else None) or finish(z, *a))
+    finish = guard.finish_logits
+    monkeypatch.setattr(guard, "finish_logits", lambda z, *a: (fp64_rows.append(len(z)) if z.dtype == torch.float64
+                                                               else None) or finish(z, *a))
     res = decode_rows(x, lens, targets, chunk=50)
     assert res.redone == 4
     check(res, lens, x, targets=targets)  # log p(target) exact also where the target's chunk is far below
@@ -162,8 +162,8 @@ def test_guard_catches_rows_whose_gemm_rounding_breaks_the_budget(kernel):
     res = decode_rows(x, lens, chunk=256, kernel=kernel)
     assert res.redone >= 40  # nearly every row is at risk; the rest are within GUARD_NATS in fp32
     err = (res.entropy - H).abs()
-    assert err.max() < decode.GUARD_NATS and (err > 1e-9).sum() <= len(err) - res.redone
-    check(res, lens, x, tol=decode.GUARD_NATS)
+    assert err.max() < guard.GUARD_NATS and (err > 1e-9).sum() <= len(err) - res.redone
+    check(res, lens, x, tol=guard.GUARD_NATS)
 
 
 @pytest.mark.parametrize("kernel", GUARD_KERNELS)
@@ -183,7 +183,7 @@ def test_guard_catches_them_at_every_site_and_in_the_layer_sums(kernel):
     res = decode_layers(h0, acts, SITES, lens, True, chunk=256, kernel=kernel)
     assert res["attn_in"].redone > 0
     for s in SITES:
-        check(res[s], lens, _all_rows(h0, acts, s), tol=decode.GUARD_NATS)
+        check(res[s], lens, _all_rows(h0, acts, s), tol=guard.GUARD_NATS)
 
 
 @pytest.mark.parametrize("kw", [{}, {"bias": True}, {"norm": "rms"}, {"softcap": 5.0}])
@@ -212,7 +212,7 @@ def test_guard_risk_bounds_the_measured_error():
     W = lens.W
     acc = decode._stream(x, W, lens, x.shape[0], None, None, None, 256, "eager")
     err = (acc.result().entropy - H).abs()
-    risk = decode.guard_risk(acc, decode._logit_scale(x, None, acc.best, decode._col_absmax(W)), x.shape[1])
+    risk = guard.guard_risk(acc, guard.logit_scale(x, None, acc.best, guard.col_absmax(W)), x.shape[1])
     assert err.max() > 1e-4 and (err < 2 * risk).all() and (err < risk).float().mean() > 0.9
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from entropylens.core import decode, native
+from entropylens.core.guard import GUARD_NATS
 from entropylens.core.decode import decode_layers, decode_rows, resolve_kernel
 from entropylens.errors import UserError
 from entropylens.core.lse import MASKED
@@ -88,7 +89,7 @@ def test_every_site_with_massive_activations_matches_fp64(kernel, additive, bias
     lens = make_lens(V=400, d=24, bias=bias)  # bupo: raw residual logits, |z| up to ~1e4 in the massive rows
     lens.W -= lens.W.mean(0)  # centred, as make_lens does for real models
     h0, acts = layer_inputs(L=4, N=6, big=2048.0)
-    for guard in (decode.GUARD_NATS, 1e-7):
+    for guard in (GUARD_NATS, 1e-7):
         res = decode_layers(h0, acts, SITES, lens, additive, chunk=64, block_bytes=30_000, kernel=kernel, guard=guard)
         assert {r.kernel for r in res.values()} == {kernel}
         for s in SITES:

@@ -11,19 +11,8 @@ The buffers are sized by `block_bytes`; peak extra memory is independent of V an
 `decode_layers` stacks every site of every layer of a token block into one GEMM operand. With
 `additive=True` the `layer` site costs no GEMM: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j).
 
-Precision (the exactness guard): an fp32 GEMM logit z_i = x·w_i errs by δ_i, the rounding of the dot product's
-d partial sums: of order u·√d·Z (u = 2^-24) where the partial sums reach size Z, standard deviation about
-u·√d·Z/3 when every product pushes the same way. To first order the entropy moves by ΔH = −Σ_i p_i (z_i − E_p z) δ_i,
-whose standard deviation is at most the per-logit one times sqrt(Σ_i p_i² (z_i − E_p z)²) ≤ `spread`
-(OnlineLSE.spread: from p1 and max z − E_p z, known for free). So
-
-    risk = GEMM_C · u · √d · Z · spread      (GEMM_C = 0.5: about a 3σ bound on |ΔH|)
-
-with Z = max(|top logit|, s·max_k |x_k|·max_i |W_ik|) per row (`_logit_scale`; for the summed `layer` rows the
-root-sum-square over every partial that went into the sum, `_sum_scales`). Every factor is known at the end of
-the fp32 pass, in every kernel alike. Rows whose risk exceeds `guard` (default GUARD_NATS) are recomputed in
-fp64, over only the vocabulary chunks within `REDO_MARGIN` nats of the row's max. No bf16 product ever reaches
-an exact-mode logit; on CUDA, TF32 is switched off for the duration of a decode. See docs/performance.md#accuracy.
+Precision: rows whose fp32 entropy could err beyond the budget are redone in fp64 (core/guard.py). No bf16
+product ever reaches an exact-mode logit; on CUDA, TF32 is switched off for the duration of a decode.
 """
 
 from __future__ import annotations
@@ -36,20 +25,13 @@ import torch
 
 from entropylens.core import native
 from entropylens.errors import UserError
-from entropylens.core.lens import Lens
-from entropylens.core.lse import MASKED, OnlineLSE, Stats, refine_topk
+from entropylens.core.lens import Lens, finish_logits
+from entropylens.core.guard import (GUARD_NATS, GuardQueue, col_absmax, exact_rows, guard_risk, logit_scale, patch,
+                                    sum_scales)
+from entropylens.core.lse import OnlineLSE, Stats, refine_topk
 
 DEFAULT_CHUNK = 2048
 DEFAULT_BLOCK_BYTES = 16 << 20  # two (rows, chunk) fp32 buffers: about L3-sized
-# The exactness guard (module docstring): rows whose fp32 entropy could err by more than GUARD_NATS (half the
-# 1e-4 budget, so a row the guard leaves alone breaks the budget only beyond ~6σ) are redone in fp64. The
-# largest error / (u·√d·Z·spread) measured on real rows (Gemma 3 270M and SmolLM2, both lenses, every site,
-# 35k rows; analyses/decode_error.py) is 0.37 and 0.46, the median 0.06: GEMM_C sits just above them.
-GUARD_NATS = 5e-5
-GEMM_C = 0.5
-U32 = 2.0**-24  # fp32 unit roundoff
-# The exactness guard recomputes a row's chunks in fp64 only where the chunk max is within this of the row's.
-REDO_MARGIN = 50.0
 KERNELS = ("auto", "native", "compiled", "eager")
 
 
@@ -101,17 +83,6 @@ def _check_finite(x: torch.Tensor) -> None:
         raise UserError(f"{bad} activation values are NaN or infinite; the model overflowed, try --dtype float32")
 
 
-def _finish(z: torch.Tensor, lens: Lens, scale: torch.Tensor | None, c0: int) -> torch.Tensor:
-    """Raw chunk logits (R, C) of ids [c0, c0 + C) -> final logits, in place: row scale, bias, soft-cap."""
-    if scale is not None:
-        z.mul_(scale[:, None])
-    if lens.bias is not None:
-        z.add_(lens.bias[c0 : c0 + z.shape[1]].to(z.device, z.dtype).clamp_min(MASKED))
-    if lens.softcap:
-        z.div_(lens.softcap).tanh_().mul_(lens.softcap)
-    return z
-
-
 def _stream(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -142,7 +113,7 @@ def _stream(
         torch.mm(X, W[c0 : c0 + C].to(X.dtype).T, out=Z[:Rg])  # (Rg, C); fp64 redo casts one chunk only
         if combine is not None:
             combine(Z)
-        z = _finish(Z, lens, scale, c0)
+        z = finish_logits(Z, lens, scale, c0)
         e = None if Ebuf is None else Ebuf[:, :C] if C == chunk else torch.empty_like(z)
         acc.update(z, c0, e, layers)
     return acc
@@ -179,83 +150,13 @@ def decode_rows(
     if dtype == torch.float32:
         refine_topk(res, x, lens, acc)
     if guard is not None and dtype == torch.float32:
-        Z = _logit_scale(x, scale, acc.best, _col_absmax(W))
+        Z = logit_scale(x, scale, acc.best, col_absmax(W))
         rows = (guard_risk(acc, Z, x.shape[1]) > guard).nonzero().squeeze(1)
         if rows.numel():
             t = None if targets is None else targets[rows]
             ids = None if res.topk_ids is None else res.topk_ids[rows]
-            _patch(res, rows, _exact_rows(x[rows], acc.chunk_maxima()[rows], lens, t, chunk, ids))
+            patch(res, rows, exact_rows(x[rows], acc.chunk_maxima()[rows], lens, t, chunk, ids))
     return res
-
-
-def _col_absmax(W: torch.Tensor) -> torch.Tensor:
-    """max_i |W_ik| per column k (d,), without a (V, d) temporary."""
-    return torch.maximum(W.amax(0), W.amin(0).neg()).double()
-
-
-def _logit_scale(x: torch.Tensor, scale: torch.Tensor | None, best: torch.Tensor, colmax: torch.Tensor) -> torch.Tensor:
-    """Z per row (R,), in final-logit units: the size the fp32 dot products' partial sums reach.
-
-    The top logit |z| where the products add up (the rows that matter: the largest logits carry the
-    probability); s·max_k |x_k|·max_i |W_ik|, the largest single product, where they cancel.
-    """
-    T = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    for r0 in range(0, x.shape[0], 4096):  # (r, d) temporaries only
-        T[r0 : r0 + 4096] = (x[r0 : r0 + 4096].abs().double() * colmax).amax(1)
-    if scale is not None:
-        T = T * scale.double()
-    return torch.maximum(best.abs(), T)
-
-
-def guard_risk(acc: OnlineLSE, Z: torch.Tensor, d: int) -> torch.Tensor:
-    """Per row, a ~3σ bound on its fp32 entropy's error (nats, module docstring): GEMM_C·u·√d·Z·spread."""
-    return (GEMM_C * U32 * d**0.5) * Z * acc.spread()
-
-
-def _exact_rows(x: torch.Tensor, chunk_max: torch.Tensor, lens: Lens, targets, chunk: int,
-                topk_ids: torch.Tensor | None = None) -> Stats:
-    """fp64 Stats of rows x (k, d) (the exactness guard), computed over only the chunks that matter.
-
-    chunk_max (k, n_chunks) holds the fp32 pass's chunk maxima (off by far less than a nat). A chunk whose
-    maximum lies more than REDO_MARGIN below the row's best holds logits with p < e^-50 each: with V <= 1e6
-    they move H by < 1e-13 nats, so only the other chunks (and the target's) are recomputed in fp64 —
-    for SmolLM2's massive-activation rows about 3 of the 24. With `topk_ids` (k, K), the fp32 pass's top-K,
-    their chunks are redone too, so the top-K is re-ranked on fp64 logits (an id the fp32 pass ranked just
-    below the K-th, in a chunk more than REDO_MARGIN below the max, has p < e^-50 and is not looked for).
-    """
-    need = chunk_max > chunk_max.max(1, keepdim=True).values - REDO_MARGIN  # (k, n_chunks)
-    if targets is not None:  # log p(target) needs the target's own logit, exactly
-        has = (targets >= 0).nonzero().squeeze(1)
-        need[has, targets[has] // chunk] = True
-    if topk_ids is not None:
-        need[torch.arange(len(need), device=need.device)[:, None], topk_ids.clamp_min(0) // chunk] = True
-    K = 0 if topk_ids is None else topk_ids.shape[1]
-    x = x.double()
-    scale = lens.row_scale(x)
-    scale = None if scale is None else scale.double()
-    W = lens.W.to(x.device)
-    V, k = W.shape[0], x.shape[0]
-    acc = OnlineLSE(k, x.device, targets, topk=K)
-    for j in need.any(0).nonzero().squeeze(1).tolist():
-        c0 = j * chunk
-        C = min(chunk, V - c0)
-        r = need[:, j].nonzero().squeeze(1)  # only these rows' statistics see this chunk (SmolLM2: ~1 in 9)
-        Z = _finish(x[r] @ W[c0 : c0 + C].double().T, lens, None if scale is None else scale[r], c0)  # (r, C)
-        part = OnlineLSE(len(r), x.device, None if targets is None else targets[r], topk=K)
-        part.update(Z, c0, torch.empty_like(Z))
-        acc.merge_rows(r, part)
-    return acc.result()
-
-
-def _patch(res: Stats, rows: torch.Tensor, exact: Stats, k0: int = 0) -> None:
-    """Overwrite `rows` of res, in place, with exact's rows k0, k0 + 1, ..."""
-    k = slice(k0, k0 + rows.numel())
-    res.entropy[rows], res.top1[rows], res.p1[rows] = exact.entropy[k], exact.top1[k], exact.p1[k]
-    if res.topk_ids is not None:
-        res.topk_ids[rows], res.topk_p[rows] = exact.topk_ids[k], exact.topk_p[k]
-    if res.logp_target is not None:
-        res.logp_target[rows] = exact.logp_target[k]
-    res.redone += rows.numel()
 
 
 @dataclass
@@ -303,36 +204,6 @@ class _Rows:
                            topk_ids=ki, topk_p=kp).reshape(-1, n)
             k += rows
         return out
-
-
-class _GuardQueue:
-    """Rows for the exactness guard, redone together across blocks (fewer, larger fp64 GEMMs), at most
-    `cap` at a time so the fp64 buffers stay within the block budget."""
-
-    def __init__(self, lens: Lens, chunk: int, cap: int):
-        self.lens, self.chunk, self.cap = lens, chunk, cap
-        self.pending: list[tuple[Stats, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # res, rows, x, maxima
-        self.redone = 0
-
-    def add(self, res: Stats, rows: torch.Tensor, x: torch.Tensor, chunk_max: torch.Tensor) -> None:
-        if rows.numel():
-            self.pending.append((res, rows, x, chunk_max))
-            self.redone += rows.numel()
-            if sum(p[1].numel() for p in self.pending) >= self.cap:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        cat = lambda i: torch.cat([p[i] for p in self.pending])  # noqa: E731
-        ids = None if self.pending[0][0].topk_ids is None else torch.cat(
-            [res.topk_ids[rows] for res, rows, _, _ in self.pending])
-        exact = _exact_rows(cat(2), cat(3), self.lens, None, self.chunk, ids)
-        k0 = 0
-        for res, rows, _, _ in self.pending:
-            _patch(res, rows, exact, k0)
-            k0 += rows.numel()
-        self.pending.clear()
 
 
 def _layer_sums(plan: _Rows, n: int) -> Callable[[torch.Tensor], None]:
@@ -391,11 +262,11 @@ def decode_layers(
     trick = "layer" in sites and additive and "attn" in direct and "ffn" in direct
     plan = _Rows(L, direct, "layer" in sites, trick)
     W = lens.W.to(h0.device, torch.float32).contiguous()
-    colmax = None if guard is None else _col_absmax(W)
+    colmax = None if guard is None else col_absmax(W)
     chunk = min(chunk, W.shape[0])
     n_bufs = 2 if kernel == "eager" else 1  # (rows, chunk) fp32 buffers per block: fused kernels need no scratch
     block = max(1, min(N, block_bytes // (n_bufs * plan.per_token * chunk * 4)))
-    queue = _GuardQueue(lens, chunk, cap=max(1, block_bytes // (8 * (chunk + d))))
+    queue = GuardQueue(lens, chunk, cap=max(1, block_bytes // (8 * (chunk + d))))
     parts: dict[str, list[Stats]] = {s: [] for s in plan.outs}
     with exact_matmul():
         for b0 in range(0, N, block):
@@ -406,9 +277,9 @@ def decode_layers(
             res = acc.result()
             refine_topk(res, vecs, lens, acc)
             if guard is not None:
-                Z = _logit_scale(vecs, scale, acc.best, colmax)  # (rows,) what fp32 rounding scales with
+                Z = logit_scale(vecs, scale, acc.best, colmax)  # (rows,) what fp32 rounding scales with
                 if trick:
-                    Z = _sum_scales(Z, scale, L, n, *plan.offsets(n))
+                    Z = sum_scales(Z, scale, L, n, *plan.offsets(n))
                 rows = (guard_risk(acc, Z, d) > guard).nonzero().squeeze(1)
                 queue.add(res, rows, vecs[rows], acc.chunk_maxima()[rows])
             for s, st in plan.split(res, n).items():
@@ -419,21 +290,6 @@ def decode_layers(
     for r in result.values():
         r.kernel = kernel
     return result
-
-
-def _sum_scales(Z: torch.Tensor, scale: torch.Tensor | None, L: int, n: int, ia: int, jf: int, h: int):
-    """Z of the summed `layer` rows: raw(H^l) = raw(H^0) + Σ_{j≤l} raw(A^j) + raw(F^j) carries the GEMM rounding of
-    every partial, independent of one another, and of each running sum: the root-sum-square of their Z (raw
-    units, then scaled like H^l's logits). A massive F^j (|z| ~ 2e4 in SmolLM2) so leaves its rounding in every
-    later H^l, even where H^l's own logits are small.
-    """
-    raw = Z if scale is None else Z / scale.double()
-    layer = raw[h:].view(L + 1, n).square()
-    branch = (raw[ia : ia + L * n].square() + raw[jf : jf + L * n].square()).view(L, n)
-    rss = torch.cat([layer[:1], layer[1:] + branch]).cumsum(0).sqrt()  # (L + 1, n)
-    out = Z.clone()
-    out[h:] = rss.reshape(-1) * (1.0 if scale is None else scale[h:].double())
-    return out
 
 
 def _cat(parts: list[Stats]) -> Stats:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from entropylens.core.lse import MASKED
 from entropylens.errors import UserError
 
 
@@ -72,6 +73,17 @@ class Lens:
             z = F.linear(x.to(dt), self.W.to(dt)) * s.reshape(x.shape[:-1])[..., None]
             z = z if bias is None else z + bias
         return z if not self.softcap else self.softcap * torch.tanh(z / self.softcap)
+
+
+def finish_logits(z: torch.Tensor, lens: Lens, scale: torch.Tensor | None, c0: int) -> torch.Tensor:
+    """Raw chunk logits (R, C) of ids [c0, c0 + C) -> final logits, in place: row scale, bias, soft-cap."""
+    if scale is not None:
+        z.mul_(scale[:, None])
+    if lens.bias is not None:
+        z.add_(lens.bias[c0 : c0 + z.shape[1]].to(z.device, z.dtype).clamp_min(MASKED))
+    if lens.softcap:
+        z.div_(lens.softcap).tanh_().mul_(lens.softcap)
+    return z
 
 
 def softcap_of(config) -> float | None:
