@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="1.5b", help="which Qwen2.5-Coder")
     p.add_argument("--gguf", default=None, help="where to write the .gguf (cache/models/qwen2.5-coder-SIZE.gguf)")
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True, help="trace after assembling")
-    p.add_argument("--prompts", default="/work/shared/data/verl-math/math500.parquet")
+    p.add_argument("--prompts", default="../shared/data/verl-math/math500.parquet")
     p.add_argument("--limit", default="8", help="prompts to trace (the SmolLM2 study's 8)")
     p.add_argument("--max-new-tokens", default="32")
     p.add_argument("--positions", default="response", help="all | response (decode only response positions)")
