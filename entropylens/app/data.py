@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from entropylens.app.cache import memo, run_cached
 from entropylens import store
 from entropylens.errors import UserError
-from entropylens.store import read_manifest, resolve_run  # noqa: F401  (resolve_run is re-exported to the views)
+from entropylens.store import read_manifest
 from entropylens.store.cache import Cache
 
 RUN_COLUMNS = ["run_id", "model", "architecture", "layers", "prompts", "tokens", "lens", "date", "status",

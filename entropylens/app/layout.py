@@ -7,7 +7,8 @@ from urllib.parse import parse_qs
 
 from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html
 
-from entropylens.app.data import list_runs, resolve_run, usable
+from entropylens.app.data import list_runs, usable
+from entropylens.store import resolve_run
 from entropylens.app.views import flows, grid, outcome, tokens, training
 from entropylens.errors import UserError
 

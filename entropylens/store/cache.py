@@ -28,12 +28,6 @@ class Cache:
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r}, runs={str(self.runs)!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Cache) and (self.root, self.runs) == (other.root, other.runs)
-
-    def __hash__(self) -> int:
-        return hash((self.root, self.runs))
-
     def run_dir(self, run_id: str) -> Path:
         """Where run `run_id` lives (exists or not); `store.resolve_run` checks an existing one."""
         return self.runs / run_id

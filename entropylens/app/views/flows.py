@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html
 
 from entropylens.app.common import figure_block, register_view
-from entropylens.app.data import load_summary, read_manifest, resolve_run
+from entropylens.app.data import load_summary
+from entropylens.store import read_manifest, resolve_run
 from entropylens.analysis import figures
 from entropylens.errors import UserError
 from entropylens.analysis.figures import SITE_LABELS, outcomes_of

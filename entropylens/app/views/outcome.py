@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
 from entropylens.app.common import figure_block, register_view
-from entropylens.app.data import load_outcomes, outcome_stats, read_manifest, resolve_run
+from entropylens.app.data import load_outcomes, outcome_stats
+from entropylens.store import read_manifest, resolve_run
 from entropylens.errors import UserError
 from entropylens.analysis.figures import auroc_figure, outcome_diff_figure
 from entropylens.store.schema import model_name

@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html, no_update
 
 from entropylens.app.common import figure_block, prompt_lens_site, register_prompt_lens, register_view
-from entropylens.app.data import read_entropy, read_tokens, resolve_run, sequence_vocab
+from entropylens.app.data import read_entropy, read_tokens, sequence_vocab
+from entropylens.store import resolve_run
 from entropylens.errors import UserError
 from entropylens.analysis.figures import SITE_LABELS, heatmap_figure, show_token
 from entropylens.store.schema import model_name

@@ -11,7 +11,8 @@ from dash import Dash, dcc, html
 from plotly.subplots import make_subplots
 
 from entropylens.app.common import figure_block, register_view
-from entropylens.app.data import load_metrics, load_summary, read_manifest, resolve_run
+from entropylens.app.data import load_metrics, load_summary
+from entropylens.store import read_manifest, resolve_run
 from entropylens.app.views.flows import ROLE_OPTIONS
 from entropylens.errors import UserError
 from entropylens.analysis.figures import SITE_COLORS, SITE_LABELS, TEMPLATE, two_line_title
