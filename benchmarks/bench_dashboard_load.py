@@ -3,8 +3,8 @@
 Starts each server on 127.0.0.1 over a synthetic 10 M-row, 40-layer run (benchmarks/bench_dashboard.py's
 generator), drives N concurrent clients through the real Dash callback endpoints (the POSTs a browser sends
 when it lists runs, switches the focus run, the outcome filter, prompts, sites, layers and clicks a cell) for a
-fixed time, and prints requests/s, p50/p95/p99 latency, errors and the server's peak RSS (all its processes),
-side by side. Meanwhile a real `entropylens trace` (a tiny random model) writes a new run into the same
+fixed time, and prints requests/s, p50/p95/p99 latency, errors and the server's peak RSS and PSS (all its
+processes), side by side. Meanwhile a real `entropylens trace` (a tiny random model) writes a new run into the same
 cache: clients must never get data of it while it is `running`, and it must appear, complete and drawable,
 after it finishes. The development server is the previous `entropylens app`: Werkzeug, threaded, debug off.
 
@@ -206,18 +206,21 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
     raise RuntimeError("server did not come up")
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) summed over the server and its workers. RSS counts the pages the workers share with the
+    master (the app, loaded once before forking) once per process; PSS splits them, so it is the memory used."""
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0
+    rss = pss = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            rss, pss = rss + info.rss, pss + info.pss
         except psutil.Error:
             pass
-    return total
+    return rss, pss
 
 
 def start_server(kind: str, cache: Path, port: int, workers: str, threads: int) -> subprocess.Popen:
@@ -255,11 +258,11 @@ def run_one(kind: str, args, model: Path, tag: str) -> dict:
     try:
         _wait_ready(port, proc)
         writer_run = f"load-writer-{tag}"
-        ps, peak, stop = psutil.Process(proc.pid), [0], threading.Event()
+        ps, peak, stop = psutil.Process(proc.pid), [0, 0], threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
-                peak[0] = max(peak[0], _tree_rss(ps))
+                peak[:] = map(max, peak, _tree_memory(ps))
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample)
@@ -306,7 +309,8 @@ def run_one(kind: str, args, model: Path, tag: str) -> dict:
     stale = [t for t, s in seen if s != "complete" and done_at is not None and t > done_at + 1.0]
     return {"server": kind, "requests": len(lat), "rps": len(lat) / elapsed, "p50": np.percentile(lat, 50),
             "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99), "errors": len(errors),
-            "error_examples": errors[:3], "peak_rss_gib": peak[0] / 2**30, "retries": sum(r["retries"] for r in recs),
+            "error_examples": errors[:3], "peak_rss_gib": peak[0] / 2**30, "peak_pss_gib": peak[1] / 2**30,
+            "retries": sum(r["retries"] for r in recs),
             "writer": (None if writer is None else
                        {"statuses_seen": sorted(statuses), "stale_listings": len(stale),
                         "after_completion": after or "listed complete and drawn in full"}),
@@ -351,7 +355,7 @@ def main() -> None:
             w = r["writer"]
             print(f"round {rep + 1} {kind:8s} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f}  p95 {r['p95']:6.0f}  "
                   f"p99 {r['p99']:6.0f} ms  errors {r['errors']}/{r['requests']} (reconnects {r['retries']})  "
-                  f"peak RSS {r['peak_rss_gib']:.2f} GiB"
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB (PSS {r['peak_pss_gib']:.2f})"
                   + (f"\n    writer run: listed as {w['statuses_seen']} during the reads, stale listings "
                      f"{w['stale_listings']}, after completion: {w['after_completion']}" if w else ""),
                   flush=True)
@@ -362,7 +366,7 @@ def main() -> None:
     print("\nsummary (median [min, max] over rounds):")
     for kind in kinds:
         rs = [r for r in results if r["server"] == kind]
-        for key in ("rps", "p50", "p99", "peak_rss_gib"):
+        for key in ("rps", "p50", "p95", "p99", "peak_rss_gib", "peak_pss_gib"):
             vals = [r[key] for r in rs]
             print(f"  {kind:8s} {key:13s} {statistics.median(vals):8.2f} [{min(vals):.2f}, {max(vals):.2f}]")
     if set(kinds) >= {"gunicorn", "dev"}:

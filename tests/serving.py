@@ -107,3 +107,25 @@ class Served:
             pass
         self._out.close()
         return self.log.read_text()
+
+
+def dash_call(client, output: str, inputs, state=()) -> dict:
+    """POST one callback to a Dash test client, as the browser would; the response must be a 200.
+
+    `output` is "id.prop", or several joined by spaces for a multi-output callback."""
+    outs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.split()]
+    name = f"..{'...'.join(output.split())}.." if len(outs) > 1 else output
+    body = {"output": name, "outputs": outs if len(outs) > 1 else outs[0],
+            "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
+            "state": [{"id": i, "property": p, "value": v} for i, p, v in state], "changedPropIds": []}
+    r = client.post("/_dash-update-component", json=body)
+    assert r.status_code == 200, r.data[:500]
+    return r.get_json()["response"]
+
+
+FLOW_IN = [("flow-lens", "value", "bupo"), ("flow-role", "value", "response"), ("flow-spread", "value", "std"),
+           ("flow-sites", "value", ["layer"]), ("outcome", "value", "all")]
+
+
+def flow_figure(client, run_id: str) -> dict:
+    return dash_call(client, "flow-graph.figure", [("focus-run", "value", run_id)] + FLOW_IN)["flow-graph"]["figure"]

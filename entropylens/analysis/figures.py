@@ -25,42 +25,9 @@ from entropylens.analysis.intervals import normal_ci95
 from entropylens.analysis.outcomes import H_SITES
 from entropylens.store.schema import model_name
 from entropylens.analysis.stages import READINGS, StageConfig, boundary_layer
-
-TEMPLATE = "plotly_white"
-SITE_COLORS = {"layer": "#222222", "attn_in": "#9ecae1", "attn": "#1f77b4", "ffn_in": "#fdae6b", "ffn": "#e6550d"}
-SITE_LABELS = {"layer": "layer H^l", "attn_in": "attention input", "attn": "attention A^l",
-               "ffn_in": "FFN input", "ffn": "FFN F^l"}
-FAMILY_COLORS = {"llama": "#1f77b4", "qwen3": "#d62728", "qwen2": "#ff7f0e", "qwen": "#d62728",
-                 "mistral": "#9467bd", "gemma": "#2ca02c", "gemma2": "#2ca02c", "gpt2": "#7f7f7f"}
-_FALLBACK = ["#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
-READING_COLORS = {"exploration": "#e6550d", "integration": "#9e9e9e", "convergence": "#3182bd"}
-OUTCOME_STYLE = {"all": ("solid", "#444444"), "correct": ("solid", "#2ca02c"), "wrong": ("dash", "#d62728")}
-CI95 = "95 % interval"  # what every error bar on a mean is; the axis titles say so
-DH_AXIS = f"mean ΔH ± {CI95} (nats)"
-
-
-def family_color(family: str) -> str:
-    """Fixed colour for a model family, so Llama is the same blue in every figure."""
-    return FAMILY_COLORS.get(family, _FALLBACK[sum(map(ord, family or "?")) % len(_FALLBACK)])
-
-
-def two_line_title(main: str, detail: str = "") -> dict:
-    """A title whose details sit on a smaller second line (long model + lens + role + band titles fit)."""
-    return {"text": f"{main}<br><sup>{detail}</sup>" if detail else main, "x": 0.01, "xanchor": "left"}
-
-
-def _dtick(n_layers: int) -> int | None:
-    return 1 if n_layers <= 40 else None
-
-
-def _tokens(role: str, outcome: str | None = "all") -> str:
-    return f"{role} tokens" + ("" if outcome in (None, "all") else f" · {outcome} responses")
-
-
-def outcomes_of(outcome: str | None) -> list[str]:
-    """The summary outcomes a selector value draws: `both` overlays correct and wrong."""
-    return ["correct", "wrong"] if outcome == "both" else [outcome or "all"]
+from entropylens.analysis.style import (CI95, DASHES, DH_AXIS, FAMILY_COLORS, OUTCOME_STYLE,  # noqa: F401 (re-exported)
+                                        READING_COLORS, SITE_COLORS, SITE_LABELS, TEMPLATE, family_color, hline,
+                                        layer_dtick, outcomes_of, tokens_label, two_line_title, vline)
 
 
 def flow_figure(s: pd.DataFrame, m: dict, run_id: str, lens: str, role: str, sites=("layer", "attn", "ffn"),
@@ -69,38 +36,37 @@ def flow_figure(s: pd.DataFrame, m: dict, run_id: str, lens: str, role: str, sit
     """Entropy flow (paper Fig. 2): mean entropy per layer of each site with a band of the tokens (IQR or
     ± 1 std), log V and the collapse threshold; `both`: correct solid, wrong dashed, no bands.
     `s`: summary rows of one lens and role (any outcomes), `m`: the run's manifest."""
-    fig = go.Figure()
+    traces = []
     for site, oc in ((x, o) for x in sites for o in outcomes_of(outcome)):
         d = s[(s["quantity"] == f"H_{site}") & (s["outcome"] == oc)].dropna(subset=["mean"]).sort_values("layer")
         if d.empty or d["count"].eq(0).all():
             continue
         color = SITE_COLORS[site]
         if outcome == "both":
-            fig.add_trace(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=f"{SITE_LABELS[site]} · "
+            traces.append(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=f"{SITE_LABELS[site]} · "
                                      f"{oc}", line={"color": color, "width": 2.5, "dash": OUTCOME_STYLE[oc][0]},
                                      marker={"size": 5}, hovertemplate=f"layer %{{x}}<br>H = %{{y:.3f}} nats ({oc}, "
                                      f"{int(d['count'].max())} tokens)<extra>{site}</extra>"))
             continue
         lo, hi = (d["mean"] - d["std"], d["mean"] + d["std"]) if spread == "std" else (d["q25"], d["q75"])
-        fig.add_trace(go.Scatter(x=pd.concat([d["layer"], d["layer"][::-1]]), y=pd.concat([hi, lo[::-1]]),
+        traces.append(go.Scatter(x=pd.concat([d["layer"], d["layer"][::-1]]), y=pd.concat([hi, lo[::-1]]),
                                  fill="toself", fillcolor=color, opacity=0.15, line={"width": 0},
                                  hoverinfo="skip", showlegend=False, name=f"{site} band"))
-        fig.add_trace(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=SITE_LABELS[site],
+        traces.append(go.Scatter(x=d["layer"], y=d["mean"], mode="lines+markers", name=SITE_LABELS[site],
                                  line={"color": color, "width": 2.5}, marker={"size": 5},
                                  hovertemplate="layer %{x}<br>H = %{y:.3f} nats<extra>" + site + "</extra>"))
     log_v = math.log(m["model"]["vocab_size"])
-    fig.add_hline(y=log_v, line={"dash": "dot", "color": "#888"}, annotation_text="log V",
-                  annotation_position="bottom right")
-    fig.add_hline(y=collapse_frac * log_v, line={"dash": "dash", "color": "#2ca02c"},
-                  annotation_text=f"{collapse_frac:.0%} of log V")
+    top, top_label = hline(log_v, {"dash": "dot", "color": "#888"}, "log V", below=True)
+    low, low_label = hline(collapse_frac * log_v, {"dash": "dash", "color": "#2ca02c"}, f"{collapse_frac:.0%} of log V")
     band = ("correct solid, wrong dashed" if outcome == "both" else
             "band: ± 1 std of the tokens" if spread == "std" else "band: IQR of the tokens")
-    fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
-                      title=two_line_title(f"Entropy flow of the internal policies — {model_name(m['model'])}",
-                                           f"run {run_id} · lens {lens} · {_tokens(role, outcome)} · mean, {band}"),
-                      xaxis_title="layer l (0 = embedding)", yaxis_title="mean entropy H (nats)")
-    fig.update_xaxes(dtick=_dtick(m["model"]["n_layers"]))
-    return fig
+    return go.Figure(traces, layout={
+        "template": TEMPLATE, "legend": {"orientation": "h", "y": -0.15}, "shapes": [top, low],
+        "annotations": top_label + low_label,
+        "title": two_line_title(f"Entropy flow of the internal policies — {model_name(m['model'])}",
+                                f"run {run_id} · lens {lens} · {tokens_label(role, outcome)} · mean, {band}"),
+        "xaxis": {"title": {"text": "layer l (0 = embedding)"}, "dtick": layer_dtick(m["model"]["n_layers"])},
+        "yaxis": {"title": {"text": "mean entropy H (nats)"}}})
 
 
 def _note(fig: go.Figure, text: str, x: float, xref: str) -> None:
@@ -139,10 +105,10 @@ def delta_figure(per_layer: pd.DataFrame | list[dict], m: dict, run_id: str, len
         _note(fig, "no layer with FFN ΔH > 0", 0.01, "x2 domain")
     fig.update_layout(template=TEMPLATE, barmode="overlay", legend={"orientation": "h", "y": -0.12},
                       title=two_line_title(f"Entropy change per layer — {model_name(m['model'])}",
-                                           f"run {run_id} · lens {lens} · {_tokens(role, outcome)} · |ΔH| ≤ {band:g} "
+                                           f"run {run_id} · lens {lens} · {tokens_label(role, outcome)} · |ΔH| ≤ {band:g} "
                                            f"nats reads as integration · bars: {CI95} 1.96·std/√n over tokens"))
     fig.update_yaxes(title_text=DH_AXIS)
-    fig.update_xaxes(title_text="layer l", dtick=_dtick(m["model"]["n_layers"]), row=2, col=1)
+    fig.update_xaxes(title_text="layer l", dtick=layer_dtick(m["model"]["n_layers"]), row=2, col=1)
     return fig
 
 
@@ -165,7 +131,7 @@ def delta_outcomes_figure(s: pd.DataFrame, m: dict, run_id: str, lens: str, role
                                            f"run {run_id} · lens {lens} · {role} tokens · {CI95} over tokens (the "
                                            "'Right vs wrong' tab has intervals over responses)"))
     fig.update_yaxes(title_text=DH_AXIS)
-    fig.update_xaxes(title_text="layer l", dtick=_dtick(m["model"]["n_layers"]), row=2, col=1)
+    fig.update_xaxes(title_text="layer l", dtick=layer_dtick(m["model"]["n_layers"]), row=2, col=1)
     return fig
 
 
@@ -199,7 +165,7 @@ def families_figure(runs: list[tuple[str, dict, pd.DataFrame]], quantity: str, r
     fig.update_layout(template=TEMPLATE, legend={"orientation": "h", "y": -0.15},
                       title=two_line_title(f"Compare families on relative depth — {quantity}"
                                            + (" / log V" if normalise else ""),
-                                           f"lens {', '.join(lenses)} · {_tokens(role, outcome)} · colour = family"),
+                                           f"lens {', '.join(lenses)} · {tokens_label(role, outcome)} · colour = family"),
                       xaxis_title="relative depth l / L",
                       yaxis_title="normalised entropy H / log V" if normalise else "entropy H (nats)")
     if normalise:
@@ -268,32 +234,35 @@ def heatmap_figure(rows: pd.DataFrame, toks: pd.DataFrame, model_id: str, lens: 
     """Entropy (or ΔH) per token position and layer of one prompt: its entropy rows (position, layer,
     `<quantity>_<site>`) and its tokens (position, token_text, role)."""
     col = f"{quantity}_{site}"
-    z = rows.pivot(index="layer", columns="position", values=col).sort_index()
-    z = z.reindex(columns=toks["position"])
+    layers = np.sort(rows["layer"].unique())  # (L,)
+    t = pd.Index(toks["position"]).get_indexer(rows["position"])  # each row's token column; -1: not a token shown
+    li, ok = np.searchsorted(layers, rows["layer"]), t >= 0
+    z = np.full((len(layers), len(toks)), np.nan, dtype=rows[col].dtype)  # (L, T); cells without a row stay NaN
+    z[li[ok], t[ok]] = rows[col].to_numpy()[ok]
     # Categorical x labels "t: text" carry the token text to the axis and the hover without a
     # per-cell string array (41k hover strings would triple the callback's JSON time).
     labels = [f"{p}: {show_token(t)}" for p, t in zip(toks["position"], toks["token_text"])]
     is_dh = quantity == "dH"
-    fig = go.Figure(go.Heatmap(
-        z=z.to_numpy(), x=labels, y=z.index,
+    heat = go.Heatmap(
+        z=z, x=labels, y=layers,
         colorscale="RdBu_r" if is_dh else "Viridis", zmid=0 if is_dh else None,
         colorbar={"title": {"text": "ΔH (nats)" if is_dh else "H (nats)"}},
-        hovertemplate="position %{x}<br>layer %{y}<br>" + ("ΔH" if is_dh else "H") + " = %{z:.3f} nats<extra></extra>"))
+        hovertemplate="position %{x}<br>layer %{y}<br>" + ("ΔH" if is_dh else "H") + " = %{z:.3f} nats<extra></extra>")
     step = max(1, int(np.ceil(len(labels) / MAX_TICK_LABELS)))
-    fig.update_xaxes(type="category", tickmode="array", tickvals=labels[::step], ticktext=labels[::step],
-                     tickangle=-60, title_text="position t: token (its row predicts t+1)")
-    fig.update_yaxes(title_text="layer l", dtick=1 if len(z.index) <= 41 else None)
+    shapes, notes = [], []
     resp = toks.loc[toks["role"] == "response", "position"]
     if not resp.empty:
         first_generated = int(resp.min()) + 1  # rows from resp.min() on predict generated tokens
-        fig.add_vline(x=first_generated - 0.5, line={"color": "#ffffff", "width": 3, "dash": "dash"})
-        fig.add_annotation(text="generated response →", x=first_generated - 0.5, y=1.04, yref="paper",
-                           showarrow=False, xanchor="left")
-    fig.update_layout(template=TEMPLATE, margin={"b": 120},
-                      title=two_line_title(f"{'ΔH' if is_dh else 'Entropy'} per token and layer — {SITE_LABELS[site]}"
-                                           f" · {model_id}", f"lens {lens} · prompt {prompt_idx} · click a cell for "
-                                           "the top-1 tokens"))
-    return fig
+        shapes.append(vline(first_generated - 0.5, {"color": "#ffffff", "width": 3, "dash": "dash"}))
+        notes.append({"text": "generated response →", "x": first_generated - 0.5, "y": 1.04, "yref": "paper",
+                      "showarrow": False, "xanchor": "left"})
+    return go.Figure(heat, layout={
+        "template": TEMPLATE, "margin": {"b": 120}, "shapes": shapes, "annotations": notes,
+        "title": two_line_title(f"{'ΔH' if is_dh else 'Entropy'} per token and layer — {SITE_LABELS[site]}"
+                                f" · {model_id}", f"lens {lens} · prompt {prompt_idx} · click a cell for the top-1 tokens"),
+        "xaxis": {"type": "category", "tickmode": "array", "tickvals": labels[::step], "ticktext": labels[::step],
+                  "tickangle": -60, "title": {"text": "position t: token (its row predicts t+1)"}},
+        "yaxis": {"title": {"text": "layer l"}, "dtick": 1 if len(layers) <= 41 else None}})
 
 
 def _responses(t: pd.DataFrame) -> str:

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+from entropylens.errors import UserError
 from entropylens.store.cache import Cache
+from entropylens.store.folder import read_manifest
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -124,6 +126,33 @@ def cache_version(cache: Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     return tuple((name, manifest_mtime(root / name)) for name in names)
 
 
+def _status(run_dir: Path) -> str:
+    try:
+        status = read_manifest(run_dir).get("status")
+    except UserError:
+        return "unreadable"
+    return status if isinstance(status, str) else "unreadable"
+
+
+def figure_version(cache: Path) -> tuple[tuple[str, str, tuple[int, int, int] | None], ...]:
+    """What a figure of `cache` can depend on: every run's status, and the manifest version of the complete ones.
+
+    Views draw only complete runs (anything else is a message naming its status), so a figure changes when a run
+    appears, goes, changes status or is re-traced, never while a running run rewrites its manifest: a trace
+    writing into the cache does not make every reader's figures cold again. A manifest is read once per version."""
+    root = Cache.of(cache).runs
+    out = []
+    for name, version in cache_version(cache):
+        status = CACHE.get(("status", str(root / name), version), lambda name=name: _status(root / name))
+        out.append((name, status, version if status == "complete" else None))
+    return tuple(out)
+
+
 def memo(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
-    """`load()` once per `key` while no run of `cache` changes (a figure built from complete runs only)."""
+    """`load()` once per `key` while no run of `cache` changes (cache_version: a stat per run)."""
     return CACHE.get(("memo", str(cache), cache_version(cache), key), load)
+
+
+def memo_figure(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
+    """`load()` once per `key` while no run of `cache` changes what a figure can show (figure_version)."""
+    return CACHE.get(("figure", str(cache), figure_version(cache), key), load)

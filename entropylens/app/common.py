@@ -67,44 +67,49 @@ def register_prompt_lens(app: Dash, cache: Path, view: str) -> None:
 
 def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.DataFrame]],
                   inputs: list[tuple[str, str]], target: tuple[str, str] = ("graph", "figure"),
-                  message: Callable[[str], object] = message_figure, memo: Path | None = None) -> None:
+                  message: Callable[[str], object] = message_figure, memo: Path | None = None,
+                  canonical: Callable[[tuple], tuple] | None = None) -> None:
     """Wire `build(*values) -> (figure, data)` to the view's graph and its CSV download.
 
     The CSV callback rebuilds the same data from the same inputs, so what you download is
     exactly what is plotted; user mistakes (UserError) are shown in the figure. A table view
     passes `target=("panel", "children")` and a `message` that renders the error as text. With `memo` (the
-    cache folder) results are kept per inputs until a run there changes (app.cache.memo): only for views
-    that read complete runs, whose files never change while the manifest stays the same.
+    cache folder) figures are kept per inputs until a run there changes (app.cache.memo_figure): only for views
+    that read complete runs, whose files never change while the manifest stays the same; a run that is still
+    being written does not invalidate them (app.cache.figure_version). Only the figure is kept: the data behind
+    it (a heatmap's is ~10 MB of token rows) is rebuilt for the rare download. `canonical` maps inputs that draw
+    the same figure (a checklist ticked in another order) to one value, so they share it.
     """
 
     def compute(*values):
+        if canonical is not None:
+            values = canonical(values)
         try:
             return build(*values)
         except UserError as e:
             return message(str(e)), pd.DataFrame()
 
-    def safe(*values):
+    def figure(*values):
         if memo is None:
-            return compute(*values)
-        from entropylens.app.cache import memo as cached
+            return compute(*values)[0]
+        from entropylens.app.cache import memo_figure
 
-        key = (view, json.dumps(values, sort_keys=True, default=str))
-        return cached(memo, key, lambda: _plain(compute(*values)))
+        key = (view, json.dumps(values if canonical is None else canonical(values), sort_keys=True, default=str))
+        return memo_figure(memo, key, lambda: _plain(compute(*values)[0]))
 
     @app.callback(Output(f"{view}-{target[0]}", target[1]), [Input(c, p) for c, p in inputs])
     def _figure(*values):
-        return safe(*values)[0]
+        return figure(*values)
 
     @app.callback(Output(f"{view}-download", "data"), Input(f"{view}-csv", "n_clicks"),
                   [State(c, p) for c, p in inputs], prevent_initial_call=True)
     def _csv(n_clicks, *values):
-        df = safe(*values)[1]
+        df = compute(*values)[1]
         if df.empty:
             return no_update
         return dcc.send_data_frame(df.to_csv, f"entropylens-{view}.csv", index=False)
 
 
-def _plain(result: tuple[object, pd.DataFrame]) -> tuple[object, pd.DataFrame]:
-    """A Plotly figure as its JSON-ready dict (what Dash sends; its size is countable), the rest as is."""
-    fig, df = result
-    return (fig.to_plotly_json() if isinstance(fig, go.Figure) else fig), df
+def _plain(fig: object) -> object:
+    """A Plotly figure as its JSON-ready dict (what Dash sends; its size is countable), anything else as is."""
+    return fig.to_plotly_json() if isinstance(fig, go.Figure) else fig

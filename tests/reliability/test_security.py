@@ -15,7 +15,7 @@ from harness import one_line, run_main
 from entropylens.errors import UserError
 from entropylens.model.load import load_model
 from synthetic import SyntheticRun, write_run
-from test_concurrency import dash_call, flow_figure
+from serving import dash_call, flow_figure
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 
 from harness import one_line, run_main
-from serving import Served
+from serving import Served, dash_call, flow_figure
 from synthetic import SyntheticRun, write_run
-from test_concurrency import dash_call, flow_figure
 
 TOKEN = "s3cret-Token-for-tests-0123456789"
 RUNS_BODY = [b"good", b"other"]  # run ids that must not appear in an answer to an unauthorised request

@@ -51,6 +51,12 @@ def stage_config(band: float | None, role: str, collapse_frac: float | None = St
     return cfg
 
 
+def site_order(sites: list[str] | None) -> list[str]:
+    """The ticked sites in the figures' order (the layer, then each branch's input and output), whatever order
+    they were ticked in: the legend reads the same, and the dashboard draws the figure once."""
+    return [s for s in SITE_LABELS if s in (sites or [])]
+
+
 def build_flow(cache: Path, run_id: str | None, lens: str, role: str, spread: str,
                sites: list[str], outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
     """Mean entropy per layer of each chosen site with a std or IQR band (`both`: correct solid, wrong dashed)."""
@@ -210,7 +216,8 @@ def register(app: Dash, cache: Path) -> None:
 
     register_view(app, "flow", lambda *a: build_flow(cache, *a),
                   [("focus-run", "value"), ("flow-lens", "value"), ("flow-role", "value"),
-                   ("flow-spread", "value"), ("flow-sites", "value"), ("outcome", "value")], memo=cache)
+                   ("flow-spread", "value"), ("flow-sites", "value"), ("outcome", "value")], memo=cache,
+                  canonical=lambda v: (*v[:4], site_order(v[4]), *v[5:]))
     register_view(app, "dh", lambda *a: build_dh(cache, *a),
                   [("focus-run", "value"), ("dh-lens", "value"), ("dh-role", "value"), ("dh-band", "value"),
                    ("outcome", "value")], memo=cache)
