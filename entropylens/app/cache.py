@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+
+from entropylens.app.figstore import FigureStore
 from entropylens.errors import UserError
 from entropylens.store.cache import Cache
 from entropylens.store.folder import read_manifest
@@ -89,12 +91,14 @@ class ByteLRU:
 
 
 CACHE = ByteLRU(DEFAULT_BYTES)
+FIGURES: FigureStore | None = None  # figures shared with the server's other workers (app.figstore), if any
 
 
-def configure(limit_bytes: int) -> None:
-    """Set this process's cache limit (the server does it before forking its workers)."""
+def configure(limit_bytes: int, figures: FigureStore | None = None) -> None:
+    """Set this process's cache limit and the shared figure store (the server does it before forking)."""
+    global FIGURES
     CACHE.clear()
-    CACHE.limit = int(limit_bytes)
+    CACHE.limit, FIGURES = int(limit_bytes), figures
 
 
 def manifest_mtime(run_dir: Path) -> tuple[int, int, int]:
@@ -154,5 +158,8 @@ def memo(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
 
 
 def memo_figure(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
-    """`load()` once per `key` while no run of `cache` changes what a figure can show (figure_version)."""
-    return CACHE.get(("figure", str(cache), figure_version(cache), key), load)
+    """`load()` once per `key` while no run of `cache` changes what a figure can show (figure_version): once
+    per server when its workers share a FigureStore, else once per process. `load` returns a JSON-ready value."""
+    full = ("figure", str(cache), figure_version(cache), key)
+    store = FIGURES
+    return CACHE.get(full, load if store is None else lambda: store.get(full, load))

@@ -52,6 +52,7 @@ class AppConfig:
                                  shown="auto")
     threads: int = option(4, "threads per worker (a slow callback does not block the others)")
     cache_mb: int = option(1024, "per-worker cache of the tables the callbacks read, MiB (LRU by bytes)")
+    figures_mb: int = option(256, "drawn figures the workers share (JSON files in a private temporary folder), MiB")
     timeout: int = option(120, "seconds a request may take before its worker is restarted")
     token: str | None = option(None, f"shared token every request must carry (login form / ?token= link); "
                                f"required beyond loopback; prefer the {TOKEN_ENV} variable (not shown by ps)")
@@ -75,8 +76,9 @@ class AppConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
-        if self.cache_mb < 0:
-            raise UserError(f"--cache-mb must be >= 0, got {self.cache_mb}")
+        for name in ("cache_mb", "figures_mb"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         token = self.resolved_token()
         if token is None and not is_loopback(self.host):
             raise UserError(f"--host {self.host} serves every run to anyone who can reach the port: pass --token "

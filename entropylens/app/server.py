@@ -4,7 +4,8 @@ Why gunicorn: the callbacks are CPU-bound Python (Plotly figures, JSON), so one 
 (waitress, Werkzeug) is held to one core by the GIL; gunicorn's pre-forked workers (gthread: threads
 inside each) use every core, restart a worker that hangs, and are the maintained, widely deployed choice on
 Linux/macOS. The app is built once in the master before forking (shared pages of memory); each worker
-then has its own byte-bounded table cache (app.cache).
+then has its own byte-bounded table cache (app.cache), and the workers share the figures they draw
+(app.figstore).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dash
 from entropylens.app import layout
 from entropylens.app.cache import MiB, configure
 from entropylens.app.config import AppConfig, is_loopback
+from entropylens.app.figstore import FigureStore
 from entropylens.errors import UserError
 from entropylens.store.cache import Cache
 
@@ -102,7 +104,8 @@ def serve(cfg: AppConfig | Path | str, host: str = "127.0.0.1", port: int = 8050
     if not reloaded:
         _check_port(cfg.host, cfg.port)
     token = cfg.resolved_token()
-    configure(cfg.cache_mb * MiB)
+    # the development server is one process: nothing to share; gunicorn's workers share drawn figures
+    configure(cfg.cache_mb * MiB, None if cfg.dev or not cfg.figures_mb else FigureStore.create(cfg.figures_mb * MiB))
     app = create_app(cache, token)
     where = f"http://{cfg.host}:{cfg.port}/"
     guard = "token required (login form, or ?token=... once)" if token else "no token (loopback only)"
@@ -117,5 +120,5 @@ def serve(cfg: AppConfig | Path | str, host: str = "127.0.0.1", port: int = 8050
     opts = gunicorn_options(cfg)
     prepare(app)
     print(f"entropylens app: {where} · gunicorn, {opts['workers']} workers x {cfg.threads} threads, "
-          f"{cfg.cache_mb} MiB table cache each · {guard}", file=sys.stderr)
+          f"{cfg.cache_mb} MiB table cache each, {cfg.figures_mb} MiB of shared figures · {guard}", file=sys.stderr)
     run_gunicorn(app.server, opts)

@@ -78,3 +78,55 @@ def test_sites_ticked_in_any_order_draw_one_figure(tmp_path, monkeypatch):
     assert names == [figures.SITE_LABELS[s] for s in ("layer", "attn", "ffn")]
     flow(["ffn_in", "layer"])
     assert builds[-1] == ["layer", "ffn_in"]
+
+
+def test_workers_share_drawn_figures_through_the_store(tmp_path):
+    from entropylens.app.figstore import FigureStore
+
+    a, b = FigureStore(tmp_path, 1 << 20), FigureStore(tmp_path, 1 << 20)  # two workers, one folder
+    drawn = []
+    fig = {"data": [{"type": "scatter", "y": [1.5, 2.0]}], "layout": {"title": {"text": "H"}}}
+    assert a.get(("figure", "k"), lambda: drawn.append("a") or fig) == fig
+    assert b.get(("figure", "k"), lambda: drawn.append("b") or fig) == fig
+    assert drawn == ["a"] and not list(tmp_path.glob("*.tmp"))
+    a._path(("figure", "torn")).write_text('{"data": [')  # a torn file is redrawn, not served
+    assert b.get(("figure", "torn"), lambda: drawn.append("torn") or fig) == fig and drawn[-1] == "torn"
+
+
+def test_the_store_stays_within_its_bytes_oldest_first(tmp_path):
+    from entropylens.app import figstore
+
+    store = figstore.FigureStore(tmp_path, 40_000)
+    for i in range(3 * figstore.PRUNE_EVERY):
+        store.get(i, lambda i=i: {"i": i, "pad": "x" * 1000})
+        os.utime(store._path(i), (i, i))  # a clear age order
+    sizes = sum(p.stat().st_size for p in tmp_path.glob("*.json"))
+    assert sizes <= 40_000 and not store._path(0).exists() and store._path(3 * figstore.PRUNE_EVERY - 1).exists()
+
+
+def test_figures_from_the_store_answer_like_drawn_ones(tmp_path):
+    from entropylens.app import cache as app_cache
+    from entropylens.app.figstore import FigureStore
+    from entropylens.app.server import create_app
+    from serving import dash_call
+
+    cache = tmp_path / "cache"
+    write_run(cache, SyntheticRun("r", n_layers=3, seed=4))
+    calls = [("flow-graph.figure", [("focus-run", "value", "r"), ("flow-lens", "value", "bupo"),
+                                    ("flow-role", "value", "response"), ("flow-spread", "value", "iqr"),
+                                    ("flow-sites", "value", ["layer", "ffn"]), ("outcome", "value", "all")]),
+             ("heatmap-graph.figure", [("focus-run", "value", "r"), ("tokens-lens", "value", "bupo"),
+                                       ("tokens-prompt", "value", 1), ("tokens-site", "value", "ffn"),
+                                       ("tokens-quantity", "value", "dH")]),
+             ("stages-panel.children", [("focus-run", "value", "r"), ("dh-lens", "value", "bupo"),
+                                        ("dh-role", "value", "response"), ("dh-band", "value", 0.05),
+                                        ("stages-collapse", "value", 0.1)])]
+    answers = []
+    for store in (None, FigureStore(tmp_path / "shared", 1 << 24), FigureStore(tmp_path / "shared", 1 << 24)):
+        app_cache.configure(app_cache.DEFAULT_BYTES, store)  # drawn; drawn and stored; read from the store
+        client = create_app(cache).server.test_client()
+        answers.append([json.dumps(dash_call(client, out, ins), sort_keys=True) for out, ins in calls])
+        if store is not None:
+            assert len(list((tmp_path / "shared").glob("*.json"))) == len(calls)
+    app_cache.configure(app_cache.DEFAULT_BYTES)
+    assert answers[0] == answers[1] == answers[2]
