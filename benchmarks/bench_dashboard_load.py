@@ -6,7 +6,8 @@ when it lists runs, switches the focus run, the outcome filter, prompts, sites, 
 fixed time, and prints requests/s, p50/p95/p99 latency, errors and the server's peak RSS and PSS (all its
 processes), side by side. Meanwhile a real `entropylens trace` (a tiny random model) writes a new run into the same
 cache: clients must never get data of it while it is `running`, and it must appear, complete and drawable,
-after it finishes. The development server is the previous `entropylens app`: Werkzeug, threaded, debug off.
+after it finishes. `dev` is Dash's development server on the same app (Werkzeug, threaded, debug off);
+`dev-nocache` the same with the table cache at 0 bytes, as `entropylens app` served before it had caches.
 
     nice -n 5 python benchmarks/bench_dashboard_load.py --clients 16 --seconds 60 [--repeats 3]
 """
@@ -38,7 +39,10 @@ from bench_dashboard import BIG, SMALL, build  # noqa: E402
 from entropylens.store.cache import Cache  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-DEV = ("import sys; from pathlib import Path; from entropylens.app.server import create_app; "
+# Dash's development server (Werkzeug, threaded, debug off) on the same app; `dev-nocache` with the table cache
+# at 0 bytes (every callback reads and draws afresh), as `entropylens app` served before it had caches
+DEV = ("import sys; from pathlib import Path; from entropylens.app.cache import configure; "
+       "from entropylens.app.server import create_app; configure(int(sys.argv[3])); "
        "create_app(Path(sys.argv[1])).run(host='127.0.0.1', port=int(sys.argv[2]), debug=False)")
 SITES = ["layer", "attn", "ffn", "attn_in", "ffn_in"]
 OUTCOMES = ["all", "correct", "wrong", "both"]
@@ -227,8 +231,10 @@ def start_server(kind: str, cache: Path, port: int, workers: str, threads: int) 
     if kind == "gunicorn":
         cmd = [sys.executable, "-m", "entropylens", "app", "--cache", str(cache), "--port", str(port),
                "--workers", workers, "--threads", str(threads)]
+    elif kind in ("dev", "dev-nocache"):
+        cmd = [sys.executable, "-c", DEV, str(cache), str(port), str(0 if kind == "dev-nocache" else 1024 << 20)]
     else:
-        cmd = [sys.executable, "-c", DEV, str(cache), str(port)]
+        raise SystemExit(f"error: unknown server {kind!r} (gunicorn, dev, dev-nocache)")
     # its log goes to a file: a pipe nobody reads fills up after ~64 kB of access lines and stalls the server
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=open(LOG, "w"), text=True)
 
@@ -337,7 +343,7 @@ def main() -> None:
     ap.add_argument("--workers", default="auto")
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--client-procs", type=int, default=4, help="processes the client threads are spread over")
-    ap.add_argument("--servers", default="gunicorn,dev")
+    ap.add_argument("--servers", default="gunicorn,dev", help="of gunicorn, dev, dev-nocache; each round runs each")
     ap.add_argument("--no-writer", dest="writer", action="store_false")
     args = ap.parse_args()
     if args.clients > 256 or args.seconds > 600 or args.repeats > 10:
@@ -353,7 +359,7 @@ def main() -> None:
             r = run_one(kind, args, model, f"{kind}-{rep}-{int(time.time())}")
             results.append(r)
             w = r["writer"]
-            print(f"round {rep + 1} {kind:8s} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f}  p95 {r['p95']:6.0f}  "
+            print(f"round {rep + 1} {kind:11s} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f}  p95 {r['p95']:6.0f}  "
                   f"p99 {r['p99']:6.0f} ms  errors {r['errors']}/{r['requests']} (reconnects {r['retries']})  "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB (PSS {r['peak_pss_gib']:.2f})"
                   + (f"\n    writer run: listed as {w['statuses_seen']} during the reads, stale listings "
@@ -368,10 +374,11 @@ def main() -> None:
         rs = [r for r in results if r["server"] == kind]
         for key in ("rps", "p50", "p95", "p99", "peak_rss_gib", "peak_pss_gib"):
             vals = [r[key] for r in rs]
-            print(f"  {kind:8s} {key:13s} {statistics.median(vals):8.2f} [{min(vals):.2f}, {max(vals):.2f}]")
-    if set(kinds) >= {"gunicorn", "dev"}:
-        ratios = [a["rps"] / b["rps"] for a, b in zip(results[0::2], results[1::2])]
-        print(f"  throughput gunicorn / dev per round: {', '.join(f'{x:.2f}' for x in ratios)}"
+            print(f"  {kind:11s} {key:13s} {statistics.median(vals):8.2f} [{min(vals):.2f}, {max(vals):.2f}]")
+    rounds = [results[i : i + len(kinds)] for i in range(0, len(results), len(kinds))]  # kinds' order, per round
+    for other in [k for k in kinds if k != "gunicorn"] if "gunicorn" in kinds else []:
+        ratios = [rd[kinds.index("gunicorn")]["rps"] / rd[kinds.index(other)]["rps"] for rd in rounds]
+        print(f"  throughput gunicorn / {other} per round: {', '.join(f'{x:.2f}' for x in ratios)}"
               f" (median {statistics.median(ratios):.2f})")
 
 
