@@ -113,7 +113,7 @@ def run_cached(run_dir: Path, what: Hashable, load: Callable[[], T]) -> T:
     return CACHE.get((str(run_dir), manifest_mtime(run_dir), what), load)
 
 
-def cache_version(cache: Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+def cache_version(cache: Cache | Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     """Every run folder of `cache` with its manifest's mtime: changes whenever any run appears, goes, completes
     or is re-traced (a stat per run, no reads)."""
     root = Cache.of(cache).runs
@@ -124,6 +124,6 @@ def cache_version(cache: Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     return tuple((name, manifest_mtime(root / name)) for name in names)
 
 
-def memo(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
+def memo(cache: Cache | Path, key: Hashable, load: Callable[[], T]) -> T:
     """`load()` once per `key` while no run of `cache` changes (a figure built from complete runs only)."""
     return CACHE.get(("memo", str(cache), cache_version(cache), key), load)

@@ -120,14 +120,15 @@ def _guarded(run_id: str, run_dir: Path) -> Iterator[None]:
 
 def _new_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool) -> RunWriter:
     """A RunWriter; a default (timestamped) name taken by a trace started in the same second gets a suffix."""
+    folders = cfg.folders()
     if resume or cfg.name is not None:
-        return RunWriter(cfg.cache, run_id, manifest, resume=resume)
+        return RunWriter(folders, run_id, manifest, resume=resume)
     for n in range(1, 100):
         rid = run_id if n == 1 else f"{run_id[:120]}-{n}"
         try:
-            return RunWriter(cfg.cache, rid, manifest)
+            return RunWriter(folders, rid, manifest)
         except UserError:
-            if not Cache.of(cfg.cache).run_dir(rid).exists():
+            if not folders.run_dir(rid).exists():
                 raise
     raise UserError(f"99 runs named {run_id}-*: pass --name")
 
@@ -143,7 +144,7 @@ def _open_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool, sh
     if shard is not None:
         shard.barrier()  # rank 0 has created the folder and cleared a killed run's half-written parts
         if writer is None:
-            writer = RunWriter.join(cfg.cache, run_id)
+            writer = RunWriter.join(cfg.folders(), run_id)
     return writer
 
 
@@ -159,13 +160,13 @@ def _load(cfg: TraceConfig, console, shard: Shard | None, loaded: LoadedModel | 
     return loaded, remote
 
 
-def config_from_run(cache: str, run_id: str) -> TraceConfig:
-    """The config a run was started with, for `--resume`."""
-    manifest = read_manifest(resolve_run(cache, run_id))
+def config_from_run(cache: str, run_id: str, runs_dir: str | None = None) -> TraceConfig:
+    """The config a run was started with, for `--resume` (found under `runs_dir`, default `<cache>/runs`)."""
+    manifest = read_manifest(resolve_run(Cache(cache, runs=runs_dir), run_id))
     if manifest.get("kind") != "trace" or "config" not in manifest:
         raise UserError(f"run {run_id!r} is not a resumable trace run")
     stored = {"topk": 0} | manifest["config"]  # a run from before top-K stored none: its resumed batches must match
-    return restore(TraceConfig, stored, cache=cache, name=run_id)
+    return restore(TraceConfig, stored, cache=cache, runs_dir=runs_dir, name=run_id)
 
 
 def _rank_device(device: str, shard: Shard | None) -> str:
@@ -194,6 +195,12 @@ def _records(loaded: LoadedModel, cfg: TraceConfig, seqs: Sequences, src: list[i
     return records
 
 
+def _stored_config(cfg: TraceConfig) -> dict:
+    """The manifest's `config`: what `--resume` rebuilds. Not the runs folder: a run may be moved, and is resumed
+    from wherever `--runs` finds it."""
+    return {k: v for k, v in asdict(cfg).items() if k != "runs_dir"} | {"sites": list(cfg.sites)}
+
+
 def _manifest(cfg: TraceConfig, engine: Engine, prompts: list[Prompt], refs: list, dropped: list[int],
               shard: Shard | None) -> dict:
     """The run's manifest as the trace starts (docs/storage.md); timings and checks are added at the end.
@@ -215,7 +222,7 @@ def _manifest(cfg: TraceConfig, engine: Engine, prompts: list[Prompt], refs: lis
         "shards": {"world_size": shard.world_size if shard else 1, "batch_to_rank": "batch mod world_size"},
         "long_prompts": {"mode": cfg.long_prompts, "truncated": [
             {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
-        "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
+        "versions": versions(), "config": _stored_config(cfg), "extra": cfg.extra,
         "topk": where["topk"], "decode_kernel": where["decode_kernel"],
     }
 
@@ -239,10 +246,11 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     t_start = time.perf_counter()
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, seed=cfg.seed, split=cfg.split)
     refs = trace_references(prompts, cfg.reward, cfg.bad_references)
+    runs = cfg.folders().runs
     try:  # fail before the slow model load, not after it
-        Cache.of(cfg.cache).runs.mkdir(parents=True, exist_ok=True)
+        runs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
+        raise UserError(f"runs folder {runs} is not writable: {e.strerror or e}") from None
     t0 = time.perf_counter()
     loaded, remote = _load(cfg, console, shard, loaded, remote)
     load_s = time.perf_counter() - t0
