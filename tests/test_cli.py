@@ -181,6 +181,46 @@ def test_a_missing_runs_folder_is_one_line(command, tmp_path, monkeypatch, capsy
     assert "Traceback" not in stdout + stderr
 
 
+def test_verbose_logs_the_decode_kernel_and_backend(tiny_folder, tmp_path):
+    """Diagnostics are logging records: `-v` shows INFO lines on stderr (the kernel and backend chosen among
+    them); without it stderr stays as it was (`--quiet`: empty)."""
+    args = ["trace", "--model", str(tiny_folder), "--limit", "1", "--max-new-tokens", "2", "--cache", str(tmp_path),
+            "--quiet"]
+    quiet = cli(*args, "--name", "plain")
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
+    loud = cli("-v", *args, "--name", "loud")
+    assert loud.returncode == 0, loud.stderr
+    kernel = [ln for ln in loud.stderr.splitlines() if ln.startswith("INFO ") and "decode kernel" in ln]
+    assert len(kernel) == 1 and "backend nnsight" in kernel[0], loud.stderr
+    assert "DEBUG" not in loud.stderr and "Traceback" not in loud.stderr
+
+
+
+def test_logging_is_configured_once_one_line_per_record_on_the_stderr_of_the_moment(capsys):
+    """A rich progress bar swaps sys.stderr while it runs: records follow it (and land above the bar)."""
+    import contextlib
+    import io
+    import logging
+
+    from entropylens.cli.logs import configure_logging
+
+    package, log = logging.getLogger("entropylens"), logging.getLogger("entropylens.probe")
+    swapped = io.StringIO()
+    try:
+        configure_logging(1)
+        configure_logging(2)  # replaces the first: one handler, DEBUG
+        log.debug("seen")
+        configure_logging(0)
+        log.info("hidden")
+        with contextlib.redirect_stderr(swapped):
+            log.warning("shown")
+        assert len(package.handlers) == 1
+    finally:
+        package.handlers.clear()
+        package.setLevel(logging.NOTSET)
+    assert capsys.readouterr().err.splitlines() == ["DEBUG entropylens.probe: seen"]
+    assert swapped.getvalue() == "WARNING entropylens.probe: shown\n"
+
 HEAVY = ("torch", "transformers", "plotly", "dash", "nnsight")
 HELP_PROBE = """
 import sys, time

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,8 @@ from entropylens.analysis.stages import layer_difference, pick_boundary_layer
 from entropylens.store import layer_table
 from entropylens.tracing.job import TraceConfig, run_trace
 from entropylens.store.cache import Cache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +133,8 @@ def choose_layer(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, progress:
     n_layers = loaded.info.n_layers
     if not 1 <= choice.layer <= n_layers:
         raise UserError(f"--layer {choice.layer} is out of range: the model has layers 1..{n_layers}")
+    log.info("layer k = %d of %d (--layer %s): %s%s", choice.layer, n_layers, mode, choice.evidence,
+             f"; trace {choice.trace_run}" if choice.trace_run else "")
     return choice
 
 
@@ -176,6 +181,9 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
                       max_new_tokens=t.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=t.reward,
                       seed=t.seed, enable_thinking=t.enable_thinking)
     before = distributed.main_only(acc, partial(_stored_before, run_dir)) if resume else None
+    if resume:
+        log.info("resume %s: %s", run_id, "base-model evaluation and traces kept (before.json)" if before else
+                 "no before.json: choosing k and evaluating the base model again")
     if before is None:
         before = distributed.main_only(acc, partial(_before_training, cfg, loaded, run_id, ecfg, eval_set, progress))
     k, evidence, layer_run, eval_base, base_name = (before.layer, before.evidence, before.layer_run,
@@ -185,7 +193,9 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
 
     bcfg = cfg.trainer_config(k, model_id=loaded.info.id, parent_run=base_name)
     ckpt = run_dir / "checkpoint"
-    if not (resume and _trained(run_dir)):
+    if resume and _trained(run_dir):
+        log.info("resume %s: training finished and its checkpoint is saved; evaluating it", run_id)
+    else:
         try:
             train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
                   model_info=loaded.info.to_dict(), resume=resume, finish=False)

@@ -1,6 +1,7 @@
 """Command line: `entropylens trace | runs | show | compare | report | app | bupo | bench` (README: Command line).
 
-Every user mistake is an `UserError`, printed as one line with exit code 2 — never a traceback.
+Every user mistake is an `UserError`, printed as one line with exit code 2 — never a traceback. Progress and
+results are rich output; diagnostics are `logging` records, shown from WARNING up unless `-v` asks for more.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rich.table import Table
 from entropylens.analysis.config import ReportConfig
 from entropylens.app.config import AppConfig
 from entropylens.bupo.config import BupoRunConfig
+from entropylens.cli.logs import configure_logging
 from entropylens.cli.output import out, print_bench, print_bupo, print_layer_table, print_outcome_table, print_run
 from entropylens.errors import UserError
 from entropylens.options import build, cli_options
@@ -23,6 +25,13 @@ from entropylens.tracing.config import BenchConfig, TraceConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.splitlines()[0])
 err = Console(stderr=True)
+
+
+@app.callback()
+def _global(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                        help="diagnostics on stderr: -v info (kernel, backend, batches, resume "
+                                             "decisions), -vv debug")) -> None:
+    configure_logging(verbose)
 
 
 def _reading(cache: str, runs_dir: str | None) -> Cache:

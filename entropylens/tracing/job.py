@@ -7,6 +7,7 @@ batch lives in entropylens.tracing.batch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import time
 from dataclasses import asdict
@@ -29,6 +30,8 @@ from entropylens.model.remote import RemoteModel, connect
 from entropylens.data.rewards import score, trace_references
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
 from entropylens.store.cache import Cache
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- prompts and memory
@@ -79,6 +82,8 @@ def check_memory(loaded: LoadedModel, cfg: TraceConfig, seq_len: int) -> None:
     """Refuse before the first batch when one batch cannot fit, suggesting a batch size that does."""
     dev = loaded.model.get_output_embeddings().weight.device  # the sites are decoded where W_U lives
     need, free = batch_bytes(loaded, cfg.batch_size, seq_len), available_bytes(dev)
+    log.debug("memory: a batch of %d x %d tokens needs ~%.2f GiB, %s has %.2f GiB free", cfg.batch_size, seq_len,
+              need / (1 << 30), dev, free / (1 << 30))
     if need <= free:
         return
     fits = (free - DEFAULT_BLOCK_BYTES) // (batch_bytes(loaded, 1, seq_len) - DEFAULT_BLOCK_BYTES)
@@ -270,6 +275,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     batches = [list(range(i, min(i + cfg.batch_size, len(prompts) * n)))
                for i in range(0, len(prompts) * n, cfg.batch_size)]
     sampler = GroupSampler(engine, prompt_ids, n) if n > 1 else None
+    log.info("run %s: %d prompts x %d samples = %d sequences in %d batches of <= %d%s", run_id, len(prompts), n,
+             len(prompts) * n, len(batches), cfg.batch_size,
+             f"; {len(done)} done before, {len(batches) - len(done)} to trace" if resume else "")
     worst_err, n_tok = 0.0, 0
     with _guarded(run_id, writer.run_dir), writer, Progress(
             TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -299,6 +307,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
             extra["shards"] = manifest["shards"] | {"timings_by_rank": [
                 {k: round(v, 3) for k, v in t.items()} for t in by_rank]}
         if main:
+            log.info("run %s: layer decode %s (worst additivity error %.1e); the exactness guard redid %d vectors in "
+                     "fp64%s", run_id, "additive" if worst_err < ADDITIVE_TOL and remote is None else "direct",
+                     worst_err, engine.redone, " on this rank" if shard is not None else "")
             timings["total_s"] = time.perf_counter() - t_start
             writer.update_manifest(
                 timings={k: round(v, 3) for k, v in timings.items()},
