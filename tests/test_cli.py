@@ -146,6 +146,7 @@ def test_runs_folder_apart_from_the_cache(tiny_folder, tmp_path, monkeypatch):
     report = cli("report", "apart", *where, "-o", str(tmp_path / "report"), "--images", "none")
     assert report.returncode == 0 and (tmp_path / "report" / "index.html").is_file(), report.stderr
     assert "--runs" in (tmp_path / "report" / "README.md").read_text()  # the 'regenerate with' line
+    assert el.load("apart", cache=str(a), runs_dir=str(b)).path == (b / "apart").resolve()
 
     real, calls = job.trace_batch, []
 
