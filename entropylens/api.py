@@ -214,9 +214,9 @@ def trace(model: Any = "smollm2", prompts: Any = "arith", *, tokenizer: Any = No
     8 for them too (a warning says when that drops prompts; pass limit=None for all).
     options: every `entropylens trace` option under the same name and default (TraceConfig's fields, e.g.
     max_new_tokens=32, lens="bupo", sites="attn_in,attn,ffn_in,ffn,layer", backend="nnsight", seed=0,
-    cache="cache").
-    save=True writes `<cache>/runs/<run_id>/` exactly as the CLI does (same files, same bytes for the same
-    inputs), so `entropylens runs` and the dashboard see it. save=False traces into a temporary cache folder,
+    cache="cache"; `--runs` is runs_dir=, default None: `<cache>/runs`).
+    save=True writes `<runs_dir>/<run_id>/` exactly as the CLI does (same files, same bytes for the same inputs),
+    so `entropylens runs` and the dashboard see it. save=False traces into a temporary cache folder,
     reads every file into the returned Run and deletes the folder: nothing stays on disk (a model spec is still
     loaded through, and cached in, `cache`), so keep such runs small.
     resume: finish an interrupted run with its stored settings (as --resume); pass the model again when it
@@ -233,7 +233,7 @@ def trace(model: Any = "smollm2", prompts: Any = "arith", *, tokenizer: Any = No
         if not save:
             tmp = Path(tempfile.mkdtemp(prefix="entropylens-"))
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-            cfg.cache = str(tmp)
+            cfg.cache, cfg.runs_dir = str(tmp), None
         loaded, load_s = None, None
         if not isinstance(model, str):
             loaded = _loaded(model, tokenizer, cfg, given)
@@ -258,10 +258,10 @@ def trace(model: Any = "smollm2", prompts: Any = "arith", *, tokenizer: Any = No
 
 
 def _resume(run_id: str, model: Any, tokenizer: Any, quiet: bool, given: dict) -> Run:
-    extra = sorted(set(given) - {"cache"})
+    extra = sorted(set(given) - {"cache", "runs_dir"})
     if extra:
         raise UserError(f"resume= finishes a run with its stored settings; drop {extra[0]}=")
-    cfg = config_from_run(given.get("cache", TraceConfig.cache), run_id)
+    cfg = config_from_run(given.get("cache", TraceConfig.cache), run_id, given.get("runs_dir"))
     loaded = None
     if not isinstance(model, str):
         loaded = _loaded(model, tokenizer, cfg, {})

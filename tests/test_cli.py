@@ -120,6 +120,108 @@ def test_killed_run_stays_running_and_resumes(tiny_folder, tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+def _listed(stdout: str) -> set[str]:
+    """Run ids in `entropylens runs`'s table (header rows use ┃, body rows │)."""
+    return {line.split("│")[1].strip() for line in stdout.splitlines() if "│" in line}
+
+
+def test_runs_folder_apart_from_the_cache(tiny_folder, tmp_path, monkeypatch):
+    """`--runs B`: run folders go to B and every command that reads runs finds them there (resume included);
+    `--cache A` keeps the rest (here the prompt list the API saves); the manifest does not record B."""
+    import entropylens as el
+    from entropylens.tracing import job
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    where = ["--cache", str(a), "--runs", str(b)]
+    r = cli("trace", "--model", str(tiny_folder), "--limit", "2", "--max-new-tokens", "4", "--quiet", *where,
+            "--name", "apart")
+    assert r.returncode == 0, r.stderr
+    assert (b / "apart" / "summary.parquet").is_file() and not (a / "runs").exists()
+    assert "runs_dir" not in read_manifest(b / "apart")["config"]
+    listing = cli("runs", *where)
+    assert listing.returncode == 0 and _listed(listing.stdout) == {"apart"}, listing.stdout
+    assert "no runs in" in cli("runs", "--cache", str(a)).stdout
+    shown = cli("show", "apart", *where, "--lens", "bupo")
+    assert shown.returncode == 0 and "H_layer" in shown.stdout, shown.stderr
+    report = cli("report", "apart", *where, "-o", str(tmp_path / "report"), "--images", "none")
+    assert report.returncode == 0 and (tmp_path / "report" / "index.html").is_file(), report.stderr
+    assert "--runs" in (tmp_path / "report" / "README.md").read_text()  # the 'regenerate with' line
+    assert el.load("apart", cache=str(a), runs_dir=str(b)).path == (b / "apart").resolve()
+
+    real, calls = job.trace_batch, []
+
+    def cut_short(engine, seqs):  # the second batch fails: the run stays resumable
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cut short")
+        return real(engine, seqs)
+
+    monkeypatch.setattr(job, "trace_batch", cut_short)
+    with pytest.raises(RuntimeError, match="cut short"):
+        el.trace(str(tiny_folder), ["What is 2 + 3?", "Name a colour."], cache=str(a), runs_dir=str(b), name="cut",
+                 max_new_tokens=4, batch_size=1, quiet=True)
+    assert read_manifest(b / "cut")["status"] == "failed" and len(list((a / "prompts").glob("*.jsonl"))) == 1
+    resumed = cli("trace", "--resume", "cut", *where, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_manifest(b / "cut")["status"] == "complete" and len(pd.read_json(b / "cut" / "responses.jsonl",
+                                                                                lines=True)) == 2
+    assert not (a / "runs").exists() and not (b / "prompts").exists()
+
+
+@pytest.mark.parametrize("command", [["runs"], ["show", "x"], ["compare", "x", "y"], ["report", "x"]])
+def test_a_missing_runs_folder_is_one_line(command, tmp_path, monkeypatch, capsys):
+    from entropylens.cli.commands import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["entropylens", *command, "--runs", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    stdout, stderr = capsys.readouterr()
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0], stderr
+    assert "Traceback" not in stdout + stderr
+
+
+def test_verbose_logs_the_decode_kernel_and_backend(tiny_folder, tmp_path):
+    """Diagnostics are logging records: `-v` shows INFO lines on stderr (the kernel and backend chosen among
+    them); without it stderr stays as it was (`--quiet`: empty)."""
+    args = ["trace", "--model", str(tiny_folder), "--limit", "1", "--max-new-tokens", "2", "--cache", str(tmp_path),
+            "--quiet"]
+    quiet = cli(*args, "--name", "plain")
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
+    loud = cli("-v", *args, "--name", "loud")
+    assert loud.returncode == 0, loud.stderr
+    kernel = [ln for ln in loud.stderr.splitlines() if ln.startswith("INFO ") and "decode kernel" in ln]
+    assert len(kernel) == 1 and "backend nnsight" in kernel[0], loud.stderr
+    assert "DEBUG" not in loud.stderr and "Traceback" not in loud.stderr
+
+
+
+def test_logging_is_configured_once_one_line_per_record_on_the_stderr_of_the_moment(capsys):
+    """A rich progress bar swaps sys.stderr while it runs: records follow it (and land above the bar)."""
+    import contextlib
+    import io
+    import logging
+
+    from entropylens.cli.logs import configure_logging
+
+    package, log = logging.getLogger("entropylens"), logging.getLogger("entropylens.probe")
+    swapped = io.StringIO()
+    try:
+        configure_logging(1)
+        configure_logging(2)  # replaces the first: one handler, DEBUG
+        log.debug("seen")
+        configure_logging(0)
+        log.info("hidden")
+        with contextlib.redirect_stderr(swapped):
+            log.warning("shown")
+        assert len(package.handlers) == 1
+    finally:
+        package.handlers.clear()
+        package.setLevel(logging.NOTSET)
+    assert capsys.readouterr().err.splitlines() == ["DEBUG entropylens.probe: seen"]
+    assert swapped.getvalue() == "WARNING entropylens.probe: shown\n"
+
 HEAVY = ("torch", "transformers", "plotly", "dash", "nnsight")
 HELP_PROBE = """
 import sys, time

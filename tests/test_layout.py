@@ -21,6 +21,15 @@ def test_import_entropylens_is_light():
     assert out.strip() == "[]"
 
 
+def test_the_library_leaves_logging_to_its_caller():
+    """Modules only ask for loggers: importing them adds no handler and sets no level (the CLI's -v does)."""
+    code = ("import logging, entropylens.tracing.job, entropylens.bupo.pipeline, entropylens.cli.commands; "
+            "print(logging.getLogger().handlers, logging.getLogger('entropylens').handlers, "
+            "logging.getLogger('entropylens').level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] [] 0"
+
+
 def test_library_names_are_functions_and_classes():
     from entropylens.analysis.run import Run, load
     from entropylens.api import Decoded, decode, trace

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from entropylens.options import option
+from entropylens.store.cache import RUNS_HELP, Cache
 
 IMAGE_FORMATS = ("png", "svg")
 
@@ -20,7 +21,8 @@ class ReportConfig:
 
     runs: list[str] = option([], "run ids under CACHE/runs (one or more)", cli=False)  # the command's arguments
     out: str = option("report", "output folder (index.html, README.md, figures/, tables/)", flags=("-o", "--out"))
-    cache: str = option("cache", "folder holding runs/")
+    cache: str = option("cache", "folder holding runs/ (unless --runs)")
+    runs_dir: str | None = option(None, RUNS_HELP, flags=("--runs",))
     role: str = option("response", "response | prompt | all tokens")
     band: float = option(0.05, "nats: |mean ΔH| <= band reads as integration")
     collapse_frac: float = option(0.10, "layer-policy collapse threshold as a fraction of log V")
@@ -30,3 +32,7 @@ class ReportConfig:
     title: str = option("entropylens report", "report heading")
     notes: str | None = option(None, "Markdown file included as the discussion")
     command: str | None = option(None, "the command line printed as 'regenerate with'", cli=False)
+
+    def folders(self) -> Cache:
+        """Where the runs are read."""
+        return Cache(self.cache, runs=self.runs_dir)

@@ -23,6 +23,7 @@ from entropylens.store.schema import model_name
 from entropylens.analysis.stages import (StageConfig, complete_trace_run, describe, run_stages, stages_table, to_json,
                                 write_stages)
 from entropylens.store import load_entropy, load_summary
+from entropylens.store.cache import Cache
 
 @dataclass
 class ReportRun:
@@ -39,7 +40,7 @@ class ReportRun:
         return f"{model_name(self.manifest['model'])} · {self.run_id}"
 
 
-def load_run(cache: Path | str, run_id: str, cfg: StageConfig) -> ReportRun:
+def load_run(cache: Cache | Path | str, run_id: str, cfg: StageConfig) -> ReportRun:
     """Resolve, check and load a complete trace run with its stages."""
     path, m = complete_trace_run(cache, run_id)
     return ReportRun(run_id, path, m, load_summary(path), run_stages(path, cfg))
@@ -149,7 +150,7 @@ def build_report(cfg: ReportConfig) -> Path:
     if bad:
         raise UserError(f"unknown image format {bad[0]!r}; choose from {', '.join(IMAGE_FORMATS)}")
     scfg = StageConfig(band=cfg.band, collapse_frac=cfg.collapse_frac, role=cfg.role)
-    runs = [load_run(cfg.cache, r, scfg) for r in cfg.runs]
+    runs = [load_run(cfg.folders(), r, scfg) for r in cfg.runs]
     out = Path(cfg.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)

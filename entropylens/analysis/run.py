@@ -152,14 +152,14 @@ class Run:
                 quantity: str = "H_layer") -> go.Figure:
         """This run and others on relative depth l/L with entropy / log V (the report's families figure).
 
-        others: Runs, or run ids / folders (ids resolve in this run's cache)."""
+        others: Runs, or run ids / folders (ids resolve beside this run, in its runs folder)."""
         from entropylens.analysis.report import fig_families
         from entropylens.store import QUANTITIES
 
         if quantity not in QUANTITIES:
             raise UserError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}")
         others = others if isinstance(others, list) else [others]
-        cache = self.path.parent.parent if self.path else "cache"
+        cache = Cache(self.path.parent.parent, runs=self.path.parent) if self.path else Cache("cache")
         runs = [self] + [o if isinstance(o, Run) else load(o, cache=cache) for o in others]
         ln = self._lens(lens)
         for r in runs[1:]:
@@ -207,10 +207,13 @@ class Run:
         return build_grid(self.topk, rows, toks, name, ln, site, int(prompt), color, track, self.run_id)[0]
 
 
-def load(run: Run | str | Path, cache: str | Path = "cache") -> Run:
-    """A Run from a run id (a folder under `<cache>/runs`, as `entropylens runs` lists) or a run folder path."""
+def load(run: Run | str | Path, cache: Cache | str | Path = "cache", runs_dir: str | Path | None = None) -> Run:
+    """A Run from a run id (a folder under `runs_dir`, default `<cache>/runs`, as `entropylens runs` lists) or a
+    run folder path."""
     if isinstance(run, Run):
         return run
+    if runs_dir is not None:
+        cache = Cache(Cache.of(cache).root, runs=runs_dir)
     if isinstance(run, str) and RUN_ID_RE.fullmatch(run) and Cache.of(cache).run_dir(run).is_dir():
         return Run(resolve_run(cache, run))
     if Path(run).is_dir():

@@ -30,6 +30,7 @@ from entropylens.analysis.intervals import normal_ci95
 from entropylens.store.schema import model_name
 from entropylens.store.folder import write_text
 from entropylens.store import SUMMARY_ROLES, load_summary, read_manifest, resolve_run
+from entropylens.store.cache import Cache
 
 STAGES_FILE = "stages.json"
 STAGES_VERSION = 1
@@ -160,9 +161,9 @@ def is_complete_trace(manifest: dict) -> bool:
     return manifest.get("status") == "complete" and manifest.get("kind", "trace") == "trace"
 
 
-def complete_trace_run(cache: Path | str, run_id: str | None) -> tuple[Path, dict]:
-    """(folder, manifest) of a finished trace run in `cache`; UserError for an empty id, a bad or missing run,
-    an unfinished one or a trainer run."""
+def complete_trace_run(cache: Cache | Path | str, run_id: str | None) -> tuple[Path, dict]:
+    """(folder, manifest) of a finished trace run in `cache`'s runs folder; UserError for an empty id, a bad or
+    missing run, an unfinished one or a trainer run."""
     if not run_id:
         raise UserError("no run given: select a run in the table above")
     run = resolve_run(cache, run_id)

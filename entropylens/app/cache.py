@@ -119,7 +119,7 @@ def run_cached(run_dir: Path, what: Hashable, load: Callable[[], T]) -> T:
     return CACHE.get((str(run_dir), manifest_mtime(run_dir), what), load)
 
 
-def cache_version(cache: Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+def cache_version(cache: Cache | Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     """Every run folder of `cache` with its manifest's mtime: changes whenever any run appears, goes, completes
     or is re-traced (a stat per run, no reads)."""
     root = Cache.of(cache).runs
@@ -138,7 +138,7 @@ def _status(run_dir: Path) -> str:
     return status if isinstance(status, str) else "unreadable"
 
 
-def figure_version(cache: Path) -> tuple[tuple[str, str, tuple[int, int, int] | None], ...]:
+def figure_version(cache: Cache | Path) -> tuple[tuple[str, str, tuple[int, int, int] | None], ...]:
     """What a figure of `cache` can depend on: every run's status, and the manifest version of the complete ones.
 
     Views draw only complete runs (anything else is a message naming its status), so a figure changes when a run
@@ -152,12 +152,12 @@ def figure_version(cache: Path) -> tuple[tuple[str, str, tuple[int, int, int] | 
     return tuple(out)
 
 
-def memo(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
+def memo(cache: Cache | Path, key: Hashable, load: Callable[[], T]) -> T:
     """`load()` once per `key` while no run of `cache` changes (cache_version: a stat per run)."""
     return CACHE.get(("memo", str(cache), cache_version(cache), key), load)
 
 
-def memo_figure(cache: Path, key: Hashable, load: Callable[[], T]) -> T:
+def memo_figure(cache: Cache | Path, key: Hashable, load: Callable[[], T]) -> T:
     """`load()` once per `key` while no run of `cache` changes what a figure can show (figure_version): once
     per server when its workers share a FigureStore, else once per process. `load` returns a JSON-ready value."""
     full = ("figure", str(cache), figure_version(cache), key)

@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dcc, html, no_update
 
+from entropylens.store.cache import Cache
 from entropylens.app.data import prompt_ids
 from entropylens.errors import UserError
 from entropylens.analysis.figures import SITE_LABELS, TEMPLATE
@@ -49,7 +50,7 @@ def prompt_lens_site(view: str) -> list:
                                              options=[{"label": lab, "value": s} for s, lab in SITE_LABELS.items()])]
 
 
-def register_prompt_lens(app: Dash, cache: Path, view: str) -> None:
+def register_prompt_lens(app: Dash, cache: Cache | Path, view: str) -> None:
     """The `<view>-prompt` and `<view>-lens` options follow the focus run, keeping the choice where it still exists."""
 
     @app.callback(Output(f"{view}-prompt", "options"), Output(f"{view}-prompt", "value"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from entropylens.errors import UserError
 from entropylens.options import option
+from entropylens.store.cache import RUNS_HELP, Cache
 
 TOKEN_ENV = "ENTROPYLENS_APP_TOKEN"
 
@@ -44,7 +45,8 @@ def is_loopback(host: str) -> bool:
 class AppConfig:
     """How to serve the dashboard: where the runs are, where to listen, which server, who may read."""
 
-    cache: str = option("cache", "folder holding runs/")
+    cache: str = option("cache", "folder holding runs/ (unless --runs)")
+    runs_dir: str | None = option(None, RUNS_HELP, flags=("--runs",))
     host: str = option("127.0.0.1", "interface to bind; a non-loopback one (0.0.0.0 = every interface) needs "
                        "--token")
     port: int = option(8050, "TCP port")
@@ -57,6 +59,10 @@ class AppConfig:
     token: str | None = option(None, f"shared token every request must carry (login form / ?token= link); "
                                f"required beyond loopback; prefer the {TOKEN_ENV} variable (not shown by ps)")
     dev: bool = option(False, "Dash's development server instead (hot reload, debug; one process)")
+
+    def folders(self) -> Cache:
+        """Where the runs are read."""
+        return Cache(self.cache, runs=self.runs_dir)
 
     def resolved_token(self) -> str | None:
         """--token, else $ENTROPYLENS_APP_TOKEN, else none."""

@@ -69,13 +69,13 @@ def _status(run_dir: Path, status: str, kind: str) -> str:
     return status
 
 
-def list_runs(cache: Path) -> pd.DataFrame:
+def list_runs(cache: Cache | Path) -> pd.DataFrame:
     """One row per run folder, newest first; broken folders show a `corrupt: ...` status, never an error.
     Rebuilt whenever a run folder appears, goes or has its manifest replaced (app.cache.memo)."""
     return memo(cache, "list_runs", lambda: _list_runs(cache))
 
 
-def _list_runs(cache: Path) -> pd.DataFrame:
+def _list_runs(cache: Cache | Path) -> pd.DataFrame:
     df = store.list_runs(cache)
     root = Cache.of(cache).runs
     out = pd.DataFrame({

@@ -7,6 +7,7 @@ from urllib.parse import parse_qs
 
 from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html
 
+from entropylens.store.cache import Cache
 from entropylens.app.data import list_runs, usable
 from entropylens.store import resolve_run
 from entropylens.app.views import flows, grid, outcome, tokens, training
@@ -19,7 +20,7 @@ N_DEFAULT_SELECTED = 2
 GRAPHS = ["flow", "dh", "compare", "heatmap", "grid", "outdiff", "auroc", "diff", "train"]
 
 
-def table_records(cache: Path) -> list[dict]:
+def table_records(cache: Cache | Path) -> list[dict]:
     """Rows for the runs table (DataTable needs an `id` per row for selected_row_ids)."""
     df = list_runs(cache)
     return [dict(r, id=r["run_id"]) for r in df.astype(str).to_dict("records")]
@@ -31,7 +32,7 @@ def default_selection(records: list[dict]) -> list[str]:
     return ok[:N_DEFAULT_SELECTED]
 
 
-def page(cache: Path) -> html.Div:
+def page(cache: Cache | Path) -> html.Div:
     """The whole page; run folders are listed on every page load."""
     records = table_records(cache)
     flow, dh, compare = flows.layout()
@@ -44,7 +45,7 @@ def page(cache: Path) -> html.Div:
         dcc.Location(id="url", refresh=False),
         html.Header(className="header", children=[
             html.H1("entropylens"),
-            html.Span(f"internal-policy entropy · cache {Path(cache).resolve()}", className="subtitle"),
+            html.Span(f"internal-policy entropy · runs {Cache.of(cache).runs.resolve()}", className="subtitle"),
             html.Button("Refresh runs", id="refresh"),
             html.Label("image download"),
             dcc.RadioItems(id="image-format", options=["png", "svg"], value="png", inline=True, className="radio"),
@@ -70,7 +71,7 @@ def page(cache: Path) -> html.Div:
     ])
 
 
-def register(app: Dash, cache: Path) -> None:
+def register(app: Dash, cache: Cache | Path) -> None:
     """Table refresh and selection (URL ?run=a,b or newest runs), focus run, per-view run lists."""
 
     @app.callback(Output("runs-table", "data"), Output("runs-table", "selected_rows"),

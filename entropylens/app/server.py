@@ -29,10 +29,10 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 
-def create_app(cache: Path, token: str | None = None) -> dash.Dash:
-    """A Dash app over the run folders in `cache` (reads only; the page lists runs on every load); with a
-    `token`, every request needs it (app.auth)."""
-    cache = Path(cache)
+def create_app(cache: Cache | Path, token: str | None = None) -> dash.Dash:
+    """A Dash app over the run folders in `cache` (a folder holding runs/, or a Cache naming its runs folder; reads
+    only; the page lists runs on every load); with a `token`, every request needs it (app.auth)."""
+    cache = Cache.of(cache)
     app = dash.Dash(__name__, title="entropylens", assets_folder=str(ASSETS), suppress_callback_exceptions=False)
     app.layout = lambda: layout.page(cache)
     layout.register(app, cache)
@@ -97,9 +97,10 @@ def serve(cfg: AppConfig | Path | str, host: str = "127.0.0.1", port: int = 8050
     if not isinstance(cfg, AppConfig):
         cfg = AppConfig(cache=str(cfg), host=host, port=port, dev=debug)
     cfg.validate()
-    cache = Path(cfg.cache)
-    if not Cache.of(cache).runs.is_dir():
-        raise UserError(f"no runs in {cache}: trace a model first (entropylens trace) or pass --cache")
+    cache = cfg.folders()
+    if not cache.runs.is_dir():
+        raise UserError(f"no runs folder {cache.runs}: trace a model first (entropylens trace) or pass --cache / "
+                        "--runs")
     reloaded = os.environ.get("WERKZEUG_RUN_MAIN") == "true"  # --dev's reloader child: the parent holds the port
     if not reloaded:
         _check_port(cfg.host, cfg.port)

@@ -2,7 +2,7 @@
 
 Definitions (π^k, the objective, the paper's settings): docs/definitions.md#bupo.
 
-One call of `run_bupo` does the whole loop and leaves, under `<cache>/runs/`:
+One call of `run_bupo` does the whole loop and leaves, in the runs folder (`--runs`, default `<cache>/runs/`):
 
     <id>/            the trainer run (manifest kind "bupo", config.json, metrics.jsonl, checkpoint/,
                      run_config.json = this module's config, eval.json = base vs trained Avg@K / Pass@K)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,9 @@ from entropylens.analysis.stages import layer_difference, pick_boundary_layer
 from entropylens.store import layer_table
 from entropylens.tracing.job import TraceConfig, run_trace
 from entropylens.store.cache import Cache
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LayerChoice:
@@ -105,6 +109,7 @@ def _trace(cfg: BupoRunConfig, loaded: LoadedModel, name: str, prompts: str, spl
     tc = TraceConfig(model=model, prompts=prompts, split=split, limit=limit, max_new_tokens=t.max_new_tokens,
                      temperature=t.temperature, lens="bupo", sites=sites, positions=positions, device=cfg.device,
                      dtype=cfg.dtype, batch_size=cfg.batch_size, name=name, seed=t.seed, cache=cfg.cache,
+                     runs_dir=cfg.runs_dir,
                      enable_thinking=t.enable_thinking, trust_remote_code=cfg.trust_remote_code,
                      parent_run=parent)
     return run_trace(tc, progress=progress, loaded=loaded)
@@ -128,6 +133,8 @@ def choose_layer(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, progress:
     n_layers = loaded.info.n_layers
     if not 1 <= choice.layer <= n_layers:
         raise UserError(f"--layer {choice.layer} is out of range: the model has layers 1..{n_layers}")
+    log.info("layer k = %d of %d (--layer %s): %s%s", choice.layer, n_layers, mode, choice.evidence,
+             f"; trace {choice.trace_run}" if choice.trace_run else "")
     return choice
 
 
@@ -163,7 +170,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
     eval_set = load_prompts(eval_source, limit=cfg.eval_prompts, seed=cfg.train.seed, split=eval_split)
     check_references(train_set, cfg.train.reward, "training prompt")
     check_references(eval_set, cfg.train.reward, "held-out prompt")
-    runs = Cache.of(cfg.cache).runs
+    runs = cfg.folders().runs
     run_id = cfg.name if resume else distributed.main_only(acc, partial(_claim_run_id, cfg, runs))
     run_dir = runs / run_id
 
@@ -174,6 +181,9 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
                       max_new_tokens=t.max_new_tokens, prompts_per_batch=cfg.batch_size, reward=t.reward,
                       seed=t.seed, enable_thinking=t.enable_thinking)
     before = distributed.main_only(acc, partial(_stored_before, run_dir)) if resume else None
+    if resume:
+        log.info("resume %s: %s", run_id, "base-model evaluation and traces kept (before.json)" if before else
+                 "no before.json: choosing k and evaluating the base model again")
     if before is None:
         before = distributed.main_only(acc, partial(_before_training, cfg, loaded, run_id, ecfg, eval_set, progress))
     k, evidence, layer_run, eval_base, base_name = (before.layer, before.evidence, before.layer_run,
@@ -183,7 +193,9 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
 
     bcfg = cfg.trainer_config(k, model_id=loaded.info.id, parent_run=base_name)
     ckpt = run_dir / "checkpoint"
-    if not (resume and _trained(run_dir)):
+    if resume and _trained(run_dir):
+        log.info("resume %s: training finished and its checkpoint is saved; evaluating it", run_id)
+    else:
         try:
             train(bcfg, loaded.model, loaded.tokenizer, train_set, run_dir, progress=progress,
                   model_info=loaded.info.to_dict(), resume=resume, finish=False)
@@ -201,7 +213,7 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
         try:
             folder.update(stage="evaluate", layer_choice=layer_choice,
                           runs={"layer": layer_run, "base": base_name, "trained": f"{run_id}-trained"})
-            folder.write_json("run_config.json", flatten(cfg) | {"name": run_id, "layer_choice": layer_choice})
+            folder.write_json("run_config.json", _stored_options(cfg) | {"name": run_id, "layer_choice": layer_choice})
             trained = load_model(str(ckpt), cfg.dtype, cfg.device, Path(cfg.cache), False)
             _log(progress, f"evaluating the trained model ({ckpt}) ...")
             eval_trained = evaluate(ecfg, trained.model, trained.tokenizer, eval_set)
@@ -229,12 +241,20 @@ def run_bupo(cfg: BupoRunConfig, progress: bool = True, resume: bool = False) ->
                       eval_trained, gain, table)
 
 
-def config_from_run(cache: str, run_id: str) -> BupoRunConfig:
-    """The settings a `bupo` run was started with, for `--resume`."""
-    path = resolve_run(cache, run_id) / "run_config.json"
+def config_from_run(cache: str, run_id: str, runs_dir: str | None = None) -> BupoRunConfig:
+    """The settings a `bupo` run was started with, for `--resume` (found under `runs_dir`, default
+    `<cache>/runs`)."""
+    path = resolve_run(Cache(cache, runs=runs_dir), run_id) / "run_config.json"
     if not path.is_file():
         raise UserError(f"run {run_id!r} is not a resumable bupo run (no run_config.json)")
-    return restore(BupoRunConfig, json.loads(path.read_text()), cache=cache, name=run_id)  # option values (flat)
+    return restore(BupoRunConfig, json.loads(path.read_text()), cache=cache, runs_dir=runs_dir,
+                   name=run_id)  # option values (flat)
+
+
+def _stored_options(cfg: BupoRunConfig) -> dict[str, Any]:
+    """run_config.json's option values: what `--resume` rebuilds. Not the runs folder: a run may be moved, and
+    is resumed from wherever `--runs` finds it."""
+    return {k: v for k, v in flatten(cfg).items() if k != "runs_dir"}
 
 
 def _trained(run_dir: Path) -> bool:
@@ -254,7 +274,7 @@ def _claim_run_id(cfg: BupoRunConfig, runs: Path) -> str:
     try:
         runs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
+        raise UserError(f"runs folder {runs} is not writable: {e.strerror or e}") from None
     taken = [n for n in (run_id, f"{run_id}-layer", f"{run_id}-base", f"{run_id}-trained") if (runs / n).exists()]
     if taken:
         raise UserError(f"run {taken[0]!r} already exists in {runs}; pick another --name")
@@ -268,7 +288,7 @@ def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg:
     A resumed run that stopped in here starts this part again: its unfinished traces are removed first.
     """
     for suffix in ("-layer", "-base"):
-        shutil.rmtree(Cache.of(cfg.cache).run_dir(f"{run_id}{suffix}"), ignore_errors=True)
+        shutil.rmtree(cfg.folders().run_dir(f"{run_id}{suffix}"), ignore_errors=True)
     choice = choose_layer(cfg, loaded, run_id, progress)
     _log(progress, f"[bold]layer k = {choice.layer}[/]: {choice.evidence}"
          + (f" (trace {choice.trace_run})" if choice.trace_run else ""))
@@ -277,9 +297,9 @@ def _before_training(cfg: BupoRunConfig, loaded: LoadedModel, run_id: str, ecfg:
     _, eval_source, eval_split = _splits(cfg)
     base_dir = _trace(cfg, loaded, f"{run_id}-base", eval_source, eval_split, min(cfg.trace_prompts, len(eval_set)),
                       cfg.trace_positions, None, progress, cfg.model)
-    run_dir = Cache.of(cfg.cache).run_dir(run_id)  # created only now: a run that fails before this leaves nothing
+    run_dir = cfg.folders().run_dir(run_id)  # created only now: a run that fails before this leaves nothing
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run_config.json", flatten(cfg) | {"name": run_id})  # what --resume rebuilds
+    write_json(run_dir / "run_config.json", _stored_options(cfg) | {"name": run_id})  # what --resume rebuilds
     before = BaseModelResults(choice.layer, choice.evidence, choice.trace_run, eval_base, base_dir.name)
     write_json(run_dir / "before.json", asdict(before))
     return before

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,8 @@ from entropylens.data.prompts import render as render_prompt
 from entropylens.model.layout import decoder_layers
 from entropylens.model.load import describe_model
 from entropylens.store.folder import RunFolder, utc_now, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -146,6 +149,9 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
     if resume and (out / STATE_FILE).is_file():
         st = load_state(out / STATE_FILE, model, opt, _resume_keys(cfg))
         first, total, rows, rng, order = st["step"], st["n_tokens"], st["metrics"], st["rng"], st["order"]
+        log.info("resuming training at step %d of %d from %s", first, cfg.steps, out / STATE_FILE)
+    elif resume:
+        log.info("no training state in %s: training starts again at step 0", out)
     if rank == 0:  # the metrics of the steps the state holds, nothing after them
         write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
@@ -194,7 +200,7 @@ def _loop(cfg: BupoConfig, model, runner, ref_model, tokenizer, prompts, render,
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if not row["signal/tokens"]:
-                    console.print(f"step {step}: every group's rewards are equal: no advantage, no gradient this step")
+                    log.warning("step %d: every group's rewards are equal: no advantage, no gradient this step", step)
             signal_ = f"{row['signal/groups_frac']:.2f}" if row["signal/tokens"] else "none"
             bar.update(task, advance=1, info=f"{phase} · reward {row['reward/mean']:.3f} · signal {signal_} · "
                                               f"H_k {row['entropy/layer_k']:.2f} · H_out {row['entropy/output']:.2f}")

@@ -1,6 +1,7 @@
 """Command line: `entropylens trace | runs | show | compare | report | app | bupo | bench` (README: Command line).
 
-Every user mistake is an `UserError`, printed as one line with exit code 2 — never a traceback.
+Every user mistake is an `UserError`, printed as one line with exit code 2 — never a traceback. Progress and
+results are rich output; diagnostics are `logging` records, shown from WARNING up unless `-v` asks for more.
 """
 
 from __future__ import annotations
@@ -15,13 +16,35 @@ from rich.table import Table
 from entropylens.analysis.config import ReportConfig
 from entropylens.app.config import AppConfig
 from entropylens.bupo.config import BupoRunConfig
+from entropylens.cli.logs import configure_logging
 from entropylens.cli.output import out, print_bench, print_bupo, print_layer_table, print_outcome_table, print_run
 from entropylens.errors import UserError
 from entropylens.options import build, cli_options
+from entropylens.store.cache import RUNS_HELP, Cache
 from entropylens.tracing.config import BenchConfig, TraceConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.splitlines()[0])
 err = Console(stderr=True)
+
+
+@app.callback()
+def _global(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                        help="diagnostics on stderr: -v info (kernel, backend, batches, resume "
+                                             "decisions), -vv debug")) -> None:
+    configure_logging(verbose)
+
+
+def _reading(cache: str, runs_dir: str | None) -> Cache:
+    """The folders a read command looks in; a `--runs` folder that does not exist is a mistake, not 'no runs'."""
+    folders = Cache(cache, runs=runs_dir)
+    if runs_dir is not None and not folders.runs.is_dir():
+        raise UserError(f"--runs {runs_dir}: no such folder")
+    return folders
+
+
+def _where(cfg: TraceConfig | BupoRunConfig) -> str:
+    """`--cache C [--runs R]`, for the resume hint of an interrupted run."""
+    return f"--cache {cfg.cache}" + (f" --runs {cfg.runs_dir}" if cfg.runs_dir else "")
 
 
 @app.command()
@@ -31,16 +54,16 @@ def trace(
     resume: str = typer.Option(None, help="finish the interrupted run RUN with its stored settings"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
-    """Trace internal-policy entropies of a model over a prompt set into cache/runs/<run>/."""
+    """Trace internal-policy entropies of a model over a prompt set into cache/runs/<run>/ (or --runs)."""
     from entropylens.tracing.shard import close, shard_from_env
     from entropylens.tracing.job import TraceInterrupted, config_from_run, run_trace
 
     shard = shard_from_env()  # under `torchrun --nproc-per-node N -m entropylens trace ...`
-    cfg = config_from_run(options["cache"], resume) if resume else build(TraceConfig, options)
+    cfg = config_from_run(options["cache"], resume, options["runs_dir"]) if resume else build(TraceConfig, options)
     try:
         run_dir = run_trace(cfg, resume=bool(resume), progress=not quiet, shard=shard)
     except KeyboardInterrupt as e:  # click would turn it into a silent Abort
-        kept = (f"run {e.run_id} kept; finish it with `entropylens trace --resume {e.run_id} --cache {cfg.cache}`"
+        kept = (f"run {e.run_id} kept; finish it with `entropylens trace --resume {e.run_id} {_where(cfg)}`"
                 if isinstance(e, TraceInterrupted) else "no run was started")
         print(f"interrupted: {kept}", file=sys.stderr)
         sys.exit(130)
@@ -51,13 +74,15 @@ def trace(
 
 
 @app.command()
-def runs(cache: str = typer.Option("cache", help="folder holding runs/")) -> None:
+def runs(cache: str = typer.Option("cache", help="folder holding runs/ (unless --runs)"),
+         runs_dir: str = typer.Option(None, "--runs", help=RUNS_HELP)) -> None:
     """List runs: model, prompts, tokens, lens, status, date."""
     from entropylens.store import list_runs
 
-    df = list_runs(Path(cache))
+    folders = _reading(cache, runs_dir)
+    df = list_runs(folders)
     if df.empty:
-        out.print(f"no runs in {Path(cache) / 'runs'}")
+        out.print(f"no runs in {folders.runs}")
         return
     table = Table()
     cols = ["run_id", "kind", "model", "prompts", "n_tokens", "lens", "status", "created"]
@@ -70,7 +95,7 @@ def runs(cache: str = typer.Option("cache", help="folder holding runs/")) -> Non
 
 @app.command()
 def show(
-    run: str = typer.Argument(..., help="run id (folder name under cache/runs)"),
+    run: str = typer.Argument(..., help="run id (folder name under cache/runs, or --runs)"),
     lens: str = typer.Option(None, help="bupo | logit (default: every lens stored)"),
     role: str = typer.Option("response", help="response | prompt | all"),
     by: str = typer.Option(None, help="outcome: correct vs wrong responses, their difference and a 95 % interval "
@@ -78,13 +103,14 @@ def show(
     topk: bool = typer.Option(False, "--topk", help="with --position: each layer's top-K tokens per site"),
     position: int = typer.Option(None, help="position for --topk"),
     prompt: int = typer.Option(0, help="prompt_idx for --topk"),
-    cache: str = typer.Option("cache"),
+    cache: str = typer.Option("cache", help="folder holding runs/ (unless --runs)"),
+    runs_dir: str = typer.Option(None, "--runs", help=RUNS_HELP),
 ) -> None:
     """Per-layer mean entropy of the layer / attention / FFN policies and ΔH (or, with --topk, top-K tokens)."""
     from entropylens.cli.output import print_topk_position
     from entropylens.store import layer_table, read_manifest, resolve_run
 
-    run_dir = resolve_run(cache, run)
+    run_dir = resolve_run(_reading(cache, runs_dir), run)
     m = read_manifest(run_dir)
     if by not in (None, "outcome"):
         raise UserError(f"unknown --by {by!r}; the only split is 'outcome'")
@@ -105,14 +131,16 @@ def compare(
     run_b: str = typer.Argument(..., help="second (e.g. child / trained) run"),
     lens: str = typer.Option("bupo"),
     role: str = typer.Option("response"),
-    cache: str = typer.Option("cache"),
+    cache: str = typer.Option("cache", help="folder holding runs/ (unless --runs)"),
+    runs_dir: str = typer.Option(None, "--runs", help=RUNS_HELP),
 ) -> None:
     """Per-layer difference B − A of mean entropies and ΔH."""
     from entropylens.analysis.stages import layer_difference
     from entropylens.store import layer_table, resolve_run
 
-    a = layer_table(resolve_run(cache, run_a), lens=lens, role=role)
-    b = layer_table(resolve_run(cache, run_b), lens=lens, role=role)
+    folders = _reading(cache, runs_dir)
+    a = layer_table(resolve_run(folders, run_a), lens=lens, role=role)
+    b = layer_table(resolve_run(folders, run_b), lens=lens, role=role)
     print_layer_table(layer_difference(a, b), f"{run_b} − {run_a} · lens {lens} · {role} tokens")
 
 
@@ -143,7 +171,7 @@ def bupo(
     resume: str = typer.Option(None, help="continue the interrupted run RUN with its stored settings"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ) -> None:
-    """BuPO (or GRPO): choose k, train, save, evaluate and re-trace base vs trained into cache/runs/.
+    """BuPO (or GRPO): choose k, train, save, evaluate and re-trace base vs trained into cache/runs/ (or --runs).
 
     Data-parallel with `torchrun --nproc-per-node N -m entropylens bupo ...` or `accelerate launch`.
     """
@@ -151,12 +179,12 @@ def bupo(
     from entropylens.bupo.distributed import rank
     from entropylens.bupo.pipeline import config_from_run, run_bupo
 
-    cfg = config_from_run(options["cache"], resume) if resume else build(BupoRunConfig, options)
+    cfg = config_from_run(options["cache"], resume, options["runs_dir"]) if resume else build(BupoRunConfig, options)
     try:
         r = run_bupo(cfg, progress=not quiet, resume=bool(resume))
     except Interrupted as e:
         print(f"interrupted after step {e.step}: training state saved; continue with "
-              f"`entropylens bupo --resume {e.run_id} --cache {cfg.cache}`", file=sys.stderr)
+              f"`entropylens bupo --resume {e.run_id} {_where(cfg)}`", file=sys.stderr)
         sys.exit(130)
     if rank() > 0:  # under torchrun / accelerate launch rank 0 speaks for the job
         return
@@ -167,7 +195,7 @@ def bupo(
 @cli_options(ReportConfig)
 def report(
     options: dict,
-    runs: list[str] = typer.Argument(..., help="run ids under CACHE/runs (one or more)"),
+    runs: list[str] = typer.Argument(..., help="run ids under CACHE/runs or --runs (one or more)"),
 ) -> None:
     """Paper-style figures, stage table and a self-contained HTML + Markdown report from cached runs."""
     import shlex
@@ -175,9 +203,12 @@ def report(
     from entropylens.analysis.report import build_report
 
     o = options
-    command = shlex.join(["entropylens", "report", *runs, "-o", o["out"], "--cache", o["cache"], "--role", o["role"],
-                          "--band", f"{o['band']:g}", "--collapse-frac", f"{o['collapse_frac']:g}",
-                          "--images", ",".join(o["images"]) or "none", "--title", o["title"]]
+    _reading(o["cache"], o["runs_dir"])
+    command = shlex.join(["entropylens", "report", *runs, "-o", o["out"], "--cache", o["cache"]]
+                         + (["--runs", o["runs_dir"]] if o["runs_dir"] else [])
+                         + ["--role", o["role"], "--band", f"{o['band']:g}", "--collapse-frac",
+                            f"{o['collapse_frac']:g}", "--images", ",".join(o["images"]) or "none",
+                            "--title", o["title"]]
                          + (["--notes", o["notes"]] if o["notes"] else []))
     index = build_report(build(ReportConfig, o | {"runs": list(runs), "command": command}))
     out = Path(o["out"])

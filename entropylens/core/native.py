@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ from pathlib import Path
 import torch
 
 from entropylens.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SOURCE = r"""
 #include <math.h>
@@ -251,6 +254,7 @@ def _build() -> ctypes.CDLL:
         key = hashlib.sha256("\0".join([SOURCE, cc, *flags]).encode()).hexdigest()[:16]
         out = _cache_dir() / f"chunk_{isa().lower()}_{'omp_' if omp else ''}{key}.so"
         if not out.exists():
+            log.info("native kernel: compiling %s with %s (%s%s)", out.name, cc, isa(), ", OpenMP" if omp else "")
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 src, so = Path(tmp) / "k.c", Path(tmp) / "k.so"
@@ -258,6 +262,9 @@ def _build() -> ctypes.CDLL:
                 r = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True)
                 if r.returncode:
                     err = err or (r.stderr.strip().splitlines() or ["?"])[0][:200]
+                    if omp:
+                        log.info("native kernel: %s cannot build it with OpenMP (%s); building it serial (one "
+                                 "thread)", cc, err)
                     continue
                 os.replace(so, out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
@@ -268,6 +275,7 @@ def _build() -> ctypes.CDLL:
                                      ctypes.c_int]
         lib.layer_update.restype = ctypes.c_int
         lib.openmp = omp
+        log.debug("native kernel: loaded %s", out)
         return lib
     raise UserError(f"kernel='native': {cc} failed ({err}); use kernel='eager'")
 

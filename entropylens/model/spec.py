@@ -1,5 +1,6 @@
-"""`ModelSpec`: which model, on which device, in which dtype, cached where — the fields `entropylens trace` and
-`entropylens bupo` share, declared once (each command's config extends it). Light: no torch until `load`."""
+"""`ModelSpec`: which model, on which device, in which dtype, cached where, and where runs go — the fields
+`entropylens trace` and `entropylens bupo` share, declared once (each command's config extends it). Light: no torch
+until `load`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from entropylens.options import option
+from entropylens.store.cache import RUNS_HELP, Cache
 
 if TYPE_CHECKING:
     from entropylens.model.load import LoadedModel
@@ -21,8 +23,13 @@ class ModelSpec:
                         ".gguf file or a hub id")
     device: str = option("cpu", "cpu | cuda | cuda:N | auto")
     dtype: str = option("float32", "float32 | bfloat16 | float16 | float64")
-    cache: str = option("cache", "folder holding runs/ and models/")
+    cache: str = option("cache", "folder holding models/ (and runs/, unless --runs)")
+    runs_dir: str | None = option(None, RUNS_HELP, flags=("--runs",))
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (only when asked)")
+
+    def folders(self) -> Cache:
+        """Where weights are cached and runs are written."""
+        return Cache(self.cache, runs=self.runs_dir)
 
     def load(self, device: str | None = None, device_map: str | None = None) -> LoadedModel:
         """The model, loaded (`device` overrides the spec's, e.g. a rank's own GPU)."""

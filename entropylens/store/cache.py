@@ -5,13 +5,18 @@
     <root>/offload/<name>/   accelerate's disk offload for `--device-map`
     <root>/prompts/          prompt lists the Python API was handed, saved so a run names its source
 
-The runs root can live elsewhere than the weights (`Cache(root, runs=...)`); by default both are under `root`.
+The runs root can live elsewhere than the weights (`Cache(root, runs=...)`, the commands' `--runs`); by default
+both are under `root`.
 Every other module asks a Cache for a path instead of joining folder names itself.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# The help of every command's `--runs`. Configs hold it in a field named `runs_dir`: `runs` already names a list
+# of run ids (`entropylens report RUN...`). It is never stored with a run: a run folder may move.
+RUNS_HELP = "folder holding the run folders, if not <cache>/runs (weights stay in --cache)"
 
 
 class Cache:

@@ -9,6 +9,7 @@ byte-for-byte the same data as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Iterable
@@ -35,6 +36,8 @@ _PART_FILES = {"tokens": "tokens-{:05d}.parquet", "entropy": "entropy-{:05d}.par
                "responses": "responses-{:05d}.jsonl", "topk": "topk-{:05d}.parquet"}
 _REQUIRED_PARTS = {"tokens", "entropy", "responses"}  # topk parts are optional (`--topk 0` writes none)
 
+log = logging.getLogger(__name__)
+
 
 class RunWriter:
     """Writes one trace run folder batch by batch; `finalize` merges, `fail` records the error for resume.
@@ -58,12 +61,17 @@ class RunWriter:
         if resume and self.previous_manifest.get("status") == "complete":
             raise UserError(f"run {run_id!r} is already complete; nothing to resume")
         for leftover in [*self.parts.glob("*.tmp"), *self.run_dir.glob("*.tmp")]:
-            leftover.unlink()  # a half-written file from a killed writer
+            log.info("run %s: removing %s, half-written by a killed writer", run_id, leftover.name)
+            leftover.unlink()
         done = self.done_batches()
         for p in self.parts.iterdir():  # parts of a batch cut short are rewritten from scratch
             m = _PART_RE.match(p.name)
             if m and int(m.group(2)) not in done:
+                log.info("run %s: removing %s: batch %s was cut short and is traced again", run_id, p.name,
+                         int(m.group(2)))
                 p.unlink()
+        if resume:
+            log.info("run %s: resuming in %s; %d batches already complete are kept", run_id, self.run_dir, len(done))
         fields = {"run_id": run_id, "created": utc_now(), "kind": "trace", "parent_run": None, "n_tokens": None,
                   "n_response_tokens": None}
         fields |= {k: v for k, v in manifest.items() if k not in ("run_id", "status", "created")}
@@ -167,6 +175,7 @@ class RunWriter:
         if self._joined:
             raise ValueError("only rank 0 finalizes a sharded run")
         batches = self._batches()
+        log.debug("run %s: merging the parts of %d batches", self.run_dir.name, len(batches))
         tokens = [pq.read_table(self._part("tokens", b)) for b in batches]
         prompts = [t.column("prompt_idx").unique().to_pylist() for t in tokens]
         for b in range(1, len(batches)):

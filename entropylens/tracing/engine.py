@@ -8,6 +8,7 @@ engine adds up its own timings.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from entropylens.model.remote import RemoteModel
 from entropylens.tracing.config import TraceConfig
 
 ADDITIVE_TOL = 1e-5  # relative; fp32 residual streams measure ~1e-7
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +48,9 @@ class Engine:
         self.layout = find_layout(loaded.model)
         self.lens_names = cfg.lenses()
         self.timings = {"generate_s": 0.0, "trace_s": 0.0, "decode_s": 0.0}
+        self.redone = 0  # vectors the exactness guard recomputed in fp64, over the run so far
+        log.info("layout %s: %s", self.layout.kind,
+                 ", ".join(f"{site}={name}" for site, name in self.layout.site_names.items()))
 
     @property
     def input_device(self) -> torch.device | str:
@@ -97,6 +103,9 @@ class LocalEngine(Engine):
         self.device = self.head.W.device  # decode where W_U lives (under a device map, sites come from several)
         self.kernel = resolve_kernel(cfg.kernel, cfg.compile, self.device, torch.float32)
         self.topk = cfg.topk
+        log.info("trace on this machine: backend %s, decode kernel %s (asked %s) on %s, lenses %s, top-K %d",
+                 cfg.backend, self.kernel, "compiled" if cfg.compile else cfg.kernel, self.device,
+                 ",".join(self.lens_names), self.topk)
 
     def _sample(self, ids: torch.Tensor, mask: torch.Tensor, seed: int, kw: dict) -> torch.Tensor:
         torch.manual_seed(seed)
@@ -125,6 +134,10 @@ class LocalEngine(Engine):
                                   kernel=self.kernel, topk=self.cfg.topk)
             per_lens[name] = {s: st.to_cpu() for s, st in stats.items()}
         self.timings["decode_s"] += time.perf_counter() - t0
+        redone = final.redone + sum(st.redone for d in per_lens.values() for st in d.values())
+        self.redone += redone
+        log.debug("batch of %d sequences x %d positions: %d rows decoded per site, additivity error %.1e, %d vectors "
+                  "redone in fp64 by the exactness guard", ids.shape[0], ids.shape[1], len(kb), err, redone)
         return Decoded(final.to_cpu(), per_lens, err)
 
     def manifest(self) -> dict:
@@ -141,6 +154,8 @@ class RemoteEngine(Engine):
         super().__init__(loaded, cfg)
         self.remote = remote
         self.topk = 0  # the remote decode returns top-1 only
+        log.info("trace on NDIF (%s): entropies reduced remotely, top-1 only, lenses %s", remote.mode,
+                 ",".join(self.lens_names))
 
     @property
     def input_device(self) -> str:

@@ -7,6 +7,7 @@ batch lives in entropylens.tracing.batch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import time
 from dataclasses import asdict
@@ -29,6 +30,8 @@ from entropylens.model.remote import RemoteModel, connect
 from entropylens.data.rewards import score, trace_references
 from entropylens.store import RunWriter, new_run_id, read_manifest, resolve_run
 from entropylens.store.cache import Cache
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- prompts and memory
@@ -79,6 +82,8 @@ def check_memory(loaded: LoadedModel, cfg: TraceConfig, seq_len: int) -> None:
     """Refuse before the first batch when one batch cannot fit, suggesting a batch size that does."""
     dev = loaded.model.get_output_embeddings().weight.device  # the sites are decoded where W_U lives
     need, free = batch_bytes(loaded, cfg.batch_size, seq_len), available_bytes(dev)
+    log.debug("memory: a batch of %d x %d tokens needs ~%.2f GiB, %s has %.2f GiB free", cfg.batch_size, seq_len,
+              need / (1 << 30), dev, free / (1 << 30))
     if need <= free:
         return
     fits = (free - DEFAULT_BLOCK_BYTES) // (batch_bytes(loaded, 1, seq_len) - DEFAULT_BLOCK_BYTES)
@@ -120,14 +125,15 @@ def _guarded(run_id: str, run_dir: Path) -> Iterator[None]:
 
 def _new_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool) -> RunWriter:
     """A RunWriter; a default (timestamped) name taken by a trace started in the same second gets a suffix."""
+    folders = cfg.folders()
     if resume or cfg.name is not None:
-        return RunWriter(cfg.cache, run_id, manifest, resume=resume)
+        return RunWriter(folders, run_id, manifest, resume=resume)
     for n in range(1, 100):
         rid = run_id if n == 1 else f"{run_id[:120]}-{n}"
         try:
-            return RunWriter(cfg.cache, rid, manifest)
+            return RunWriter(folders, rid, manifest)
         except UserError:
-            if not Cache.of(cfg.cache).run_dir(rid).exists():
+            if not folders.run_dir(rid).exists():
                 raise
     raise UserError(f"99 runs named {run_id}-*: pass --name")
 
@@ -143,7 +149,7 @@ def _open_writer(cfg: TraceConfig, run_id: str, manifest: dict, resume: bool, sh
     if shard is not None:
         shard.barrier()  # rank 0 has created the folder and cleared a killed run's half-written parts
         if writer is None:
-            writer = RunWriter.join(cfg.cache, run_id)
+            writer = RunWriter.join(cfg.folders(), run_id)
     return writer
 
 
@@ -159,13 +165,13 @@ def _load(cfg: TraceConfig, console, shard: Shard | None, loaded: LoadedModel | 
     return loaded, remote
 
 
-def config_from_run(cache: str, run_id: str) -> TraceConfig:
-    """The config a run was started with, for `--resume`."""
-    manifest = read_manifest(resolve_run(cache, run_id))
+def config_from_run(cache: str, run_id: str, runs_dir: str | None = None) -> TraceConfig:
+    """The config a run was started with, for `--resume` (found under `runs_dir`, default `<cache>/runs`)."""
+    manifest = read_manifest(resolve_run(Cache(cache, runs=runs_dir), run_id))
     if manifest.get("kind") != "trace" or "config" not in manifest:
         raise UserError(f"run {run_id!r} is not a resumable trace run")
     stored = {"topk": 0} | manifest["config"]  # a run from before top-K stored none: its resumed batches must match
-    return restore(TraceConfig, stored, cache=cache, name=run_id)
+    return restore(TraceConfig, stored, cache=cache, runs_dir=runs_dir, name=run_id)
 
 
 def _rank_device(device: str, shard: Shard | None) -> str:
@@ -194,6 +200,12 @@ def _records(loaded: LoadedModel, cfg: TraceConfig, seqs: Sequences, src: list[i
     return records
 
 
+def _stored_config(cfg: TraceConfig) -> dict:
+    """The manifest's `config`: what `--resume` rebuilds. Not the runs folder: a run may be moved, and is resumed
+    from wherever `--runs` finds it."""
+    return {k: v for k, v in asdict(cfg).items() if k != "runs_dir"} | {"sites": list(cfg.sites)}
+
+
 def _manifest(cfg: TraceConfig, engine: Engine, prompts: list[Prompt], refs: list, dropped: list[int],
               shard: Shard | None) -> dict:
     """The run's manifest as the trace starts (docs/storage.md); timings and checks are added at the end.
@@ -215,7 +227,7 @@ def _manifest(cfg: TraceConfig, engine: Engine, prompts: list[Prompt], refs: lis
         "shards": {"world_size": shard.world_size if shard else 1, "batch_to_rank": "batch mod world_size"},
         "long_prompts": {"mode": cfg.long_prompts, "truncated": [
             {"prompt_idx": i, "dropped_tokens": n} for i, n in enumerate(dropped) if n]},
-        "versions": versions(), "config": asdict(cfg) | {"sites": list(cfg.sites)}, "extra": cfg.extra,
+        "versions": versions(), "config": _stored_config(cfg), "extra": cfg.extra,
         "topk": where["topk"], "decode_kernel": where["decode_kernel"],
     }
 
@@ -239,10 +251,11 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     t_start = time.perf_counter()
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, seed=cfg.seed, split=cfg.split)
     refs = trace_references(prompts, cfg.reward, cfg.bad_references)
+    runs = cfg.folders().runs
     try:  # fail before the slow model load, not after it
-        Cache.of(cfg.cache).runs.mkdir(parents=True, exist_ok=True)
+        runs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cache folder {cfg.cache} is not writable: {e.strerror or e}") from None
+        raise UserError(f"runs folder {runs} is not writable: {e.strerror or e}") from None
     t0 = time.perf_counter()
     loaded, remote = _load(cfg, console, shard, loaded, remote)
     load_s = time.perf_counter() - t0
@@ -262,6 +275,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
     batches = [list(range(i, min(i + cfg.batch_size, len(prompts) * n)))
                for i in range(0, len(prompts) * n, cfg.batch_size)]
     sampler = GroupSampler(engine, prompt_ids, n) if n > 1 else None
+    log.info("run %s: %d prompts x %d samples = %d sequences in %d batches of <= %d%s", run_id, len(prompts), n,
+             len(prompts) * n, len(batches), cfg.batch_size,
+             f"; {len(done)} done before, {len(batches) - len(done)} to trace" if resume else "")
     worst_err, n_tok = 0.0, 0
     with _guarded(run_id, writer.run_dir), writer, Progress(
             TextColumn("[bold]trace"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -291,6 +307,9 @@ def run_trace(cfg: TraceConfig, resume: bool = False, progress: bool = True, loa
             extra["shards"] = manifest["shards"] | {"timings_by_rank": [
                 {k: round(v, 3) for k, v in t.items()} for t in by_rank]}
         if main:
+            log.info("run %s: layer decode %s (worst additivity error %.1e); the exactness guard redid %d vectors in "
+                     "fp64%s", run_id, "additive" if worst_err < ADDITIVE_TOL and remote is None else "direct",
+                     worst_err, engine.redone, " on this rank" if shard is not None else "")
             timings["total_s"] = time.perf_counter() - t_start
             writer.update_manifest(
                 timings={k: round(v, 3) for k, v in timings.items()},

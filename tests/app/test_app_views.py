@@ -245,6 +245,21 @@ def test_serve_refuses_a_busy_port_with_one_line(cache):
     assert "\n" not in str(e.value)
 
 
+def test_the_app_reads_runs_kept_apart_from_the_cache(cache, tmp_path):
+    """`app --runs R`: the dashboard lists and reads the runs in R, whatever --cache says; a missing R is one line."""
+    from entropylens.app.config import AppConfig
+    from entropylens.app.layout import table_records
+    from entropylens.store.cache import Cache
+
+    apart = Cache(tmp_path / "weights", runs=cache / "runs")
+    assert [r["id"] for r in table_records(apart)] == [r["id"] for r in table_records(cache)]
+    fig, data = build_flow(apart, "qwen3-base", "bupo", "response", "std", ["layer"])
+    assert len(fig.data) == 2 and len(data) == RUNS["qwen3-base"].n_layers + 1
+    assert create_app(apart).server.test_client().get("/").status_code == 200
+    with pytest.raises(UserError, match="no runs folder .*nowhere"):
+        serve(AppConfig(cache=str(cache), runs_dir=str(tmp_path / "nowhere")))
+
+
 def test_before_after_shows_held_out_accuracy_with_intervals(cache, tmp_path):
     import shutil
 

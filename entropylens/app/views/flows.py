@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html
 
+from entropylens.store.cache import Cache
 from entropylens.app.common import figure_block, register_view
 from entropylens.app.data import load_summary
 from entropylens.store import read_manifest, resolve_run
@@ -28,7 +29,7 @@ OUTCOME_OPTIONS = [{"label": "all responses", "value": "all"}, {"label": "correc
                    {"label": "wrong", "value": "wrong"}, {"label": "both overlaid", "value": "both"}]
 
 
-def _run_summary(cache: Path, run_id: str | None, lens: str, role: str,
+def _run_summary(cache: Cache | Path, run_id: str | None, lens: str, role: str,
                  outcome: str | None = "all") -> tuple[dict, pd.DataFrame]:
     """Manifest and the summary rows of one lens, role and outcome (`both`: correct and wrong); UserError when
     there are none, saying why (an unscored run has only outcome `all`)."""
@@ -57,7 +58,7 @@ def site_order(sites: list[str] | None) -> list[str]:
     return [s for s in SITE_LABELS if s in (sites or [])]
 
 
-def build_flow(cache: Path, run_id: str | None, lens: str, role: str, spread: str,
+def build_flow(cache: Cache | Path, run_id: str | None, lens: str, role: str, spread: str,
                sites: list[str], outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
     """Mean entropy per layer of each chosen site with a std or IQR band (`both`: correct solid, wrong dashed)."""
     m, s = _run_summary(cache, run_id, lens, role, outcome)
@@ -66,7 +67,7 @@ def build_flow(cache: Path, run_id: str | None, lens: str, role: str, spread: st
     return fig, s.drop(columns=["rel_depth"], errors="ignore").assign(run_id=run_id)
 
 
-def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float,
+def build_dh(cache: Cache | Path, run_id: str | None, lens: str, role: str, band: float,
              outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
     """dH_attn and dH_ffn per layer (95 % interval over tokens), coloured exploration / integration /
     convergence, boundary marked: the stages of entropylens.analysis.stages, as the report draws them.
@@ -85,7 +86,7 @@ def build_dh(cache: Path, run_id: str | None, lens: str, role: str, band: float,
     return fig, pd.DataFrame(d["per_layer"])[cols].assign(run_id=run_id, boundary_layer=d["boundary_layer"])
 
 
-def build_stages(cache: Path, run_id: str | None, lens: str, role: str, band: float | None,
+def build_stages(cache: Cache | Path, run_id: str | None, lens: str, role: str, band: float | None,
                  collapse_frac: float | None) -> tuple[dict, pd.DataFrame]:
     """Stages of the focus run for one lens and role with the ΔH view's band (entropylens.analysis.stages, as the
     report).
@@ -136,7 +137,7 @@ def stages_panel(d: dict) -> list:
             html.P(describe(d), className="hint")]
 
 
-def build_compare(cache: Path, run_ids: list[str] | None, quantity: str, role: str, lenses: list[str],
+def build_compare(cache: Cache | Path, run_ids: list[str] | None, quantity: str, role: str, lenses: list[str],
                   normalise: bool, outcome: str | None = "all") -> tuple[go.Figure, pd.DataFrame]:
     """Several runs overlaid on relative depth l/L, optionally entropy / log V; colour = family.
     With an outcome, only scored runs draw (`both`: correct solid, wrong dotted)."""
@@ -198,7 +199,7 @@ def layout() -> list:
     return [flow, [dh, stages], compare]
 
 
-def register(app: Dash, cache: Path) -> None:
+def register(app: Dash, cache: Cache | Path) -> None:
     """Callbacks of the summary views (lens options follow the focus run's manifest)."""
 
     @app.callback(Output("flow-lens", "options"), Output("flow-lens", "value"),

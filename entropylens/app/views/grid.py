@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
+from entropylens.store.cache import Cache
 from entropylens.app.common import figure_block, prompt_lens_site, register_prompt_lens, register_view
 from entropylens.app.data import read_entropy, read_tokens
 from entropylens import store
@@ -34,7 +35,7 @@ def read_topk(run: Path, lens: str, site: str, prompt_idx: int) -> pd.DataFrame:
                                          ("prompt_idx", "==", int(prompt_idx))])
 
 
-def build(cache: Path, run_id: str | None, lens: str, prompt_idx: int | None, site: str, color: str,
+def build(cache: Cache | Path, run_id: str | None, lens: str, prompt_idx: int | None, site: str, color: str,
           token: str | None) -> tuple[go.Figure, pd.DataFrame]:
     """The grid of one prompt at one site and lens, tracking `token` (id or text) when given."""
     if not run_id or prompt_idx is None:
@@ -48,7 +49,7 @@ def build(cache: Path, run_id: str | None, lens: str, prompt_idx: int | None, si
     return fig, data.assign(run_id=run_id)
 
 
-def default_token(cache: Path, run_id: str | None, prompt_idx: int | None) -> str:
+def default_token(cache: Cache | Path, run_id: str | None, prompt_idx: int | None) -> str:
     """The reference answer's first token (the stored token text that is its longest prefix), or ""."""
     try:
         run, _ = complete_trace_run(cache, run_id)
@@ -72,7 +73,7 @@ def layout() -> list:
     ], height=640)]
 
 
-def register(app: Dash, cache: Path) -> None:
+def register(app: Dash, cache: Cache | Path) -> None:
     """Prompt / lens options follow the focus run; the tracked token defaults to the answer's first token."""
 
     register_prompt_lens(app, cache, "grid")

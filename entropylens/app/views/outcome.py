@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
+from entropylens.store.cache import Cache
 from entropylens.app.common import figure_block, register_view
 from entropylens.app.data import load_outcomes, outcome_stats
 from entropylens.store import read_manifest, resolve_run
@@ -25,7 +26,7 @@ QUANTITY_OPTIONS = [{"label": "H_layer", "value": "H_layer"}, {"label": "ΔH att
                     {"label": "ΔH FFN", "value": "dH_ffn"}]
 
 
-def build_outcome_diff(cache: Path, run_id: str | None, lens: str,
+def build_outcome_diff(cache: Cache | Path, run_id: str | None, lens: str,
                        quantities: list[str]) -> tuple[go.Figure, pd.DataFrame]:
     """Correct − wrong per layer (pooled over response tokens) with a 95 % interval over responses."""
     run, m = complete_trace_run(cache, run_id)
@@ -34,14 +35,14 @@ def build_outcome_diff(cache: Path, run_id: str | None, lens: str,
     return outcome_diff_figure(diff, lens, model_name(m["model"])), diff.assign(run_id=run_id, lens=lens)
 
 
-def build_auroc(cache: Path, run_id: str | None, lens: str) -> tuple[go.Figure, pd.DataFrame]:
+def build_auroc(cache: Cache | Path, run_id: str | None, lens: str) -> tuple[go.Figure, pd.DataFrame]:
     """Site × layer AUROC of the mean response-token entropy for predicting a wrong answer."""
     run, m = complete_trace_run(cache, run_id)
     _, auc = outcome_stats(run, lens)
     return auroc_figure(auc, lens, model_name(m["model"])), auc[auc["lens"] == lens].assign(run_id=run_id)
 
 
-def outcome_line(cache: Path, run_id: str | None, prompt_idx: int | None) -> str:
+def outcome_line(cache: Cache | Path, run_id: str | None, prompt_idx: int | None) -> str:
     """One response's outcome and reference, for the token × layer view."""
     if not run_id or prompt_idx is None:
         return ""
@@ -60,7 +61,7 @@ def outcome_line(cache: Path, run_id: str | None, prompt_idx: int | None) -> str
             f" · reference answer: {ref if ref is not None else '—'}")
 
 
-def _reference(cache: Path, run_id: str, prompt_idx: int) -> str | None:
+def _reference(cache: Cache | Path, run_id: str, prompt_idx: int) -> str | None:
     import json
 
     path = resolve_run(cache, run_id) / "responses.jsonl"
@@ -84,7 +85,7 @@ def layout() -> list:
     ]
 
 
-def register(app: Dash, cache: Path) -> None:
+def register(app: Dash, cache: Cache | Path) -> None:
     """Lens options follow the focus run; the two figures; the token view's outcome line."""
 
     @app.callback(Output("outcome-lens", "options"), Output("outcome-lens", "value"),

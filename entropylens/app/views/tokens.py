@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html, no_update
 
+from entropylens.store.cache import Cache
 from entropylens.app.common import figure_block, prompt_lens_site, register_prompt_lens, register_view
 from entropylens.app.data import read_entropy, read_tokens, sequence_vocab
 from entropylens.store import resolve_run
@@ -24,7 +25,7 @@ SITES = list(SITE_LABELS)
 __all__ = ["build_heatmap", "cell_detail", "layout", "register"]
 
 
-def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | None, site: str,
+def build_heatmap(cache: Cache | Path, run_id: str | None, lens: str, prompt_idx: int | None, site: str,
                   quantity: str) -> tuple[go.Figure, pd.DataFrame]:
     """Entropy (or dH) per token position and layer of one prompt at one site."""
     if not run_id or prompt_idx is None:
@@ -42,7 +43,8 @@ def build_heatmap(cache: Path, run_id: str | None, lens: str, prompt_idx: int | 
     return fig, long.assign(run_id=run_id, lens=lens, prompt_idx=prompt_idx)
 
 
-def cell_detail(cache: Path, run_id: str, lens: str, prompt_idx: int, position: int, layer: int) -> pd.DataFrame:
+def cell_detail(cache: Cache | Path, run_id: str, lens: str, prompt_idx: int, position: int,
+                layer: int) -> pd.DataFrame:
     """Top-1 token id, its text (when it occurs in the run's sequences) and p1 for every site at one cell."""
     run = resolve_run(cache, run_id)
     cols = [f"top1_{s}" for s in SITES] + [f"p1_{s}" for s in SITES] + [f"H_{s}" for s in SITES]
@@ -70,7 +72,7 @@ def layout() -> list:
                              children="Click a cell of the heatmap to see the top-1 token of each site there.")]
 
 
-def register(app: Dash, cache: Path) -> None:
+def register(app: Dash, cache: Cache | Path) -> None:
     """Prompt / lens options follow the focus run; the heatmap; the click detail."""
 
     register_prompt_lens(app, cache, "tokens")

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from dash import Dash, dcc, html
 from plotly.subplots import make_subplots
 
+from entropylens.store.cache import Cache
 from entropylens.app.common import figure_block, register_view
 from entropylens.app.data import load_metrics, load_summary
 from entropylens.store import read_manifest, resolve_run
@@ -24,7 +25,7 @@ FLOW_Q = ["H_layer", "H_attn", "H_ffn"]
 DH_Q = ["dH_attn", "dH_ffn"]
 
 
-def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[go.Figure, pd.DataFrame]:
+def build_diff(cache: Cache | Path, run_id: str | None, lens: str, role: str) -> tuple[go.Figure, pd.DataFrame]:
     """Per-layer child − parent difference of the entropy flow and of ΔH (BuPO before/after)."""
     run, m = complete_trace_run(cache, run_id)
     parent_id = m.get("parent_run")
@@ -66,7 +67,7 @@ def build_diff(cache: Path, run_id: str | None, lens: str, role: str) -> tuple[g
     return fig, out
 
 
-def _held_out_results(cache: Path, trained_run: str) -> dict | None:
+def _held_out_results(cache: Cache | Path, trained_run: str) -> dict | None:
     """eval.json of the trainer run whose re-trace is `trained_run` (`<run>-trained`), if there is one."""
     run_id = trained_run.removesuffix("-trained")
     if run_id == trained_run:
@@ -95,7 +96,7 @@ def _accuracy_bars(fig: go.Figure, ev: dict, row: int) -> None:
     fig.update_yaxes(title_text="accuracy", range=[0, 1], row=row, col=1)
 
 
-def build_training(cache: Path, run_id: str | None) -> tuple[go.Figure, pd.DataFrame]:
+def build_training(cache: Cache | Path, run_id: str | None) -> tuple[go.Figure, pd.DataFrame]:
     """Reward, entropies, the trained policy's log-prob before/after each update, signal, clip, grad norm."""
     if not run_id:
         raise UserError("select a BuPO trainer run in the table above")
@@ -158,7 +159,7 @@ def layout() -> list:
     return [diff, train]
 
 
-def register(app: Dash, cache: Path) -> None:
+def register(app: Dash, cache: Cache | Path) -> None:
     """Callbacks of the two BuPO views."""
     register_view(app, "diff", lambda *a: build_diff(cache, *a),
                   [("diff-run", "value"), ("diff-lens", "value"), ("diff-role", "value")], memo=cache)
