@@ -117,6 +117,7 @@ def outcome_stats(run_dir: Path, lens: str) -> tuple[pd.DataFrame, pd.DataFrame]
 
 # one prompt's slice holds every per-cell column, so the heatmap of any site and a click share one read
 SLICE_COLUMNS = [c for c in store.ENTROPY_SCHEMA.names if c not in ("lens", "prompt_idx", "role")]
+_SLICE_DTYPES = [store.ENTROPY_SCHEMA.field(c).type.to_pandas_dtype() for c in SLICE_COLUMNS]
 
 
 def read_entropy(run_dir: Path, columns: list[str], lens: str, prompt_idx: int,
@@ -129,14 +130,36 @@ def read_entropy(run_dir: Path, columns: list[str], lens: str, prompt_idx: int,
     if not set(columns) <= set(SLICE_COLUMNS):
         cells = [(k, "==", int(v)) for k, v in (("position", position), ("layer", layer)) if v is not None]
         return store.load_entropy(run_dir, columns=columns, filters=filters + cells)
-    rows = run_cached(run_dir, ("entropy", lens, int(prompt_idx)),
-                      lambda: store.load_entropy(run_dir, columns=SLICE_COLUMNS, filters=filters))
+    rows = _prompt_slice(run_dir, lens, int(prompt_idx))
     keep = pd.Series(True, index=rows.index)
     if position is not None:
         keep &= rows["position"] == int(position)
     if layer is not None:
         keep &= rows["layer"] == int(layer)
     return rows.loc[keep, list(columns)].reset_index(drop=True)
+
+
+def _prompt_slice(run_dir: Path, lens: str, prompt_idx: int) -> pd.DataFrame:
+    """Every per-cell column of one prompt and lens, in file order (cached).
+
+    Parquet decodes whole row groups (~6 prompts of 40 layers x 1000 tokens each), so when one row group holds
+    the prompt the group is read once and every prompt's slice in it kept: the next prompt a reader opens is
+    usually there already. Otherwise (a prompt across two groups, a file without statistics) the prompt is read
+    by value."""
+    groups = run_cached(run_dir, "entropy_groups", lambda: store.entropy_groups(run_dir))
+    hit = [i for i, (l0, l1, p0, p1) in enumerate(groups) if l0 <= lens <= l1 and p0 <= prompt_idx <= p1]
+    if len(hit) != 1:
+        return run_cached(run_dir, ("entropy", lens, prompt_idx), lambda: store.load_entropy(
+            run_dir, columns=SLICE_COLUMNS, filters=[("lens", "==", lens), ("prompt_idx", "==", prompt_idx)]))
+
+    def split() -> dict[tuple[str, int], pd.DataFrame]:
+        rows = store.load_entropy_group(run_dir, hit[0], ["lens", "prompt_idx", *SLICE_COLUMNS])
+        return {(ln, int(p)): g[SLICE_COLUMNS].reset_index(drop=True)
+                for (ln, p), g in rows.groupby(["lens", "prompt_idx"], sort=False)}
+
+    slices = run_cached(run_dir, ("entropy_group", hit[0]), split)
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(SLICE_COLUMNS, _SLICE_DTYPES)})
+    return slices.get((lens, prompt_idx), empty)
 
 
 def read_tokens(run_dir: Path, prompt_idx: int) -> pd.DataFrame:

@@ -9,7 +9,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
                                 "compute_summary model_name outcome_sets outcomes_table summary_by_outcome",
     "entropylens.store.folder": "RUN_ID_RE RunFolder new_run_id read_manifest resolve_run write_atomic write_json "
                                 "write_parquet write_text",
-    "entropylens.store.read": "layer_table list_runs load_entropy load_outcomes load_summary load_tokens load_topk "
-                              "summary_layer_table",
+    "entropylens.store.read": "entropy_groups layer_table list_runs load_entropy load_entropy_group load_outcomes "
+                              "load_summary load_tokens load_topk summary_layer_table",
     "entropylens.store.writer": "RunWriter",
 })

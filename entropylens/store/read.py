@@ -105,6 +105,36 @@ def load_entropy(run_dir: Path | str, columns: list[str] | None = None,
     return _read_parquet(run_dir, "entropy.parquet", columns, filters)
 
 
+def entropy_groups(run_dir: Path | str) -> list[tuple[str, str, int, int]]:
+    """Per row group of entropy.parquet, from its statistics: (first lens, last lens, first prompt, last prompt);
+    [] when the file has none (a reader then filters by value). Lets a reader that wants one prompt read the
+    row group that holds it once for every prompt in it: Parquet decodes whole row groups anyway."""
+    path = _complete_file(run_dir, "entropy.parquet")
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} is corrupt: {e}") from None
+    names = [meta.schema.column(j).name for j in range(meta.num_columns)]
+    if "lens" not in names or "prompt_idx" not in names:
+        return []
+    out = []
+    for i in range(meta.num_row_groups):
+        lens, prompt = (meta.row_group(i).column(names.index(c)).statistics for c in ("lens", "prompt_idx"))
+        if lens is None or prompt is None or not (lens.has_min_max and prompt.has_min_max):
+            return []
+        out.append((lens.min, lens.max, int(prompt.min), int(prompt.max)))
+    return out
+
+
+def load_entropy_group(run_dir: Path | str, group: int, columns: list[str]) -> pd.DataFrame:
+    """Row group `group` of entropy.parquet (see entropy_groups), the named columns."""
+    path = _complete_file(run_dir, "entropy.parquet")
+    try:
+        return pq.ParquetFile(path).read_row_group(group, columns=columns).to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
 def load_topk(run_dir: Path | str, columns: list[str] | None = None,
               filters: list | None = None) -> pd.DataFrame:
     """topk.parquet (per lens, prompt, position, layer, site: the K most probable tokens, rank 1 first) with

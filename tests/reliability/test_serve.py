@@ -339,10 +339,39 @@ def test_the_cache_never_holds_a_running_run(tmp_path):
     (run / "manifest.json").write_text(json.dumps(m))
     rows = data.read_entropy(run, ["position", "layer", "H_layer"], "bupo", 1)
     direct = pd.read_parquet(run / "entropy.parquet", filters=[("lens", "==", "bupo"), ("prompt_idx", "==", 1)])
-    assert rows.equals(direct[["position", "layer", "H_layer"]].reset_index(drop=True)) and len(CACHE) == 1
+    assert rows.equals(direct[["position", "layer", "H_layer"]].reset_index(drop=True))
+    held = len(CACHE)
     cell = data.read_entropy(run, ["H_ffn", "top1_layer"], "bupo", 1, position=3, layer=2)
     want = direct[(direct["position"] == 3) & (direct["layer"] == 2)][["H_ffn", "top1_layer"]].reset_index(drop=True)
-    assert len(cell) == 1 and cell.equals(want) and len(CACHE) == 1  # the click came from the same slice
+    assert len(cell) == 1 and cell.equals(want) and len(CACHE) == held  # the click came from the same slice
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_prompt_slices_read_by_row_group_are_the_prompts_rows(tmp_path, statistics):
+    """One row group read serves every prompt in it (or, without statistics, each prompt is read by value): the
+    same rows, in file order, as a filtered read, for every lens and prompt, with one read per row group."""
+    import pyarrow.parquet as pq
+
+    from entropylens import store
+    from entropylens.app import data
+    from entropylens.app.cache import CACHE
+
+    run = write_run(tmp_path / "c", SyntheticRun("r", n_layers=2, n_prompts=6, seed=6, chunk_prompts=4,
+                                                 lenses=("bupo", "logit")))
+    if not statistics:
+        pq.write_table(pq.read_table(run / "entropy.parquet"), run / "entropy.parquet", row_group_size=50,
+                       write_statistics=False)
+    groups = store.entropy_groups(run)
+    assert (len(groups) == 4 and groups[0] == ("bupo", "bupo", 0, 3)) if statistics else groups == []
+    CACHE.clear()
+    for lens in ("bupo", "logit"):
+        for p in range(6):
+            got = data.read_entropy(run, data.SLICE_COLUMNS, lens, p)
+            want = pd.read_parquet(run / "entropy.parquet", columns=data.SLICE_COLUMNS,
+                                   filters=[("lens", "==", lens), ("prompt_idx", "==", p)])
+            assert len(got) > 0 and got.equals(want.reset_index(drop=True)), (lens, p)
+    # statistics: the index and 4 row groups; without: one read per (lens, prompt)
+    assert len(CACHE) == (1 + 4 if statistics else 1 + 12)
 
 
 def test_fresh_workers_serve_every_bundle_when_asked_all_at_once(cache):
