@@ -4,9 +4,10 @@ Starts each server on 127.0.0.1 over a synthetic 10 M-row, 40-layer run (benchma
 generator), drives N concurrent clients through the real Dash callback endpoints (the POSTs a browser sends
 when it lists runs, switches the focus run, the outcome filter, prompts, sites, layers and clicks a cell) for a
 fixed time, and prints requests/s, p50/p95/p99 latency, errors and the server's peak RSS and PSS (all its
-processes), side by side. Meanwhile a real `entropylens trace` (a tiny random model) writes a new run into the same
-cache: clients must never get data of it while it is `running`, and it must appear, complete and drawable,
-after it finishes. `dev` is Dash's development server on the same app (Werkzeug, threaded, debug off);
+processes), side by side; the *_steady percentiles leave out requests answered in the first --warmup seconds,
+when every worker reads and draws for the first time. Meanwhile a real `entropylens trace` (a tiny random
+model) writes a new run into the same cache: clients must never get data of it while it is `running`, and it
+must appear, complete and drawable, after it finishes. `dev` is Dash's development server on the same app (Werkzeug, threaded, debug off);
 `dev-nocache` the same with the table cache at 0 bytes, as `entropylens app` served before it had caches.
 
     nice -n 5 python benchmarks/bench_dashboard_load.py --clients 16 --seconds 60 [--repeats 3]
@@ -135,7 +136,7 @@ def _client(port: int, seconds: float, seed: int, writer_run: str, out: list) ->
     rng = random.Random(seed)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     runs, end = [BIG, SMALL], time.time() + seconds
-    rec = {"lat": [], "kind": [], "errors": [], "writer_seen": [], "running_data_at": [], "retries": 0}
+    rec = {"lat": [], "at": [], "kind": [], "errors": [], "writer_seen": [], "running_data_at": [], "retries": 0}
     while time.time() < end:
         for kind, payload in session(rng, runs):
             if time.time() >= end:
@@ -155,6 +156,7 @@ def _client(port: int, seconds: float, seed: int, writer_run: str, out: list) ->
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             rec["lat"].append(time.perf_counter() - t)
+            rec["at"].append(time.time())
             rec["kind"].append(kind)
             if not ok:
                 rec["errors"].append(f"{kind}: {data[:200]!r}")
@@ -175,6 +177,7 @@ def _client(port: int, seconds: float, seed: int, writer_run: str, out: list) ->
                 except (OSError, http.client.HTTPException) as e:
                     ok, data = False, str(e).encode()
                 rec["lat"].append(time.perf_counter() - t)
+                rec["at"].append(time.time())
                 rec["kind"].append("writer-flow")
                 problem = _writer_check(data, status, n_points) if ok else f"writer-flow: {data[:200]!r}"
                 if problem == RUNNING_DATA:  # listed running, drawn: fine if it completed in between
@@ -305,6 +308,7 @@ def run_one(kind: str, args, model: Path, tag: str) -> dict:
 
         shutil.rmtree(Cache(args.cache).run_dir(f"load-writer-{tag}"), ignore_errors=True)
     lat = np.array([x for r in recs for x in r["lat"]]) * 1000
+    steady = lat[np.array([x for r in recs for x in r["at"]]) >= t0 + args.warmup]  # after the warm-up
     errors = [e for r in recs for e in r["errors"]]
     # data of the writer's run received before its manifest turned complete: a running run was read
     errors += [f"data of a running run served {(done_at or t) - t:.2f} s before it completed"
@@ -315,6 +319,7 @@ def run_one(kind: str, args, model: Path, tag: str) -> dict:
     stale = [t for t, s in seen if s != "complete" and done_at is not None and t > done_at + 1.0]
     return {"server": kind, "requests": len(lat), "rps": len(lat) / elapsed, "p50": np.percentile(lat, 50),
             "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99), "errors": len(errors),
+            "p95_steady": np.percentile(steady, 95), "p99_steady": np.percentile(steady, 99),
             "error_examples": errors[:3], "peak_rss_gib": peak[0] / 2**30, "peak_pss_gib": peak[1] / 2**30,
             "retries": sum(r["retries"] for r in recs),
             "writer": (None if writer is None else
@@ -339,6 +344,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256, help="prompts of 1000 tokens in the big run (256: 10.5 M rows)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=10.0,
+                    help="seconds at the start (every worker's first reads and figures) left out of the *_steady "
+                         "percentiles; the plain percentiles keep them")
     ap.add_argument("--repeats", type=int, default=1, help="rounds; each runs gunicorn then the dev server")
     ap.add_argument("--workers", default="auto")
     ap.add_argument("--threads", type=int, default=4)
@@ -361,7 +369,8 @@ def main() -> None:
             w = r["writer"]
             print(f"round {rep + 1} {kind:11s} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f}  p95 {r['p95']:6.0f}  "
                   f"p99 {r['p99']:6.0f} ms  errors {r['errors']}/{r['requests']} (reconnects {r['retries']})  "
-                  f"peak RSS {r['peak_rss_gib']:.2f} GiB (PSS {r['peak_pss_gib']:.2f})"
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB (PSS {r['peak_pss_gib']:.2f})\n    after the first "
+                  f"{args.warmup:g} s: p95 {r['p95_steady']:.0f}  p99 {r['p99_steady']:.0f} ms"
                   + (f"\n    writer run: listed as {w['statuses_seen']} during the reads, stale listings "
                      f"{w['stale_listings']}, after completion: {w['after_completion']}" if w else ""),
                   flush=True)
@@ -372,7 +381,7 @@ def main() -> None:
     print("\nsummary (median [min, max] over rounds):")
     for kind in kinds:
         rs = [r for r in results if r["server"] == kind]
-        for key in ("rps", "p50", "p95", "p99", "peak_rss_gib", "peak_pss_gib"):
+        for key in ("rps", "p50", "p95", "p99", "p95_steady", "p99_steady", "peak_rss_gib", "peak_pss_gib"):
             vals = [r[key] for r in rs]
             print(f"  {kind:11s} {key:13s} {statistics.median(vals):8.2f} [{min(vals):.2f}, {max(vals):.2f}]")
     rounds = [results[i : i + len(kinds)] for i in range(0, len(results), len(kinds))]  # kinds' order, per round

@@ -407,8 +407,8 @@ def test_load_benchmark_runs_small_and_its_writer_check_works(tmp_path):
 
     cache = tmp_path / "cache"
     bench.build(cache, 2)
-    args = argparse.Namespace(cache=cache, clients=2, seconds=4.0, workers="2", threads=2, client_procs=1,
-                              writer=True)
+    args = argparse.Namespace(cache=cache, clients=2, seconds=4.0, warmup=1.0, workers="2", threads=2,
+                              client_procs=1, writer=True)
     model = bench.tiny_model(tmp_path / "model")
     for kind in ("gunicorn", "dev"):
         r = bench.run_one(kind, args, model, f"t-{kind}")
