@@ -221,8 +221,14 @@ def token_distributions_figure(df: pd.DataFrame, m: dict, run_id: str, lens: str
     return fig
 
 
+# other control characters as their Unicode control pictures (U+2400...): plotly.js fails to draw a figure
+# whose text holds some of them (a vertical tab token in a real SmolLM2 grid)
+_CONTROL = {c: 0x2400 + c for c in range(0x20) if c != 0x0A} | {0x7F: 0x2421}
+
+
 def show_token(text: str) -> str:
-    """Token text made visible on an axis (whitespace and newlines spelled out)."""
+    """Token text made visible on an axis (whitespace and newlines spelled out, control characters shown)."""
+    text = text.translate(_CONTROL)
     return text.replace("\n", "↵").replace(" ", "·") if text.strip() != text or "\n" in text else text
 
 

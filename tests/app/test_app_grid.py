@@ -176,3 +176,27 @@ def test_show_topk_position_prints_each_site(demo):
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
     lone = subprocess.run(cmd[:6] + ["--cache", str(demo)], capture_output=True, text=True, env=env, timeout=300)
     assert lone.returncode == 2 and "--topk and --position go together" in lone.stderr
+
+
+def test_control_characters_in_tokens_are_shown_and_drawn(tmp_path):
+    """A real SmolLM2 grid held a vertical-tab token, and plotly.js refused to draw the figure: every control
+    character is shown as its Unicode picture, and the figure renders."""
+    from entropylens.analysis.figures import show_token
+
+    controls = [chr(c) for c in [*range(0x20), 0x7F]]
+    shown = [show_token(c) for c in controls]
+    assert all(s.isprintable() and s.strip() for s in shown) and show_token("\x0b") == "␋"
+    assert show_token(" a") == "·a" and show_token("a\nb") == "a↵b" and show_token("ok") == "ok"
+    P, L = len(controls), 3
+    cells = pd.DataFrame({"layer": np.repeat(np.arange(L), P), "position": np.tile(np.arange(P), L)})
+    cells["ids"] = [[i % P] for i in range(len(cells))]
+    cells["texts"] = [[controls[i % P]] for i in range(len(cells))]
+    cells["probs"] = [[0.5]] * len(cells)
+    cells["H"] = 1.0
+    toks = pd.DataFrame({"position": np.arange(P), "token_text": controls, "role": "prompt"})
+    tracked = cells[["layer", "position"]].assign(rank=np.nan, prob=np.nan)
+    fig = grid_figure(cells, toks, "m", "bupo", 0, "layer", "H", tracked, "'x'")
+    assert fig.data[0].texttemplate  # small enough for cell text: the case that failed
+    if os.path.exists("/usr/bin/chromium"):
+        fig.write_image(tmp_path / "grid.png", width=800, height=400)
+        assert (tmp_path / "grid.png").stat().st_size > 1000
