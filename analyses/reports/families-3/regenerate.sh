@@ -36,6 +36,9 @@ if [ "$STEP" != traces ]; then
 fi
 if [ "$STEP" = check ]; then  # the independent fp64 check of the Gemma run (slow: fp64 logits over V = 262,144)
   nice -n 5 "$PY" -m analyses.gemma_fp64 fam3-gemma3 --positions 2 --out "$OUT/tables"
-  # the decode's share alone, on the prompts whose rows exceeded 1e-4 above
+  # the decode's share alone: on the same rows, and on 8 positions of prompts 0, 7 and 8
+  nice -n 5 "$PY" -m analyses.gemma_fp64 fam3-gemma3 --forward float32 --positions 2 --out "$OUT/tables"
   nice -n 5 "$PY" -m analyses.gemma_fp64 fam3-gemma3 --forward float32 --prompts 0,7,8 --positions 8 --out "$OUT/tables"
+  # which rows the exactness guard redoes in fp64, per lens and site
+  nice -n 5 "$PY" -m analyses.gemma_guard fam3-gemma3 --out "$OUT/tables"
 fi
