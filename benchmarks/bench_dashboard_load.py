@@ -230,10 +230,10 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
     return rss, pss
 
 
-def start_server(kind: str, cache: Path, port: int, workers: str, threads: int) -> subprocess.Popen:
+def start_server(kind: str, cache: Path, port: int, workers: str, threads: int | None) -> subprocess.Popen:
     if kind == "gunicorn":
         cmd = [sys.executable, "-m", "entropylens", "app", "--cache", str(cache), "--port", str(port),
-               "--workers", workers, "--threads", str(threads)]
+               "--workers", workers, *(["--threads", str(threads)] if threads else [])]
     elif kind in ("dev", "dev-nocache"):
         cmd = [sys.executable, "-c", DEV, str(cache), str(port), str(0 if kind == "dev-nocache" else 1024 << 20)]
     else:
@@ -349,7 +349,7 @@ def main() -> None:
                          "percentiles; the plain percentiles keep them")
     ap.add_argument("--repeats", type=int, default=1, help="rounds; each runs gunicorn then the dev server")
     ap.add_argument("--workers", default="auto")
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="threads per gunicorn worker (default: the app's)")
     ap.add_argument("--client-procs", type=int, default=4, help="processes the client threads are spread over")
     ap.add_argument("--servers", default="gunicorn,dev", help="of gunicorn, dev, dev-nocache; each round runs each")
     ap.add_argument("--no-writer", dest="writer", action="store_false")
@@ -360,7 +360,7 @@ def main() -> None:
     model = tiny_model(args.cache.parent / (args.cache.name + "-tiny-model"))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"cpu: {cpu} · {os.cpu_count()} cores · {args.clients} clients · {args.seconds:g} s · workers "
-          f"{args.workers} x {args.threads} threads", flush=True)
+          f"{args.workers} x {args.threads or 'default'} threads", flush=True)
     results = []
     for rep in range(args.repeats):
         for kind in args.servers.split(","):

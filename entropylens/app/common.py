@@ -68,7 +68,7 @@ def register_prompt_lens(app: Dash, cache: Cache | Path, view: str) -> None:
 
 def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.DataFrame]],
                   inputs: list[tuple[str, str]], target: tuple[str, str] = ("graph", "figure"),
-                  message: Callable[[str], object] = message_figure, memo: Path | None = None,
+                  message: Callable[[str], object] = message_figure, memo: Cache | Path | None = None,
                   canonical: Callable[[tuple], tuple] | None = None) -> None:
     """Wire `build(*values) -> (figure, data)` to the view's graph and its CSV download.
 

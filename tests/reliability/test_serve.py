@@ -83,7 +83,7 @@ def test_token_options_and_their_errors(cache, monkeypatch, capsys):
 def test_default_workers_follow_the_cpu_count(monkeypatch):
     from entropylens.app.config import AppConfig, default_workers
 
-    for cpus, workers in [(1, 2), (2, 3), (4, 5), (64, 8)]:
+    for cpus, workers in [(1, 2), (2, 4), (3, 6), (64, 8)]:
         monkeypatch.setattr(os, "cpu_count", lambda c=cpus: c)
         assert default_workers() == workers and AppConfig().resolved_workers() == workers
 
