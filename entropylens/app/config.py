@@ -16,8 +16,8 @@ TOKEN_ENV = "ENTROPYLENS_APP_TOKEN"
 def default_workers() -> int:
     """Twice the CPU count, at most 8. Callbacks are CPU-bound Python, so within a worker its threads take turns
     on one interpreter lock: more workers with 2 threads each answered the load benchmark's tail faster than
-    fewer with 4 (2 cores: 4 x 2 p99 236-281 ms against 3 x 4 409-494 ms). Each worker holds its own table
-    cache, so beyond 8 memory grows faster than throughput."""
+    fewer with 4 (2 cores, single 60 s rounds: p99 236 and 281 ms at 4 x 2, 409 ms at 3 x 4, 494 ms at 4 x 4).
+    Each worker holds its own table cache, so beyond 8 memory grows faster than throughput."""
     return max(2, min(2 * (os.cpu_count() or 1), 8))
 
 
