@@ -83,8 +83,6 @@ def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.Da
     """
 
     def compute(*values):
-        if canonical is not None:
-            values = canonical(values)
         try:
             return build(*values)
         except UserError as e:
@@ -95,17 +93,17 @@ def register_view(app: Dash, view: str, build: Callable[..., tuple[object, pd.Da
             return compute(*values)[0]
         from entropylens.app.cache import memo_figure
 
-        key = (view, json.dumps(values if canonical is None else canonical(values), sort_keys=True, default=str))
+        key = (view, json.dumps(values, sort_keys=True, default=str))
         return memo_figure(memo, key, lambda: _plain(compute(*values)[0]))
 
     @app.callback(Output(f"{view}-{target[0]}", target[1]), [Input(c, p) for c, p in inputs])
     def _figure(*values):
-        return figure(*values)
+        return figure(*(values if canonical is None else canonical(values)))
 
     @app.callback(Output(f"{view}-download", "data"), Input(f"{view}-csv", "n_clicks"),
                   [State(c, p) for c, p in inputs], prevent_initial_call=True)
     def _csv(n_clicks, *values):
-        df = compute(*values)[1]
+        df = compute(*(values if canonical is None else canonical(values)))[1]
         if df.empty:
             return no_update
         return dcc.send_data_frame(df.to_csv, f"entropylens-{view}.csv", index=False)

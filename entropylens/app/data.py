@@ -157,9 +157,10 @@ def _prompt_slice(run_dir: Path, lens: str, prompt_idx: int) -> pd.DataFrame:
         return {(ln, int(p)): g[SLICE_COLUMNS].reset_index(drop=True)
                 for (ln, p), g in rows.groupby(["lens", "prompt_idx"], sort=False)}
 
-    slices = run_cached(run_dir, ("entropy_group", hit[0]), split)
-    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(SLICE_COLUMNS, _SLICE_DTYPES)})
-    return slices.get((lens, prompt_idx), empty)
+    rows = run_cached(run_dir, ("entropy_group", hit[0]), split).get((lens, prompt_idx))
+    if rows is None:  # the group's statistics span the prompt, but it holds no row of it
+        rows = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(SLICE_COLUMNS, _SLICE_DTYPES)})
+    return rows
 
 
 def read_tokens(run_dir: Path, prompt_idx: int) -> pd.DataFrame:
