@@ -115,7 +115,7 @@ def fig_grid(run: ReportRun, lens: str, prompt: int = 0, site: str = "layer") ->
     answer = next((r.get("answer") for r in map(json.loads, filter(str.strip, lines)) if r["prompt_idx"] == prompt),
                   None)
     token = guess_answer_token(answer, tk["token_text"])
-    name = run.manifest["model"].get("display_name") or run.manifest["model"]["id"]
+    name = model_name(run.manifest["model"])
     return build_grid(tk, ent, toks, name, lens, site, prompt, "H", token, run.run_id)[0]
 
 

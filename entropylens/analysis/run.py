@@ -203,7 +203,7 @@ class Run:
         e, t = self.entropy, self.tokens
         rows = e.loc[(e["lens"] == ln) & (e["prompt_idx"] == prompt)]
         toks = t.loc[t["prompt_idx"] == prompt, ["position", "token_text", "role"]]
-        name = self.manifest["model"].get("display_name") or self.manifest["model"]["id"]
+        name = model_name(self.manifest["model"])
         return build_grid(self.topk, rows, toks, name, ln, site, int(prompt), color, track, self.run_id)[0]
 
 

@@ -200,3 +200,27 @@ def test_control_characters_in_tokens_are_shown_and_drawn(tmp_path):
     if os.path.exists("/usr/bin/chromium"):
         fig.write_image(tmp_path / "grid.png", width=800, height=400)
         assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_figures_name_the_model_never_its_path(demo, tmp_path):
+    """A run traced from a local file records the file's path as its id; every figure title shows the model's
+    display name instead (reports are committed and shared, so a machine path must not leak into them)."""
+    import json
+    import shutil
+
+    from entropylens.analysis.report import ReportConfig, build_report
+
+    cache = tmp_path / "cache"
+    shutil.copytree(demo / "runs" / "demo", cache / "runs" / "demo")
+    man = cache / "runs" / "demo" / "manifest.json"
+    m = json.loads(man.read_text(encoding="utf-8"))
+    m["model"].update(id="/home/someone/models/tiny-llama.gguf", name="Tiny Llama")
+    man.write_text(json.dumps(m), encoding="utf-8")
+
+    titles = [grid.build(cache, "demo", "bupo", 0, "layer", "H", None)[0].layout.title.text,
+              el.load("demo", cache=cache).grid(0, lens="logit").layout.title.text,
+              el.load("demo", cache=cache).heatmap(0, lens="logit").layout.title.text]
+    assert all("Tiny Llama" in t and "/home/someone" not in t for t in titles), titles
+    page = build_report(ReportConfig(runs=["demo"], cache=str(cache), out=str(tmp_path / "r"), images=(),
+                                     write_stages=False)).read_text(encoding="utf-8")
+    assert "Tiny Llama" in page and "someone" not in page

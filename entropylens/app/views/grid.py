@@ -21,6 +21,7 @@ from entropylens.app.common import figure_block, prompt_lens_site, register_prom
 from entropylens.app.data import read_entropy, read_tokens
 from entropylens import store
 from entropylens.errors import UserError
+from entropylens.store.schema import model_name
 from entropylens.analysis.figures import SITE_LABELS
 from entropylens.analysis.stages import complete_trace_run
 from entropylens.analysis.grid import build_grid, guess_answer_token
@@ -43,7 +44,7 @@ def build(cache: Cache | Path, run_id: str | None, lens: str, prompt_idx: int | 
     run, m = complete_trace_run(cache, run_id)
     tk = read_topk(run, lens, site, int(prompt_idx))
     ent = read_entropy(run, ["position", "layer", f"H_{site}"], lens, int(prompt_idx))
-    name = m["model"].get("display_name") or m["model"]["id"]
+    name = model_name(m["model"])
     fig, data = build_grid(tk, ent, read_tokens(run, int(prompt_idx)), name, lens, site, int(prompt_idx), color,
                            token, run_id)
     return fig, data.assign(run_id=run_id)
