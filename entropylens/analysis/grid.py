@@ -83,16 +83,15 @@ def resolve_token(token: int | str, topk: pd.DataFrame) -> tuple[int, str]:
 
 def guess_answer_token(answer: str | None, vocab: pd.Series) -> str | None:
     """The stored token text that is the longest prefix of a reference answer (e.g. '4' of '42'): the token
-    to track by default. vocab: token texts of the stored lists. None when nothing matches."""
+    to track by default. vocab: token texts of the stored lists. Ties (' 4' and '4') go to the text stored
+    most often, then the first in sort order, so a report draws the same grid in every process. None when
+    nothing matches."""
     if not answer or not str(answer).strip():
         return None
     a = str(answer).strip()
-    best = None
-    for t in set(vocab):
-        s = t.strip()
-        if s and a.startswith(s) and (best is None or len(s) > len(best.strip())):
-            best = t
-    return best
+    counts = pd.Series(vocab).value_counts()
+    hits = [(len(t.strip()), int(n), t) for t, n in counts.items() if t.strip() and a.startswith(t.strip())]
+    return min(hits, key=lambda h: (-h[0], -h[1], h[2]))[2] if hits else None
 
 
 def build_grid(topk: pd.DataFrame, entropy: pd.DataFrame, toks: pd.DataFrame, model_name: str, lens: str,

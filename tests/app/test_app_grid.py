@@ -224,3 +224,21 @@ def test_figures_name_the_model_never_its_path(demo, tmp_path):
     page = build_report(ReportConfig(runs=["demo"], cache=str(cache), out=str(tmp_path / "r"), images=(),
                                      write_stages=False)).read_text(encoding="utf-8")
     assert "Tiny Llama" in page and "someone" not in page
+
+
+def test_the_default_tracked_token_is_the_longest_prefix_and_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    from entropylens.analysis.grid import guess_answer_token
+
+    vocab = pd.Series([" 4", "4", "4", "42x", " 42", "7", "\\", " \\"])
+    assert guess_answer_token("42", vocab) == " 42"  # longest stripped prefix; '42x' is no prefix
+    assert guess_answer_token("4.5", vocab) == "4"  # ' 4' and '4' tie on length: '4' is stored more often
+    assert guess_answer_token("\\frac{1}{2}", vocab) == " \\"  # equal counts: first in sort order
+    assert guess_answer_token("9", vocab) is None and guess_answer_token("  ", vocab) is None
+    code = ("import pandas as pd; from entropylens.analysis.grid import guess_answer_token as g; "
+            "print(repr(g('\\\\frac', pd.Series(['\\\\', ' \\\\', '\\\\f', ' \\\\f', 'x']))))")
+    seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert seen == {"' \\\\f'\n"}
