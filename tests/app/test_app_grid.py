@@ -3,7 +3,11 @@ against the Parquet, the build time at 512 positions x 36 layers, and the view i
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -205,9 +209,6 @@ def test_control_characters_in_tokens_are_shown_and_drawn(tmp_path):
 def test_figures_name_the_model_never_its_path(demo, tmp_path):
     """A run traced from a local file records the file's path as its id; every figure title shows the model's
     display name instead (reports are committed and shared, so a machine path must not leak into them)."""
-    import json
-    import shutil
-
     from entropylens.analysis.report import ReportConfig, build_report
 
     cache = tmp_path / "cache"
@@ -227,9 +228,6 @@ def test_figures_name_the_model_never_its_path(demo, tmp_path):
 
 
 def test_the_default_tracked_token_is_the_longest_prefix_and_the_same_in_every_process():
-    import subprocess
-    import sys
-
     from entropylens.analysis.grid import guess_answer_token
 
     vocab = pd.Series([" 4", "4", "4", "42x", " 42", "7", "\\", " \\"])
