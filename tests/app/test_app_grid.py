@@ -162,9 +162,6 @@ def test_report_draws_the_grid(demo, tmp_path):
 
 
 def test_show_topk_position_prints_each_site(demo):
-    import subprocess
-    import sys
-
     env = {**os.environ, "COLUMNS": "250"}
     cmd = [sys.executable, "-m", "entropylens", "show", "demo", "--topk", "--position", "3", "--lens", "logit",
            "--cache", str(demo)]
